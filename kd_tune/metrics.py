@@ -1,0 +1,193 @@
+"""Wake-word metrics: clip accuracy, ROC AUC, EER, and false accepts per hour when sliding over long audio."""
+
+import math
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
+
+SECONDS_PER_HOUR = 3600.0
+MAX_THRESHOLD_CANDIDATES = 512
+
+
+def _to_numpy(values) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().float()
+    return np.asarray(values, dtype=np.float64).ravel()
+
+
+def _to_labels(labels) -> np.ndarray:
+    labels = _to_numpy(labels)
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {np.unique(labels)[:10].tolist()}")
+    return labels.astype(bool)
+
+
+def roc_auc(scores, labels) -> float:
+    """ROC AUC from the rank-sum (Mann-Whitney U) statistic; ties count half. nan if a class is absent."""
+    scores, labels = _to_numpy(scores), _to_labels(labels)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    last_rank = np.cumsum(counts)  # 1-based rank of the last member of each tie group
+    average_rank = (last_rank - (counts - 1) / 2.0)[group]  # [N]
+    return float((average_rank[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def equal_error_rate(scores, labels) -> tuple[float, float]:
+    """(EER, threshold) where false-accept and false-reject rates are closest; a score >= threshold accepts.
+
+    Thresholds range over the observed scores; the EER is the mean of the two rates there. (nan, nan) if a class is
+    absent.
+    """
+    scores, labels = _to_numpy(scores), _to_labels(labels)
+    positives, negatives = np.sort(scores[labels]), np.sort(scores[~labels])
+    if len(positives) == 0 or len(negatives) == 0:
+        return math.nan, math.nan
+    thresholds = np.unique(scores)
+    false_reject = np.searchsorted(positives, thresholds, side="left") / len(positives)
+    false_accept = 1.0 - np.searchsorted(negatives, thresholds, side="left") / len(negatives)
+    best = int(np.argmin(np.abs(false_accept - false_reject)))
+    return float((false_accept[best] + false_reject[best]) / 2.0), float(thresholds[best])
+
+
+def _check_stream_args(probabilities: np.ndarray, hop_seconds: float, refractory_seconds: float) -> None:
+    if len(probabilities) == 0:
+        raise ValueError("stream probabilities are empty")
+    if not hop_seconds > 0:
+        raise ValueError(f"hop_seconds must be > 0, got {hop_seconds!r}")
+    if not refractory_seconds >= 0:
+        raise ValueError(f"refractory_seconds must be >= 0, got {refractory_seconds!r}")
+
+
+def _activation_indices(probabilities: np.ndarray, threshold: float, refractory_windows: int) -> list[int]:
+    above = probabilities >= threshold  # [N]
+    # the stream is taken to start below threshold, so an active first window is a rising edge
+    rising = np.flatnonzero(above & ~np.concatenate(([False], above[:-1])))
+    fired, i = [], 0
+    while i < len(rising):
+        fired.append(int(rising[i]))
+        # jump over the edges inside the refractory period: one step per detection, not per edge
+        i = int(np.searchsorted(rising, rising[i] + max(refractory_windows, 1), side="left"))
+    return fired
+
+
+def activation_times(
+    probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0
+) -> list[float]:
+    """Start times (s) of the windows where the detector fires over a stream of per-window probabilities.
+
+    It fires on a rising edge (prob >= threshold after a window below it) at least refractory_seconds after the
+    previous detection's start, so one sustained activation counts once.
+    """
+    probabilities = _to_numpy(probabilities)
+    _check_stream_args(probabilities, hop_seconds, refractory_seconds)
+    # whole windows, rounded so that e.g. 2.1 / 0.3 = 7.000000000000001 does not become 8
+    refractory_windows = math.ceil(round(refractory_seconds / hop_seconds, 9))
+    return [i * hop_seconds for i in _activation_indices(probabilities, threshold, refractory_windows)]
+
+
+def count_activations(probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0) -> int:
+    """Number of detections in the stream, as defined by activation_times."""
+    times = activation_times(
+        probabilities, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+    )
+    return len(times)
+
+
+def stream_hours(probabilities, *, hop_seconds: float) -> float:
+    """Duration covered by a stream of windows, counted as one hop per window."""
+    return len(_to_numpy(probabilities)) * hop_seconds / SECONDS_PER_HOUR
+
+
+def false_accepts_per_hour(
+    probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0
+) -> float:
+    """Detections per hour on audio without the wake word."""
+    count = count_activations(
+        probabilities, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+    )
+    return count / stream_hours(probabilities, hop_seconds=hop_seconds)
+
+
+def threshold_for_fa_rate(
+    stream_probabilities, *, target_fa_per_hour: float, hop_seconds: float, refractory_seconds: float = 1.0
+) -> float:
+    """Lowest threshold from which on the stream's FA/h stays <= target_fa_per_hour.
+
+    FA/h is not monotone in the threshold (a higher one can split a sustained activation into several), so a lone
+    dip below the target is not trusted: up to MAX_THRESHOLD_CANDIDATES quantiles of the unique probabilities are
+    tried from the top down until one fails, then the gap up to the next candidate is bisected. With no more unique
+    values than that the answer is exact. If even the highest probability fires too often, the result lies just
+    above it (no detection at all).
+    """
+    probabilities = _to_numpy(stream_probabilities)
+    _check_stream_args(probabilities, hop_seconds, refractory_seconds)
+    if not target_fa_per_hour >= 0:
+        raise ValueError(f"target_fa_per_hour must be >= 0, got {target_fa_per_hour!r}")
+
+    def meets_target(threshold: float) -> bool:
+        fa_per_hour = false_accepts_per_hour(
+            probabilities, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+        )
+        return fa_per_hour <= target_fa_per_hour
+
+    values = np.unique(probabilities)  # sorted
+    grid = np.unique(np.linspace(0, len(values) - 1, min(len(values), MAX_THRESHOLD_CANDIDATES)).round().astype(int))
+    passing = len(values)  # index of the lowest passing candidate so far; len(values) means above the maximum
+    # from the top down: high thresholds fire rarely, so they are cheap, and the first failure ends the scan
+    for failing in grid[::-1]:
+        if not meets_target(values[failing]):
+            break
+        passing = failing
+    else:
+        return float(values[0])
+    if passing == len(values):
+        # next float32 up, so the threshold stays above the maximum when compared in float32 too
+        return float(np.nextafter(np.float32(values[-1]), np.float32(np.inf)))
+    low, high = int(failing), int(passing)  # values[low] fails, values[high] meets the target
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if meets_target(values[middle]) else (middle, high)
+    return float(values[high])
+
+
+def wakeword_metrics(
+    clip_probabilities,
+    clip_labels,
+    stream_probabilities,
+    *,
+    hop_seconds: float,
+    target_fa_per_hour: float,
+    refractory_seconds: float = 1.0,
+) -> dict[str, float]:
+    """Clip metrics (accuracy at 0.5, AUC, EER) plus the operating point meeting target FA/h on a negative stream."""
+    probabilities, labels = _to_numpy(clip_probabilities), _to_labels(clip_labels)
+    stream = _to_numpy(stream_probabilities)
+    threshold = threshold_for_fa_rate(
+        stream, target_fa_per_hour=target_fa_per_hour, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+    )
+    positives = probabilities[labels]
+    return {
+        "accuracy": float(np.mean((probabilities >= 0.5) == labels)),
+        "auc": roc_auc(probabilities, labels),
+        "eer": equal_error_rate(probabilities, labels)[0],
+        "threshold": threshold,
+        "frr_at_target_fa": float(np.mean(positives < threshold)) if len(positives) else math.nan,
+        "fa_per_hour": false_accepts_per_hour(
+            stream, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+        ),
+        "stream_hours": stream_hours(stream, hop_seconds=hop_seconds),
+    }
+
+
+def sliding_windows(audio: Tensor, *, window_samples: int, hop_samples: int) -> Tensor:
+    """Cut [T] audio into [N, window_samples] windows every hop_samples, zero-padding the tail to a whole window."""
+    if audio.ndim != 1 or audio.numel() == 0:
+        raise ValueError(f"audio must be a non-empty 1-D tensor [T], got shape {tuple(audio.shape)}")
+    if window_samples <= 0 or hop_samples <= 0:
+        raise ValueError(f"window_samples and hop_samples must be > 0, got {window_samples!r} and {hop_samples!r}")
+    n_windows = 1 + math.ceil(max(audio.numel() - window_samples, 0) / hop_samples)
+    padded = F.pad(audio, (0, (n_windows - 1) * hop_samples + window_samples - audio.numel()))  # [T']
+    return padded.unfold(0, window_samples, hop_samples)  # [N, window_samples]

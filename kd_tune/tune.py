@@ -1,0 +1,432 @@
+"""`kd-tune sweep`: Ray Tune + Optuna search the distillation settings; each trial is a Ray Train run of `fit`.
+
+Layers, outside in: the sweep driver (`sweep`) builds a Tuner over `run_trial`, a Tune function trainable that
+launches a TorchTrainer; its workers call `train_worker`, a thin adapter around `kd_tune.train.fit` that forwards
+each epoch's metrics and checkpoint to `ray.train.report`. TuneReportCallback carries them back to Tune.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kd_tune import storage
+from kd_tune.config import Config, ConfigError, Section, validate
+from kd_tune.distill import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES
+from kd_tune.train import scalar_tag, teacher_checkpoint_dir
+
+log = logging.getLogger("kd_tune.tune")
+SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+STATE_SYNC_SECONDS = "5"  # Tune's default waits up to 300 s between experiment-state uploads
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the driver only waits; {"cpu": 0} alone is refused
+LEADERBOARD_COLUMNS = ("trial", "status", "teacher", "alpha_schedule", "alpha_start", "alpha_end", "temperature",
+                       "temperature_schedule", "lr", "student_width", "epochs", "frr_at_target_fa", "fa_per_hour",
+                       "accuracy", "auc", "eer", "student_loss", "distillation_loss", "threshold", "node",
+                       "checkpoint")
+
+
+# ---------------------------------------------------------------- search spaces: YAML data -> Optuna define-by-run
+
+
+class Choice(Section):
+    choices: list[str | float] = Field(min_length=1)
+
+    def suggest(self, trial, name: str):
+        return trial.suggest_categorical(name, self.choices)
+
+
+class Range(Section):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be < high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+    def suggest(self, trial, name: str) -> float:
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+class SearchSpace(Section):
+    """What a sweep searches; every key maps to one config field (see TARGETS)."""
+
+    teacher: Choice
+    alpha_schedule: Choice
+    alpha_start: Range
+    alpha_end: Range | None = None  # sampled only for a non-constant schedule
+    alpha_step_point: Range | None = None  # sampled only for the step schedule
+    temperature: Range
+    temperature_schedule: Choice | None = None
+    temperature_end: Range | None = None  # sampled only for a non-constant temperature schedule
+    lr: Range | None = None
+    weight_decay: Range | None = None
+    student_width: Choice | None = None
+
+    @model_validator(mode="after")
+    def _values_allowed(self) -> SearchSpace:
+        _subset("alpha_schedule", self.alpha_schedule.choices, ALPHA_SCHEDULES)
+        if self.temperature_schedule:
+            _subset("temperature_schedule", self.temperature_schedule.choices, TEMPERATURE_SCHEDULES)
+        for name in ("alpha_start", "alpha_end", "alpha_step_point"):
+            r = getattr(self, name)
+            if r and not (0 <= r.low and r.high <= 1):
+                raise ValueError(f"{name}: [{r.low}, {r.high}] must lie within [0, 1]")
+        if self.temperature.low <= 0:
+            raise ValueError(f"temperature.low {self.temperature.low} must be > 0")
+        if "step" in self.alpha_schedule.choices and not self.alpha_step_point:
+            raise ValueError("alpha_step_point: required when alpha_schedule may be 'step'")
+        return self
+
+    def check_teachers(self, config: Config, *, source: str) -> None:
+        known = [t.name for t in config.teachers]
+        unknown = [t for t in self.teacher.choices if t not in known]
+        if unknown:
+            raise ConfigError(source, [f"teacher.choices: {unknown} are not configured teachers (allowed: {known})"])
+
+
+def _subset(name: str, values: list, allowed: tuple) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"{name}.choices: {bad} not allowed (allowed: {', '.join(allowed)})")
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """A YAML search space; a bare name like `smoke` means search_spaces/smoke.yaml."""
+    path = Path(path)
+    if not path.exists() and path.suffix == "" and (SEARCH_SPACE_DIR / f"{path}.yaml").exists():
+        path = SEARCH_SPACE_DIR / f"{path}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(str(path), [f"cannot read the search space: {e}"]) from None
+    try:
+        return SearchSpace.model_validate(raw)
+    except ValidationError as e:
+        from kd_tune.config import _problem
+
+        raise ConfigError(str(path), [_problem(err) for err in e.errors()]) from None
+
+
+class SpaceSampler:
+    """Optuna define-by-run function: conditional parameters are sampled only where their schedule uses them."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> None:
+        s = self.space
+        s.teacher.suggest(trial, "teacher")
+        schedule = s.alpha_schedule.suggest(trial, "alpha_schedule")
+        s.alpha_start.suggest(trial, "alpha_start")
+        if schedule != "constant" and s.alpha_end:
+            s.alpha_end.suggest(trial, "alpha_end")
+        if schedule == "step":
+            s.alpha_step_point.suggest(trial, "alpha_step_point")
+        s.temperature.suggest(trial, "temperature")
+        if s.temperature_schedule and s.temperature_schedule.suggest(trial, "temperature_schedule") != "constant":
+            s.temperature_end.suggest(trial, "temperature_end")
+        for name in ("lr", "weight_decay", "student_width"):
+            if getattr(s, name):
+                getattr(s, name).suggest(trial, name)
+
+
+TARGETS = {  # search-space parameter -> (config section, key, how the value is stored)
+    "teacher": ("distillation", "teachers", lambda v: [v]),
+    "alpha_schedule": ("distillation", "alpha_schedule", str),
+    "alpha_start": ("distillation", "alpha_start", float),
+    "alpha_end": ("distillation", "alpha_end", float),
+    "alpha_step_point": ("distillation", "alpha_step_points", lambda v: [v]),
+    "temperature": ("distillation", "temperature_start", float),
+    "temperature_schedule": ("distillation", "temperature_schedule", str),
+    "temperature_end": ("distillation", "temperature_end", float),
+    "lr": ("training", "lr", float),
+    "weight_decay": ("training", "weight_decay", float),
+    "student_width": ("student", "width", float),
+}
+
+
+def trial_config(base: dict, params: dict[str, Any]) -> Config:
+    """The base config with one trial's parameters; constant schedules keep their start value throughout."""
+    raw = json.loads(json.dumps(base))
+    for name, value in params.items():
+        section, key, convert = TARGETS[name]
+        raw[section][key] = convert(value)
+    d = raw["distillation"]
+    if params.get("alpha_schedule") == "constant" or "alpha_end" not in params:
+        d["alpha_end"] = d["alpha_start"]
+    if params.get("temperature_schedule", "constant") == "constant" or "temperature_end" not in params:
+        d["temperature_end"] = d["temperature_start"]
+    return validate(raw, source=f"trial parameters {params}")
+
+
+# ---------------------------------------------------------------- inside a trial
+
+
+def train_worker(loop_config: dict) -> None:
+    """One Ray Train worker: resume from the newest checkpoint that verifies, run `fit`, report every epoch."""
+    import ray.train
+
+    from kd_tune.train import fit
+
+    config = validate(loop_config["config"])
+    node = socket.gethostname() + ":" + ray.get_runtime_context().get_node_id()[:8]
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report({**metrics, "node": node}, checkpoint=checkpoint)
+
+    fit(config, report, resume=verified_resume_point(ray.train.get_checkpoint()))
+
+
+def verified_resume_point(ray_checkpoint) -> storage.Checkpoint | None:
+    """The newest checkpoint of this run that passes verification; refused ones are named and skipped."""
+    if ray_checkpoint is None:
+        return None
+    parent, newest = ray_checkpoint.path.rstrip("/").rsplit("/", 1)
+    store = storage.Storage(ray_checkpoint.filesystem, parent)
+    candidates = sorted((d for d in store.listdir(".") if d.startswith("checkpoint_")), reverse=True)
+    for name in [newest] + [c for c in candidates if c < newest]:
+        try:
+            return storage.load_checkpoint(store, name)
+        except storage.CheckpointError as e:
+            log.warning("refusing checkpoint: %s; trying the previous one", e)
+    raise storage.CheckpointError(f"no checkpoint under {parent} passes verification")
+
+
+def run_trial(params: dict, *, base: dict, experiment_path: str) -> None:
+    """Tune function trainable: launch this trial's TorchTrainer (Train V2) and wait for it."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = trial_config(base, params)
+    trial_id = tune.get_context().get_trial_id()
+    store = storage.Storage.from_config(config.storage)
+    c = config.tune
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict()},
+        scaling_config=ray.train.ScalingConfig(num_workers=c.workers_per_trial, use_gpu=c.use_gpu,
+                                               resources_per_worker={"CPU": c.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name="train",  # stable per trial, or a restored sweep silently starts the trial over
+            storage_path=f"{experiment_path}/{trial_dirname(trial_id)}",
+            storage_filesystem=store.filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.storage.keep_best,
+                                                         checkpoint_score_attribute=c.metric,
+                                                         checkpoint_score_order=c.mode),
+            failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def trial_dirname(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
+# ---------------------------------------------------------------- TensorBoard: readable tags + HParams
+
+
+def tensorboard_callback():
+    from ray.tune.logger import TBXLoggerCallback
+
+    class TensorBoardCallback(TBXLoggerCallback):
+        """One TensorBoard run per trial: scalars under loss/, schedule/ and val/; HParams when the trial ends."""
+
+        def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+            if trial not in self._trial_writer:
+                self.log_trial_start(trial)
+            step = result.get("epoch", iteration)
+            scalars = {scalar_tag(k): v for k, v in result.items()
+                       if k in TRAINED_METRICS and isinstance(v, (int, float))}
+            for tag, value in scalars.items():
+                self._trial_writer[trial].add_scalar(tag, value, global_step=step)
+            self._trial_result[trial] = scalars
+            self._trial_writer[trial].flush()
+
+    return TensorBoardCallback()
+
+
+TRAINED_METRICS = ("total_loss", "student_loss", "distillation_loss", "alpha", "temperature", "lr", "skipped_steps",
+                   "epoch_seconds", "accuracy", "auc", "eer", "threshold", "frr_at_target_fa", "fa_per_hour")
+
+
+# ---------------------------------------------------------------- the sweep driver
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster named by `address`/RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    port = free_port()
+    # Train V2's placement-group cleaner asks the State API; with another Ray on the host it must be told which.
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_teachers_ready(config: Config, space: SearchSpace) -> None:
+    """Every teacher the space may pick must be fine-tuned already: fail now, not in the first trial."""
+    store = storage.Storage.from_config(config.storage)
+    missing = [t for t in space.teacher.choices
+               if not store.exists(f"{teacher_checkpoint_dir(t)}/{storage.MANIFEST_NAME}")]
+    if missing:
+        raise FileNotFoundError(f"teachers {missing} have no checkpoint under {store.uri}/teachers: run "
+                                "`kd-tune teacher train CONFIG` first")
+
+
+def build_tuner(config: Config, space: SearchSpace, *, name: str):
+    from optuna.samplers import TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    store = storage.Storage.from_config(config.storage)
+    c = config.tune
+    # The Optuna study stays in memory: an external study storage breaks Tuner.restore.
+    search = OptunaSearch(SpaceSampler(space), metric=c.metric, mode=c.mode, sampler=TPESampler(seed=c.seed))
+    asha = ASHAScheduler(time_attr="training_iteration", max_t=config.training.epochs,
+                         grace_period=min(c.asha_grace_period, config.training.epochs),
+                         reduction_factor=c.asha_reduction_factor)
+    trainable = tune.with_parameters(run_trial, base=config.to_dict(), experiment_path=f"{store.root}/{name}")
+    return tune.Tuner(
+        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=search, scheduler=asha,
+                                    num_samples=c.num_samples, max_concurrent_trials=c.max_concurrent_trials,
+                                    trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
+        run_config=tune.RunConfig(name=name, storage_path=store.root, storage_filesystem=store.filesystem,
+                                  failure_config=tune.FailureConfig(max_failures=c.max_failures),
+                                  callbacks=[tensorboard_callback()], verbose=1),
+    )
+
+
+def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None = None,
+          resume: bool = False) -> tuple[list[dict], list[str]]:
+    """Run (or resume) a sweep; returns the leaderboard rows and the errors of trials that failed."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SYNC_SECONDS)
+    store = storage.Storage.from_config(config.storage)
+    check_teachers_ready(config, space)
+    connect_ray(address)
+    if resume:
+        trainable = tune.with_parameters(run_trial, base=config.to_dict(), experiment_path=f"{store.root}/{name}")
+        tuner = tune.Tuner.restore(f"{store.root}/{name}", tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+                                   resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=store.filesystem)
+    else:
+        storage.write_text(store, f"{name}/config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        storage.write_text(store, f"{name}/search_space.yaml", yaml.safe_dump(space.model_dump(), sort_keys=False))
+        tuner = build_tuner(config, space, name=name)
+    grid = tuner.fit()
+    rows = leaderboard(grid, config)
+    write_leaderboard(store, name, rows)
+    errors = [f"trial {r.metrics.get('trial_id', '?')}: {type(r.error).__name__}: {r.error}"
+              for r in grid if r.error is not None]
+    return rows, errors
+
+
+# ---------------------------------------------------------------- results
+
+
+def leaderboard(grid, config: Config) -> list[dict]:
+    """One row per trial at its best epoch by the sweep metric, best trial first."""
+    metric, mode = config.tune.metric, config.tune.mode
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        params = result.config or {}
+        row = {"trial": Path(result.path).name.removeprefix("trial_"), "status": "ERROR" if result.error else "OK",
+               "teacher": params.get("teacher"), "alpha_schedule": params.get("alpha_schedule"),
+               "alpha_start": params.get("alpha_start"), "alpha_end": params.get("alpha_end",
+                                                                                 params.get("alpha_start")),
+               "temperature": params.get("temperature"), "temperature_schedule": params.get("temperature_schedule",
+                                                                                             "constant"),
+               "lr": params.get("lr", config.training.lr), "student_width": params.get("student_width",
+                                                                                      config.student.width)}
+        if df is not None and metric in df:
+            best = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
+            row |= {k: _plain(best.get(k)) for k in LEADERBOARD_COLUMNS if k in best and k not in row}
+            row["epochs"] = int(df["training_iteration"].max())
+            row["checkpoint"] = best.get("checkpoint_path")
+        rows.append(row)
+    key = (lambda r: (r.get(metric) is None, r.get(metric) or 0)) if mode == "min" else \
+        (lambda r: (r.get(metric) is None, -(r.get(metric) or 0)))
+    return sorted(rows, key=key)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def write_leaderboard(store: storage.Storage, name: str, rows: list[dict]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LEADERBOARD_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(store, f"{name}/leaderboard.csv", out.getvalue())
+    storage.write_text(store, f"{name}/leaderboard.json", json.dumps(rows, indent=2, default=str))
+
+
+def read_leaderboard(experiment: str, config: Config) -> list[dict]:
+    store, name = experiment_storage(experiment, config)
+    return json.loads(storage.read_text(store, f"{name}/leaderboard.json"))
+
+
+def load_experiment(experiment: str, base: Config) -> tuple[Config, SearchSpace, str]:
+    """The config, search space and name saved by the sweep that wrote `experiment` (storage settings from base)."""
+    store, name = experiment_storage(experiment, base)
+    raw = yaml.safe_load(storage.read_text(store, f"{name}/config.yaml"))
+    raw["storage"] = base.storage.model_copy(update={"root": store.uri}).model_dump()
+    config = validate(raw, source=f"{experiment}/config.yaml")
+    space = SearchSpace.model_validate(yaml.safe_load(storage.read_text(store, f"{name}/search_space.yaml")))
+    return config, space, name
+
+
+def experiment_storage(experiment: str, config: Config) -> tuple[storage.Storage, str]:
+    """Split `PATH_OR_URI/NAME` into the storage root and the experiment name."""
+    root, _, name = experiment.rstrip("/").rpartition("/")
+    cfg = config.storage.model_copy(update={"root": root or "."})
+    return storage.Storage.from_config(cfg), name
+
+
+def format_leaderboard(rows: list[dict], *, metric: str) -> str:
+    cols = ("trial", "status", "teacher", "alpha_schedule", "alpha_start", "alpha_end", "temperature", metric,
+            "fa_per_hour", "accuracy", "auc", "epochs", "checkpoint")
+    cols = tuple(dict.fromkeys(cols))
+    table = [cols] + [tuple(_cell(r.get(c)) for c in cols) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)

@@ -1,0 +1,79 @@
+"""Shared fixtures. `moto_s3`: a real S3 protocol server (moto) on 127.0.0.1 for the whole session."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+MOTO_START_TIMEOUT_S = 30.0
+MOTO_STOP_TIMEOUT_S = 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moto_command(port: int) -> list[str]:
+    script = Path(sys.executable).with_name("moto_server")
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "moto.server"]
+    return [*launcher, "-H", "127.0.0.1", "-p", str(port)]
+
+
+def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + MOTO_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"moto_server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"moto_server did not answer at {url} within {MOTO_START_TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """The endpoint URL (http://127.0.0.1:PORT) of a moto S3 server, stopped by its PID at the end."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log, "wb") as out:  # a file, not a pipe: moto logs every request and a full pipe would block it
+        proc = subprocess.Popen(_moto_command(port), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_answering(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=MOTO_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_bucket(moto_s3, monkeypatch) -> str:
+    """A fresh, empty bucket on `moto_s3`, with moto's fake credentials set in the environment for the test."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    bucket = f"kd-tune-{uuid.uuid4().hex[:12]}"
+    host = moto_s3.split("://", 1)[1]
+    pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
+                      allow_bucket_creation=True).create_dir(bucket)
+    return bucket

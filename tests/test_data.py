@@ -1,0 +1,333 @@
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import kd_tune.data as data
+from fixtures_data import small_dataset  # noqa: F401  (session fixture)
+from kd_tune.data import (
+    KINDS, LABEL_OF_KIND, SPLITS, check, confusables, load_dataset, sample_weights, scan, split_for, synthesize,
+)
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+
+TONE_HZ = 440.0
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path and bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def manifest_of(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "manifest.jsonl").read_text().splitlines()]
+
+
+def tone(seconds: float, sample_rate: int, *, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    return (amplitude * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)
+
+
+def peak_hz(audio: torch.Tensor) -> float:
+    spectrum = torch.fft.rfft(audio).abs()
+    return float(torch.argmax(spectrum)) * SAMPLE_RATE / len(audio)
+
+
+def speakers_in(split: str, count: int) -> list[str]:
+    """Speaker ids whose files land in the given split."""
+    names = (f"spk{i}" for i in range(10_000))
+    return [name for name in names if split_for(name) == split][:count]
+
+
+def user_folder(root: Path) -> Path:
+    """Good train clips of both classes in several formats, plus one file per kind of problem."""
+    speaker_a, speaker_b = speakers_in("train", 2)
+    for name in ("positive", "negative"):
+        (root / name).mkdir(parents=True)
+    left, right = tone(0.8, 44100, amplitude=0.6), tone(0.8, 44100, amplitude=0.2)
+    sf.write(root / "positive" / f"{speaker_a}_stereo.flac", np.stack([left, right], axis=1), 44100)
+    sf.write(root / "positive" / f"{speaker_b}_low.wav", tone(0.5, 8000, amplitude=0.8), 8000, subtype="PCM_16")
+    sf.write(root / "negative" / f"{speaker_a}_other.wav", tone(1.5, 16000, amplitude=0.3), 16000)
+    sf.write(root / "negative" / f"{speaker_b}_other.wav", tone(0.7, 22050, amplitude=0.3), 22050)
+    bad = root / "negative"
+    sf.write(bad / "empty.wav", np.zeros(0, np.float32), 16000)
+    sf.write(bad / "silent.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(bad / "clipped.wav", np.sign(tone(1.0, 16000)), 16000, subtype="FLOAT")
+    nan = tone(1.0, 16000)
+    nan[100] = np.nan
+    sf.write(bad / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(bad / "short.wav", tone(0.1, 16000), 16000)
+    sf.write(bad / "long.wav", tone(11.0, 8000), 8000)
+    (bad / "junk.wav").write_text("not a wave file")
+    (bad / "notes.txt").write_text("recorded in the kitchen")
+    return root
+
+
+EXPECTED_PROBLEMS = {("empty.wav", "empty"), ("silent.wav", "silent"), ("clipped.wav", "clipped"),
+                     ("nan.wav", "non-finite"), ("short.wav", "too short"), ("long.wav", "too long"),
+                     ("junk.wav", "unreadable"), ("notes.txt", "not audio")}
+
+
+# ------------------------------------------------------------------------------------------------ synthesis
+
+
+@pytest.mark.slow
+def test_synthesis_is_deterministic_per_seed(small_dataset, tmp_path):
+    # Rule: same seed, same data set (manifest and audio bytes), even within one process; another seed differs.
+    again = tmp_path / "again"
+    synthesize(again, size="small", seed=0, progress=False)
+    assert tree_digest(again) == tree_digest(small_dataset)
+    other = tmp_path / "other"
+    synthesize(other, size="small", seed=1, progress=False)
+    assert (other / "manifest.jsonl").read_bytes() != (small_dataset / "manifest.jsonl").read_bytes()
+    differing = [e["path"] for e in manifest_of(other)
+                 if (other / e["path"]).read_bytes() != (small_dataset / e["path"]).read_bytes()]
+    assert len(differing) > 0.9 * len(manifest_of(other))
+
+
+def test_manifest_has_every_kind_label_and_split(small_dataset):
+    # Rule: the manifest lists every kind with its label (1 only for positives) and all three splits.
+    entries = manifest_of(small_dataset)
+    assert Counter(e["kind"] for e in entries) == data.SYNTH_SIZES["small"]
+    assert all(e["label"] == LABEL_OF_KIND[e["kind"]] for e in entries)
+    assert {e["split"] for e in entries if e["kind"] == "positive"} == set(SPLITS)
+    assert {e["split"] for e in entries if e["label"] == 0} == set(SPLITS)
+    assert all((e["text"] is None) == (e["kind"] == "background") for e in entries)
+
+
+def test_splits_group_renderings_of_one_voice_and_text(small_dataset):
+    # Rule: the split comes from a hash of voice + text (+ variant), so one espeak voice saying one text never
+    # straddles splits.
+    splits_of: dict[tuple, set] = {}
+    for e in manifest_of(small_dataset):
+        if e["voice"].startswith("espeak:"):
+            splits_of.setdefault((e["voice"], e["text"]), set()).add(e["split"])
+    assert splits_of and all(len(splits) == 1 for splits in splits_of.values())
+
+
+def test_clips_are_one_second_16k_mono_pcm16(small_dataset):
+    # Rule: every clip is a 16-bit PCM WAV, 16 kHz mono, exactly N_SAMPLES long, under <kind>/.
+    for e in manifest_of(small_dataset):
+        info = sf.info(small_dataset / e["path"])
+        assert (info.samplerate, info.channels, info.frames, info.subtype) == (SAMPLE_RATE, 1, N_SAMPLES, "PCM_16")
+        assert e["path"].startswith(e["kind"] + "/")
+
+
+def test_positives_are_whole_speech(small_dataset):
+    # Rule: positives carry speech energy over a word's length and are never cut at the window's edges.
+    edge = SAMPLE_RATE // 200  # 5 ms
+    for e in manifest_of(small_dataset):
+        if e["kind"] != "positive":
+            continue
+        audio, _ = sf.read(small_dataset / e["path"], dtype="float32")
+        frames_rms = np.sqrt((audio.reshape(100, -1) ** 2).mean(axis=1))  # [100] 10 ms frames
+        assert (frames_rms > 0.05 * frames_rms.max()).sum() >= 25, e  # >= 0.25 s of speech
+        peak = np.abs(audio).max()
+        assert peak > 0.05, e
+        assert max(np.abs(audio[:edge]).max(), np.abs(audio[-edge:]).max()) < 0.1 * peak, e
+
+
+def test_rerun_with_same_parameters_is_a_no_op(small_dataset):
+    # Rule: a complete data set with the same parameters is reused untouched; different parameters are refused.
+    before = {p: p.stat().st_mtime_ns for p in small_dataset.rglob("*.wav")}
+    assert synthesize(small_dataset, size="small", seed=0, progress=False) == small_dataset / "manifest.jsonl"
+    assert {p: p.stat().st_mtime_ns for p in small_dataset.rglob("*.wav")} == before
+    with pytest.raises(FileExistsError, match="seed"):
+        synthesize(small_dataset, size="small", seed=3, progress=False)
+
+
+def test_an_interrupted_run_never_looks_complete(tmp_path, monkeypatch):
+    # Rule: dataset.json (the completeness marker) and the manifest are written only after every clip.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "render", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(tmp_path, size="small", progress=False)
+    assert not (tmp_path / "dataset.json").exists() and not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_unknown_size_names_the_allowed_ones(tmp_path):
+    # Rule: bad arguments fail with the bad value and the allowed values.
+    with pytest.raises(ValueError, match="'huge'.*default.*small"):
+        synthesize(tmp_path, size="huge")
+
+
+def test_import_needs_no_piper():
+    # Rule: piper (GPL, optional) is imported only inside the synthesis code.
+    code = ("import sys; sys.modules['piper'] = None; import kd_tune.data; "
+            "assert 'onnxruntime' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})
+
+
+# ------------------------------------------------------------------------------------------------ text and splits
+
+
+def test_confusables_are_near_misses_never_the_wake_word():
+    # Rule: confusables(wakeword) derives near-misses by rules (dropped word, other opener, sound-alike last word)
+    # and never returns the wake word itself.
+    phrases = confusables("Hey, Nova!")
+    assert {"hey nora", "nova", "hey", "hi nova", "hey noa", "hey ova", "nova hey"} <= set(phrases)
+    assert "hey nova" not in phrases and "hay nova" not in phrases
+    assert len(phrases) == len(set(phrases)) and phrases == confusables("hey nova")
+    assert "alexa" not in confusables("alexa") and confusables("alexa")
+
+
+def test_confusables_reject_an_empty_wake_word():
+    # Rule: errors name the bad value.
+    with pytest.raises(ValueError, match="'!!'"):
+        confusables("!!")
+
+
+def test_split_for_is_a_stable_hash_with_the_given_fractions():
+    # Rule: splits come from sha256 of the key, never reshuffled, in roughly the requested proportions.
+    keys = [f"speaker{i}" for i in range(6000)]
+    counts = Counter(split_for(k) for k in keys)
+    assert [split_for(k) for k in keys[:50]] == [split_for(k) for k in keys[:50]]
+    assert math.isclose(counts["val"] / len(keys), 0.15, abs_tol=0.02)
+    assert math.isclose(counts["test"] / len(keys), 0.15, abs_tol=0.02)
+    assert Counter(split_for(k, val_fraction=0.5, test_fraction=0.0) for k in keys)["test"] == 0
+    with pytest.raises(ValueError, match="0.7"):
+        split_for("x", val_fraction=0.7, test_fraction=0.3)
+
+
+# ------------------------------------------------------------------------------------------------ user folders
+
+
+def test_scan_reads_folders_and_keeps_a_speaker_in_one_split(tmp_path):
+    # Rule: class folders give labels and kinds; the split is hashed from the `<speaker>_` prefix when present.
+    root = user_folder(tmp_path)
+    clips = {c.path.name: c for c in scan(root)}
+    speaker_a = speakers_in("train", 1)[0]
+    assert clips[f"{speaker_a}_stereo.flac"].label == 1 and clips[f"{speaker_a}_other.wav"].label == 0
+    assert clips[f"{speaker_a}_stereo.flac"].split == clips[f"{speaker_a}_other.wav"].split == "train"
+    assert clips["silent.wav"].split == split_for("negative/silent.wav")
+    assert "notes.txt" not in clips
+
+
+def test_missing_root_or_class_folder_is_named(tmp_path):
+    # Rule: a missing root or required class folder is an error naming the path and the expected layout.
+    with pytest.raises(FileNotFoundError, match="nowhere.*positive/ and negative/"):
+        scan(tmp_path / "nowhere")
+    (tmp_path / "positive").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"negative/ missing.*manifest\.jsonl"):
+        load_dataset(tmp_path)
+
+
+def test_check_reports_every_bad_file_with_a_reason(tmp_path):
+    # Rule: check lists each empty, silent, clipped, non-finite, too short, too long, unreadable or non-audio file
+    # with its path and reason, plus counts per kind and per problem.
+    root = user_folder(tmp_path)
+    report = check(root)
+    assert {(p.path.name, p.problem) for p in report.problems} == EXPECTED_PROBLEMS
+    assert not report.ok
+    text = report.format()
+    for name, problem in EXPECTED_PROBLEMS:
+        assert f"{root / 'negative' / name}: {problem}" in text
+    assert "positive 2, hard_negative 0, negative 9, background 0" in text
+    assert "clipped 1" in text
+
+
+def test_check_of_a_clean_folder_is_ok(tmp_path):
+    # Rule: .ok is True when no file has a problem.
+    root = tmp_path / "clean"
+    for kind in ("positive", "negative"):
+        (root / kind).mkdir(parents=True)
+        sf.write(root / kind / "a.wav", tone(0.8, 16000), 16000)
+    assert check(root).ok and "problems: none" in check(root).format()
+
+
+def test_load_resamples_downmixes_and_centres(tmp_path):
+    # Rule: clips load mono (channel mean), resampled to 16 kHz, centred in exactly N_SAMPLES.
+    root = user_folder(tmp_path)
+    with pytest.warns(UserWarning):
+        train = load_dataset(root).train
+    assert train.audio.shape[1:] == (N_SAMPLES,) and train.audio.dtype == torch.float32
+    positives = train.audio[train.labels == 1]  # the 44.1 kHz stereo FLAC and the 8 kHz WAV
+    assert len(positives) == 2 and "hard_negative" not in train.kinds
+    for audio in positives:
+        assert abs(peak_hz(audio) - TONE_HZ) < 2
+    stereo, low = sorted(positives, key=lambda audio: float(audio.abs().max()))
+    assert math.isclose(float(stereo.abs().max()), 0.4, abs_tol=0.02)  # mean of 0.6 and 0.2
+    quarter = N_SAMPLES // 4
+    assert low[:quarter - 100].abs().max() == 0 and low[-quarter + 100:].abs().max() == 0  # 0.5 s, centred
+
+
+def test_load_skips_and_counts_unusable_files(tmp_path):
+    # Rule: unreadable, empty, non-finite, silent and too-long files are skipped and counted with one warning;
+    # clipped and short files still load.
+    root = user_folder(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 5 unusable") as caught:
+        loaded = load_dataset(root)
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 1
+    assert loaded.skipped == 5
+    total = sum(len(getattr(loaded, s).kinds) for s in SPLITS)
+    assert total == 4 + 2  # the good files plus clipped.wav and short.wav
+    assert all(torch.isfinite(getattr(loaded, s).audio).all() for s in SPLITS)
+
+
+def test_no_usable_positives_is_an_error_naming_the_folder(tmp_path):
+    # Rule: a whole unusable class in the train split stops the run with a clear error naming the folder.
+    root = user_folder(tmp_path)
+    for path in (root / "positive").iterdir():
+        sf.write(path, np.zeros(16000, np.float32), 16000, format=path.suffix[1:].upper())
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=f"positive clips.*{re.escape(str(root / 'positive'))}"):
+        load_dataset(root)
+
+
+def test_manifest_sha256_follows_file_content(tmp_path):
+    # Rule: the data hash is content-based: same bytes, same hash; one changed file changes it.
+    root = user_folder(tmp_path)
+    with pytest.warns(UserWarning):
+        first, second = load_dataset(root).manifest_sha256, load_dataset(root).manifest_sha256
+    assert first == second
+    speaker_b = speakers_in("train", 2)[1]
+    sf.write(root / "negative" / f"{speaker_b}_other.wav", tone(0.7, 22050, amplitude=0.25), 22050)
+    with pytest.warns(UserWarning):
+        assert load_dataset(root).manifest_sha256 != first
+
+
+def test_manifest_paths_cannot_leave_the_data_set(tmp_path):
+    # Rule: manifest paths are confined to the data set folder.
+    entry = {"path": "../outside.wav", "label": 1, "kind": "positive", "split": "train"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(ValueError, match=r"manifest\.jsonl:1: path '\.\./outside\.wav'"):
+        scan(tmp_path)
+
+
+def test_load_synthetic_set_by_split(small_dataset):
+    # Rule: load_dataset reads the manifest layout into per-split tensors that match the manifest, and the
+    # negative stream is every label-0 clip of the split end to end.
+    entries = manifest_of(small_dataset)
+    loaded = load_dataset(small_dataset)
+    assert loaded.skipped == 0 and loaded.root == small_dataset
+    for split in SPLITS:
+        part = getattr(loaded, split)
+        expected = [e for e in entries if e["split"] == split]
+        assert part.audio.shape == (len(expected), N_SAMPLES)
+        assert part.kinds == [e["kind"] for e in expected]
+        assert part.labels.tolist() == [e["label"] for e in expected]
+    negatives = loaded.val.audio[loaded.val.labels == 0]
+    assert torch.equal(loaded.negative_stream("val"), negatives.reshape(-1))
+    assert set(loaded.train.kinds) == set(KINDS)
+    with pytest.raises(ValueError, match="'dev'"):
+        loaded.negative_stream("dev")
+
+
+def test_sample_weights_weight_hard_negatives():
+    # Rule: hard negatives get hard_negative_weight, every other clip 1; the weight must be positive.
+    weights = sample_weights(["positive", "hard_negative", "negative", "background"], hard_negative_weight=3.0)
+    assert weights.tolist() == [1.0, 3.0, 1.0, 1.0] and weights.dtype == torch.float32
+    with pytest.raises(ValueError, match="-1"):
+        sample_weights(["positive"], hard_negative_weight=-1)
