@@ -44,14 +44,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
     from kd_tune.data import load_dataset
-    from kd_tune.train import fit_teacher
 
     config = _config(args)
-    names = args.only or [t.name for t in config.teachers]
-    data = load_dataset(config.data.root)
-    for name in names:
-        metrics = fit_teacher(config, config.teacher(name), data=data, report=_print_epoch(f"teacher {name}"))
-        print(f"teacher {name}: " + _format_metrics(metrics))
+    _train_teachers(config, load_dataset(config.data.root), args.only)
     return 0
 
 
@@ -87,16 +82,72 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_results(args: argparse.Namespace) -> int:
     from kd_tune import tune
 
-    config = _config(args)
+    config, _, _ = tune.load_experiment(args.experiment, _config(args, check_paths=False))
     print(tune.format_leaderboard(tune.read_leaderboard(args.experiment, config), metric=config.tune.metric))
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from kd_tune.demo import demo
+def cmd_export(args: argparse.Namespace) -> int:
+    from kd_tune import export, storage
 
-    demo(Path(args.out))
+    config = _config(args, check_paths=False)  # only its storage settings (S3 endpoint, region) reach the source
+    try:
+        source = export.locate_source(args.source, config)
+        card = export.export_student(source.load(), Path(args.out), data=args.data, int8=args.int8,
+                                     source=source.describe())
+    except (export.ParityError, storage.CheckpointError, FileNotFoundError) as e:
+        print(f"kd-tune: {e}", file=sys.stderr)
+        return 1
+    print(export.summary(card))
     return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from kd_tune.export import Detector
+
+    detector = Detector(args.model, threshold=args.threshold)
+    failed = False
+    for file in args.files:
+        try:
+            times = detector.detect(detector.read(file))
+        except ValueError as e:  # one unreadable file does not stop the others
+            print(f"kd-tune: {e}", file=sys.stderr)
+            failed = True
+            continue
+        found = "wake word at " + ", ".join(f"{t:.2f} s" for t in times) if times else "no wake word"
+        print(f"{file}: {found}", flush=True)
+    return 1 if failed else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Synthesize the data (cached), fine-tune the teachers (cached), sweep, print the leaderboard."""
+    from kd_tune import tune
+    from kd_tune.data import load_dataset, synthesize
+
+    out = Path(args.out).resolve()
+    config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}", *args.set],
+                         check_paths=False)
+    d = config.data
+    synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size)
+    _train_teachers(config, load_dataset(d.root))
+    space = tune.load_search_space(args.search_space)
+    rows, errors = tune.sweep(config, space, name="sweep")
+    print(tune.format_leaderboard(rows, metric=config.tune.metric))
+    print(f"\nexperiment: {out / 'sweep'}\nTensorBoard: tensorboard --logdir {out / 'sweep'}")
+    for error in errors:
+        print(f"kd-tune: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _train_teachers(config, data, names=None) -> None:
+    from kd_tune.train import fit_teacher, teacher_is_current
+
+    for teacher in [config.teacher(n) for n in names or [t.name for t in config.teachers]]:
+        if teacher_is_current(config, teacher, data):
+            print(f"teacher {teacher.name}: up to date, not retrained")
+            continue
+        metrics = fit_teacher(config, teacher, data=data, report=_print_epoch(f"teacher {teacher.name}"))
+        print(f"teacher {teacher.name}: " + _format_metrics(metrics))
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -166,11 +217,28 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("results", help="print an experiment's leaderboard")
     q.add_argument("experiment", help="PATH_OR_URI/NAME")
-    q.add_argument("--config", help=argparse.SUPPRESS)
-    q.set_defaults(func=cmd_results, set=[])
+    with_config(q)
+    q.set_defaults(func=cmd_results)
+
+    q = sub.add_parser("export", help="export a trained student to ONNX (front end inside) with its model.json")
+    q.add_argument("source", help="a checkpoint directory, or an experiment PATH_OR_URI/NAME (its best trial)")
+    q.add_argument("--out", required=True, help="the .onnx file to write; model.json goes beside it")
+    q.add_argument("--config", help="YAML config for the storage settings (S3 endpoint, region) of the source")
+    q.add_argument("--int8", action="store_true", help="also write a dynamically quantized <out>.int8.onnx")
+    q.add_argument("--data", help="data set whose val split calibrates the threshold (default: the checkpoint's "
+                   "data.root)")
+    q.set_defaults(func=cmd_export, set=[])
+
+    q = sub.add_parser("detect", help="find the wake word in audio files with an exported model")
+    q.add_argument("model", help="a .onnx file written by `kd-tune export` (its .json beside it)")
+    q.add_argument("files", nargs="+", metavar="FILE", help="audio files (any rate and channel count)")
+    q.add_argument("--threshold", type=float, help="override the calibrated threshold from the model's .json")
+    q.set_defaults(func=cmd_detect)
 
     q = sub.add_parser("demo", help="the whole job on the embedded default")
     q.add_argument("--out", default="runs/demo")
+    q.add_argument("--search-space", default="default")
+    q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.set_defaults(func=cmd_demo)
     return p
 

@@ -262,12 +262,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def merged(base: dict, override: dict) -> dict:
+    """`override` over `base`, section by section: a file only needs the keys it changes."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
 def default_raw() -> dict:
     return yaml.safe_load(resources.files("kd_tune").joinpath(DEFAULT_CONFIG_NAME).read_text())
 
 
 def load_config(path: str | Path | None = None, *, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Load a YAML file (None: the embedded default), apply overrides and validate everything at once."""
+    """Load a YAML file over the embedded default, apply overrides and validate everything at once."""
     source = str(path) if path else f"<embedded {DEFAULT_CONFIG_NAME}>"
     if path is None:
         raw = default_raw()
@@ -279,7 +287,7 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] = (), ch
         except yaml.YAMLError as e:
             raise ConfigError(source, [f"not valid YAML: {e}"]) from None
     if isinstance(raw, dict):
-        raw = apply_overrides(raw, list(overrides))
+        raw = apply_overrides(merged(default_raw(), raw) if path else raw, list(overrides))
     return with_absolute_paths(validate(raw, source=source, check_paths=check_paths))
 
 

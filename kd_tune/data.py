@@ -211,6 +211,8 @@ def plan_dataset(wakeword: str, *, seed: int, size: str) -> list[SynthClip]:
     """Every clip of a synthetic set, drawn from one seeded generator (rendering draws per clip, see clip_rng)."""
     if size not in SYNTH_SIZES:
         raise ValueError(f"size {size!r} is not one of {sorted(SYNTH_SIZES)}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
     texts = {"positive": wakeword_texts(wakeword), "hard_negative": confusables(wakeword),
              "negative": list(EVERYDAY_PHRASES)}
@@ -273,7 +275,7 @@ class EspeakSynth:
     said before in the process: `render_espeak` therefore runs it in a fresh interpreter.
     """
 
-    AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8, RATE, PITCH = 2, 1, 1, 1, 3
+    AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8, RATE, PITCH = 2, 1, 1, 1, 3  # speak_lib.h enum values
 
     def __init__(self):
         spec = importlib.util.find_spec("piper")  # only locates the package: importing it would load onnxruntime
@@ -304,7 +306,8 @@ class EspeakSynth:
         self.chunks = []
         # breathy voices draw noise from libc's rand(), newer espeak-ng builds from their own generator: seed both
         self.libc.srand(seed)
-        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+        if hasattr(self.lib, "espeak_ng_SetRandSeed"):
+            self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
         if self.lib.espeak_SetVoiceByName(utterance.voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {utterance.voice!r}")
         self.lib.espeak_SetParameter(self.RATE, round(ESPEAK_WORDS_PER_MINUTE / utterance.length_scale), 0)
@@ -442,13 +445,14 @@ def render(clips: list[SynthClip], out_dir: Path, *, seed: int, bar: tqdm) -> No
         for i in speech:
             if clips[i].utterance.engine == "piper":
                 write(i, finish_speech(piper(clips[i].utterance), clips[i], clip_rng(seed, i)))
-        for i, raw in zip(by_espeak, espeak_audio.result()):
+        for i, raw in zip(by_espeak, espeak_audio.result(), strict=True):
             write(i, finish_speech(raw, clips[i], clip_rng(seed, i)))
+    # babble mixes negatives of its own split (when there are any), so no rendering crosses splits
     negatives = {split: [windows[i] for i in speech if clips[i].kind == "negative" and clips[i].split == split]
                  for split in SPLITS}
     every_negative = [windows[i] for i in speech if clips[i].kind == "negative"]
     for i, clip in enumerate(clips):
-        if clip.noise is not None:  # babble only from speech of its own split, so no voice crosses splits
+        if clip.noise is not None:
             write(i, make_background(clip.noise, clip_rng(seed, i), negatives[clip.split] or every_negative))
 
 
@@ -600,7 +604,7 @@ class AudioFile:
         digest = hashlib.sha256(data).hexdigest()
         try:
             audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except (sf.SoundFileError, RuntimeError) as error:
+        except sf.SoundFileError as error:
             return AudioFile(path, None, 0, [("unreadable", str(error).strip() or type(error).__name__)], digest)
         return AudioFile(path, audio, sample_rate, find_problems(audio, sample_rate), digest)
 
@@ -706,7 +710,7 @@ def make_split(clips: list[ClipInfo], windows: list[Tensor], n_samples: int) -> 
 
 def manifest_sha256(root: Path, clips: list[ClipInfo], files: list[AudioFile]) -> str:
     lines = sorted(f"{c.path.relative_to(root).as_posix()}\t{c.label}\t{c.kind}\t{c.split}\t{f.sha256}\n"
-                   for c, f in zip(clips, files))
+                   for c, f in zip(clips, files, strict=True))
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
@@ -722,7 +726,8 @@ def require_both_classes(root: Path, clips: list[ClipInfo], splits: dict[str, Sp
                              "from a hash of the speaker id or file path, so add files from more speakers)")
         for split in ("val", "test"):
             if not (splits[split].labels == label).any():
-                warnings.warn(f"the {split} split of {root} has no usable {name} clips; its metrics will be partial")
+                warnings.warn(f"the {split} split of {root} has no usable {name} clips; its metrics will be partial",
+                              stacklevel=3)
 
 
 def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> WakewordData:
@@ -731,16 +736,19 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> Wakewor
     Unusable files (unreadable, empty, non-finite, silent, too long) are skipped and counted; clipped or short files
     load as they are. A train split without usable positives or negatives is an error.
     """
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be > 0 Hz, got {sample_rate!r}")
     root = Path(root)
     clips = scan(root)
     n_samples = N_SAMPLES * sample_rate // SAMPLE_RATE
     files = read_all([c.path for c in clips])
     skipped = sum(not f.usable for f in files)
     if skipped:
-        warnings.warn(f"skipped {skipped} unusable audio files under {root}; `kd-tune data check {root}` lists them")
+        warnings.warn(f"skipped {skipped} unusable audio files under {root}; `kd-tune data check {root}` lists them",
+                      stacklevel=2)
     splits = {}
     for split in SPLITS:
-        kept = [(c, f) for c, f in zip(clips, files) if c.split == split and f.usable]
+        kept = [(c, f) for c, f in zip(clips, files, strict=True) if c.split == split and f.usable]
         splits[split] = make_split([c for c, _ in kept], [to_window(f, sample_rate, n_samples) for _, f in kept],
                                    n_samples)
     require_both_classes(root, clips, splits)

@@ -79,7 +79,9 @@ def render_view(audio: Tensor, augment: Augment | None, *, view: int, seed: int)
         return audio
     chunks = []
     for start in range(0, len(audio), VIEW_CHUNK):
-        generator = torch.Generator(device=audio.device).manual_seed(seed * 1_000_003 + view * 10_007 + start)
+        # A CPU generator draws the same numbers on every device, so a view rendered on a GPU worker and in the
+        # teacher-output cache (possibly on another machine) is the same audio.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + view * 10_007 + start)
         chunks.append(augment(audio[start:start + VIEW_CHUNK], generator=generator))
     return torch.cat(chunks)
 
@@ -116,7 +118,8 @@ class TeacherEnsemble(nn.Module):
         self.to(device=device, dtype=dtype)
 
     @torch.no_grad()
-    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+    def forward(self, inputs: dict[str, Tensor], *, view: int | None = None, index: Tensor | None = None) -> Tensor:
+        """Combined logits [B, 2] of the live teachers; view and index serve the cached alternative only."""
         logits = []
         for name, teacher in self.teachers.items():
             x = inputs[teacher.input_kind].to(self.device, self.dtype)  # [B, N_SAMPLES] or [B, n_mels, T]
@@ -131,7 +134,7 @@ class TeacherEnsemble(nn.Module):
             if kind not in inputs:
                 raise ValueError(f"teacher {name!r} takes {kind} input, but this run provides only "
                                  f"{' and '.join(sorted(inputs))}")
-            x = inputs[kind][:1].to(self.device)
+            x = inputs[kind][:1].to(self.device, self.dtype)  # as forward() feeds it: half-precision teachers too
             try:
                 out = teacher(x)  # one probe forward: a wrong shape fails here, not mid-epoch
             except RuntimeError as e:
@@ -160,6 +163,15 @@ def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
     dtype = getattr(torch, d.teacher_dtype) if on.type == "cuda" else torch.float32  # half precision only pays on CUDA
     teachers = {t.name: load_teacher(config, t) for t in config.distill_teachers}
     return TeacherEnsemble(teachers, combine=d.combine, device=on, dtype=dtype)
+
+
+def distillation_teachers(config: Config, data: WakewordData, device: torch.device) -> nn.Module:
+    """The live teachers, or their cached logits when distillation.teacher_mode is 'cache'."""
+    if config.distillation.teacher_mode == "cache":
+        from kd_tune.cache import cached_teachers  # kd_tune.cache builds on this module: imported here, not above
+
+        return cached_teachers(config, data, device)
+    return teacher_ensemble(config, device)
 
 
 # ---------------------------------------------------------------- one step, one evaluation
@@ -243,7 +255,7 @@ def probe_step(student: nn.Module, teachers: TeacherEnsemble, log_mel: LogMel, b
                device: torch.device) -> None:
     wave = torch.randn(batch, N_SAMPLES, device=device)  # [B, N_SAMPLES]
     feats = log_mel(wave)  # [B, n_mels, T]
-    teachers({"waveform": wave, "features": feats})
+    teachers({"waveform": wave, "features": feats}, view=None, index=torch.zeros(batch, dtype=torch.long))  # any clip
     student(feats).sum().backward()
     student.zero_grad(set_to_none=True)
 
@@ -283,7 +295,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None,
     device, (rank, world) = pick_device(t.device), rank_and_world()
     data = data or load_dataset(config.data.root)
     log_mel, augment, spec_augment = front_end(config, data, device)
-    teachers = teachers or teacher_ensemble(config, device)
+    teachers = teachers or distillation_teachers(config, data, device)
     student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels).to(device)
     model = DistributedDataParallel(student) if world > 1 else student
     optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -303,7 +315,8 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None,
 
     metrics: dict[str, float] = {}
     while state.epoch < t.epochs:
-        wave = render_view(train_audio, augment, view=state.epoch % config.augment.views, seed=t.seed)  # [N, N_SAMPLES]
+        view = state.epoch % config.augment.views
+        wave = render_view(train_audio, augment, view=view, seed=t.seed)  # [N, N_SAMPLES]
         model.train()
         sums, started = torch.zeros(4, dtype=torch.float64), time.perf_counter()  # total, student, kd, steps
         bar = tqdm(batches(len(labels), batch_size, seed=t.seed, epoch=state.epoch), total=steps_per_epoch,
@@ -315,7 +328,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None,
             temperature = temperature_at(d.temperature_schedule, progress, temperature_start=d.temperature_start,
                                          temperature_end=d.temperature_end)
             feats = log_mel(wave[idx])  # [B, n_mels, T]
-            teacher_logits = teachers({"waveform": wave[idx], "features": feats})  # [B, 2]
+            teacher_logits = teachers({"waveform": wave[idx], "features": feats}, view=view, index=idx)  # [B, 2]
             generator = torch.Generator(device=device).manual_seed(t.seed * 7919 + state.step)
             with torch.autocast(device.type, enabled=use_amp):
                 student_logits = model(spec_augment(feats, generator=generator))  # [B, 2]
@@ -340,6 +353,16 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None,
             report(metrics, save_training_checkpoint(Path(tmp), student, optimizer, state, config, metrics)
                    if rank == 0 else None)
     return metrics
+
+
+def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordData) -> bool:
+    """True when the stored teacher was fine-tuned with these settings on this exact data (and verifies)."""
+    store = storage.Storage.from_config(config.storage)
+    try:
+        extra = storage.verify_checkpoint(store, teacher_checkpoint_dir(teacher.name))["extra"]
+    except (storage.CheckpointError, FileNotFoundError):
+        return False
+    return extra.get("teacher") == teacher.model_dump() and extra.get("data_sha256") == data.manifest_sha256
 
 
 def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | None = None,

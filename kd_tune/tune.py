@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pyarrow.fs import FileType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kd_tune import storage
+from kd_tune.cache import build_cache
 from kd_tune.config import Config, ConfigError, Section, validate
 from kd_tune.distill import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES
 from kd_tune.train import scalar_tag, teacher_checkpoint_dir
@@ -292,6 +294,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_storage_shared(store: storage.Storage) -> None:
+    """Refuse, before any trial starts, a local storage path that some node of the cluster cannot see."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if store.is_local is False or len(nodes) < 2:
+        return
+    marker = f".kd_tune_probe_{uuid.uuid4().hex}"
+    storage.write_text(store, marker, "probe")
+    try:
+        probe = ray.remote(num_cpus=0)(os.path.exists)
+        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(store.local_path(marker)) for n in nodes])
+    finally:
+        store.filesystem.delete_file(store.path(marker))
+    blind = [n["NodeManagerAddress"] + ":" + n["NodeID"][:8] for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise RuntimeError(f"storage.root {store.uri} is a local path that nodes {blind} cannot see: use s3://... "
+                           "or a path on storage mounted at the same place on every node (NFS)")
+
+
 def check_teachers_ready(config: Config, space: SearchSpace) -> None:
     """Every teacher the space may pick must be fine-tuned already: fail now, not in the first trial."""
     store = storage.Storage.from_config(config.storage)
@@ -300,6 +326,14 @@ def check_teachers_ready(config: Config, space: SearchSpace) -> None:
     if missing:
         raise FileNotFoundError(f"teachers {missing} have no checkpoint under {store.uri}/teachers: run "
                                 "`kd-tune teacher train CONFIG` first")
+
+
+def coverage_points(space: SearchSpace, num_samples: int) -> list[dict]:
+    """The first trials pair every teacher and every alpha schedule at least once; TPE samples the rest."""
+    teachers, schedules = space.teacher.choices, space.alpha_schedule.choices
+    n = min(num_samples, max(len(teachers), len(schedules)))
+    return [{"teacher": teachers[i % len(teachers)], "alpha_schedule": schedules[i % len(schedules)]}
+            for i in range(n)]
 
 
 def build_tuner(config: Config, space: SearchSpace, *, name: str):
@@ -311,7 +345,8 @@ def build_tuner(config: Config, space: SearchSpace, *, name: str):
     store = storage.Storage.from_config(config.storage)
     c = config.tune
     # The Optuna study stays in memory: an external study storage breaks Tuner.restore.
-    search = OptunaSearch(SpaceSampler(space), metric=c.metric, mode=c.mode, sampler=TPESampler(seed=c.seed))
+    search = OptunaSearch(SpaceSampler(space), metric=c.metric, mode=c.mode, sampler=TPESampler(seed=c.seed),
+                          points_to_evaluate=coverage_points(space, c.num_samples))
     asha = ASHAScheduler(time_attr="training_iteration", max_t=config.training.epochs,
                          grace_period=min(c.asha_grace_period, config.training.epochs),
                          reduction_factor=c.asha_reduction_factor)
@@ -336,6 +371,9 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     store = storage.Storage.from_config(config.storage)
     check_teachers_ready(config, space)
     connect_ray(address)
+    if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
+        build_cache(config, list(space.teacher.choices))
+    check_storage_shared(store)
     if resume:
         trainable = tune.with_parameters(run_trial, base=config.to_dict(), experiment_path=f"{store.root}/{name}")
         tuner = tune.Tuner.restore(f"{store.root}/{name}", tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
@@ -357,29 +395,40 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
 
 
 def leaderboard(grid, config: Config) -> list[dict]:
-    """One row per trial at its best epoch by the sweep metric, best trial first."""
+    """One row per trial at its best epoch that still has a checkpoint (retention may have pruned others)."""
     metric, mode = config.tune.metric, config.tune.mode
+    filesystem = storage.Storage.from_config(config.storage).filesystem
     rows = []
     for result in grid:
-        df = result.metrics_dataframe
         params = result.config or {}
         row = {"trial": Path(result.path).name.removeprefix("trial_"), "status": "ERROR" if result.error else "OK",
                "teacher": params.get("teacher"), "alpha_schedule": params.get("alpha_schedule"),
-               "alpha_start": params.get("alpha_start"), "alpha_end": params.get("alpha_end",
-                                                                                 params.get("alpha_start")),
-               "temperature": params.get("temperature"), "temperature_schedule": params.get("temperature_schedule",
-                                                                                             "constant"),
-               "lr": params.get("lr", config.training.lr), "student_width": params.get("student_width",
-                                                                                      config.student.width)}
-        if df is not None and metric in df:
-            best = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
-            row |= {k: _plain(best.get(k)) for k in LEADERBOARD_COLUMNS if k in best and k not in row}
-            row["epochs"] = int(df["training_iteration"].max())
-            row["checkpoint"] = best.get("checkpoint_path")
+               "alpha_start": params.get("alpha_start"),
+               "alpha_end": params.get("alpha_end", params.get("alpha_start")),
+               "temperature": params.get("temperature"),
+               "temperature_schedule": params.get("temperature_schedule", "constant"),
+               "lr": params.get("lr", config.training.lr),
+               "student_width": params.get("student_width", config.student.width)}
+        best = best_epoch(result.metrics_dataframe, metric, mode, filesystem)
+        if best is not None:
+            row |= {k: _plain(best[k]) for k in LEADERBOARD_COLUMNS if k in best and k not in row}
+            row["epochs"] = int(result.metrics_dataframe["training_iteration"].max())
+            row["checkpoint"] = best["checkpoint_path"]
         rows.append(row)
-    key = (lambda r: (r.get(metric) is None, r.get(metric) or 0)) if mode == "min" else \
-        (lambda r: (r.get(metric) is None, -(r.get(metric) or 0)))
-    return sorted(rows, key=key)
+    worst = float("inf") if mode == "min" else float("-inf")
+    return sorted(rows, key=lambda r: r.get(metric, worst) if mode == "min" else -r.get(metric, worst))
+
+
+def best_epoch(df, metric: str, mode: str, filesystem):
+    """The best reported epoch whose checkpoint still exists; ties go to the later epoch."""
+    if df is None or metric not in df or "checkpoint_path" not in df:
+        return None
+    ranked = df.sort_values([metric, "training_iteration"], ascending=[mode == "min", False])
+    for _, row in ranked.iterrows():
+        path = row["checkpoint_path"]
+        if isinstance(path, str) and filesystem.get_file_info(path).type != FileType.NotFound:
+            return row
+    return None
 
 
 def _plain(value):

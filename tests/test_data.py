@@ -1,6 +1,7 @@
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -13,11 +14,12 @@ import soundfile as sf
 import torch
 
 import kd_tune.data as data
-from fixtures_data import small_dataset  # noqa: F401  (session fixture)
 from kd_tune.data import (
     KINDS, LABEL_OF_KIND, SPLITS, check, confusables, load_dataset, sample_weights, scan, split_for, synthesize,
 )
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+
+pytest_plugins = ["fixtures_data"]  # the session-scoped small_dataset
 
 TONE_HZ = 440.0
 
@@ -106,6 +108,13 @@ def test_manifest_has_every_kind_label_and_split(small_dataset):
     assert all((e["text"] is None) == (e["kind"] == "background") for e in entries)
 
 
+def test_speech_comes_from_many_voices(small_dataset):
+    # Rule: speech is spoken by piper in several accents and by many espeak-ng voices, for positives too.
+    voices = [e["voice"] for e in manifest_of(small_dataset) if e["kind"] == "positive"]
+    assert len({v for v in voices if v.startswith("piper:")}) >= 3
+    assert len({v for v in voices if v.startswith("espeak:")}) >= 15
+
+
 def test_splits_group_renderings_of_one_voice_and_text(small_dataset):
     # Rule: the split comes from a hash of voice + text (+ variant), so one espeak voice saying one text never
     # straddles splits.
@@ -158,17 +167,20 @@ def test_an_interrupted_run_never_looks_complete(tmp_path, monkeypatch):
     assert not (tmp_path / "dataset.json").exists() and not (tmp_path / "manifest.jsonl").exists()
 
 
-def test_unknown_size_names_the_allowed_ones(tmp_path):
+def test_bad_synthesis_arguments_are_named(tmp_path):
     # Rule: bad arguments fail with the bad value and the allowed values.
     with pytest.raises(ValueError, match="'huge'.*default.*small"):
         synthesize(tmp_path, size="huge")
+    with pytest.raises(ValueError, match="seed.*-1"):
+        synthesize(tmp_path, seed=-1)
 
 
 def test_import_needs_no_piper():
     # Rule: piper (GPL, optional) is imported only inside the synthesis code.
     code = ("import sys; sys.modules['piper'] = None; import kd_tune.data; "
             "assert 'onnxruntime' not in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 # ------------------------------------------------------------------------------------------------ text and splits
@@ -268,9 +280,10 @@ def test_load_skips_and_counts_unusable_files(tmp_path):
     # Rule: unreadable, empty, non-finite, silent and too-long files are skipped and counted with one warning;
     # clipped and short files still load.
     root = user_folder(tmp_path)
-    with pytest.warns(UserWarning, match="skipped 5 unusable") as caught:
+    with pytest.warns(UserWarning) as caught:
         loaded = load_dataset(root)
-    assert len([w for w in caught if "skipped" in str(w.message)]) == 1
+    assert [str(w.message) for w in caught if "skipped" in str(w.message)] == [
+        f"skipped 5 unusable audio files under {root}; `kd-tune data check {root}` lists them"]
     assert loaded.skipped == 5
     total = sum(len(getattr(loaded, s).kinds) for s in SPLITS)
     assert total == 4 + 2  # the good files plus clipped.wav and short.wav
@@ -282,7 +295,8 @@ def test_no_usable_positives_is_an_error_naming_the_folder(tmp_path):
     root = user_folder(tmp_path)
     for path in (root / "positive").iterdir():
         sf.write(path, np.zeros(16000, np.float32), 16000, format=path.suffix[1:].upper())
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=f"positive clips.*{re.escape(str(root / 'positive'))}"):
+    folder = re.escape(str(root / "positive"))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=f"positive clips.*{folder}"):
         load_dataset(root)
 
 
@@ -311,7 +325,7 @@ def test_load_synthetic_set_by_split(small_dataset):
     # negative stream is every label-0 clip of the split end to end.
     entries = manifest_of(small_dataset)
     loaded = load_dataset(small_dataset)
-    assert loaded.skipped == 0 and loaded.root == small_dataset
+    assert loaded.skipped == 0 and loaded.root == small_dataset and check(small_dataset).ok
     for split in SPLITS:
         part = getattr(loaded, split)
         expected = [e for e in entries if e["split"] == split]

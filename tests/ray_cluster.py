@@ -1,0 +1,168 @@
+"""A real Ray cluster for tests: `ray start` on 127.0.0.1 with its own temp dir, free ports and token auth.
+
+Only what these helpers start is stopped, by PID: never `ray stop`, since other Ray instances may share the host.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(token_file: Path) -> dict[str, str]:
+    """The environment every client of the test cluster needs: token auth on, the token from a file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_ADDRESS"}
+    env.pop("RAY_ADDRESS", None)
+    return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+                  "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class RayNode:
+    """One `ray start --block` process and what it spawned."""
+
+    process: subprocess.Popen
+    temp_dir: Path
+    log: Path
+
+    def pids(self) -> list[int]:
+        try:
+            return [self.process.pid] + [c.pid for c in psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def raylet_pid(self) -> int:
+        for pid in self.pids():
+            try:
+                if psutil.Process(pid).name().startswith("raylet"):
+                    return pid
+            except psutil.NoSuchProcess:
+                continue
+        raise RuntimeError(f"no raylet among {self.pids()}; see {self.log}")
+
+    def stop(self) -> None:
+        """SIGTERM to this node's processes, as `ray stop` would send them, then SIGKILL what is left."""
+        processes = []
+        for pid in reversed(self.pids()):  # children first, the `ray start` process last
+            try:
+                processes.append(psutil.Process(pid))
+                processes[-1].terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=15)
+        for process in alive:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait()
+
+
+@dataclass
+class RayCluster:
+    root: Path
+    token_file: Path
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    nodes: list[RayNode] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. S3 credentials: workers inherit the node's env
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        # The State API of *this* cluster: Train V2's placement-group cleaner must not guess among instances.
+        return ray_env(self.token_file) | self.extra_env | {"RAY_API_SERVER_ADDRESS": self.dashboard}
+
+    def start_head(self, *, num_cpus: int = 2) -> RayNode:
+        node = self._start("head", ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                                    "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                                    f"--ray-client-server-port={free_port()}"], num_cpus)
+        self._wait(lambda: self._dashboard_up(), node, "dashboard")
+        return node
+
+    def add_worker(self, *, num_cpus: int = 1) -> RayNode:
+        return self._start(f"worker{len(self.nodes)}", [f"--address={self.address}"], num_cpus)
+
+    def _start(self, name: str, args: list[str], num_cpus: int) -> RayNode:
+        temp_dir = self.root / name  # a node needs its own temp dir, or it deletes the job's working dir
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                   f"--num-cpus={num_cpus}", "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}",
+                   f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+                   f"--object-manager-port={free_port()}", "--disable-usage-stats", *args]
+        process = subprocess.Popen(command, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        node = RayNode(process, temp_dir, log)
+        self.nodes.append(node)
+        return node
+
+    def _dashboard_up(self) -> bool:
+        request = urllib.request.Request(f"{self.dashboard}/api/version",
+                                         headers={"Authorization": f"Bearer {self.token_file.read_text()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    @staticmethod
+    def _wait(ready, node: RayNode, what: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.process.poll() is not None:
+                raise RuntimeError(f"ray start exited with {node.process.returncode}: {node.log.read_text()[-3000:]}")
+            if ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{what} not up after {timeout} s: {node.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.stop()
+
+
+def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None) -> RayCluster:
+    """A head node on 127.0.0.1; `extra_env` goes to every node (and so every worker) and into `cluster.env`."""
+    root.mkdir(parents=True, exist_ok=True)
+    token_file = root / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    cluster = RayCluster(root, token_file, extra_env=dict(extra_env or {}))
+    try:
+        cluster.start_head()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def kd_tune(*args: str, env: dict[str, str], timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "python"), "-m", "kd_tune", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
