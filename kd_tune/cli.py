@@ -11,6 +11,15 @@ from kd_tune.config import ConfigError, dump_config, load_config
 EXIT_INVALID = 2
 
 
+def _expected_failures() -> tuple[type[Exception], ...]:
+    """Failures whose message already says what went wrong and what to do."""
+    from kd_tune.storage import CheckpointError, PathEscapeError
+    from kd_tune.train import NonFiniteLossError
+    from kd_tune.tune import SweepError
+
+    return CheckpointError, PathEscapeError, NonFiniteLossError, SweepError, FileNotFoundError
+
+
 def _config(args: argparse.Namespace, *, check_paths: bool = True):
     return load_config(args.config, overrides=args.set, check_paths=check_paths)
 
@@ -250,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kd-tune: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except Exception as e:
+        if not isinstance(e, _expected_failures()):
+            raise
+        print(f"kd-tune: {e}", file=sys.stderr)  # a clear, user-facing failure: no traceback
+        return 1
     except KeyboardInterrupt:
         print("kd-tune: interrupted", file=sys.stderr)
         return 130

@@ -167,11 +167,14 @@ def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
 
 def distillation_teachers(config: Config, data: WakewordData, device: torch.device) -> nn.Module:
     """The live teachers, or their cached logits when distillation.teacher_mode is 'cache'."""
-    if config.distillation.teacher_mode == "cache":
-        from kd_tune.cache import cached_teachers  # kd_tune.cache builds on this module: imported here, not above
+    # Building a teacher module draws initial weights that loading then replaces: forked, so that the student's
+    # initialisation and dropout see the same random stream in both modes.
+    with torch.random.fork_rng(devices=[]):
+        if config.distillation.teacher_mode == "cache":
+            from kd_tune.cache import cached_teachers  # kd_tune.cache builds on this module: imported here, not above
 
-        return cached_teachers(config, data, device)
-    return teacher_ensemble(config, device)
+            return cached_teachers(config, data, device)
+        return teacher_ensemble(config, device)
 
 
 # ---------------------------------------------------------------- one step, one evaluation

@@ -27,9 +27,14 @@ from kd_tune.distill import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES
 from kd_tune.train import scalar_tag, teacher_checkpoint_dir
 
 log = logging.getLogger("kd_tune.tune")
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start as configured; the message says why and what to do."""
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 STATE_SYNC_SECONDS = "5"  # Tune's default waits up to 300 s between experiment-state uploads
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the driver only waits; {"cpu": 0} alone is refused
+CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 LEADERBOARD_COLUMNS = ("trial", "status", "teacher", "alpha_schedule", "alpha_start", "alpha_end", "temperature",
                        "temperature_schedule", "lr", "student_width", "epochs", "frr_at_target_fa", "fa_per_hour",
                        "accuracy", "auc", "eer", "student_loss", "distillation_loss", "threshold", "node",
@@ -288,6 +293,17 @@ def connect_ray(address: str | None) -> None:
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
 
 
+def keep_credentials_out_of_runtime_env() -> None:
+    """Stop Ray Tune copying the driver's AWS credentials into every trial's runtime_env.
+
+    There the state API (`ray list actors --detail`, the dashboard) and the runtime-env agent's log show them in
+    cleartext; trials take credentials from their node's environment instead, like every other Ray worker.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE -= set(CREDENTIAL_ENV_VARS)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -314,7 +330,7 @@ def check_storage_shared(store: storage.Storage) -> None:
         store.filesystem.delete_file(store.path(marker))
     blind = [n["NodeManagerAddress"] + ":" + n["NodeID"][:8] for n, ok in zip(nodes, seen) if not ok]
     if blind:
-        raise RuntimeError(f"storage.root {store.uri} is a local path that nodes {blind} cannot see: use s3://... "
+        raise SweepError(f"storage.root {store.uri} is a local path that nodes {blind} cannot see: use s3://... "
                            "or a path on storage mounted at the same place on every node (NFS)")
 
 
@@ -324,7 +340,7 @@ def check_teachers_ready(config: Config, space: SearchSpace) -> None:
     missing = [t for t in space.teacher.choices
                if not store.exists(f"{teacher_checkpoint_dir(t)}/{storage.MANIFEST_NAME}")]
     if missing:
-        raise FileNotFoundError(f"teachers {missing} have no checkpoint under {store.uri}/teachers: run "
+        raise SweepError(f"teachers {missing} have no checkpoint under {store.uri}/teachers: run "
                                 "`kd-tune teacher train CONFIG` first")
 
 
@@ -371,6 +387,7 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     store = storage.Storage.from_config(config.storage)
     check_teachers_ready(config, space)
     connect_ray(address)
+    keep_credentials_out_of_runtime_env()
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
         build_cache(config, list(space.teacher.choices))
     check_storage_shared(store)

@@ -5,6 +5,7 @@ Only what these helpers start is stopped, by PID: never `ray stop`, since other 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -105,14 +106,26 @@ class RayCluster:
         self._wait(lambda: self._dashboard_up(), node, "dashboard")
         return node
 
-    def add_worker(self, *, num_cpus: int = 1) -> RayNode:
-        return self._start(f"worker{len(self.nodes)}", [f"--address={self.address}"], num_cpus)
+    def add_worker(self, *, num_cpus: int = 1, wrapper: list[str] = ()) -> RayNode:
+        """A second node on this host; `wrapper` runs it inside another command (e.g. a private mount namespace)."""
+        before = self.alive_nodes()
+        node = self._start(f"worker{len(self.nodes)}", [f"--address={self.address}"], num_cpus, wrapper)
+        self._wait(lambda: self.alive_nodes() > before, node, "worker node")
+        return node
 
-    def _start(self, name: str, args: list[str], num_cpus: int) -> RayNode:
+    def alive_nodes(self) -> int:
+        """Alive nodes, from the State API (`/api/v0/nodes`)."""
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes?limit=100",
+                                         headers={"Authorization": f"Bearer {self.token_file.read_text()}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = json.load(response)["data"]["result"]["result"]
+        return sum(n["state"] == "ALIVE" for n in nodes)
+
+    def _start(self, name: str, args: list[str], num_cpus: int, wrapper: list[str] = ()) -> RayNode:
         temp_dir = self.root / name  # a node needs its own temp dir, or it deletes the job's working dir
         temp_dir.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
-        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+        command = [*wrapper, str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                    f"--num-cpus={num_cpus}", "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}",
                    f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
                    f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
@@ -148,7 +161,7 @@ class RayCluster:
             node.stop()
 
 
-def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None) -> RayCluster:
+def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None, num_cpus: int = 2) -> RayCluster:
     """A head node on 127.0.0.1; `extra_env` goes to every node (and so every worker) and into `cluster.env`."""
     root.mkdir(parents=True, exist_ok=True)
     token_file = root / "auth_token"
@@ -156,7 +169,7 @@ def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None) -> Ray
     token_file.chmod(0o600)
     cluster = RayCluster(root, token_file, extra_env=dict(extra_env or {}))
     try:
-        cluster.start_head()
+        cluster.start_head(num_cpus=num_cpus)
     except BaseException:
         cluster.stop()
         raise

@@ -1,0 +1,402 @@
+"""kd_tune.export: ONNX export of every student, the model card, int8, streaming detection without torch."""
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from kd_tune import export, storage
+from kd_tune.cli import main
+from kd_tune.config import load_config
+from kd_tune.data import Split, WakewordData, load_dataset
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.metrics import activation_times, sliding_windows
+from kd_tune.models import STUDENTS, build_student, build_teacher
+from kd_tune.train import TeacherEnsemble, TrainState, fit, save_training_checkpoint
+
+pytest_plugins = ["fixtures_data"]  # the session-scoped small_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+CARD_KEYS = {"format", "kd_tune_version", "onnx_file", "onnx_sha256", "onnx_bytes", "input", "output", "sample_rate",
+             "window_samples", "hop_samples", "threshold", "target_fa_per_hour", "refractory_seconds", "labels",
+             "wakeword", "student", "source", "checkpoint_manifest_sha256", "parity_max_abs_diff", "validation",
+             "latency_ms"}
+TRAIN_EPOCHS = 8
+# The small set's val split holds ~13 s of negatives, far too little to calibrate 1 FA/h: detection tests use a fixed
+# threshold instead of the card's.
+DETECT_THRESHOLD = 0.8
+TOLERANCE_S = 0.5
+
+
+def config_for(data_root, storage_root=".", *overrides):
+    return load_config(None, overrides=[f"data.root={data_root}", f"storage.root={storage_root}", *overrides],
+                       check_paths=False)
+
+
+def random_checkpoint(parent: Path, name: str, data_root, *, width: float = 1.0) -> Path:
+    """A randomly initialised student saved the way training saves it."""
+    torch.manual_seed(0)
+    student = build_student(name, width=width)
+    config = config_for(data_root, parent, f"student.name={name}", f"student.width={width}")
+    return save_training_checkpoint(parent, student, torch.optim.AdamW(student.parameters()), TrainState(), config,
+                                    {})
+
+
+def without_hard_negatives(split: Split) -> Split:
+    keep = [kind != "hard_negative" for kind in split.kinds]
+    return Split(split.audio[keep], split.labels[keep], [k for k, kept in zip(split.kinds, keep) if kept])
+
+
+@pytest.fixture(scope="session")
+def small_data(small_dataset) -> WakewordData:
+    return load_dataset(small_dataset)
+
+
+@pytest.fixture(scope="session")
+def easy_data(small_data) -> WakewordData:
+    """The small set without hard negatives: a student learns it in a few epochs, while telling "hey nova" from "hey"
+    or "nova" takes far longer; detection tests need a model that recognises the wake word."""
+    return dataclasses.replace(small_data, **{s: without_hard_negatives(getattr(small_data, s))
+                                              for s in ("train", "val", "test")})
+
+
+@pytest.fixture(scope="session")
+def trained(easy_data, tmp_path_factory) -> Path:
+    """A tc_resnet student trained by `fit` (tiny cnn teacher) on easy_data; its last checkpoint, copied out."""
+    root = tmp_path_factory.mktemp("trained")
+    # The tiny teacher is untrained here, so alpha 0 lets the labels alone teach the student.
+    config = config_for(easy_data.root, root, "teachers=[{name: cnn, arch: cnn, source: tiny, epochs: 1}]",
+                        "distillation.teachers=[cnn]", "distillation.alpha_start=0.0", "distillation.alpha_end=0.0",
+                        "student.name=tc_resnet", f"training.epochs={TRAIN_EPOCHS}", "training.batch_size=16",
+                        "training.lr=0.01", "training.device=cpu", "augment.enabled=false")
+    teachers = TeacherEnsemble({"cnn": build_teacher("cnn", source="tiny")}, combine="mean",
+                               device=torch.device("cpu"), dtype=torch.float32)
+
+    def report(metrics, checkpoint):
+        storage.copy_checkpoint(checkpoint, root, "student")
+
+    fit(config, report, data=easy_data, teachers=teachers)
+    return root / "student"
+
+
+@pytest.fixture(scope="session")
+def exported(trained, easy_data, tmp_path_factory) -> tuple[Path, dict]:
+    """The trained student exported with --int8: (model.onnx, the returned card)."""
+    out = tmp_path_factory.mktemp("exported") / "model.onnx"
+    checkpoint = storage.load_checkpoint(trained.parent, trained.name)
+    return out, export.export_student(checkpoint, out, data=easy_data, int8=True, source=str(trained))
+
+
+@pytest.fixture(scope="session")
+def detector(exported) -> export.Detector:
+    return export.Detector(exported[0], threshold=DETECT_THRESHOLD)
+
+
+def clips_of(split: Split, *kinds: str) -> list[np.ndarray]:
+    return [clip.numpy() for clip, kind in zip(split.audio, split.kinds) if kind in kinds]
+
+
+def build_stream(negatives: list[np.ndarray], positives: list[np.ndarray], *, gaps=(2, 3, 2), tail=2):
+    """Negative clips with a positive after each gap (in clips of 1 s); returns the audio and each positive's centre."""
+    cycle, parts, centres = itertools.cycle(negatives), [], []
+    for gap, positive in zip(gaps, positives, strict=True):
+        parts += [next(cycle) for _ in range(gap)]
+        centres.append((sum(map(len, parts)) + len(positive) / 2) / SAMPLE_RATE)
+        parts.append(positive)
+    parts += [next(cycle) for _ in range(tail)]
+    return np.concatenate(parts), centres
+
+
+@pytest.fixture(scope="session")
+def wake_stream(detector, easy_data) -> tuple[np.ndarray, list[float]]:
+    """2 s of negatives, a positive, 3 s of negatives, a positive, 2 s, a positive, 2 s; and the positives' centres.
+
+    The positives are training clips the model recognises on their own, so a miss is the streaming detector's fault.
+    """
+    positives = clips_of(easy_data.train, "positive")
+    recognised = [p for p, prob in zip(positives, export.run(detector.session, np.stack(positives)))
+                  if prob >= DETECT_THRESHOLD]
+    assert len(recognised) >= 3, f"the trained student recognises only {len(recognised)} training positives"
+    return build_stream(clips_of(easy_data.train, "negative", "background"), recognised[:3])
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(STUDENTS))
+def test_every_student_exports_with_parity(name, small_data, tmp_path):
+    # Rule: every registered student exports as raw audio [batch, 16000] -> P(wake word) [batch], one self-contained
+    # file within 1e-4 of PyTorch at batches 1 and 7, with its model card beside it.
+    checkpoint = random_checkpoint(tmp_path / "ckpt", name, small_data.root)
+    out = tmp_path / "out" / "model.onnx"
+    card = export.export_student(storage.load_checkpoint(checkpoint.parent, checkpoint.name), out, data=small_data)
+
+    assert card["parity_max_abs_diff"] <= export.PARITY_TOLERANCE
+    assert sorted(os.listdir(out.parent)) == ["model.json", "model.onnx"]  # no external data file
+    model = onnx.load(out, load_external_data=False)
+    onnx.checker.check_model(model)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+    (audio_in,), (prob_out,) = session.get_inputs(), session.get_outputs()
+    assert (audio_in.name, audio_in.type, audio_in.shape) == ("audio", "tensor(float)", ["batch", N_SAMPLES])
+    assert (prob_out.name, prob_out.type, prob_out.shape) == ("probability", "tensor(float)", ["batch"])
+    _, student, log_mel = export.load_student(storage.load_checkpoint(checkpoint.parent, checkpoint.name))
+    for batch in (1, 7):
+        audio = small_data.val.audio[:batch]  # [batch, N_SAMPLES]
+        with torch.no_grad():
+            expected = student(log_mel(audio)).softmax(-1)[:, 1].numpy()
+        got = session.run(["probability"], {"audio": audio.numpy()})[0]
+        assert got.shape == (batch,)
+        assert np.abs(got - expected).max() <= export.PARITY_TOLERANCE
+    assert json.loads((out.parent / "model.json").read_text()) == card
+    assert CARD_KEYS <= set(card)
+    assert card["student"] == {"name": name, "width": 1.0, "parameters": sum(p.numel() for p in student.parameters())}
+    assert card["onnx_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_check_parity_fails_on_different_probabilities():
+    # Rule: parity beyond 1e-4 (or NaN, or a shape mismatch) is an error, not a number to read past.
+    reference = np.linspace(0, 1, 50, dtype=np.float32)
+    assert export.check_parity(reference, reference + 5e-5) == pytest.approx(5e-5, rel=1e-3)
+    with pytest.raises(export.ParityError, match="differ by up to 0.001"):
+        export.check_parity(reference, reference + np.float32(1e-3))
+    with pytest.raises(export.ParityError):
+        export.check_parity(reference, np.where(reference > 0.5, np.nan, reference))
+    with pytest.raises(export.ParityError, match="shapes"):
+        export.check_parity(reference, reference[:-1])
+
+
+@pytest.mark.slow
+def test_trained_export_card(exported, trained, easy_data):
+    # Rule: the card records streaming settings, a calibrated threshold that meets the target on the val stream,
+    # provenance (checkpoint manifest hash, source) and the val figures at that threshold.
+    out, card = exported
+    assert CARD_KEYS <= set(card)
+    assert card["checkpoint_manifest_sha256"] == hashlib.sha256((trained / "manifest.json").read_bytes()).hexdigest()
+    assert (card["sample_rate"], card["window_samples"], card["hop_samples"]) == (SAMPLE_RATE, N_SAMPLES, 1600)
+    assert card["labels"] == ["not_wakeword", "hey nova"] and card["wakeword"] == "hey nova"
+    assert card["source"] == str(trained) and card["kd_tune_version"] == export.__version__
+    assert 0 <= card["validation"]["frr"] <= 1 and card["latency_ms"] > 0
+    # With ~13 s of val negatives one false accept is already > 1 FA/h: the threshold must clear every window there.
+    stream = export.Detector(out).probabilities(easy_data.negative_stream("val").numpy())
+    assert card["validation"]["fa_per_hour"] == 0 and card["threshold"] > stream.max()
+
+
+@pytest.mark.slow
+def test_int8_model_runs_and_reports_deltas(exported, easy_data):
+    # Rule: --int8 writes a quantized model that runs with its own card (re-calibrated threshold) and reports its
+    # size, parity and the change in accuracy, FRR and FA/h against float.
+    out, card = exported
+    int8_path = out.with_name("model.int8.onnx")
+    q = card["int8"]
+    assert q["onnx_file"] == "model.int8.onnx" and q["onnx_bytes"] == int8_path.stat().st_size
+    assert set(q["delta_vs_float"]) == {"accuracy", "frr", "fa_per_hour"}
+    assert q["delta_vs_float"]["accuracy"] == pytest.approx(q["validation"]["accuracy"] - card["validation"]["accuracy"])
+    assert q["parity_max_abs_diff"] < 0.1  # reported, not held to 1e-4; far off would mean a broken model
+    int8_card = json.loads(out.with_name("model.int8.json").read_text())
+    assert int8_card["threshold"] == q["threshold"] and int8_card["quantization"]["float_model"] == "model.onnx"
+    ops = {node.op_type for node in onnx.load(int8_path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    probabilities = export.Detector(int8_path).probabilities(easy_data.val.audio[0].numpy())
+    assert probabilities.shape == (1,) and 0 <= probabilities[0] <= 1
+
+
+@pytest.mark.slow
+def test_export_refuses_a_tampered_checkpoint(trained, tmp_path, capsys):
+    # Rule: export verifies the checkpoint first: one flipped byte in model.safetensors stops it, naming the file.
+    tampered = tmp_path / "student"
+    shutil.copytree(trained, tampered)
+    weights = tampered / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(tampered), "--out", str(out)]) == 1
+    assert "model.safetensors" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(storage.CheckpointError, match="model.safetensors"):
+        export.resolve_source(str(tampered), load_config(None, check_paths=False))
+
+
+def write_experiment(root: Path, trials: dict[str, Path]) -> Path:
+    """An experiment directory as `kd-tune sweep` leaves it: checkpoints under trial dirs, leaderboard best first."""
+    experiment = root / "sweep"
+    rows = []
+    for trial, checkpoint in trials.items():
+        path = storage.copy_checkpoint(checkpoint, root, f"sweep/trial_{trial}/train/checkpoint_000001")
+        rows.append({"trial": trial, "status": "OK", "frr_at_target_fa": 0.1 * len(rows), "checkpoint": path})
+    storage.write_json(root, "sweep/leaderboard.json", rows)
+    return experiment
+
+
+@pytest.mark.slow
+def test_cli_exports_the_best_trial_of_an_experiment(small_dataset, tmp_path, capsys):
+    # Rule: an experiment source exports its best leaderboard row's checkpoint and records experiment and trial;
+    # the command prints size, parameters, parity, threshold and latency.
+    best = random_checkpoint(tmp_path / "a", "tc_resnet", small_dataset, width=0.25)
+    other = random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25)
+    experiment = write_experiment(tmp_path / "runs", {"best": best, "other": other})
+    out = tmp_path / "export" / "model.onnx"
+    assert main(["export", str(experiment), "--out", str(out), "--data", str(small_dataset)]) == 0
+    printed = capsys.readouterr().out
+    for words in ("KB", "parameters", "parity with PyTorch", "threshold", "ms per 1 s window"):
+        assert words in printed
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["student"]["name"] == "tc_resnet"
+    assert card["source"]["experiment"] == str(experiment) and card["source"]["trial"] == "best"
+
+
+def test_leaderboard_checkpoint_outside_the_experiment_is_refused(small_dataset, tmp_path):
+    # Rule: a leaderboard is data; a checkpoint path outside the experiment directory is not followed.
+    experiment = write_experiment(tmp_path / "runs",
+                                  {"t": random_checkpoint(tmp_path / "a", "ds_cnn", small_dataset, width=0.25)})
+    elsewhere = storage.copy_checkpoint(random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25),
+                                        tmp_path / "elsewhere", "checkpoint")
+    storage.write_json(experiment.parent, "sweep/leaderboard.json", [{"trial": "t", "checkpoint": elsewhere}])
+    with pytest.raises(storage.PathEscapeError, match="outside the experiment"):
+        export.locate_source(str(experiment), load_config(None, check_paths=False))
+
+
+def test_resolve_source_reads_checkpoints_and_experiments_on_s3(small_dataset, tmp_path, s3_bucket, moto_s3):
+    # Rule: s3:// sources go through the same Storage API: a checkpoint directory and an experiment's best trial.
+    local = random_checkpoint(tmp_path, "ds_cnn", small_dataset, width=0.25)
+    store = storage.Storage.from_uri(f"s3://{s3_bucket}/runs", endpoint_override=moto_s3)
+    storage.copy_checkpoint(local, store, "checkpoint")
+    path = storage.copy_checkpoint(local, store, "sweep/trial_x/train/checkpoint_000001")
+    storage.write_json(store, "sweep/leaderboard.json", [{"trial": "x", "checkpoint": path}])
+    config = load_config(None, overrides=[f"storage.endpoint_override={moto_s3}"], check_paths=False)
+    expected = storage.load_checkpoint(local.parent, local.name).manifest
+    assert export.resolve_source(f"s3://{s3_bucket}/runs/checkpoint", config).manifest == expected
+    located = export.locate_source(f"s3://{s3_bucket}/runs/sweep", config)
+    assert located.trial == "x" and located.load().manifest == expected
+
+
+# ---------------------------------------------------------------- detection
+
+
+@pytest.mark.slow
+def test_detect_finds_each_wake_word_in_a_stream(detector, wake_stream):
+    # Rule: streaming detection fires once per wake word, within 0.5 s of its centre.
+    audio, centres = wake_stream
+    times = detector.detect(audio)
+    assert len(times) == len(centres), (times, centres)
+    for time_s, centre in zip(times, centres):
+        assert abs(time_s - centre) <= TOLERANCE_S, (times, centres)
+
+
+@pytest.mark.slow
+def test_detect_fires_nothing_on_negative_audio(detector, easy_data):
+    # Rule: audio without the wake word gives no detection.
+    audio = np.concatenate(clips_of(easy_data.train, "negative", "background"))
+    assert detector.detect(audio) == []
+
+
+@pytest.mark.slow
+def test_cli_detect_reads_any_rate_and_channels(exported, wake_stream, easy_data, tmp_path, capsys):
+    # Rule: `kd-tune detect` downmixes and resamples any file to the model's rate and prints one line per file.
+    audio, centres = wake_stream
+    stereo = AF.resample(torch.from_numpy(audio), SAMPLE_RATE, 48000).numpy()  # an independent resampler
+    wake_file, quiet_file = tmp_path / "wake.wav", tmp_path / "quiet.flac"
+    sf.write(wake_file, np.stack([stereo * 0.8, stereo * 1.2], axis=1), 48000)
+    sf.write(quiet_file, np.concatenate(clips_of(easy_data.train, "negative")), SAMPLE_RATE)
+    model = str(exported[0])
+    assert main(["detect", model, str(wake_file), str(quiet_file), "--threshold", str(DETECT_THRESHOLD)]) == 0
+    wake_line, quiet_line = capsys.readouterr().out.splitlines()
+    assert quiet_line == f"{quiet_file}: no wake word"
+    prefix = f"{wake_file}: wake word at "
+    assert wake_line.startswith(prefix)
+    times = [float(t.removesuffix(" s")) for t in wake_line.removeprefix(prefix).split(", ")]
+    assert len(times) == len(centres) and all(abs(t - c) <= TOLERANCE_S for t, c in zip(times, centres))
+
+
+@pytest.mark.slow
+def test_detector_imports_and_runs_without_torch(exported, tmp_path):
+    # Rule: detection needs only onnxruntime, numpy and soundfile: it works where torch cannot be imported.
+    wav = tmp_path / "silence.wav"
+    sf.write(wav, np.zeros(SAMPLE_RATE * 2, np.float32), SAMPLE_RATE)
+    code = ("import sys; sys.modules['torch'] = None  # any `import torch` now raises\n"
+            "from kd_tune.export import Detector\n"
+            "detector = Detector(sys.argv[1])\n"
+            "print(detector.detect(detector.read(sys.argv[2])))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(exported[0]), str(wav)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_detector_refuses_a_model_changed_after_export(exported, tmp_path):
+    # Rule: the card's threshold belongs to one file: a modified model is refused, naming the mismatch.
+    out, _ = exported
+    for name in ("model.onnx", "model.json"):
+        shutil.copy(out.with_name(name), tmp_path / name)
+    with open(tmp_path / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="onnx_sha256"):
+        export.Detector(tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match="threshold must be"):
+        export.Detector(out, threshold=1.5)
+
+
+@pytest.mark.parametrize("refractory_s", [0.0, 0.25, 1.0, 2.1])
+def test_detection_rule_matches_metrics(refractory_s):
+    # Rule: detect uses kd_tune.metrics.activation_times' rising-edge + refractory rule (re-implemented without torch).
+    rng = np.random.default_rng(0)
+    probabilities = np.convolve(rng.random(600), np.ones(5) / 5, mode="same")  # runs above and below threshold
+    hop_s = 0.1
+    for threshold in (0.5, 0.6, 0.7):
+        windows = export.activation_indices(probabilities, threshold=threshold,
+                                            refractory_windows=math.ceil(round(refractory_s / hop_s, 9)))
+        expected = activation_times(probabilities, threshold=threshold, hop_seconds=hop_s,
+                                    refractory_seconds=refractory_s)
+        assert [i * hop_s for i in windows] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("length", [1, 15999, 16000, 16001, 41234])
+def test_frames_match_metrics_sliding_windows(length):
+    # Rule: detection cuts audio exactly as evaluation does (kd_tune.metrics.sliding_windows).
+    audio = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    expected = sliding_windows(torch.from_numpy(audio), window_samples=N_SAMPLES, hop_samples=1600).numpy()
+    np.testing.assert_array_equal(export.frames(audio, window_samples=N_SAMPLES, hop_samples=1600), expected)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_resample_reproduces_a_tone_at_16k(rate):
+    # Rule: any input rate is brought to 16 kHz band-limited, without shifting, scaling or stretching the signal.
+    seconds = 1.0
+    tone = lambda r: 0.5 * np.sin(2 * np.pi * 440.0 * np.arange(round(seconds * r)) / r)  # noqa: E731
+    out = export.resample(tone(rate), rate, SAMPLE_RATE)
+    assert out.dtype == np.float32 and len(out) == SAMPLE_RATE
+    interior = slice(SAMPLE_RATE // 20, -SAMPLE_RATE // 20)  # the edges see the zero padding
+    assert np.abs(out[interior] - tone(SAMPLE_RATE)[interior]).max() < 1e-3
+
+
+def test_resample_removes_what_16k_cannot_hold():
+    # Rule: downsampling low-passes first, so a tone above the new Nyquist frequency does not alias into the audio.
+    rate = 44100
+    tone = np.sin(2 * np.pi * 10_000.0 * np.arange(rate) / rate)
+    out = export.resample(tone, rate, SAMPLE_RATE)
+    assert np.sqrt(np.mean(out[800:-800] ** 2)) < 1e-2 * np.sqrt(np.mean(tone ** 2))
+
+
+def test_load_audio_names_an_unreadable_file(tmp_path):
+    # Rule: a file soundfile cannot read is an error naming the file.
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    with pytest.raises(ValueError, match="notes.wav: cannot read audio"):
+        export.load_audio(bad, sample_rate=SAMPLE_RATE)
