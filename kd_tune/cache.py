@@ -174,7 +174,7 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
     if distributed:
         run_on_ray(config, jobs, data)
     else:
-        for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard"):
+        for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=not jobs):
             build_shard(config, name, shard, key, data=data)
     rebuilt = {name for name, _, _ in jobs}
     for name, key in keys.items():

@@ -97,14 +97,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kd_tune import export, storage
+    from kd_tune import export
 
     config = _config(args, check_paths=False)  # only its storage settings (S3 endpoint, region) reach the source
+    source = export.locate_source(args.source, config)
     try:
-        source = export.locate_source(args.source, config)
         card = export.export_student(source.load(), Path(args.out), data=args.data, int8=args.int8,
                                      source=source.describe())
-    except (export.ParityError, storage.CheckpointError, FileNotFoundError) as e:
+    except export.ParityError as e:  # the message carries the figure; nothing was written
         print(f"kd-tune: {e}", file=sys.stderr)
         return 1
     print(export.summary(card))
@@ -114,7 +114,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from kd_tune.export import Detector
 
-    detector = Detector(args.model, threshold=args.threshold)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        print(f"kd-tune: --threshold must be a probability in [0, 1], got {args.threshold}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        detector = Detector(args.model, threshold=args.threshold)
+    except ValueError as e:  # a card that does not belong to the model, or not a card at all
+        print(f"kd-tune: {e}", file=sys.stderr)
+        return 1
     failed = False
     for file in args.files:
         try:
@@ -128,23 +135,42 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from kd_tune.bench import format_report, run_bench
+
+    if args.clips < 1:
+        print(f"kd-tune: --clips must be >= 1, got {args.clips}", file=sys.stderr)
+        return EXIT_INVALID
+    report = run_bench(_config(args), clips=args.clips, teacher_source=args.teacher_source)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthesize the data (cached), fine-tune the teachers (cached), sweep, print the leaderboard."""
     from kd_tune import tune
     from kd_tune.data import load_dataset, synthesize
 
     out = Path(args.out).resolve()
-    config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}", *args.set],
-                         check_paths=False)
+    # The teacher-output cache: the sweep pays for each teacher's forward passes once, not once per trial-epoch.
+    config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}",
+                                          "distillation.teacher_mode=cache", *args.set], check_paths=False)
     d = config.data
     synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size)
     _train_teachers(config, load_dataset(d.root))
     space = tune.load_search_space(args.search_space)
     rows, errors = tune.sweep(config, space, name="sweep")
     print(tune.format_leaderboard(rows, metric=config.tune.metric))
-    print(f"\nexperiment: {out / 'sweep'}\nTensorBoard: tensorboard --logdir {out / 'sweep'}")
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
+    if any(r["status"] == "OK" for r in rows):
+        from kd_tune import export
+
+        source = export.locate_source(str(out / "sweep"), config)
+        print(export.summary(export.export_student(source.load(), out / "model.onnx", source=source.describe())))
+    print(f"\nexperiment: {out / 'sweep'}\nTensorBoard: tensorboard --logdir {out / 'sweep'}")
     return 1 if errors else 0
 
 
@@ -243,6 +269,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("files", nargs="+", metavar="FILE", help="audio files (any rate and channel count)")
     q.add_argument("--threshold", type=float, help="override the calibrated threshold from the model's .json")
     q.set_defaults(func=cmd_detect)
+
+    q = sub.add_parser("bench", help="measure the teacher cache vs a live teacher, Ray Train's overhead, the front "
+                       "end and the exported student's latency on this machine")
+    with_config(q)
+    q.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    q.add_argument("--clips", type=int, default=256, help="training clips drawn from data.root (default: 256)")
+    q.add_argument("--teacher-source", choices=("base", "tiny"), default="base",
+                   help="size of the wav2vec2 teacher, random init (default: base, ~95M parameters)")
+    q.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("demo", help="the whole job on the embedded default")
     q.add_argument("--out", default="runs/demo")

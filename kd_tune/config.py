@@ -74,7 +74,7 @@ class AugmentConfig(Section):
 
 
 class StudentConfig(Section):
-    name: str = "ds_cnn"
+    name: str = "tc_resnet"
     width: float = Field(1.0, gt=0, le=4)
 
     @field_validator("name")
@@ -128,7 +128,7 @@ class DistillationConfig(Section):
 
 
 class TrainingConfig(Section):
-    epochs: Count = 10
+    epochs: Count = 6
     batch_size: int | Literal["auto"] = Field(64, union_mode="left_to_right")
     lr: Positive = 3e-3
     weight_decay: float = Field(1e-2, ge=0)
@@ -150,13 +150,13 @@ class TrainingConfig(Section):
 
 
 class TuneConfig(Section):
-    num_samples: Count = 8
+    num_samples: Count = 6
     metric: Literal[METRICS_MINIMISED + METRICS_MAXIMISED] = "frr_at_target_fa"
     max_concurrent_trials: Count = 2
     workers_per_trial: Count = 1
     cpus_per_worker: Positive = 1.0
     use_gpu: bool = False
-    asha_grace_period: Count = 1
+    asha_grace_period: Count = 2
     asha_reduction_factor: Annotated[float, Field(gt=1)] = 2.0
     max_failures: Annotated[int, Field(ge=0)] = 2
     seed: int = 0
@@ -229,7 +229,8 @@ def _registered(name: str, registry: dict, what: str) -> str:
     return name
 
 
-def _problem(error: dict) -> str:
+def format_problem(error: dict) -> str:
+    """One pydantic error as `dotted.path: message (got value)`."""
     path = ".".join(str(p) for p in error["loc"]) or "<root>"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -245,7 +246,7 @@ def validate(raw: Any, *, source: str = "<config>", check_paths: bool = False) -
     try:
         return Config.model_validate(raw, context={"check_paths": check_paths})
     except ValidationError as e:
-        raise ConfigError(source, [_problem(err) for err in e.errors()]) from None
+        raise ConfigError(source, [format_problem(err) for err in e.errors()]) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -39,6 +39,7 @@ INPUT_NAME, OUTPUT_NAME = "audio", "probability"
 OPSET = 17
 NEGATIVE_LABEL = "not_wakeword"
 STUDENT_SCOPE = "/student/"  # ONNX node-name prefix of the student's operators (its module name in the export)
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]  # where the student's weights and arithmetic are
 LEADERBOARD_NAME = "leaderboard.json"
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| wake-word probability
 PARITY_CLIPS = 256
@@ -102,8 +103,7 @@ def best_trial(store: Storage, name: str, *, experiment: str) -> Source:
     row = next((r for r in rows if isinstance(r, dict) and r.get("checkpoint")), None)  # rows are sorted best first
     if row is None:
         raise FileNotFoundError(f"{experiment}: no trial in {LEADERBOARD_NAME} has a checkpoint")
-    root = store.root.rstrip("/")
-    path = str(row["checkpoint"]).rstrip("/")
+    root, path = store.root, str(row["checkpoint"]).rstrip("/")
     # A leaderboard is data: a path elsewhere would make export load a checkpoint the experiment never wrote.
     if not path.startswith(f"{root}/{name}/"):
         raise storage.PathEscapeError(f"{experiment}: trial {row.get('trial')}'s checkpoint {path!r} lies outside the "
@@ -159,13 +159,13 @@ def to_onnx(model: nn.Module, *, window_samples: int) -> bytes:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(2, window_samples),), buffer, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+                          output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return buffer.getvalue()
 
 
 def quantize_int8(model: bytes, calibration: np.ndarray) -> bytes:
-    """Static int8 quantization of the student (QDQ: per-channel QInt8 weights, QUInt8 activations).
+    """Static int8 quantization of the student's QUANTIZED_OPS (QDQ: per-channel QInt8 weights, QUInt8 activations).
 
     Activation ranges are calibrated on `calibration` windows [N, window_samples]. Dynamic quantization was tried
     first: it runs, but onnxruntime's ConvInteger path made a ds_cnn window 6-10x slower than float32. Only nodes
@@ -182,8 +182,8 @@ def quantize_int8(model: bytes, calibration: np.ndarray) -> bytes:
         quant_pre_process(source, prepared)  # shape inference and BatchNorm folding, as onnxruntime recommends
         keep_float = [n.name for n in onnx.load(prepared).graph.node if not n.name.startswith(STUDENT_SCOPE)]
         quantize_static(prepared, quantized, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        nodes_to_exclude=keep_float)
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
         return quantized.read_bytes()
 
 
@@ -216,8 +216,6 @@ class Validation:
 def validation_set(config: Config, student: nn.Module, log_mel: LogMel,
                    data: WakewordData | str | Path | None) -> Validation:
     """The val split of `data` (a loaded set or its directory; None: the checkpoint's data.root)."""
-    import torch
-
     from kd_tune.data import WakewordData, load_dataset
     from kd_tune.features import SAMPLE_RATE
     from kd_tune.train import predict
@@ -276,8 +274,8 @@ def operating_point(session: ort.InferenceSession, val: Validation) -> dict:
                          target_fa_per_hour=val.target_fa_per_hour, refractory_seconds=val.refractory_seconds)
     metrics = {"accuracy": m["accuracy"], "auc": m["auc"], "eer": m["eer"], "frr": m["frr_at_target_fa"],
                "fa_per_hour": m["fa_per_hour"], "stream_hours": m["stream_hours"]}
-    return {"threshold": m["threshold"], "validation": {k: finite_or_none(v) for k, v in metrics.items()}
-            | {"clips": len(val.labels)}}
+    validation = {k: finite_or_none(v) for k, v in metrics.items()} | {"clips": len(val.labels)}
+    return {"threshold": m["threshold"], "validation": validation}
 
 
 def latency_ms(model: bytes, window: np.ndarray) -> float:
@@ -320,8 +318,8 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
     config, student, log_mel = load_student(checkpoint)
     val = validation_set(config, student, log_mel, data)
     model = to_onnx(probability_model(student, log_mel), window_samples=N_SAMPLES)
-    card = {"format": FORMAT, "kd_tune_version": __version__, "onnx_file": out.name, **measure(model, val,
-                                                                                                strict_parity=True),
+    figures = measure(model, val, strict_parity=True)
+    card = {"format": FORMAT, "kd_tune_version": __version__, "onnx_file": out.name, **figures,
             "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", N_SAMPLES]},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"]},
             "sample_rate": val.sample_rate, "window_samples": N_SAMPLES, "hop_samples": val.hop_samples,
@@ -512,7 +510,7 @@ def read_card(model_path: Path) -> dict:
     try:
         card = json.loads(card_path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{card_path} is missing: `kd-tune export` writes it beside {model_path.name}") from None
+        raise FileNotFoundError(f"{card_path} is missing (`kd-tune export` writes it beside the model)") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         found = card.get("format") if isinstance(card, dict) else type(card).__name__
         raise ValueError(f"{card_path}: format {found!r}, expected {FORMAT!r}")

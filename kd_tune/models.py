@@ -162,27 +162,26 @@ def build_student(name: str, *, width: float = 1.0, n_mels: int = N_MELS) -> nn.
 
 
 class CNNTeacher(nn.Module):
-    """A wide residual 2-D CNN on log-mels: a teacher that trains from scratch, offline, in minutes."""
+    """A wide temporal CNN on log-mels (residual 1-D convs over time, mel bands as channels): a teacher that trains
+    from scratch, offline, in minutes. A 2-D ResNet of the same budget learned several times slower on this task."""
 
     input_kind, arch = "features", "cnn"
 
-    def __init__(self, *, widths: tuple[int, ...] = (64, 128, 256), n_mels: int = N_MELS, dropout: float = 0.3):
+    def __init__(self, *, widths: tuple[int, ...] = (128, 192, 256, 320), n_mels: int = N_MELS, dropout: float = 0.3):
         super().__init__()
         self.norm = nn.BatchNorm1d(n_mels)
-        self.stem = nn.Sequential(*conv_bn(1, widths[0], 3, stride=2, padding=1), nn.ReLU())
-        blocks, c_in = [], widths[0]
-        for stage, c in enumerate(widths):
-            blocks += [ResidualBlock(c_in, c, kernel=3, stride=1 if stage == 0 else 2), ResidualBlock(c, c, kernel=3)]
-            c_in = c
-        self.blocks = nn.Sequential(*blocks)
+        self.stem = nn.Sequential(nn.Conv1d(n_mels, widths[0], 3, padding=1, bias=False), nn.BatchNorm1d(widths[0]),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(*[ResidualBlock(a, b, kernel=9, stride=2, dims=1)
+                                      for a, b in zip(widths, widths[1:])])
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(widths[-1], N_CLASSES))
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, n_mels, T]
-        x = self.blocks(self.stem(self.norm(x).unsqueeze(1)))  # [B, C, n_mels / 8, T / 8]
-        return self.head(x.mean(dim=(2, 3)))  # [B, 2]
+        x = self.blocks(self.stem(self.norm(x)))  # [B, C, T / 8]
+        return self.head(x.mean(dim=-1))  # [B, 2]
 
 
-CNN_WIDTHS = {"base": (64, 128, 256), "tiny": (16, 32, 64)}  # ~2.8M and ~180k parameters
+CNN_WIDTHS = {"base": (128, 192, 256, 320), "tiny": (32, 48, 64, 80)}  # ~3.4M and ~0.2M parameters
 
 
 def build_cnn_teacher(*, source: str, n_mels: int) -> CNNTeacher:

@@ -26,7 +26,7 @@ from kd_tune.data import Split, WakewordData, load_dataset, sample_weights
 from kd_tune.distill import alpha_at, combine_teachers, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.features import SAMPLE_RATE, N_SAMPLES, Augment, LogMel, SpecAugment
 from kd_tune.metrics import sliding_windows, wakeword_metrics
-from kd_tune.models import build_student, build_teacher, hf_config, teacher_input_kind
+from kd_tune.models import build_student, build_teacher, count_parameters, hf_config, teacher_input_kind
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 EVAL_BATCH = 256
@@ -116,6 +116,9 @@ class TeacherEnsemble(nn.Module):
         self.teachers = nn.ModuleDict(teachers).eval().requires_grad_(False)
         self.combine, self.device, self.dtype = combine, device, dtype
         self.to(device=device, dtype=dtype)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)  # teachers stay in eval mode: no dropout, no BatchNorm statistics updates
 
     @torch.no_grad()
     def forward(self, inputs: dict[str, Tensor], *, view: int | None = None, index: Tensor | None = None) -> Tensor:
@@ -309,12 +312,12 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None,
     train_audio = data.train.audio.to(device)  # [N, N_SAMPLES]
     labels = data.train.labels.to(device)  # [N]
     weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight).to(device)
+    teachers.check_inputs({"waveform": train_audio[:1], "features": log_mel(train_audio[:1])})
     batch_size = t.batch_size if t.batch_size != "auto" else probe_batch_size(
         lambda b: probe_step(student, teachers, log_mel, b, device), device)
     steps_per_epoch = len(list(batches(len(labels), batch_size, seed=t.seed, epoch=0)))
     total_steps = t.epochs * steps_per_epoch
     stream = data.negative_stream("val")
-    teachers.check_inputs({"waveform": train_audio[:1], "features": log_mel(train_audio[:1])})
 
     metrics: dict[str, float] = {}
     while state.epoch < t.epochs:
@@ -365,7 +368,12 @@ def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordDat
         extra = storage.verify_checkpoint(store, teacher_checkpoint_dir(teacher.name))["extra"]
     except (storage.CheckpointError, FileNotFoundError):
         return False
-    return extra.get("teacher") == teacher.model_dump() and extra.get("data_sha256") == data.manifest_sha256
+    if extra.get("teacher") != teacher.model_dump() or extra.get("data_sha256") != data.manifest_sha256:
+        return False
+    # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
+    return extra.get("parameters") == count_parameters(build_teacher(teacher.arch, source=teacher.source,
+                                                                      n_mels=config.features.n_mels,
+                                                                      hf_config=extra.get("hf_config")))
 
 
 def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | None = None,
@@ -410,6 +418,7 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
     storage.save_checkpoint(store, teacher_checkpoint_dir(teacher.name), {"model": model.state_dict()},
                             kind="teacher", config=config.to_dict(), epoch=teacher.epochs, step=state.step,
                             metrics=metrics, extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
+                                                    "parameters": count_parameters(model),
                                                     "data_sha256": data.manifest_sha256})
     return metrics
 

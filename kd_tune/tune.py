@@ -18,19 +18,15 @@ from typing import Any
 
 import yaml
 from pyarrow.fs import FileType
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from kd_tune import storage
 from kd_tune.cache import build_cache
-from kd_tune.config import Config, ConfigError, Section, validate
+from kd_tune.config import Config, ConfigError, Section, format_problem, validate
 from kd_tune.distill import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES
 from kd_tune.train import scalar_tag, teacher_checkpoint_dir
 
 log = logging.getLogger("kd_tune.tune")
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start as configured; the message says why and what to do."""
 SEARCH_SPACE_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 STATE_SYNC_SECONDS = "5"  # Tune's default waits up to 300 s between experiment-state uploads
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the driver only waits; {"cpu": 0} alone is refused
@@ -39,6 +35,10 @@ LEADERBOARD_COLUMNS = ("trial", "status", "teacher", "alpha_schedule", "alpha_st
                        "temperature_schedule", "lr", "student_width", "epochs", "frr_at_target_fa", "fa_per_hour",
                        "accuracy", "auc", "eer", "student_loss", "distillation_loss", "threshold", "node",
                        "checkpoint")
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start as configured; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------- search spaces: YAML data -> Optuna define-by-run
@@ -123,9 +123,7 @@ def load_search_space(path: str | Path) -> SearchSpace:
     try:
         return SearchSpace.model_validate(raw)
     except ValidationError as e:
-        from kd_tune.config import _problem
-
-        raise ConfigError(str(path), [_problem(err) for err in e.errors()]) from None
+        raise ConfigError(str(path), [format_problem(err) for err in e.errors()]) from None
 
 
 class SpaceSampler:

@@ -1,4 +1,5 @@
-"""Shared fixtures. `moto_s3`: a real S3 protocol server (moto) on 127.0.0.1 for the whole session."""
+"""Shared fixtures: `small_dataset`, a small synthetic data set; `moto_s3`, a real S3 protocol server (moto) on
+127.0.0.1 for the whole session; `s3_bucket`, a fresh bucket on it."""
 
 import socket
 import subprocess
@@ -77,3 +78,13 @@ def s3_bucket(moto_s3, monkeypatch) -> str:
     pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
                       allow_bucket_creation=True).create_dir(bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """Root of the small synthetic data set (seed 0), built once per session."""
+    from kd_tune.data import synthesize
+
+    root = tmp_path_factory.mktemp("small_dataset")
+    synthesize(root, size="small", seed=0, progress=False)
+    return root

@@ -161,6 +161,37 @@ class RayCluster:
             node.stop()
 
 
+class Jobs:
+    """The Ray job CLI against the test cluster, as a user would run it."""
+
+    def __init__(self, cluster):
+        self.cluster, self.ray = cluster, str(BIN / "ray")
+
+    def submit(self, *args: str) -> str:
+        """`ray job submit --working-dir <repo> -- python -m kd_tune ARGS`; returns the submission id."""
+        runtime_env = json.dumps({"env_vars": {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "30"}})
+        out = subprocess.run([self.ray, "job", "submit", "--address", self.cluster.dashboard, "--working-dir",
+                              str(REPO), "--runtime-env-json", runtime_env, "--no-wait", "--", "python", "-m",
+                              "kd_tune", *args], env=self.cluster.env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return next(w.strip("'") for w in out.stdout.split() if w.strip("'").startswith("raysubmit_"))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.ray, "job", *args[:1], "--address", self.cluster.dashboard, *args[1:]],
+                              env=self.cluster.env, capture_output=True, text=True, timeout=120)
+
+    def status(self, job: str) -> str:
+        out = self.run("status", job)
+        said = (out.stdout + out.stderr).replace(job, "").upper()  # logged to stderr, e.g. "Job '...' succeeded"
+        return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in said), "?")
+
+    def wait(self, job: str, *, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (state := self.status(job)) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+            time.sleep(2)
+        return state
+
+
 def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None, num_cpus: int = 2) -> RayCluster:
     """A head node on 127.0.0.1; `extra_env` goes to every node (and so every worker) and into `cluster.env`."""
     root.mkdir(parents=True, exist_ok=True)

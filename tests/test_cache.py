@@ -13,7 +13,6 @@ from kd_tune.config import validate
 from kd_tune.data import load_dataset
 from kd_tune.train import fit, fit_teacher, front_end, load_teacher, render_view
 
-pytest_plugins = ["fixtures_data"]  # the session-scoped small_dataset
 
 LOSSES = ("student_loss", "distillation_loss", "total_loss")
 
@@ -32,12 +31,12 @@ def make_config(data_root, storage_root, **sections):
 
 
 @pytest.fixture(scope="module")
-def data(small_dataset):  # noqa: F811
+def data(small_dataset):
     return load_dataset(small_dataset)
 
 
 @pytest.fixture(scope="module")
-def teachers_root(small_dataset, data, tmp_path_factory):  # noqa: F811
+def teachers_root(small_dataset, data, tmp_path_factory):
     """A storage root holding both tiny teachers, fine-tuned once for the module."""
     root = tmp_path_factory.mktemp("teachers")
     config = make_config(small_dataset, root)
@@ -47,7 +46,7 @@ def teachers_root(small_dataset, data, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture
-def config(small_dataset, teachers_root, tmp_path):  # noqa: F811
+def config(small_dataset, teachers_root, tmp_path):
     """A fresh storage root (the teachers copied in, no cache yet) for one test."""
     shutil.copytree(teachers_root / "teachers", tmp_path / "runs" / "teachers")
     return make_config(small_dataset, tmp_path / "runs")
@@ -199,11 +198,13 @@ def test_ray_build_makes_the_same_shards_as_the_in_process_build(config, data, t
     local = cache.build_cache(config, both, data=data, distributed=False)
     shutil.copytree(Path(config.storage.root) / "teachers", tmp_path / "ray_runs" / "teachers")
     on_ray_config = make_config(data.root, tmp_path / "ray_runs")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="kdc", dir="/tmp"))
+    temp_dir = tempfile.mkdtemp(prefix="kdc", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
     try:
         on_ray = cache.build_cache(on_ray_config, both, data=data)
     finally:
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     for name in both:
         assert Path(local[name]).name == Path(on_ray[name]).name
         shards = sorted(p.name for p in Path(on_ray[name]).iterdir())

@@ -22,7 +22,7 @@ def problems_of(tmp_path, raw, **kwargs) -> list[str]:
 def test_embedded_default_is_valid():
     # Rule: the embedded default validates (without a data directory) and names every section.
     config = load_config(None, check_paths=False)
-    assert config.student.name == "ds_cnn" and config.teachers[0].name == "cnn"
+    assert config.student.name == "tc_resnet" and config.teachers[0].name == "cnn"
     assert set(config.to_dict()) == {"data", "features", "augment", "student", "teachers", "distillation",
                                      "training", "tune", "storage"}
 

@@ -19,7 +19,6 @@ from kd_tune.data import (
 )
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 
-pytest_plugins = ["fixtures_data"]  # the session-scoped small_dataset
 
 TONE_HZ = 440.0
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -10,12 +9,11 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from ray_cluster import BIN, REPO, kd_tune, start_cluster
+from ray_cluster import Jobs, kd_tune, start_cluster
 
 from kd_tune import storage
 from kd_tune.config import load_config
 
-pytest_plugins = ["fixtures_data"]
 pytestmark = pytest.mark.slow
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -78,15 +76,8 @@ def test_two_node_sweep_spreads_trials_and_survives_a_node_kill(two_nodes, bucke
         monkeypatch.setenv(key, value)
     path, config = bucket_config
     store = storage.Storage.from_config(config.storage)
-    ray = str(BIN / "ray")
-    started = time.monotonic()
-    submitted = subprocess.run(
-        [ray, "job", "submit", "--address", two_nodes.dashboard, "--working-dir", str(REPO), "--no-wait",
-         "--runtime-env-json", json.dumps({"env_vars": {"RAY_JOB_STOP_SIGNAL": "SIGINT"}}), "--",
-         "python", "-m", "kd_tune", "sweep", str(path), "--search-space", "smoke", "--name", "spread"],
-        env=two_nodes.env, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
-    job = next(w.strip("'") for w in submitted.stdout.split() if w.strip("'").startswith("raysubmit_"))
+    jobs, started = Jobs(two_nodes), time.monotonic()
+    job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "spread")
 
     nodes, deadline = set(), time.monotonic() + 300
     while len(nodes) < 2 and time.monotonic() < deadline:  # wait for a reported epoch from each node
@@ -97,10 +88,7 @@ def test_two_node_sweep_spreads_trials_and_survives_a_node_kill(two_nodes, bucke
     os.kill(two_nodes.nodes[1].raylet_pid(), 9)
     killed_at = time.monotonic()
 
-    status = wait_for_job(two_nodes, job, timeout=600)
-    logs = subprocess.run([ray, "job", "logs", "--address", two_nodes.dashboard, job], env=two_nodes.env,
-                          capture_output=True, text=True).stdout
-    assert status == "SUCCEEDED", logs[-5000:]
+    assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.run("logs", job).stdout[-5000:]
     print(f"two-node sweep: {time.monotonic() - started:.0f} s, {time.monotonic() - killed_at:.0f} s after the kill")
 
     rows = json.loads(storage.read_text(store, "spread/leaderboard.json"))
@@ -124,19 +112,6 @@ def head_node_id(cluster) -> str:
     with urllib.request.urlopen(request, timeout=10) as response:
         nodes = json.load(response)["data"]["result"]["result"]
     return next(n["node_id"][:8] for n in nodes if n["is_head_node"])
-
-
-def wait_for_job(cluster, job: str, *, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job],
-                             env=cluster.env, capture_output=True, text=True, timeout=60)
-        said = (out.stdout + out.stderr).replace(job, "").upper()
-        for state in ("SUCCEEDED", "FAILED", "STOPPED"):
-            if state in said:
-                return state
-        time.sleep(3)
-    return "TIMEOUT"
 
 
 def test_local_storage_one_node_cannot_see_is_refused_up_front(two_nodes, small_dataset, tmp_path):

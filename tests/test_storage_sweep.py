@@ -25,7 +25,6 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from fixtures_data import small_dataset  # noqa: F401
 from ray_cluster import BIN, REPO, kd_tune, start_cluster
 
 from kd_tune import storage
@@ -85,7 +84,7 @@ def driver_env(cluster) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sweep_config(small_dataset, bucket, moto_s3, tmp_path_factory):  # noqa: F811
+def sweep_config(small_dataset, bucket, moto_s3, tmp_path_factory):
     """A config on s3://bucket/experiments with two tiny teachers fine-tuned (and signed) into the bucket."""
     from kd_tune.data import load_dataset
     from kd_tune.train import fit_teacher

@@ -22,7 +22,6 @@ from kd_tune.train import (
     lr_at, optimizer_step, probe_batch_size, render_view,
 )
 
-pytest_plugins = ["fixtures_data"]  # the session-scoped small_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_data import small_dataset  # noqa: F401
-from ray_cluster import BIN, REPO, kd_tune, start_cluster
+from ray_cluster import BIN, REPO, Jobs, kd_tune, start_cluster
 
 from kd_tune import storage
 from kd_tune.config import ConfigError, load_config
@@ -113,7 +112,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def sweep_config(small_dataset, tmp_path_factory):  # noqa: F811
+def sweep_config(small_dataset, tmp_path_factory):
     """A config for fast sweeps over two tiny, already fine-tuned teachers."""
     from kd_tune.data import load_dataset
     from kd_tune.train import fit_teacher
@@ -153,39 +152,13 @@ def result_lines(trial_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_smoke_sweep_end_to_end(cluster, sweep_config):
-    # Rule: the smoke sweep runs >= 4 trials over >= 2 teachers and >= 2 alpha schedules, and every trial leaves
-    # TensorBoard scalars (student and distillation loss apart, plus HParams), a verified checkpoint on storage,
-    # and a row in leaderboard.csv/json; `kd-tune results` prints the same leaderboard.
-    path, config = sweep_config
-    out = kd_tune("sweep", str(path), "--search-space", "search_spaces/smoke.yaml", "--name", "smoke",
-                  "--address", cluster.address, env=cluster.env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    experiment = Path(config.storage.root) / "smoke"
-    rows = json.loads((experiment / "leaderboard.json").read_text())
-    assert len(rows) == 4 and (experiment / "leaderboard.csv").read_text().count("\n") == 5
-    assert len({r["teacher"] for r in rows}) >= 2 and len({r["alpha_schedule"] for r in rows}) >= 2
-    for row in rows:
-        trial_dir = experiment / f"trial_{row['trial']}"
-        tags, hparams = events(trial_dir)
-        assert set(TRIAL_TAGS) <= tags and hparams, (row["trial"], tags)
-        checkpoint = Path(row["checkpoint"])
-        manifest = storage.load_checkpoint(checkpoint.parent, checkpoint.name).manifest
-        assert manifest["kind"] == "student" and manifest["config"]["distillation"]["teachers"] == [row["teacher"]]
-        assert row["student_loss"] > 0 and row["distillation_loss"] >= 0
-    metric = config.tune.metric
-    assert [r[metric] for r in rows] == sorted(r[metric] for r in rows)  # best first
-    printed = kd_tune("results", str(experiment), env=cluster.env)
-    assert printed.returncode == 0 and all(r["trial"] in printed.stdout for r in rows)
-
-
-@pytest.mark.slow
 def test_resume_after_driver_kill_reruns_no_finished_trial(cluster, sweep_config):
     # Rule: `kd-tune sweep --resume` continues a sweep whose driver was killed; finished trials are not rerun.
     path, config = sweep_config
     experiment = Path(config.storage.root) / "resumed"
     command = [str(BIN / "python"), "-m", "kd_tune", "sweep", str(path), "--search-space", "smoke", "--name",
-               "resumed", "--address", cluster.address, "--set", "tune.max_concurrent_trials=1"]
+               "resumed", "--address", cluster.address, "--set", "tune.max_concurrent_trials=1", "--set",
+               "tune.num_samples=2"]
     driver = subprocess.Popen(command, env=cluster.env, cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     finished: dict[str, int] = {}
@@ -204,55 +177,49 @@ def test_resume_after_driver_kill_reruns_no_finished_trial(cluster, sweep_config
     out = kd_tune("sweep", "--resume", str(experiment), "--address", cluster.address, env=cluster.env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     rows = json.loads((experiment / "leaderboard.json").read_text())
-    assert len(rows) == config.tune.num_samples and all(r["status"] == "OK" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "OK" for r in rows)
     for name, count in finished.items():
         assert len(result_lines(experiment / name)) == count, f"{name} ran again after resume"
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_sweep_and_job_stop_is_graceful(cluster, sweep_config):
-    # Rule: `ray job submit --working-dir . -- kd-tune sweep ...` succeeds against a token-auth cluster, and
-    # `ray job stop` (SIGINT in the job's environment) stops a sweep with its state saved for --resume.
+def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
+    # Rule: `ray job submit --working-dir . -- kd-tune sweep ...` against a token-auth cluster runs the smoke sweep
+    # (>= 4 trials, >= 2 teachers, >= 2 alpha schedules); every trial leaves TensorBoard scalars (student and
+    # distillation loss apart, plus HParams), a verified checkpoint on storage and a row in leaderboard.csv/json;
+    # `kd-tune results` prints the same leaderboard.
     path, config = sweep_config
-    runtime_env = json.dumps({"env_vars": {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "30"}})
-    ray = str(BIN / "ray")
+    jobs = Jobs(cluster)
+    job = jobs.submit("sweep", str(path), "--search-space", "search_spaces/smoke.yaml", "--name", "smoke")
+    assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.run("logs", job).stdout[-5000:]
+    experiment = Path(config.storage.root) / "smoke"
+    rows = json.loads((experiment / "leaderboard.json").read_text())
+    assert len(rows) == 4 and (experiment / "leaderboard.csv").read_text().count("\n") == 5
+    assert len({r["teacher"] for r in rows}) >= 2 and len({r["alpha_schedule"] for r in rows}) >= 2
+    for row in rows:
+        tags, hparams = events(experiment / f"trial_{row['trial']}")
+        assert set(TRIAL_TAGS) <= tags and hparams, (row["trial"], tags)
+        checkpoint = Path(row["checkpoint"])
+        manifest = storage.load_checkpoint(checkpoint.parent, checkpoint.name).manifest
+        assert manifest["kind"] == "student" and manifest["config"]["distillation"]["teachers"] == [row["teacher"]]
+        assert row["student_loss"] > 0 and row["distillation_loss"] >= 0
+    metric = config.tune.metric
+    assert [r[metric] for r in rows] == sorted(r[metric] for r in rows)  # best first
+    printed = kd_tune("results", str(experiment), env=cluster.env)
+    assert printed.returncode == 0 and all(r["trial"] in printed.stdout for r in rows), printed.stderr
 
-    def submit(name: str, *extra: str) -> str:
-        out = subprocess.run([ray, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-                              "--runtime-env-json", runtime_env, "--no-wait", "--", "python", "-m", "kd_tune", "sweep",
-                              str(path), "--search-space", "search_spaces/smoke.yaml", "--name", name, *extra],
-                             env=cluster.env, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        return next(w.strip("'") for w in out.stdout.split() if w.strip("'").startswith("raysubmit_"))
 
-    def status(job: str) -> str:
-        out = subprocess.run([ray, "job", "status", "--address", cluster.dashboard, job], env=cluster.env,
-                             capture_output=True, text=True, timeout=60)
-        said = (out.stdout + out.stderr).replace(job, "").upper()  # logged to stderr, e.g. "Job '...' succeeded"
-        return next((s for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING") if s in said), "?")
-
-    def wait(job: str, until, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            state = status(job)
-            if until(state):
-                return state
-            time.sleep(2)
-        return status(job)
-
-    job = submit("submitted", "--set", "tune.num_samples=2")
-    assert wait(job, lambda s: s in ("SUCCEEDED", "FAILED", "STOPPED"), 400) == "SUCCEEDED", subprocess.run(
-        [ray, "job", "logs", "--address", cluster.dashboard, job], env=cluster.env, capture_output=True,
-        text=True).stdout[-5000:]
-    rows = json.loads((Path(config.storage.root) / "submitted" / "leaderboard.json").read_text())
-    assert len(rows) == 2 and all(r["status"] == "OK" for r in rows)
-
-    job = submit("stopped", "--set", "training.epochs=20")
+@pytest.mark.slow
+def test_ray_job_stop_is_graceful_and_saves_the_state(cluster, sweep_config):
+    # Rule: `ray job stop` (RAY_JOB_STOP_SIGNAL=SIGINT in the job's environment) stops a sweep with its state saved.
+    path, config = sweep_config
+    jobs = Jobs(cluster)
+    job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "stopped", "--set",
+                      "training.epochs=20")
     experiment = Path(config.storage.root) / "stopped"
     deadline = time.monotonic() + 300
     while not any(result_lines(d) for d in experiment.glob("trial_*")) and time.monotonic() < deadline:
         time.sleep(1)
-    subprocess.run([ray, "job", "stop", "--address", cluster.dashboard, job], env=cluster.env, capture_output=True,
-                   timeout=120)
-    assert wait(job, lambda s: s in ("STOPPED", "SUCCEEDED", "FAILED"), 120) == "STOPPED"
+    jobs.run("stop", job)
+    assert jobs.wait(job, timeout=120) == "STOPPED"
     assert list(experiment.glob("experiment_state-*.json")) and (experiment / "tuner.pkl").exists()

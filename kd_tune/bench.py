@@ -1,0 +1,249 @@
+"""`kd-tune bench`: what a sweep pays for on this machine, measured in one run. It reports figures, asserts none.
+
+(a) cache_vs_live   epoch time of a trial distilling from a base-size teacher (wav2vec2, random init: the weights do
+                    not change the cost) live vs from the teacher-output cache, the cost of building the cache, and
+                    the losses of both runs, which must agree.
+(b) ray_vs_plain    the same training loop (cached teacher, so the loop dominates) in a Ray Train trial and in this
+                    process with as many threads, and the trial's start-up: trainer.fit() to the loop, to 1st report.
+(c) pipeline        samples per second of render_view + LogMel + SpecAugment on the CPU.
+(d) onnx            latency of the exported default student, front end inside, per 1 s window on one thread.
+
+Everything runs on `--clips` training clips drawn from the configured data set, in a temporary storage root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd_tune import storage
+from kd_tune.cache import build_cache, shard_names
+from kd_tune.config import Config, validate
+from kd_tune.data import Split, WakewordData, load_dataset
+from kd_tune.features import N_SAMPLES, LogMel
+from kd_tune.models import build_student, build_teacher, count_parameters, hf_config
+from kd_tune.train import fit, front_end, pick_device, render_view, teacher_checkpoint_dir
+
+BENCH_CLIPS = 256  # a few minutes on 2 cores with a base-size teacher
+TEACHER_NAME, TEACHER_ARCH = "bench", "wav2vec2"
+TEACHER_BATCH = 32
+TIMED_EPOCHS = 2  # the last epoch is timed: the first also pays one-time kernel set-up
+PIPELINE_VIEWS = 2
+PIPELINE_BATCH = 64
+LOSSES = ("student_loss", "distillation_loss", "total_loss")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def subset(data: WakewordData, clips: int, *, seed: int) -> WakewordData:
+    """`clips` training clips in a seeded random order (repeated when the set has fewer), under their own digest."""
+    if clips < 1:
+        raise ValueError(f"clips must be >= 1, got {clips!r}")
+    order = torch.randperm(len(data.train.labels), generator=torch.Generator().manual_seed(seed))
+    index = order[torch.arange(clips) % len(order)]  # [clips]
+    train = Split(data.train.audio[index], data.train.labels[index], [data.train.kinds[i] for i in index])
+    # Its own data digest, so the cache of this subset never passes for the full set's.
+    digest = hashlib.sha256(f"{data.manifest_sha256}:{index.tolist()}".encode()).hexdigest()
+    return dataclasses.replace(data, train=train, manifest_sha256=digest)
+
+
+def bench_config(config: Config, *, root: str, teacher_source: str) -> Config:
+    """The user's config with one teacher, one epoch and a throw-away storage root."""
+    raw = config.to_dict()
+    raw["teachers"] = [{"name": TEACHER_NAME, "arch": TEACHER_ARCH, "source": teacher_source,
+                        "batch_size": TEACHER_BATCH}]
+    raw["distillation"] |= {"teachers": [TEACHER_NAME], "teacher_mode": "live"}
+    raw["training"]["epochs"] = 1
+    raw["storage"] = {**raw["storage"], "root": root, "endpoint_override": None}
+    return validate(raw, source="bench settings")
+
+
+def save_untrained_teacher(config: Config, data: WakewordData) -> int:
+    """Store the teacher as `kd-tune teacher train` would, untrained; returns its parameter count."""
+    teacher = config.teacher(TEACHER_NAME)
+    model = build_teacher(teacher.arch, source=teacher.source, n_mels=config.features.n_mels)
+    storage.save_checkpoint(storage.Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
+                            {"model": model.state_dict()}, kind="teacher", config=config.to_dict(),
+                            extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
+                                   "data_sha256": data.manifest_sha256})
+    return count_parameters(model)
+
+
+def with_mode(config: Config, mode: str, *, epochs: int = 1) -> Config:
+    raw = config.to_dict()
+    raw["distillation"]["teacher_mode"] = mode
+    raw["training"]["epochs"] = epochs
+    return validate(raw, source="bench settings")
+
+
+def timed_fit(config: Config, data: WakewordData) -> dict:
+    """fit() in this process: every epoch's metrics, and seconds from the call to the first report."""
+    started, reports = time.time(), []
+    fit(config, lambda metrics, _checkpoint: reports.append({**metrics, "reported_unix": time.time()}), data=data)
+    return {"epochs": reports, "first_report_s": reports[0]["reported_unix"] - started}
+
+
+# ---------------------------------------------------------------- (a) cache vs live teacher
+
+
+def cache_vs_live(config: Config, data: WakewordData) -> dict:
+    """The same trial twice, live then cached; break-even: trial epochs after which the cache has paid for itself."""
+    live = timed_fit(with_mode(config, "live", epochs=TIMED_EPOCHS), data)["epochs"]
+    started = time.perf_counter()
+    build_cache(config, [TEACHER_NAME], data=data, distributed=False)
+    build_s = time.perf_counter() - started
+    cached = timed_fit(with_mode(config, "cache", epochs=TIMED_EPOCHS), data)["epochs"]
+    live_s, cache_s = live[-1]["epoch_seconds"], cached[-1]["epoch_seconds"]
+    return {"clips": len(data.train.labels), "views": config.augment.views, "live_epoch_s": live_s,
+            "cache_epoch_s": cache_s, "speedup": live_s / cache_s, "cache_build_s": build_s,
+            "cache_shards": len(shard_names(config)), "break_even_epochs": build_s / max(live_s - cache_s, 1e-9),
+            **{f"live_{k}": live[-1][k] for k in LOSSES}, **{f"cache_{k}": cached[-1][k] for k in LOSSES},
+            "max_loss_difference": max(abs(a[k] - b[k]) for a, b in zip(live, cached) for k in LOSSES)}
+
+
+# ---------------------------------------------------------------- (b) Ray Train trial vs plain process
+
+
+def bench_worker(loop_config: dict) -> dict:
+    """A Ray Train worker running fit() as a sweep trial does; returns its own timings to the driver."""
+    entered = time.time()
+    import ray
+    import ray.train
+
+    timings = []
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        timings.append({"epoch_s": metrics["epoch_seconds"], "reported_unix": time.time()})
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    fit(loop_config["config"], report, data=ray.get(loop_config["data"]))
+    return {"entered_unix": entered, "threads": torch.get_num_threads(), "timings": timings}
+
+
+def ray_trial(config: Config, data: WakewordData, *, storage_path: str) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        bench_worker, train_loop_config={"config": config, "data": ray.put(data)},
+        scaling_config=ray.train.ScalingConfig(num_workers=1,
+                                               resources_per_worker={"CPU": config.tune.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="bench", storage_path=storage_path))
+    started = time.time()
+    out = trainer.fit().return_value  # fit() raises when the trial fails
+    return {"epoch_s": out["timings"][-1]["epoch_s"], "threads": out["threads"],
+            "start_s": out["entered_unix"] - started, "first_report_s": out["timings"][0]["reported_unix"] - started}
+
+
+def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
+    import ray
+
+    from kd_tune.tune import connect_ray
+
+    config = with_mode(config, "cache", epochs=TIMED_EPOCHS)
+    started_here = not ray.is_initialized()
+    started = time.perf_counter()
+    connect_ray(None)
+    ray_init_s = time.perf_counter() - started
+    try:
+        trial = ray_trial(config, data, storage_path=f"{root}/ray")
+    finally:
+        if started_here:
+            ray.shutdown()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(trial["threads"])  # the trial's CPU share, so only Ray's overhead differs
+    try:
+        plain = timed_fit(config, data)
+    finally:
+        torch.set_num_threads(threads)
+    plain_epoch_s = plain["epochs"][-1]["epoch_seconds"]
+    return {"threads": trial["threads"], "ray_init_s": ray_init_s if started_here else None,
+            "plain_epoch_s": plain_epoch_s, "ray_epoch_s": trial["epoch_s"],
+            "epoch_ratio": trial["epoch_s"] / plain_epoch_s, "trial_start_s": trial["start_s"],
+            "plain_first_report_s": plain["first_report_s"], "ray_first_report_s": trial["first_report_s"],
+            "first_report_ratio": trial["first_report_s"] / plain["first_report_s"]}
+
+
+# ---------------------------------------------------------------- (c) front end, (d) exported student
+
+
+@torch.no_grad()
+def pipeline_throughput(config: Config, data: WakewordData) -> dict:
+    """Clips per second through augmentation (render_view) and features (LogMel + SpecAugment), on the CPU."""
+    log_mel, augment, spec_augment = front_end(config, data, torch.device("cpu"))
+    augment_s = features_s = 0.0
+    for view in range(PIPELINE_VIEWS):
+        started = time.perf_counter()
+        wave = render_view(data.train.audio, augment, view=view, seed=config.training.seed)  # [N, N_SAMPLES]
+        augment_s += time.perf_counter() - started
+        started = time.perf_counter()
+        for step, batch in enumerate(wave.split(PIPELINE_BATCH)):
+            spec_augment(log_mel(batch), generator=torch.Generator().manual_seed(step))  # [B, n_mels, T]
+        features_s += time.perf_counter() - started
+    clips = PIPELINE_VIEWS * len(data.train.audio)
+    return {"clips": clips, "threads": torch.get_num_threads(), "augment_samples_per_s": clips / augment_s,
+            "features_samples_per_s": clips / features_s, "pipeline_samples_per_s": clips / (augment_s + features_s)}
+
+
+def onnx_latency(config: Config) -> dict:
+    """The default student, untrained (latency does not depend on the weights), exported by kd_tune.export."""
+    from kd_tune import export
+
+    f = config.features
+    student = build_student(config.student.name, width=config.student.width, n_mels=f.n_mels).eval()
+    log_mel = LogMel(n_mels=f.n_mels, window_ms=f.window_ms, hop_ms=f.hop_ms)
+    model = export.to_onnx(export.probability_model(student, log_mel), window_samples=N_SAMPLES)
+    window = 0.1 * np.random.default_rng(0).standard_normal(N_SAMPLES).astype(np.float32)  # [N_SAMPLES]
+    return {"student": config.student.name, "student_parameters": count_parameters(student),
+            "onnx_bytes": len(model), "threads": 1, "ms_per_window": export.latency_ms(model, window)}
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def machine(config: Config) -> dict:
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": pick_device(config.training.device).type, "python": platform.python_version(),
+            "torch": torch.__version__, "load_average_1m": os.getloadavg()[0]}
+
+
+def run_bench(config: Config, *, clips: int = BENCH_CLIPS, teacher_source: str = "base", with_ray: bool = True,
+              data: WakewordData | None = None) -> dict:
+    """Every figure of the bench, as {part: {measure: value}}; with_ray=False leaves part (b) out."""
+    data = subset(data or load_dataset(config.data.root), clips, seed=config.training.seed)
+    report = {"machine": machine(config)}
+    with tempfile.TemporaryDirectory(prefix="kd_tune_bench_") as root:
+        bench = bench_config(config, root=root, teacher_source=teacher_source)
+        teacher = {"teacher": f"{TEACHER_ARCH} {teacher_source}",
+                   "teacher_parameters": save_untrained_teacher(bench, data)}
+        report["cache_vs_live"] = teacher | cache_vs_live(bench, data)
+        if with_ray:
+            report["ray_vs_plain"] = ray_vs_plain(bench, data, root=root)
+    report["pipeline"] = pipeline_throughput(config, data)
+    report["onnx"] = onnx_latency(config)
+    report["machine"]["load_average_1m_after"] = os.getloadavg()[0]
+    return report
+
+
+def format_report(report: dict) -> str:
+    rows = [("part", "measure", "value")] + [(part, key, _cell(value)) for part, figures in report.items()
+                                             for key, value in figures.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
