@@ -1,6 +1,13 @@
 """kd_tune: distributed tuning of knowledge distillation for tiny wake-word models."""
 
-from kd_tune.distill import alpha_at, combine_teachers, distillation_loss, temperature_at
-
 __version__ = "0.1.0"
 __all__ = ["alpha_at", "combine_teachers", "distillation_loss", "temperature_at", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `kd_tune.export.Detector` (and `kd-tune detect`) run with onnxruntime and numpy alone.
+    if name in __all__:
+        from kd_tune import distill
+
+        return getattr(distill, name)
+    raise AttributeError(f"module 'kd_tune' has no attribute {name!r}")

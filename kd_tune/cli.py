@@ -13,11 +13,12 @@ EXIT_INVALID = 2
 
 def _expected_failures() -> tuple[type[Exception], ...]:
     """Failures whose message already says what went wrong and what to do."""
+    from kd_tune.export import ParityError
     from kd_tune.storage import CheckpointError, PathEscapeError
     from kd_tune.train import NonFiniteLossError
     from kd_tune.tune import SweepError
 
-    return CheckpointError, PathEscapeError, NonFiniteLossError, SweepError, FileNotFoundError
+    return CheckpointError, PathEscapeError, NonFiniteLossError, ParityError, SweepError, FileNotFoundError
 
 
 def _config(args: argparse.Namespace, *, check_paths: bool = True):
@@ -101,12 +102,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     config = _config(args, check_paths=False)  # only its storage settings (S3 endpoint, region) reach the source
     source = export.locate_source(args.source, config)
-    try:
-        card = export.export_student(source.load(), Path(args.out), data=args.data, int8=args.int8,
-                                     source=source.describe())
-    except export.ParityError as e:  # the message carries the figure; nothing was written
-        print(f"kd-tune: {e}", file=sys.stderr)
-        return 1
+    card = export.export_student(source.load(), Path(args.out), data=args.data, int8=args.int8,
+                                 source=source.describe())  # a ParityError's message carries the figure
     print(export.summary(card))
     return 0
 

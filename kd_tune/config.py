@@ -15,9 +15,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from kd_tune.distill import ALPHA_SCHEDULES, TEACHER_COMBINATIONS, TEMPERATURE_SCHEDULES
 
 DEFAULT_CONFIG_NAME = "default.yaml"
+# The names kd_tune.distill implements; here so that validating a config (and `kd-tune detect`) needs no torch.
+ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
+TEACHER_COMBINATIONS = ("mean", "confidence")
 METRICS_MINIMISED = ("frr_at_target_fa", "eer", "fa_per_hour", "total_loss", "student_loss", "distillation_loss")
 METRICS_MAXIMISED = ("accuracy", "auc")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"

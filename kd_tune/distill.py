@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
-TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
-TEACHER_COMBINATIONS = ("mean", "confidence")
+from kd_tune.config import ALPHA_SCHEDULES, TEACHER_COMBINATIONS, TEMPERATURE_SCHEDULES  # noqa: F401 (re-exported)
 
 
 class LossParts(NamedTuple):

@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kd_tune import __version__
+from kd_tune.metrics import activation_indices
 
 if TYPE_CHECKING:  # torch-backed modules, imported inside the functions that use them
     from torch import nn
@@ -441,21 +442,6 @@ def frames(audio: np.ndarray, *, window_samples: int, hop_samples: int) -> np.nd
 def stream_probabilities(session: ort.InferenceSession, audio: np.ndarray, *, window_samples: int,
                          hop_samples: int) -> np.ndarray:
     return run(session, frames(audio, window_samples=window_samples, hop_samples=hop_samples))
-
-
-def activation_indices(probabilities: np.ndarray, *, threshold: float, refractory_windows: int) -> list[int]:
-    """Windows where the detector fires: kd_tune.metrics.activation_times' rule (that module needs torch).
-
-    A rising edge (>= threshold after a window below it; the stream starts below) fires unless it falls within
-    refractory_windows of the previous detection.
-    """
-    above = np.asarray(probabilities) >= threshold  # [W]
-    rising = np.flatnonzero(above & ~np.concatenate(([False], above[:-1])))
-    fired, i = [], 0
-    while i < len(rising):
-        fired.append(int(rising[i]))
-        i = int(np.searchsorted(rising, rising[i] + max(refractory_windows, 1), side="left"))
-    return fired
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

@@ -1,17 +1,25 @@
-"""Wake-word metrics: clip accuracy, ROC AUC, EER, and false accepts per hour when sliding over long audio."""
+"""Wake-word metrics: clip accuracy, ROC AUC, EER, and false accepts per hour when sliding over long audio.
+
+numpy only at import time (torch only inside sliding_windows), so the exported model's detector can share the
+activation rule without torch.
+"""
+
+from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch.nn.functional as F
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SECONDS_PER_HOUR = 3600.0
 MAX_THRESHOLD_CANDIDATES = 512
 
 
 def _to_numpy(values) -> np.ndarray:
-    if isinstance(values, Tensor):
+    if hasattr(values, "detach"):  # a torch tensor, possibly half precision or on a GPU
         values = values.detach().cpu().float()
     return np.asarray(values, dtype=np.float64).ravel()
 
@@ -61,8 +69,10 @@ def _check_stream_args(probabilities: np.ndarray, hop_seconds: float, refractory
         raise ValueError(f"refractory_seconds must be >= 0, got {refractory_seconds!r}")
 
 
-def _activation_indices(probabilities: np.ndarray, threshold: float, refractory_windows: int) -> list[int]:
-    above = probabilities >= threshold  # [N]
+def activation_indices(probabilities: np.ndarray, *, threshold: float, refractory_windows: int) -> list[int]:
+    """Windows where a detector fires: a rising edge (>= threshold after a window below it) unless it falls within
+    refractory_windows of the previous detection."""
+    above = np.asarray(probabilities) >= threshold  # [N]
     # the stream is taken to start below threshold, so an active first window is a rising edge
     rising = np.flatnonzero(above & ~np.concatenate(([False], above[:-1])))
     fired, i = [], 0
@@ -85,7 +95,7 @@ def activation_times(
     _check_stream_args(probabilities, hop_seconds, refractory_seconds)
     # whole windows, rounded so that e.g. 2.1 / 0.3 = 7.000000000000001 does not become 8
     refractory_windows = math.ceil(round(refractory_seconds / hop_seconds, 9))
-    return [i * hop_seconds for i in _activation_indices(probabilities, threshold, refractory_windows)]
+    return [i * hop_seconds for i in activation_indices(probabilities, threshold=threshold, refractory_windows=refractory_windows)]
 
 
 def count_activations(probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0) -> int:
@@ -188,6 +198,8 @@ def sliding_windows(audio: Tensor, *, window_samples: int, hop_samples: int) -> 
         raise ValueError(f"audio must be a non-empty 1-D tensor [T], got shape {tuple(audio.shape)}")
     if window_samples <= 0 or hop_samples <= 0:
         raise ValueError(f"window_samples and hop_samples must be > 0, got {window_samples!r} and {hop_samples!r}")
+    import torch.nn.functional as F
+
     n_windows = 1 + math.ceil(max(audio.numel() - window_samples, 0) / hop_samples)
     padded = F.pad(audio, (0, (n_windows - 1) * hop_samples + window_samples - audio.numel()))  # [T']
     return padded.unfold(0, window_samples, hop_samples)  # [N, window_samples]

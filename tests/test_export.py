@@ -23,7 +23,7 @@ from kd_tune.cli import main
 from kd_tune.config import load_config
 from kd_tune.data import Split, WakewordData, load_dataset
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
-from kd_tune.metrics import activation_times, sliding_windows
+from kd_tune.metrics import activation_indices, activation_times, sliding_windows
 from kd_tune.models import STUDENTS, build_student, build_teacher
 from kd_tune.train import TeacherEnsemble, TrainState, fit, save_training_checkpoint
 
@@ -359,7 +359,7 @@ def test_detection_rule_matches_metrics(refractory_s):
     probabilities = np.convolve(rng.random(600), np.ones(5) / 5, mode="same")  # runs above and below threshold
     hop_s = 0.1
     for threshold in (0.5, 0.6, 0.7):
-        windows = export.activation_indices(probabilities, threshold=threshold,
+        windows = activation_indices(probabilities, threshold=threshold,
                                             refractory_windows=math.ceil(round(refractory_s / hop_s, 9)))
         expected = activation_times(probabilities, threshold=threshold, hop_seconds=hop_s,
                                     refractory_seconds=refractory_s)
