@@ -140,7 +140,7 @@ class TrainingConfig(Section):
     mixed_precision: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
-    target_fa_per_hour: Positive = 1.0
+    target_fa_per_hour: Positive = 30.0
     refractory_seconds: float = Field(1.0, ge=0)
     eval_hop_ms: float = Field(100.0, gt=0, le=1000)
 
