@@ -316,7 +316,7 @@ def check_storage_shared(store: storage.Storage) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
-    if store.is_local is False or len(nodes) < 2:
+    if not store.is_local or len(nodes) < 2:
         return
     marker = f".kd_tune_probe_{uuid.uuid4().hex}"
     storage.write_text(store, marker, "probe")
@@ -350,6 +350,14 @@ def coverage_points(space: SearchSpace, num_samples: int) -> list[dict]:
             for i in range(n)]
 
 
+def trial_trainable(config: Config, store: storage.Storage, name: str):
+    """`run_trial` with this sweep's base config and experiment path, and the trial driver's resources."""
+    from ray import tune
+
+    trainable = tune.with_parameters(run_trial, base=config.to_dict(), experiment_path=f"{store.root}/{name}")
+    return tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
+
+
 def build_tuner(config: Config, space: SearchSpace, *, name: str):
     from optuna.samplers import TPESampler
     from ray import tune
@@ -364,9 +372,8 @@ def build_tuner(config: Config, space: SearchSpace, *, name: str):
     asha = ASHAScheduler(time_attr="training_iteration", max_t=config.training.epochs,
                          grace_period=min(c.asha_grace_period, config.training.epochs),
                          reduction_factor=c.asha_reduction_factor)
-    trainable = tune.with_parameters(run_trial, base=config.to_dict(), experiment_path=f"{store.root}/{name}")
     return tune.Tuner(
-        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        trial_trainable(config, store, name),
         tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=search, scheduler=asha,
                                     num_samples=c.num_samples, max_concurrent_trials=c.max_concurrent_trials,
                                     trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
@@ -386,12 +393,11 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     check_teachers_ready(config, space)
     connect_ray(address)
     keep_credentials_out_of_runtime_env()
+    check_storage_shared(store)
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
         build_cache(config, list(space.teacher.choices))
-    check_storage_shared(store)
     if resume:
-        trainable = tune.with_parameters(run_trial, base=config.to_dict(), experiment_path=f"{store.root}/{name}")
-        tuner = tune.Tuner.restore(f"{store.root}/{name}", tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        tuner = tune.Tuner.restore(f"{store.root}/{name}", trial_trainable(config, store, name),
                                    resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=store.filesystem)
     else:
