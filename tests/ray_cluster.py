@@ -207,6 +207,23 @@ def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None, num_cp
     return cluster
 
 
+def config_with_trained_teachers(raw: dict, directory: Path):
+    """Write `raw` as directory/config.yaml, fine-tune every teacher it names onto its storage; (path, config)."""
+    import yaml
+
+    from kd_tune.config import load_config
+    from kd_tune.data import load_dataset
+    from kd_tune.train import fit_teacher
+
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    data = load_dataset(config.data.root)
+    for teacher in config.teachers:
+        fit_teacher(config, teacher, data=data)
+    return path, config
+
+
 def kd_tune(*args: str, env: dict[str, str], timeout: float = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "python"), "-m", "kd_tune", *args], env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)

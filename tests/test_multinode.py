@@ -9,10 +9,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-from ray_cluster import Jobs, kd_tune, start_cluster
+from ray_cluster import Jobs, config_with_trained_teachers, kd_tune, start_cluster
 
 from kd_tune import storage
-from kd_tune.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +33,6 @@ def two_nodes():
 @pytest.fixture(scope="module")
 def bucket_config(small_dataset, moto_s3, tmp_path_factory):
     """A sweep config whose storage is a fresh bucket, with both tiny teachers fine-tuned into it."""
-    from kd_tune.data import load_dataset
-    from kd_tune.train import fit_teacher
-
     with pytest.MonkeyPatch.context() as env:
         for key, value in AWS_ENV.items():
             env.setenv(key, value)
@@ -49,13 +45,7 @@ def bucket_config(small_dataset, moto_s3, tmp_path_factory):
                "training": {"epochs": 4, "batch_size": 32},
                "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 4},
                "storage": {"root": f"s3://{bucket}/runs", "endpoint_override": moto_s3}}
-        path = tmp_path_factory.mktemp("multinode") / "config.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        config = load_config(path)
-        data = load_dataset(config.data.root)
-        for teacher in config.teachers:
-            fit_teacher(config, teacher, data=data)
-    return path, config
+        return config_with_trained_teachers(raw, tmp_path_factory.mktemp("multinode"))
 
 
 def results(store: storage.Storage, experiment: str) -> dict[str, list[dict]]:

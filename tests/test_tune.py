@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray_cluster import BIN, REPO, Jobs, kd_tune, start_cluster
+from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, start_cluster
 
 from kd_tune import storage
 from kd_tune.config import ConfigError, load_config
@@ -114,9 +114,6 @@ def cluster():
 @pytest.fixture(scope="module")
 def sweep_config(small_dataset, tmp_path_factory):
     """A config for fast sweeps over two tiny, already fine-tuned teachers."""
-    from kd_tune.data import load_dataset
-    from kd_tune.train import fit_teacher
-
     work = tmp_path_factory.mktemp("sweep")
     raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 2},
@@ -124,13 +121,7 @@ def sweep_config(small_dataset, tmp_path_factory):
            "training": {"epochs": 3, "batch_size": 32},
            "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 1},
            "storage": {"root": str(work / "runs")}}
-    path = work / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    config = load_config(path)
-    data = load_dataset(config.data.root)
-    for teacher in config.teachers:
-        fit_teacher(config, teacher, data=data)
-    return path, config
+    return config_with_trained_teachers(raw, work)
 
 
 def events(directory: Path) -> tuple[set[str], bool]:
