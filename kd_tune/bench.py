@@ -3,11 +3,14 @@
 (a) cache_vs_live   epoch time of a trial distilling from a base-size teacher (wav2vec2, random init: the weights do
                     not change the cost) live vs from the teacher-output cache, the cost of building the cache, and
                     the losses of both runs, which must agree.
-(b) ray_vs_plain    the same training loop (cached teacher, so the loop dominates) in a Ray Train trial and in this
-                    process with as many threads, and the trial's start-up: trainer.fit() to the loop, to 1st report.
+(b) ray_vs_plain    the same training loop (cached teacher, so the loop dominates) in Ray Train trials and in this
+                    process with as many threads, alternating; a trial's start-up and whole run with the sweep's
+                    worker poll (tune.RAY_SETTINGS) and with Ray Train's default (2 s).
 (c) pipeline        samples per second of render_view + LogMel + SpecAugment on the CPU.
 (d) onnx            latency of the exported default student, front end inside, per 1 s window on one thread.
 
+An epoch's time is wall-clock from one report to the next: augmentation, training steps, validation, checkpoint and
+report, all that a trial pays; `*_steps_s` is the training steps alone.
 Everything runs on `--clips` training clips drawn from the configured data set, in a temporary storage root.
 """
 
@@ -17,9 +20,11 @@ import dataclasses
 import hashlib
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -35,10 +40,12 @@ from kd_tune.train import fit, front_end, pick_device, render_view, teacher_chec
 BENCH_CLIPS = 256  # a few minutes on 2 cores with a base-size teacher
 TEACHER_NAME, TEACHER_ARCH = "bench", "wav2vec2"
 TEACHER_BATCH = 32
-TIMED_EPOCHS = 2  # the last epoch is timed: the first also pays one-time kernel set-up
+LIVE_EPOCHS = 2  # timed from the 2nd epoch on: the first also pays one-time set-up
+LOOP_EPOCHS = 5  # short epochs vary by ~15% from one to the next: (b) takes the median of 8 per side
 PIPELINE_VIEWS = 2
 PIPELINE_BATCH = 64
 LOSSES = ("student_loss", "distillation_loss", "total_loss")
+RAY_TRAIN_POLL_S = "2"  # Ray Train's own default for RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, seconds
 
 
 # ---------------------------------------------------------------- set-up
@@ -92,19 +99,31 @@ def timed_fit(config: Config, data: WakewordData) -> dict:
     return {"epochs": reports, "first_report_s": reports[0]["reported_unix"] - started}
 
 
+def epoch_wall_s(*runs: list[dict]) -> float:
+    """Median wall-clock of an epoch, report to report, over the runs' epochs from the second on."""
+    return statistics.median(b["reported_unix"] - a["reported_unix"] for run in runs for a, b in zip(run, run[1:]))
+
+
+def epoch_steps_s(*runs: list[dict]) -> float:
+    """Median time of an epoch's training steps alone, over the runs' epochs from the second on."""
+    return statistics.median(r["epoch_seconds"] for run in runs for r in run[1:])
+
+
 # ---------------------------------------------------------------- (a) cache vs live teacher
 
 
 def cache_vs_live(config: Config, data: WakewordData) -> dict:
     """The same trial twice, live then cached; break-even: trial epochs after which the cache has paid for itself."""
-    live = timed_fit(with_mode(config, "live", epochs=TIMED_EPOCHS), data)["epochs"]
+    live = timed_fit(with_mode(config, "live", epochs=LIVE_EPOCHS), data)["epochs"]
     started = time.perf_counter()
     build_cache(config, [TEACHER_NAME], data=data, distributed=False)
     build_s = time.perf_counter() - started
-    cached = timed_fit(with_mode(config, "cache", epochs=TIMED_EPOCHS), data)["epochs"]
-    live_s, cache_s = live[-1]["epoch_seconds"], cached[-1]["epoch_seconds"]
+    cached = timed_fit(with_mode(config, "cache", epochs=LIVE_EPOCHS), data)["epochs"]
+    live_s, cache_s = epoch_wall_s(live), epoch_wall_s(cached)
+    live_steps_s, cache_steps_s = epoch_steps_s(live), epoch_steps_s(cached)
     return {"clips": len(data.train.labels), "views": config.augment.views, "live_epoch_s": live_s,
-            "cache_epoch_s": cache_s, "speedup": live_s / cache_s, "cache_build_s": build_s,
+            "cache_epoch_s": cache_s, "speedup": live_s / cache_s, "live_steps_s": live_steps_s,
+            "cache_steps_s": cache_steps_s, "steps_speedup": live_steps_s / cache_steps_s, "cache_build_s": build_s,
             "cache_shards": len(shard_names(config)), "break_even_epochs": build_s / max(live_s - cache_s, 1e-9),
             **{f"live_{k}": live[-1][k] for k in LOSSES}, **{f"cache_{k}": cached[-1][k] for k in LOSSES},
             "max_loss_difference": max(abs(a[k] - b[k]) for a, b in zip(live, cached) for k in LOSSES)}
@@ -119,60 +138,76 @@ def bench_worker(loop_config: dict) -> dict:
     import ray
     import ray.train
 
-    timings = []
+    reports = []
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        timings.append({"epoch_s": metrics["epoch_seconds"], "reported_unix": time.time()})
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        reports.append({**metrics, "reported_unix": time.time()})
 
     fit(loop_config["config"], report, data=ray.get(loop_config["data"]))
-    return {"entered_unix": entered, "threads": torch.get_num_threads(), "timings": timings}
+    return {"entered_unix": entered, "threads": torch.get_num_threads(), "reports": reports}
 
 
-def ray_trial(config: Config, data: WakewordData, *, storage_path: str) -> dict:
-    import ray
+def ray_trial(config: Config, data_ref, *, storage_path: str, poll_s: str) -> dict:
+    """One TorchTrainer run of fit(), its controller polling the worker every poll_s seconds."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
-        bench_worker, train_loop_config={"config": config, "data": ray.put(data)},
+        bench_worker, train_loop_config={"config": config, "data": data_ref},
         scaling_config=ray.train.ScalingConfig(num_workers=1,
                                                resources_per_worker={"CPU": config.tune.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="bench", storage_path=storage_path))
     started = time.time()
-    out = trainer.fit().return_value  # fit() raises when the trial fails
-    return {"epoch_s": out["timings"][-1]["epoch_s"], "threads": out["threads"],
-            "start_s": out["entered_unix"] - started, "first_report_s": out["timings"][0]["reported_unix"] - started}
+    # fit() reads the variable and hands it to the controller it starts; it raises when the trial fails.
+    with mock.patch.dict(os.environ, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}):
+        out = trainer.fit().return_value
+    reports = out["reports"]
+    return {"epochs": reports, "threads": out["threads"], "poll_s": float(poll_s),
+            "trial_start_s": out["entered_unix"] - started,
+            "first_report_s": reports[0]["reported_unix"] - started, "trial_total_s": time.time() - started}
+
+
+def plain_fit(config: Config, data: WakewordData) -> dict:
+    """timed_fit() on as many threads as a trial worker gets, so that only Ray's overhead differs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.tune.cpus_per_worker)))  # as Ray sets a worker's OMP_NUM_THREADS
+    try:
+        return timed_fit(config, data)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
+    """Plain and Ray runs alternate, so that a change in the machine's speed meets both (it varies ~15% here)."""
     import ray
 
-    from kd_tune.tune import connect_ray
+    from kd_tune.tune import RAY_SETTINGS, connect_ray
 
-    config = with_mode(config, "cache", epochs=TIMED_EPOCHS)
-    started_here = not ray.is_initialized()
-    started = time.perf_counter()
+    config = with_mode(config, "cache", epochs=LOOP_EPOCHS)
+    polls = {"kd_tune": RAY_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], "ray_default": RAY_TRAIN_POLL_S}
+    started_here, started = not ray.is_initialized(), time.perf_counter()
     connect_ray(None)
-    ray_init_s = time.perf_counter() - started
+    ray_init_s = time.perf_counter() - started if started_here else None
     try:
-        trial = ray_trial(config, data, storage_path=f"{root}/ray")
+        data_ref, plain, trials = ray.put(data), [], {}
+        for name, poll in polls.items():
+            plain.append(plain_fit(config, data))
+            trials[name] = ray_trial(config, data_ref, storage_path=f"{root}/ray_{name}", poll_s=poll)
     finally:
         if started_here:
             ray.shutdown()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(trial["threads"])  # the trial's CPU share, so only Ray's overhead differs
-    try:
-        plain = timed_fit(config, data)
-    finally:
-        torch.set_num_threads(threads)
-    plain_epoch_s = plain["epochs"][-1]["epoch_seconds"]
-    return {"threads": trial["threads"], "ray_init_s": ray_init_s if started_here else None,
-            "plain_epoch_s": plain_epoch_s, "ray_epoch_s": trial["epoch_s"],
-            "epoch_ratio": trial["epoch_s"] / plain_epoch_s, "trial_start_s": trial["start_s"],
-            "plain_first_report_s": plain["first_report_s"], "ray_first_report_s": trial["first_report_s"],
-            "first_report_ratio": trial["first_report_s"] / plain["first_report_s"]}
+    plain_runs, ray_runs = [run["epochs"] for run in plain], [trial["epochs"] for trial in trials.values()]
+    plain_epoch_s, ray_epoch_s = epoch_wall_s(*plain_runs), epoch_wall_s(*ray_runs)
+    figures = {"threads": trials["kd_tune"]["threads"], "ray_init_s": ray_init_s, "plain_epoch_s": plain_epoch_s,
+               "ray_epoch_s": ray_epoch_s, "epoch_ratio": ray_epoch_s / plain_epoch_s,
+               "plain_steps_s": epoch_steps_s(*plain_runs), "ray_steps_s": epoch_steps_s(*ray_runs),
+               "plain_first_report_s": statistics.median(run["first_report_s"] for run in plain)}
+    for name, trial in trials.items():
+        figures |= {f"{name}_{key}": trial[key] for key in ("poll_s", "trial_start_s", "first_report_s",
+                                                             "trial_total_s")}
+    return figures
 
 
 # ---------------------------------------------------------------- (c) front end, (d) exported student

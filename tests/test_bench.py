@@ -11,11 +11,13 @@ from kd_tune.config import validate
 FIELDS = {
     "machine": ("cpus", "torch_threads", "device", "python", "torch", "load_average_1m", "load_average_1m_after"),
     "cache_vs_live": ("teacher", "teacher_parameters", "clips", "views", "live_epoch_s", "cache_epoch_s", "speedup",
-                      "cache_build_s", "cache_shards", "break_even_epochs", "live_student_loss",
+                      "live_steps_s", "cache_steps_s", "steps_speedup", "cache_build_s", "cache_shards", "break_even_epochs", "live_student_loss",
                       "live_distillation_loss", "live_total_loss", "cache_student_loss", "cache_distillation_loss",
                       "cache_total_loss", "max_loss_difference"),
-    "ray_vs_plain": ("threads", "ray_init_s", "plain_epoch_s", "ray_epoch_s", "epoch_ratio", "trial_start_s",
-                     "plain_first_report_s", "ray_first_report_s", "first_report_ratio"),
+    "ray_vs_plain": ("threads", "ray_init_s", "plain_epoch_s", "ray_epoch_s", "epoch_ratio", "plain_steps_s",
+                     "ray_steps_s", "plain_first_report_s", "kd_tune_poll_s", "kd_tune_trial_start_s",
+                     "kd_tune_first_report_s", "kd_tune_trial_total_s", "ray_default_poll_s",
+                     "ray_default_trial_start_s", "ray_default_first_report_s", "ray_default_trial_total_s"),
     "pipeline": ("clips", "threads", "augment_samples_per_s", "features_samples_per_s", "pipeline_samples_per_s"),
     "onnx": ("student", "student_parameters", "onnx_bytes", "threads", "ms_per_window"),
 }

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -14,8 +15,8 @@ from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, 
 
 from kd_tune import storage
 from kd_tune.config import ConfigError, load_config
-from kd_tune.tune import (SEARCH_SPACE_DIR, SearchSpace, SpaceSampler, coverage_points, load_search_space,
-                          trial_config)
+from kd_tune.tune import (RAY_SETTINGS, SEARCH_SPACE_DIR, SearchSpace, SpaceSampler, apply_ray_settings,
+                          coverage_points, load_search_space, trial_config)
 
 TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha", "schedule/temperature",
               "val/frr_at_target_fa")
@@ -97,6 +98,16 @@ def test_coverage_points_pair_every_teacher_and_schedule():
     points = coverage_points(space, num_samples=8)
     assert {p["teacher"] for p in points} == {"a", "b", "c"}
     assert {p["alpha_schedule"] for p in points} == {"constant", "linear"}
+
+
+def test_ray_settings_are_defaults_that_the_user_can_override(monkeypatch):
+    # Rule: a sweep sets Ray's state-sync and worker-poll intervals only where the environment has no value.
+    for name in RAY_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")
+    apply_ray_settings()
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
+    assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == RAY_SETTINGS["TUNE_GLOBAL_CHECKPOINT_S"]
 
 
 # ---------------------------------------------------------------- real sweeps on a real cluster (slow)
@@ -214,3 +225,36 @@ def test_ray_job_stop_is_graceful_and_saves_the_state(cluster, sweep_config):
     jobs.run("stop", job)
     assert jobs.wait(job, timeout=120) == "STOPPED"
     assert list(experiment.glob("experiment_state-*.json")) and (experiment / "tuner.pkl").exists()
+
+
+# The sweep driver of the test below: kd-tune itself, with a loader that moves the data folder away once read.
+HIDING_DRIVER = """
+import shutil, sys
+from kd_tune import cli, tune
+
+load_dataset = tune.load_dataset
+
+def load_then_hide(root):
+    data = load_dataset(root)
+    shutil.move(root, root + ".hidden")
+    return data
+
+tune.load_dataset = load_then_hide
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_trials_train_on_the_data_the_sweep_loaded(cluster, sweep_config, tmp_path):
+    # Rule: the sweep reads the data set once and trials get it from Ray's object store: no trial reads data.root
+    # (here the folder is moved away as soon as the sweep driver has loaded it).
+    path, config = sweep_config
+    data_root = shutil.copytree(config.data.root, tmp_path / "data")
+    out = subprocess.run([str(BIN / "python"), "-c", HIDING_DRIVER, "sweep", str(path), "--search-space", "smoke",
+                          "--name", "hidden_data", "--address", cluster.address, "--set", f"data.root={data_root}",
+                          "--set", "tune.num_samples=2"], env=cluster.env, cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert not data_root.exists() and (tmp_path / "data.hidden").is_dir()
+    rows = json.loads((Path(config.storage.root) / "hidden_data" / "leaderboard.json").read_text())
+    assert len(rows) == 2 and all(r["status"] == "OK" and r["epochs"] >= 1 for r in rows)
