@@ -11,6 +11,7 @@
 
 An epoch's time is wall-clock from one report to the next: augmentation, training steps, validation, checkpoint and
 report, all that a trial pays; `*_steps_s` is the training steps alone.
+
 Everything runs on `--clips` training clips drawn from the configured data set, in a temporary storage root.
 """
 
