@@ -189,7 +189,7 @@ def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
     config = with_mode(config, "cache", epochs=LOOP_EPOCHS)
     polls = {"kd_tune": RAY_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], "ray_default": RAY_TRAIN_POLL_S}
     started_here, started = not ray.is_initialized(), time.perf_counter()
-    connect_ray(None)
+    connect_ray(None, log_to_driver=False)  # a failing trial still raises from fit(), with its worker's error
     ray_init_s = time.perf_counter() - started if started_here else None
     try:
         data_ref, plain, trials = ray.put(data), [], {}
@@ -259,6 +259,9 @@ def run_bench(config: Config, *, clips: int = BENCH_CLIPS, teacher_source: str =
     """Every figure of the bench, as {part: {measure: value}}; with_ray=False leaves part (b) out."""
     data = subset(data or load_dataset(config.data.root), clips, seed=config.training.seed)
     report = {"machine": machine(config)}
+    # (c) and (d) first: they take a second or less, and right after part (b)'s ray.shutdown() they read slower
+    # (1.5-1.9x for (c) in two runs) while Ray's processes wind down.
+    short = {"pipeline": pipeline_throughput(config, data), "onnx": onnx_latency(config)}
     with tempfile.TemporaryDirectory(prefix="kd_tune_bench_") as root:
         bench = bench_config(config, root=root, teacher_source=teacher_source)
         teacher = {"teacher": f"{TEACHER_ARCH} {teacher_source}",
@@ -266,8 +269,7 @@ def run_bench(config: Config, *, clips: int = BENCH_CLIPS, teacher_source: str =
         report["cache_vs_live"] = teacher | cache_vs_live(bench, data)
         if with_ray:
             report["ray_vs_plain"] = ray_vs_plain(bench, data, root=root)
-    report["pipeline"] = pipeline_throughput(config, data)
-    report["onnx"] = onnx_latency(config)
+    report |= short
     report["machine"]["load_average_1m_after"] = os.getloadavg()[0]
     return report
 
