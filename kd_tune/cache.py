@@ -156,12 +156,13 @@ def write_index(store: storage.Storage, config: Config, teacher_name: str, key: 
 
 
 def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData | None = None,
-                distributed: bool | None = None) -> dict[str, str]:
+                distributed: bool | None = None, data_ref=None) -> dict[str, str]:
     """Build whatever is missing, stale or damaged in the caches of these teachers; returns name -> cache path.
 
     Shards that verify with the right key are kept, so an interrupted build resumes. With Ray initialised (or
-    distributed=True) each shard is one Ray task of 1 CPU, and the data travels once through the object store;
-    otherwise the shards are built here, one after another, by the same function.
+    distributed=True) each shard is one Ray task of 1 CPU, and the data travels once through the object store
+    (data_ref: where the caller already put it); otherwise the shards are built here, one after another, by the
+    same function.
     """
     data = data or load_dataset(config.data.root)
     store = storage.Storage.from_config(config.storage)
@@ -172,7 +173,7 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
         ray = sys.modules.get("ray")  # never imported means never initialised, and `kd-tune train` skips the import
         distributed = ray is not None and ray.is_initialized()
     if distributed:
-        run_on_ray(config, jobs, data)
+        run_on_ray(config, jobs, data, data_ref=data_ref)
     else:
         for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=not jobs):
             build_shard(config, name, shard, key, data=data)
@@ -183,14 +184,15 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
     return {name: store.path(cache_dir(name, key)) for name, key in keys.items()}
 
 
-def run_on_ray(config: Config, jobs: list[tuple[str, str, str]], data: WakewordData) -> None:
+def run_on_ray(config: Config, jobs: list[tuple[str, str, str]], data: WakewordData, *, data_ref=None) -> None:
     """One Ray task per shard; the first task error is raised here, naming the shard."""
     import ray
 
     if not jobs:
         return
     task = ray.remote(num_cpus=1)(build_shard)
-    data_ref = ray.put(data)
+    if data_ref is None:
+        data_ref = ray.put(data)
     pending = {task.remote(config, name, shard, key, data=data_ref): f"{name}/{shard}" for name, shard, key in jobs}
     with tqdm(total=len(pending), desc="teacher cache", unit="shard") as bar:
         while pending:

@@ -156,9 +156,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                           "distillation.teacher_mode=cache", *args.set], check_paths=False)
     d = config.data
     synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size)
-    _train_teachers(config, load_dataset(d.root))
+    data = load_dataset(d.root)
+    _train_teachers(config, data)
     space = tune.load_search_space(args.search_space)
-    rows, errors = tune.sweep(config, space, name="sweep")
+    rows, errors = tune.sweep(config, space, name="sweep", data=data)
     print(tune.format_leaderboard(rows, metric=config.tune.metric))
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)

@@ -24,7 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 from kd_tune import storage
 from kd_tune.cache import build_cache
 from kd_tune.config import Config, ConfigError, Section, format_problem, validate
-from kd_tune.data import load_dataset
+from kd_tune.data import WakewordData, load_dataset
 from kd_tune.distill import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES
 from kd_tune.train import scalar_tag, teacher_checkpoint_dir
 
@@ -402,22 +402,23 @@ def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref):
     )
 
 
-def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None = None,
-          resume: bool = False) -> tuple[list[dict], list[str]]:
-    """Run (or resume) a sweep; returns the leaderboard rows and the errors of trials that failed."""
+def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None = None, resume: bool = False,
+          data: WakewordData | None = None) -> tuple[list[dict], list[str]]:
+    """Run (or resume) a sweep on `data` (default: read from data.root); returns the leaderboard rows and the
+    errors of trials that failed."""
     import ray
     from ray import tune
 
     apply_ray_settings()
     store = storage.Storage.from_config(config.storage)
     check_teachers_ready(config, space)
-    data = load_dataset(config.data.root)  # once per sweep; every trial gets it from the object store
+    data = data or load_dataset(config.data.root)  # once per sweep; every trial gets it from the object store
     connect_ray(address)
     keep_credentials_out_of_runtime_env()
     check_storage_shared(store)
-    if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
-        build_cache(config, list(space.teacher.choices), data=data)
     data_ref = ray.put(data)
+    if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
+        build_cache(config, list(space.teacher.choices), data=data, data_ref=data_ref)
     if resume:
         tuner = tune.Tuner.restore(f"{store.root}/{name}", trial_trainable(config, store, name, data_ref),
                                    resume_unfinished=True, resume_errored=True,
