@@ -95,7 +95,8 @@ def activation_times(
     _check_stream_args(probabilities, hop_seconds, refractory_seconds)
     # whole windows, rounded so that e.g. 2.1 / 0.3 = 7.000000000000001 does not become 8
     refractory_windows = math.ceil(round(refractory_seconds / hop_seconds, 9))
-    return [i * hop_seconds for i in activation_indices(probabilities, threshold=threshold, refractory_windows=refractory_windows)]
+    fired = activation_indices(probabilities, threshold=threshold, refractory_windows=refractory_windows)
+    return [i * hop_seconds for i in fired]
 
 
 def count_activations(probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0) -> int:
