@@ -5,7 +5,7 @@ __all__ = ["alpha_at", "combine_teachers", "distillation_loss", "temperature_at"
 
 
 def __getattr__(name: str):
-    # Lazy, so that `kd_tune.export.Detector` (and `kd-tune detect`) run with onnxruntime and numpy alone.
+    # Lazy: importing any kd_tune module imports this package, and kd_tune.config and kd_tune.detect load no torch.
     if name in __all__:
         from kd_tune import distill
 

@@ -5,7 +5,7 @@
                     the losses of both runs, which must agree.
 (b) ray_vs_plain    the same training loop (cached teacher, so the loop dominates) in Ray Train trials and in this
                     process with as many threads, alternating; a trial's start-up and whole run with the sweep's
-                    worker poll (tune.RAY_SETTINGS) and with Ray Train's default (2 s).
+                    worker poll (sweep.RAY_SETTINGS) and with Ray Train's default (2 s).
 (c) pipeline        samples per second of render_view + LogMel + SpecAugment on the CPU.
 (d) onnx            latency of the exported default student, front end inside, per 1 s window on one thread.
 
@@ -28,15 +28,21 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import ray
 import torch
 
-from kd_tune import storage
 from kd_tune.cache import build_cache, shard_names
-from kd_tune.config import Config, validate
+from kd_tune.config import Config
 from kd_tune.data import Split, WakewordData, load_dataset
-from kd_tune.features import N_SAMPLES, LogMel
-from kd_tune.models import build_student, build_teacher, count_parameters, hf_config
-from kd_tune.train import fit, front_end, pick_device, render_view, teacher_checkpoint_dir
+from kd_tune.export import latency_ms, probability_model, to_onnx
+from kd_tune.features import N_SAMPLES, LogMel, front_end, render_view
+from kd_tune.leaderboard import cell
+from kd_tune.metrics import LOSSES
+from kd_tune.models import build_student, build_teacher, count_parameters
+from kd_tune.sweep import RAY_SETTINGS, connect_ray
+from kd_tune.teachers import save_teacher
+from kd_tune.train import fit, pick_device
+from kd_tune.trial import ray_report, torch_trainer
 
 BENCH_CLIPS = 256  # a few minutes on 2 cores with a base-size teacher
 TEACHER_NAME, TEACHER_ARCH = "bench", "wav2vec2"
@@ -45,7 +51,6 @@ LIVE_EPOCHS = 2  # timed from the 2nd epoch on: the first also pays one-time set
 LOOP_EPOCHS = 5  # short epochs vary by ~15% from one to the next: (b) takes the median of 8 per side
 PIPELINE_VIEWS = 2
 PIPELINE_BATCH = 64
-LOSSES = ("student_loss", "distillation_loss", "total_loss")
 RAY_TRAIN_POLL_S = "2"  # Ray Train's own default for RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, seconds
 
 
@@ -66,31 +71,22 @@ def subset(data: WakewordData, clips: int, *, seed: int) -> WakewordData:
 
 def bench_config(config: Config, *, root: str, teacher_source: str) -> Config:
     """The user's config with one teacher, one epoch and a throw-away storage root."""
-    raw = config.to_dict()
-    raw["teachers"] = [{"name": TEACHER_NAME, "arch": TEACHER_ARCH, "source": teacher_source,
-                        "batch_size": TEACHER_BATCH}]
-    raw["distillation"] |= {"teachers": [TEACHER_NAME], "teacher_mode": "live"}
-    raw["training"]["epochs"] = 1
-    raw["storage"] = {**raw["storage"], "root": root, "endpoint_override": None}
-    return validate(raw, source="bench settings")
+    teacher = {"name": TEACHER_NAME, "arch": TEACHER_ARCH, "source": teacher_source, "batch_size": TEACHER_BATCH}
+    return config.replace({"teachers": [teacher], "distillation.teachers": [TEACHER_NAME],
+                           "distillation.teacher_mode": "live", "training.epochs": 1, "storage.root": root,
+                           "storage.endpoint_override": None}, source="bench settings")
 
 
 def save_untrained_teacher(config: Config, data: WakewordData) -> int:
     """Store the teacher as `kd-tune teacher train` would, untrained; returns its parameter count."""
     teacher = config.teacher(TEACHER_NAME)
     model = build_teacher(teacher.arch, source=teacher.source, n_mels=config.features.n_mels)
-    storage.save_checkpoint(storage.Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
-                            {"model": model.state_dict()}, kind="teacher", config=config.to_dict(),
-                            extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
-                                   "data_sha256": data.manifest_sha256})
+    save_teacher(config, teacher, model, data)
     return count_parameters(model)
 
 
 def with_mode(config: Config, mode: str, *, epochs: int = 1) -> Config:
-    raw = config.to_dict()
-    raw["distillation"]["teacher_mode"] = mode
-    raw["training"]["epochs"] = epochs
-    return validate(raw, source="bench settings")
+    return config.replace({"distillation.teacher_mode": mode, "training.epochs": epochs}, source="bench settings")
 
 
 def timed_fit(config: Config, data: WakewordData) -> dict:
@@ -117,7 +113,7 @@ def cache_vs_live(config: Config, data: WakewordData) -> dict:
     """The same trial twice, live then cached; break-even: trial epochs after which the cache has paid for itself."""
     live = timed_fit(with_mode(config, "live", epochs=LIVE_EPOCHS), data)["epochs"]
     started = time.perf_counter()
-    build_cache(config, [TEACHER_NAME], data=data, distributed=False)
+    build_cache(config, [TEACHER_NAME], data=data)
     build_s = time.perf_counter() - started
     cached = timed_fit(with_mode(config, "cache", epochs=LIVE_EPOCHS), data)["epochs"]
     live_s, cache_s = epoch_wall_s(live), epoch_wall_s(cached)
@@ -135,15 +131,11 @@ def cache_vs_live(config: Config, data: WakewordData) -> dict:
 
 def bench_worker(loop_config: dict) -> dict:
     """A Ray Train worker running fit() as a sweep trial does; returns its own timings to the driver."""
-    entered = time.time()
-    import ray
-    import ray.train
-
-    reports = []
+    entered, reports = time.time(), []
+    forward = ray_report()
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        forward(metrics, checkpoint_dir)
         reports.append({**metrics, "reported_unix": time.time()})
 
     fit(loop_config["config"], report, data=ray.get(loop_config["data"]))
@@ -152,14 +144,8 @@ def bench_worker(loop_config: dict) -> dict:
 
 def ray_trial(config: Config, data_ref, *, storage_path: str, poll_s: str) -> dict:
     """One TorchTrainer run of fit(), its controller polling the worker every poll_s seconds."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        bench_worker, train_loop_config={"config": config, "data": data_ref},
-        scaling_config=ray.train.ScalingConfig(num_workers=1,
-                                               resources_per_worker={"CPU": config.tune.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="bench", storage_path=storage_path))
+    trainer = torch_trainer(bench_worker, {"config": config, "data": data_ref}, config, storage_path=storage_path,
+                            name="bench")
     started = time.time()
     # fit() reads the variable and hands it to the controller it starts; it raises when the trial fails.
     with mock.patch.dict(os.environ, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}):
@@ -182,10 +168,6 @@ def plain_fit(config: Config, data: WakewordData) -> dict:
 
 def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
     """Plain and Ray runs alternate, so that a change in the machine's speed meets both (it varies ~15% here)."""
-    import ray
-
-    from kd_tune.tune import RAY_SETTINGS, connect_ray
-
     config = with_mode(config, "cache", epochs=LOOP_EPOCHS)
     polls = {"kd_tune": RAY_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], "ray_default": RAY_TRAIN_POLL_S}
     started_here, started = not ray.is_initialized(), time.perf_counter()
@@ -207,7 +189,7 @@ def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
                "plain_first_report_s": statistics.median(run["first_report_s"] for run in plain)}
     for name, trial in trials.items():
         figures |= {f"{name}_{key}": trial[key] for key in ("poll_s", "trial_start_s", "first_report_s",
-                                                             "trial_total_s")}
+                                                            "trial_total_s")}
     return figures
 
 
@@ -217,7 +199,7 @@ def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
 @torch.no_grad()
 def pipeline_throughput(config: Config, data: WakewordData) -> dict:
     """Clips per second through augmentation (render_view) and features (LogMel + SpecAugment), on the CPU."""
-    log_mel, augment, spec_augment = front_end(config, data, torch.device("cpu"))
+    log_mel, augment, spec_augment = front_end(config, data.train.of_kind("background"), torch.device("cpu"))
     augment_s = features_s = 0.0
     for view in range(PIPELINE_VIEWS):
         started = time.perf_counter()
@@ -234,15 +216,11 @@ def pipeline_throughput(config: Config, data: WakewordData) -> dict:
 
 def onnx_latency(config: Config) -> dict:
     """The default student, untrained (latency does not depend on the weights), exported by kd_tune.export."""
-    from kd_tune import export
-
-    f = config.features
-    student = build_student(config.student.name, width=config.student.width, n_mels=f.n_mels).eval()
-    log_mel = LogMel(n_mels=f.n_mels, window_ms=f.window_ms, hop_ms=f.hop_ms)
-    model = export.to_onnx(export.probability_model(student, log_mel), window_samples=N_SAMPLES)
+    student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels).eval()
+    model = to_onnx(probability_model(student, LogMel.from_config(config.features)), window_samples=N_SAMPLES)
     window = 0.1 * np.random.default_rng(0).standard_normal(N_SAMPLES).astype(np.float32)  # [N_SAMPLES]
     return {"student": config.student.name, "student_parameters": count_parameters(student),
-            "onnx_bytes": len(model), "threads": 1, "ms_per_window": export.latency_ms(model, window)}
+            "onnx_bytes": len(model), "threads": 1, "ms_per_window": latency_ms(model, window)}
 
 
 # ---------------------------------------------------------------- the whole run
@@ -275,13 +253,8 @@ def run_bench(config: Config, *, clips: int = BENCH_CLIPS, teacher_source: str =
 
 
 def format_report(report: dict) -> str:
-    rows = [("part", "measure", "value")] + [(part, key, _cell(value)) for part, figures in report.items()
+    rows = [("part", "measure", "value")] + [(part, key, cell(value)) for part, figures in report.items()
                                              for key, value in figures.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)

@@ -1,9 +1,9 @@
 """The teacher-output cache: every teacher pass of a sweep happens once, before the trials, which only read logits.
 
 For each teacher the cache holds its logits for the clean training clips and for each of `augment.views` seeded
-augmentation views, exactly the audio `train.render_view` gives a training epoch. Temperature is applied at loss
+augmentation views, exactly the audio `features.render_view` gives a training epoch. Temperature is applied at loss
 time, so one cache serves every temperature and schedule. Layout on the configured storage, every shard a
-checkpoint written and verified by kd_tune.storage (SHA-256, HMAC when a key is set):
+checkpoint written and verified by kd_tune.checkpoint (SHA-256, HMAC when a key is set):
 
     cache/<teacher>-<key[:16]>/clean/       logits [N, 2] of the clean clips
     cache/<teacher>-<key[:16]>/view_000/    logits [N, 2] of view 0, and so on for every view
@@ -22,20 +22,20 @@ import hashlib
 import json
 import logging
 import os
-import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kd_tune import storage
 from kd_tune.config import Config, TeacherConfig
 from kd_tune.data import WakewordData, load_dataset
 from kd_tune.distill import combine_teachers
-from kd_tune.features import LogMel
+from kd_tune.features import LogMel, front_end, render_view
 from kd_tune.models import teacher_input_kind
-from kd_tune.train import front_end, load_teacher, render_view, teacher_checkpoint_dir
+from kd_tune.teachers import load_teacher, teacher_checkpoint_dir
+from kd_tune.checkpoint import CheckpointError, MANIFEST_NAME, load_checkpoint, save_checkpoint, verify_checkpoint
+from kd_tune.storage import Storage
 
 log = logging.getLogger("kd_tune.cache")
 CACHE_FORMAT = "kd_tune.teacher_cache/1"
@@ -50,11 +50,11 @@ LOCK_NAME = "build.lock"
 
 def cache_key(config: Config, teacher: TeacherConfig, data: WakewordData) -> str:
     """sha256 over everything that decides the cached logits; temperature and schedules are not among them."""
-    store = storage.Storage.from_config(config.storage)
-    manifest = f"{teacher_checkpoint_dir(teacher.name)}/{storage.MANIFEST_NAME}"
+    store = Storage.from_config(config.storage)
+    manifest = f"{teacher_checkpoint_dir(teacher.name)}/{MANIFEST_NAME}"
     if not store.exists(manifest):
-        raise FileNotFoundError(f"teacher {teacher.name!r} has no checkpoint under {store.uri}/"
-                                f"{teacher_checkpoint_dir(teacher.name)}: run `kd-tune teacher train CONFIG` first")
+        raise CheckpointError(f"teacher {teacher.name!r} has no checkpoint under {store.uri}/"
+                              f"{teacher_checkpoint_dir(teacher.name)}: run `kd-tune teacher train CONFIG` first")
     parts = {"teacher_manifest_sha256": hashlib.sha256(store.read_bytes(manifest)).hexdigest(),
              "data_sha256": data.manifest_sha256, "features": config.features.model_dump(mode="json"),
              "augment": config.augment.model_dump(mode="json"), "seed": config.training.seed, "format": CACHE_FORMAT}
@@ -96,7 +96,7 @@ def build_shard(config: Config, teacher_name: str, shard: str, key: str, *,
     data = data or load_dataset(config.data.root)
     cpu = torch.device("cpu")
     # Rendered on the CPU with fit's own front end: the same audio a CPU training epoch of this view sees.
-    log_mel, augment, _ = front_end(config, data, cpu)
+    log_mel, augment, _ = front_end(config, data.train.of_kind("background"), cpu)
     view = view_of(shard)
     audio = data.train.audio if view is None else render_view(data.train.audio, augment, view=view,
                                                               seed=config.training.seed)  # [N, N_SAMPLES]
@@ -104,10 +104,10 @@ def build_shard(config: Config, teacher_name: str, shard: str, key: str, *,
     on_gpu = torch.cuda.is_available() and config.distillation.teacher_device != "cpu"
     logits = teacher_logits(load_teacher(config, teacher), audio, log_mel, batch_size=teacher.batch_size,
                             device=torch.device("cuda") if on_gpu else cpu)  # [N, 2]
-    store = storage.Storage.from_config(config.storage)
-    return storage.save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{shard}", {"logits": {"logits": logits}},
-                                   kind=SHARD_KIND, config=config.to_dict(),
-                                   extra={"key": key, "view": view, "teacher": teacher_name, "clips": len(logits)})
+    store = Storage.from_config(config.storage)
+    return save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{shard}", {"logits": {"logits": logits}},
+                           kind=SHARD_KIND, config=config.to_dict(),
+                           extra={"key": key, "view": view, "teacher": teacher_name, "clips": len(logits)})
 
 
 # ---------------------------------------------------------------- checking what is there
@@ -117,66 +117,68 @@ def check_manifest(manifest: dict, *, kind: str, key: str, where: str) -> None:
     """Refuse a shard or index of another kind or built for another key."""
     found_kind, found_key = manifest.get("kind"), manifest.get("extra", {}).get("key")
     if found_kind != kind or found_key != key:
-        raise storage.CheckpointError(f"{where}: built as {found_kind!r} for cache key {found_key!r}, expected "
-                                      f"{kind!r} for key {key!r}: a stale cache is never used")
+        raise CheckpointError(f"{where}: built as {found_kind!r} for cache key {found_key!r}, expected "
+                              f"{kind!r} for key {key!r}: a stale cache is never used")
 
 
-def shard_is_current(store: storage.Storage, rel: str, key: str) -> bool:
+def shard_is_current(store: Storage, rel: str, key: str) -> bool:
     """True when the shard verifies and carries this key; a damaged or stale one is named in a warning."""
     if not store.exists(rel):
         return False
     try:
-        check_manifest(storage.verify_checkpoint(store, rel), kind=SHARD_KIND, key=key, where=rel)
-    except storage.CheckpointError as error:
+        check_manifest(verify_checkpoint(store, rel), kind=SHARD_KIND, key=key, where=rel)
+    except CheckpointError as error:
         log.warning("rebuilding teacher-cache shard: %s", error)
         return False
     return True
 
 
-def index_is_current(store: storage.Storage, rel: str, key: str, shards: list[str]) -> bool:
+def index_is_current(store: Storage, rel: str, key: str, shards: list[str]) -> bool:
     if not store.exists(f"{rel}/{INDEX}"):
         return False
     try:
-        manifest = storage.verify_checkpoint(store, f"{rel}/{INDEX}")
+        manifest = verify_checkpoint(store, f"{rel}/{INDEX}")
         check_manifest(manifest, kind=INDEX_KIND, key=key, where=rel)
-    except storage.CheckpointError as error:
+    except CheckpointError as error:
         log.warning("rewriting teacher-cache index: %s", error)
         return False
     return manifest["extra"].get("shards") == shards
 
 
-def write_index(store: storage.Storage, config: Config, teacher_name: str, key: str, clips: int) -> None:
+def write_index(store: Storage, config: Config, teacher_name: str, key: str, clips: int) -> None:
     """The completion marker, written once every shard verifies."""
-    storage.save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{INDEX}",
-                            {"index": {"clips": torch.tensor([clips])}}, kind=INDEX_KIND, config=config.to_dict(),
-                            extra={"key": key, "teacher": teacher_name, "shards": shard_names(config)})
+    save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{INDEX}",
+                    {"index": {"clips": torch.tensor([clips])}}, kind=INDEX_KIND, config=config.to_dict(),
+                    extra={"key": key, "teacher": teacher_name, "shards": shard_names(config)})
 
 
 # ---------------------------------------------------------------- building the cache
 
 
+Job = tuple[str, str, str]  # (teacher name, shard, cache key)
+ShardRunner = Callable[[Config, list[Job], WakewordData], None]
+
+
+def build_here(config: Config, jobs: list[Job], data: WakewordData) -> None:
+    """The default shard runner: every shard in this process, one after another."""
+    for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=not jobs):
+        build_shard(config, name, shard, key, data=data)
+
+
 def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData | None = None,
-                distributed: bool | None = None, data_ref=None) -> dict[str, str]:
+                run: ShardRunner = build_here) -> dict[str, str]:
     """Build whatever is missing, stale or damaged in the caches of these teachers; returns name -> cache path.
 
-    Shards that verify with the right key are kept, so an interrupted build resumes. With Ray initialised (or
-    distributed=True) each shard is one Ray task of 1 CPU, and the data travels once through the object store
-    (data_ref: where the caller already put it); otherwise the shards are built here, one after another, by the
-    same function.
+    Shards that verify with the right key are kept, so an interrupted build resumes. `run` builds the missing
+    shards: here by default; the sweep passes one that makes each shard a Ray task (kd_tune.sweep.shards_on_ray).
     """
     data = data or load_dataset(config.data.root)
-    store = storage.Storage.from_config(config.storage)
+    store = Storage.from_config(config.storage)
     keys = {name: cache_key(config, config.teacher(name), data) for name in teacher_names}
     jobs = [(name, shard, key) for name, key in keys.items() for shard in shard_names(config)
             if not shard_is_current(store, f"{cache_dir(name, key)}/{shard}", key)]
-    if distributed is None:
-        ray = sys.modules.get("ray")  # never imported means never initialised, and `kd-tune train` skips the import
-        distributed = ray is not None and ray.is_initialized()
-    if distributed:
-        run_on_ray(config, jobs, data, data_ref=data_ref)
-    else:
-        for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=not jobs):
-            build_shard(config, name, shard, key, data=data)
+    if jobs:
+        run(config, jobs, data)
     rebuilt = {name for name, _, _ in jobs}
     for name, key in keys.items():
         if name in rebuilt or not index_is_current(store, cache_dir(name, key), key, shard_names(config)):
@@ -184,31 +186,8 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
     return {name: store.path(cache_dir(name, key)) for name, key in keys.items()}
 
 
-def run_on_ray(config: Config, jobs: list[tuple[str, str, str]], data: WakewordData, *, data_ref=None) -> None:
-    """One Ray task per shard; the first task error is raised here, naming the shard."""
-    import ray
-
-    if not jobs:
-        return
-    task = ray.remote(num_cpus=1)(build_shard)
-    if data_ref is None:
-        data_ref = ray.put(data)
-    pending = {task.remote(config, name, shard, key, data=data_ref): f"{name}/{shard}" for name, shard, key in jobs}
-    with tqdm(total=len(pending), desc="teacher cache", unit="shard") as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            shard = pending.pop(done[0])
-            try:
-                ray.get(done[0])
-            except ray.exceptions.RayTaskError as error:
-                for ref in pending:
-                    ray.cancel(ref)
-                raise RuntimeError(f"building teacher-cache shard {shard} failed: {error}") from error
-            bar.update(1)
-
-
 @contextlib.contextmanager
-def build_lock(store: storage.Storage) -> Iterator[None]:
+def build_lock(store: Storage) -> Iterator[None]:
     """One builder at a time per local storage root: flock, released by the kernel even if the holder dies.
 
     S3 has no atomic create-if-absent here, so there two first users may both build; shards are deterministic and
@@ -244,16 +223,16 @@ class CachedTeachers(nn.Module):
     def load(cls, config: Config, data: WakewordData, *, device: torch.device | str = "cpu") -> CachedTeachers:
         """Every shard of every distillation teacher, verified; raises CheckpointError for anything incomplete,
         damaged or built for another key."""
-        store = storage.Storage.from_config(config.storage)
+        store = Storage.from_config(config.storage)
         clips = len(data.train.labels)
         per_teacher = []
         for teacher in config.distill_teachers:
             key = cache_key(config, teacher, data)
             rel = cache_dir(teacher.name, key)
             if not store.exists(f"{rel}/{INDEX}"):
-                raise storage.CheckpointError(f"teacher cache {store.uri}/{rel} is incomplete: its {INDEX}/ marker "
-                                              "is missing")
-            check_manifest(storage.verify_checkpoint(store, f"{rel}/{INDEX}"), kind=INDEX_KIND, key=key,
+                raise CheckpointError(f"teacher cache {store.uri}/{rel} is incomplete: its {INDEX}/ marker "
+                                      "is missing")
+            check_manifest(verify_checkpoint(store, f"{rel}/{INDEX}"), kind=INDEX_KIND, key=key,
                            where=f"{store.uri}/{rel}/{INDEX}")
             per_teacher.append(torch.stack([load_shard(store, f"{rel}/{s}", key, clips=clips)
                                             for s in shard_names(config)]))  # [S, N, 2]
@@ -274,15 +253,15 @@ class CachedTeachers(nn.Module):
         """Nothing to check: cached logits need no input, only clip indices."""
 
 
-def load_shard(store: storage.Storage, rel: str, key: str, *, clips: int) -> Tensor:
+def load_shard(store: Storage, rel: str, key: str, *, clips: int) -> Tensor:
     where = f"{store.uri}/{rel}"
-    checkpoint = storage.load_checkpoint(store, rel)
+    checkpoint = load_checkpoint(store, rel)
     check_manifest(checkpoint.manifest, kind=SHARD_KIND, key=key, where=where)
     logits = checkpoint.tensors.get("logits", {}).get("logits")
     if logits is None or logits.shape != (clips, 2) or logits.dtype != torch.float32:
         shape = None if logits is None else tuple(logits.shape)
-        raise storage.CheckpointError(f"{where}: logits.safetensors holds logits of shape {shape}, expected "
-                                      f"float32 ({clips}, 2)")
+        raise CheckpointError(f"{where}: logits.safetensors holds logits of shape {shape}, expected "
+                              f"float32 ({clips}, 2)")
     return logits
 
 
@@ -290,10 +269,10 @@ def cached_teachers(config: Config, data: WakewordData, device: torch.device) ->
     """The cache of the distillation teachers, built first (here, under a lock) if missing, stale or damaged."""
     try:
         return CachedTeachers.load(config, data, device=device)
-    except storage.CheckpointError as error:
+    except CheckpointError as error:
         log.warning("teacher cache not usable, building it: %s", error)
-    store = storage.Storage.from_config(config.storage)
+    store = Storage.from_config(config.storage)
     with build_lock(store):
         # In this process even under Ray: a trial's worker already holds the CPUs that Ray tasks would wait for.
-        build_cache(config, [t.name for t in config.distill_teachers], data=data, distributed=False)
+        build_cache(config, [t.name for t in config.distill_teachers], data=data)
     return CachedTeachers.load(config, data, device=device)

@@ -1,4 +1,9 @@
-"""`kd-tune`: the command line. Each sub-command validates its input at the edge and calls one library function."""
+"""`kd-tune`: the command line. Each sub-command validates its input at the edge and calls one library function.
+
+A command imports the modules it runs when it runs (the one place in kd_tune that imports inside functions): so
+`kd-tune config check` and `kd-tune detect` load no torch, and only the commands that use Ray load Ray. Every
+refusal derives from kd_tune.errors.KdTuneError and is printed as one line, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from kd_tune.config import ConfigError, dump_config, load_config
+from kd_tune.config import dump_config, load_config
+from kd_tune.errors import KdTuneError
+from kd_tune.metrics import METRICS
 
 EXIT_INVALID = 2
-
-
-def _expected_failures() -> tuple[type[Exception], ...]:
-    """Failures whose message already says what went wrong and what to do."""
-    from kd_tune.export import ParityError
-    from kd_tune.storage import CheckpointError, PathEscapeError
-    from kd_tune.train import NonFiniteLossError
-    from kd_tune.tune import SweepError
-
-    return CheckpointError, PathEscapeError, NonFiniteLossError, ParityError, SweepError, FileNotFoundError
 
 
 def _config(args: argparse.Namespace, *, check_paths: bool = True):
@@ -37,7 +34,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from kd_tune.data import synthesize
+    from kd_tune.synth import synthesize
 
     manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size)
     print(f"data set ready: {manifest}")
@@ -61,7 +58,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kd_tune.train import run_training
+    from kd_tune.record import run_training
 
     config = _config(args)
     run = run_training(config, name=args.name, resume=args.resume, echo=_print_epoch("train"))
@@ -70,18 +67,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from kd_tune import tune
+    from kd_tune.leaderboard import format_leaderboard, load_experiment
+    from kd_tune.space import load_search_space
+    from kd_tune.sweep import sweep
 
     if args.resume:  # the experiment's own config and space, so a resumed sweep cannot drift from the original
-        config, space, name = tune.load_experiment(args.resume, _config(args, check_paths=False))
+        config, space, name = load_experiment(args.resume, _config(args, check_paths=False))
     else:
         config = _config(args)
         if args.storage:
-            config = config.model_copy(update={"storage": config.storage.model_copy(update={"root": args.storage})})
-        space, name = tune.load_search_space(args.search_space), args.name
+            config = config.replace({"storage.root": args.storage}, source="--storage")
+        space, name = load_search_space(args.search_space), args.name
         space.check_teachers(config, source=args.search_space)
-    rows, errors = tune.sweep(config, space, name=name, address=args.address, resume=bool(args.resume))
-    print(tune.format_leaderboard(rows, metric=config.tune.metric))
+    rows, errors = sweep(config, space, name=name, address=args.address, resume=bool(args.resume))
+    print(format_leaderboard(rows, metric=config.tune.metric))
     experiment = f"{config.storage.root.rstrip('/')}/{name}"
     print(f"\nexperiment: {experiment}\nTensorBoard: tensorboard --logdir {experiment}")
     for error in errors:
@@ -90,10 +89,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from kd_tune import tune
+    from kd_tune.leaderboard import format_leaderboard, load_experiment, read_leaderboard
 
-    config, _, _ = tune.load_experiment(args.experiment, _config(args, check_paths=False))
-    print(tune.format_leaderboard(tune.read_leaderboard(args.experiment, config), metric=config.tune.metric))
+    config, _, _ = load_experiment(args.experiment, _config(args, check_paths=False))
+    print(format_leaderboard(read_leaderboard(args.experiment, config), metric=config.tune.metric))
     return 0
 
 
@@ -109,7 +108,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from kd_tune.export import Detector
+    from kd_tune.detect import Detector
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         print(f"kd-tune: --threshold must be a probability in [0, 1], got {args.threshold}", file=sys.stderr)
@@ -147,8 +146,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthesize the data (cached), fine-tune the teachers (cached), sweep, print the leaderboard."""
-    from kd_tune import tune
-    from kd_tune.data import load_dataset, synthesize
+    from kd_tune import export
+    from kd_tune.data import load_dataset
+    from kd_tune.leaderboard import format_leaderboard
+    from kd_tune.space import load_search_space
+    from kd_tune.sweep import sweep
+    from kd_tune.synth import synthesize
 
     out = Path(args.out).resolve()
     # The teacher-output cache: the sweep pays for each teacher's forward passes once, not once per trial-epoch.
@@ -158,14 +161,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size)
     data = load_dataset(d.root)
     _train_teachers(config, data)
-    space = tune.load_search_space(args.search_space)
-    rows, errors = tune.sweep(config, space, name="sweep", data=data)
-    print(tune.format_leaderboard(rows, metric=config.tune.metric))
+    space = load_search_space(args.search_space)
+    rows, errors = sweep(config, space, name="sweep", data=data)
+    print(format_leaderboard(rows, metric=config.tune.metric))
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
     if any(r["status"] == "OK" for r in rows):
-        from kd_tune import export
-
         source = export.locate_source(str(out / "sweep"), config)
         print(export.summary(export.export_student(source.load(), out / "model.onnx", source=source.describe())))
     print(f"\nexperiment: {out / 'sweep'}\nTensorBoard: tensorboard --logdir {out / 'sweep'}")
@@ -173,7 +174,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _train_teachers(config, data, names=None) -> None:
-    from kd_tune.train import fit_teacher, teacher_is_current
+    from kd_tune.teachers import teacher_is_current
+    from kd_tune.train import fit_teacher
 
     for teacher in [config.teacher(n) for n in names or [t.name for t in config.teachers]]:
         if teacher_is_current(config, teacher, data):
@@ -184,9 +186,7 @@ def _train_teachers(config, data, names=None) -> None:
 
 
 def _format_metrics(metrics: dict) -> str:
-    keys = ("total_loss", "student_loss", "distillation_loss", "accuracy", "auc", "eer", "frr_at_target_fa",
-            "fa_per_hour")
-    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+    return " ".join(f"{k}={metrics[k]:.4f}" for k, m in METRICS.items() if m.echo and k in metrics)
 
 
 def _print_epoch(prefix: str):
@@ -205,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
                        help="override one value, e.g. --set training.epochs=3 (repeatable)")
 
     config = sub.add_parser("config", help="validate or show a configuration").add_subparsers(dest="action",
-                                                                                             required=True)
+                                                                                              required=True)
     q = config.add_parser("check", help="validate a file without running anything (exit 2 when invalid)")
     q.add_argument("file")
     q.add_argument("--no-path-check", action="store_true", help="do not require data.root to exist")
@@ -239,8 +239,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("sweep", help="search alpha schedule, temperature and teacher with Ray Tune + Optuna")
     with_config(q)
-    q.add_argument("--search-space", default="search_spaces/default.yaml", help="YAML search space (or a name "
-                   "under search_spaces/, e.g. smoke)")
+    q.add_argument("--search-space", default="default", help="a YAML search space, or a built-in one by name: "
+                   "default, smoke (default: default)")
     q.add_argument("--storage", help="PATH_OR_URI for the experiment (default: storage.root of the config)")
     q.add_argument("--name", default="sweep", help="experiment name: written to PATH_OR_URI/NAME")
     q.add_argument("--resume", metavar="EXPERIMENT", help="continue PATH_OR_URI/NAME after its driver died "
@@ -279,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("demo", help="the whole job on the embedded default")
     q.add_argument("--out", default="runs/demo")
-    q.add_argument("--search-space", default="default")
+    q.add_argument("--search-space", default="default", help="a YAML search space, or a built-in one by name")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.set_defaults(func=cmd_demo)
     return p
@@ -289,14 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (KdTuneError, FileNotFoundError) as e:  # the message says what went wrong and what to do
         print(f"kd-tune: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except Exception as e:
-        if not isinstance(e, _expected_failures()):
-            raise
-        print(f"kd-tune: {e}", file=sys.stderr)  # a clear, user-facing failure: no traceback
-        return 1
+        return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print("kd-tune: interrupted", file=sys.stderr)
         return 130

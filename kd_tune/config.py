@@ -2,6 +2,8 @@
 
 Every section is a frozen pydantic model that forbids unknown keys. `load_config` reports every problem in a file
 at once, each with its dotted field path, the bad value and what is allowed; nothing starts on an invalid file.
+`Config.replace` is the one way to change a setting afterwards: it validates again. Loading a config imports no
+torch: the registries' names are listed here, and a contract test keeps them equal to kd_tune.models'.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from kd_tune.errors import KdTuneError
+from kd_tune.metrics import METRICS, RANKABLE
 
 DEFAULT_CONFIG_NAME = "default.yaml"
-# The names kd_tune.distill implements; here so that validating a config (and `kd-tune detect`) needs no torch.
+# The names kd_tune.distill and kd_tune.models implement; here so that validating a config needs no torch.
 ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 TEACHER_COMBINATIONS = ("mean", "confidence")
-METRICS_MINIMISED = ("frr_at_target_fa", "eer", "fa_per_hour", "total_loss", "student_loss", "distillation_loss")
-METRICS_MAXIMISED = ("accuracy", "auc")
+STUDENT_NAMES = ("bc_resnet", "ds_cnn", "tc_resnet")
+TEACHER_ARCHS = ("cnn", "data2vec_audio", "hubert", "wav2vec2", "wavlm", "whisper")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -83,9 +87,7 @@ class StudentConfig(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from kd_tune.models import STUDENTS
-
-        return _registered(name, STUDENTS, "student")
+        return _registered(name, STUDENT_NAMES, "student")
 
 
 class TeacherConfig(Section):
@@ -101,9 +103,7 @@ class TeacherConfig(Section):
     @field_validator("arch")
     @classmethod
     def _known(cls, arch: str) -> str:
-        from kd_tune.models import TEACHERS
-
-        return _registered(arch, TEACHERS, "teacher")
+        return _registered(arch, TEACHER_ARCHS, "teacher")
 
 
 class DistillationConfig(Section):
@@ -154,7 +154,7 @@ class TrainingConfig(Section):
 
 class TuneConfig(Section):
     num_samples: Count = 6
-    metric: Literal[METRICS_MINIMISED + METRICS_MAXIMISED] = "frr_at_target_fa"
+    metric: Literal[RANKABLE] = "frr_at_target_fa"
     max_concurrent_trials: Count = 2
     workers_per_trial: Count = 1
     cpus_per_worker: Positive = 1.0
@@ -166,7 +166,7 @@ class TuneConfig(Section):
 
     @property
     def mode(self) -> str:
-        return "max" if self.metric in METRICS_MAXIMISED else "min"
+        return METRICS[self.metric].goal
 
 
 class StorageConfig(Section):
@@ -217,16 +217,29 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def replace(self, changes: dict[str, Any], *, source: str = "<changed settings>") -> Config:
+        """A copy with `{"section.key": value}` changed, validated again and with local paths made absolute."""
+        raw = self.to_dict()
+        for dotted, value in changes.items():
+            *parents, leaf = dotted.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return with_absolute_paths(validate(raw, source=source))
 
-class ConfigError(ValueError):
+
+class ConfigError(KdTuneError, ValueError):
     """Every problem found in one configuration, one per line."""
+
+    exit_code = 2
 
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
         super().__init__(f"invalid configuration {source}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _registered(name: str, registry: dict, what: str) -> str:
+def _registered(name: str, registry: tuple[str, ...], what: str) -> str:
     if name not in registry:
         raise ValueError(f"unknown {what} {name!r} (allowed: {', '.join(sorted(registry))})")
     return name
@@ -306,9 +319,3 @@ def with_absolute_paths(config: Config) -> Config:
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
-
-def save_config(config: Config, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_config(config))
-    tmp.replace(path)

@@ -5,6 +5,8 @@ from 25 ms windows every 10 ms, ~100 frames per 1 s clip. Augmentation draws eve
 torch.Generator, so the teacher-output cache can replay exactly the same views later.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
@@ -12,17 +14,19 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import Tensor, nn
 
+from kd_tune.config import Config, FeaturesConfig
+
 SAMPLE_RATE = 16000  # Hz
 CLIP_SECONDS = 1
 N_SAMPLES = CLIP_SECONDS * SAMPLE_RATE  # samples per clip
 WINDOW_MS = 25
 HOP_MS = 10
-N_FFT = SAMPLE_RATE * WINDOW_MS // 1000  # 400 samples per analysis window
 HOP_LENGTH = SAMPLE_RATE * HOP_MS // 1000  # 160 samples between frames
 N_MELS = 40
 N_FRAMES = N_SAMPLES // HOP_LENGTH + 1  # 101 frames per clip with centred windows
 LOG_FLOOR = 1e-6  # fixed floor, not AmplitudeToDB's top_db, so a clip's features never depend on its batch
 MEL_SCALES = ("htk", "slaney")
+VIEW_CHUNK = 256  # clips per seeded draw: fixed, so a view is the same whatever the batch size
 
 
 def samples(ms: float) -> int:
@@ -54,6 +58,10 @@ class LogMel(nn.Module):
         fbank = AF.melscale_fbanks(self.n_fft // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE,
                                    norm="slaney" if mel_scale == "slaney" else None, mel_scale=mel_scale)
         self.register_buffer("mel_fbank", fbank.T.contiguous(), persistent=False)  # [n_mels, n_freq]
+
+    @classmethod
+    def from_config(cls, features: FeaturesConfig) -> LogMel:
+        return cls(n_mels=features.n_mels, window_ms=features.window_ms, hop_ms=features.hop_ms)
 
     def power(self, wave: Tensor) -> Tensor:
         """Mel power spectrogram [B, n_mels, T] of wave [B, N]."""
@@ -233,3 +241,35 @@ def band_mask(batch: int, size: int, max_width: int, count: int, generator: torc
     index = torch.arange(size, device=device)  # [size]
     inside = (index >= start[..., None]) & (index < (start + width)[..., None])  # [batch, count, size]
     return inside.any(dim=1)
+
+
+# ---------------------------------------------------------------- the configured front end, and seeded views
+
+
+def front_end(config: Config, noise_bank: Tensor, device: torch.device) -> tuple[LogMel, Augment | None, SpecAugment]:
+    """The log-mel front end, waveform augmentation (None when off) and SpecAugment of a config.
+
+    noise_bank [N_bg, N_SAMPLES]: background clips mixed in as noise (the training split's background clips).
+    """
+    a = config.augment
+    log_mel = LogMel.from_config(config.features).to(device)
+    augment = Augment(time_shift_ms=a.time_shift_ms, gain_db=a.gain_db, noise_prob=a.noise_prob,
+                      snr_db_min=a.snr_db_min, snr_db_max=a.snr_db_max, reverb_prob=a.reverb_prob,
+                      noise_bank=noise_bank, rir_seed=config.training.seed).to(device) if a.enabled else None
+    spec_augment = SpecAugment(freq_mask_bins=a.freq_mask_bins if a.enabled else 0,
+                               time_mask_frames=a.time_mask_frames if a.enabled else 0)
+    return log_mel, augment, spec_augment
+
+
+@torch.no_grad()
+def render_view(audio: Tensor, augment: Augment | None, *, view: int, seed: int) -> Tensor:
+    """Augmented copy number `view` of every clip [N, N_SAMPLES]; the same (seed, view) always gives the same audio."""
+    if augment is None:
+        return audio
+    chunks = []
+    for start in range(0, len(audio), VIEW_CHUNK):
+        # A CPU generator draws the same numbers on every device, so a view rendered on a GPU worker and in the
+        # teacher-output cache (possibly on another machine) is the same audio.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + view * 10_007 + start)
+        chunks.append(augment(audio[start:start + VIEW_CHUNK], generator=generator))
+    return torch.cat(chunks)

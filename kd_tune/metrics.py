@@ -7,6 +7,7 @@ activation rule without torch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +17,40 @@ if TYPE_CHECKING:
 
 SECONDS_PER_HOUR = 3600.0
 MAX_THRESHOLD_CANDIDATES = 512
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure a training epoch reports: where TensorBoard shows it and how the sweep, leaderboard and console
+    use it."""
+
+    tag: str  # TensorBoard tag; the group before "/" orders the charts
+    goal: str | None = None  # "min" or "max" where a sweep may rank trials by it
+    column: bool = False  # a column of the leaderboard files
+    shown: bool = False  # a column of the leaderboard printed on the terminal
+    echo: bool = False  # printed on the console after each epoch
+
+
+# Every metric `fit` reports besides "epoch" and "step", in display order. The loop, TensorBoard, the leaderboard,
+# the console, bench and the config's `tune.metric` all read this table.
+METRICS = {
+    "frr_at_target_fa": Metric("val/frr_at_target_fa", "min", column=True, shown=True, echo=True),
+    "fa_per_hour": Metric("val/fa_per_hour", "min", column=True, shown=True, echo=True),
+    "accuracy": Metric("val/accuracy", "max", column=True, shown=True, echo=True),
+    "auc": Metric("val/auc", "max", column=True, shown=True, echo=True),
+    "eer": Metric("val/eer", "min", column=True, echo=True),
+    "threshold": Metric("val/threshold", column=True),
+    "student_loss": Metric("loss/student", "min", column=True, echo=True),
+    "distillation_loss": Metric("loss/distillation", "min", column=True, echo=True),
+    "total_loss": Metric("loss/total", "min", echo=True),
+    "alpha": Metric("schedule/alpha"),
+    "temperature": Metric("schedule/temperature"),
+    "lr": Metric("schedule/lr"),
+    "skipped_steps": Metric("guard/skipped_steps"),
+    "epoch_seconds": Metric("time/epoch_seconds"),
+}
+RANKABLE = tuple(name for name, m in METRICS.items() if m.goal)
+LOSSES = tuple(name for name, m in METRICS.items() if m.tag.startswith("loss/"))
 
 
 def _to_numpy(values) -> np.ndarray:
@@ -83,6 +118,11 @@ def activation_indices(probabilities: np.ndarray, *, threshold: float, refractor
     return fired
 
 
+def refractory_window_count(refractory_seconds: float, hop_seconds: float) -> int:
+    """The refractory period in whole windows, rounded so that e.g. 2.1 / 0.3 = 7.000000000000001 does not become 8."""
+    return math.ceil(round(refractory_seconds / hop_seconds, 9))
+
+
 def activation_times(
     probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0
 ) -> list[float]:
@@ -93,9 +133,8 @@ def activation_times(
     """
     probabilities = _to_numpy(probabilities)
     _check_stream_args(probabilities, hop_seconds, refractory_seconds)
-    # whole windows, rounded so that e.g. 2.1 / 0.3 = 7.000000000000001 does not become 8
-    refractory_windows = math.ceil(round(refractory_seconds / hop_seconds, 9))
-    fired = activation_indices(probabilities, threshold=threshold, refractory_windows=refractory_windows)
+    fired = activation_indices(probabilities, threshold=threshold,
+                               refractory_windows=refractory_window_count(refractory_seconds, hop_seconds))
     return [i * hop_seconds for i in fired]
 
 

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_tune.features import N_FRAMES, N_MELS, N_SAMPLES, LogMel
+from kd_tune.features import N_FRAMES, N_MELS, LogMel
 
 N_CLASSES = 2  # 0 = not the wake word, 1 = the wake word
 INPUT_KINDS = ("waveform", "features")
-INPUT_SHAPES = {"waveform": f"[B, {N_SAMPLES}]", "features": f"[B, n_mels, {N_FRAMES}]"}
 RANDOM_INIT_SOURCES = ("tiny", "base")
 
 
@@ -323,17 +322,6 @@ def teacher_input_kind(model: nn.Module) -> str:
     if kind not in INPUT_KINDS:
         raise TypeError(f"{type(model).__name__} has input_kind {kind!r} (allowed: {', '.join(INPUT_KINDS)})")
     return kind
-
-
-def check_input_kind(model: nn.Module, kind: str) -> None:
-    """Raise when a model would be fed the wrong kind of input (raw audio vs log-mels)."""
-    if kind not in INPUT_KINDS:
-        raise ValueError(f"input kind {kind!r} is not one of {', '.join(INPUT_KINDS)}")
-    expected = teacher_input_kind(model)
-    if kind != expected:
-        name = getattr(model, "arch", type(model).__name__)
-        raise ValueError(f"teacher {name!r} takes {expected} {INPUT_SHAPES[expected]} but was given {kind} "
-                         f"{INPUT_SHAPES[kind]}")
 
 
 def count_parameters(model: nn.Module) -> int:

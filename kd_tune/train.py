@@ -1,8 +1,10 @@
 """Training loops: `fit` distils a student from frozen teachers; `fit_teacher` fine-tunes one teacher.
 
-Neither knows about Ray. `fit(config, report)` calls `report(metrics, checkpoint_dir)` once per epoch; the command
-line writes TensorBoard scalars from it and the Tune layer forwards it to `ray.train.report`. When torch.distributed
-is initialised (Ray Train's DDP workers), each rank trains on its shard and the metrics are all-reduced first.
+Neither knows about Ray. `fit(config, report)` calls `report(metrics, checkpoint_dir)` once per epoch: kd_tune.record
+writes TensorBoard scalars and checkpoints from it, and kd_tune.trial forwards it to `ray.train.report`. Both loops
+share their set-up (`prepare`), their optimizer step (`Stepper`) and their epoch (`train_epoch`); they differ only in
+the loss of a batch. When torch.distributed is initialised (Ray Train's DDP workers), each rank trains on its shard
+and the metrics are all-reduced first.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,23 +23,28 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from kd_tune import storage
-from kd_tune.config import Config, TeacherConfig, dump_config
+from kd_tune.cache import cached_teachers
+from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
+from kd_tune.config import Config, DistillationConfig, TeacherConfig
 from kd_tune.data import Split, WakewordData, load_dataset, sample_weights
-from kd_tune.distill import alpha_at, combine_teachers, distillation_loss, temperature_at, weighted_cross_entropy
-from kd_tune.features import SAMPLE_RATE, N_SAMPLES, Augment, LogMel, SpecAugment
+from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
+from kd_tune.errors import KdTuneError
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE, Augment, LogMel, SpecAugment, front_end, render_view
 from kd_tune.metrics import sliding_windows, wakeword_metrics
-from kd_tune.models import build_student, build_teacher, count_parameters, hf_config, teacher_input_kind
+from kd_tune.models import build_student
+from kd_tune.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
 
 Report = Callable[[dict[str, float], "Path | None"], None]
+# The loss of one batch: (waveforms [B, N_SAMPLES], clip indices [B], view, SpecAugment generator, progress in
+# [0, 1]) -> the loss to minimise first, then any parts to average over the epoch.
+BatchLoss = Callable[[Tensor, Tensor, int, torch.Generator, float], tuple[Tensor, ...]]
 # Validation batch. Ray Train runs the loop in a thread, and there, with 256 (or 128) windows a batch, validation
 # ran ~17% slower than in a main thread (glibc serves a thread's large allocations from bounded heaps, most likely
 # mapped and unmapped again); with 64 it ran as fast as in the main thread, and faster in both. Measured on CPU.
 EVAL_BATCH = 64
-VIEW_CHUNK = 256  # fixed, so a seeded augmentation view is the same whatever the batch size
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(KdTuneError, RuntimeError):
     """Raised after `max_nonfinite_steps` consecutive steps with a non-finite loss or gradient."""
 
 
@@ -48,7 +56,30 @@ class TrainState:
     consecutive_skips: int = 0
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What the student and the teacher loop prepare alike, once per run."""
+
+    device: torch.device
+    log_mel: LogMel
+    augment: Augment | None
+    spec_augment: SpecAugment
+    audio: Tensor  # [N, N_SAMPLES] training clips, on the device
+    labels: Tensor  # [N]
+    weights: Tensor  # [N] loss weight per clip: hard negatives count more
+    stream: Tensor  # [S] the validation negative stream, for false accepts per hour
+
+
 # ---------------------------------------------------------------- set-up
+
+
+def prepare(config: Config, data: WakewordData) -> Setup:
+    torch.manual_seed(config.training.seed)
+    device = pick_device(config.training.device)
+    log_mel, augment, spec_augment = front_end(config, data.train.of_kind("background"), device)
+    weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight)
+    return Setup(device, log_mel, augment, spec_augment, audio=data.train.audio.to(device),
+                 labels=data.train.labels.to(device), weights=weights.to(device), stream=data.negative_stream("val"))
 
 
 def pick_device(setting: str) -> torch.device:
@@ -63,30 +94,8 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def front_end(config: Config, data: WakewordData, device: torch.device) -> tuple[LogMel, Augment | None, SpecAugment]:
-    f, a = config.features, config.augment
-    log_mel = LogMel(n_mels=f.n_mels, window_ms=f.window_ms, hop_ms=f.hop_ms).to(device)
-    background = data.train.audio[[k == "background" for k in data.train.kinds]]  # [N_bg, N_SAMPLES]
-    augment = Augment(time_shift_ms=a.time_shift_ms, gain_db=a.gain_db, noise_prob=a.noise_prob,
-                      snr_db_min=a.snr_db_min, snr_db_max=a.snr_db_max, reverb_prob=a.reverb_prob,
-                      noise_bank=background, rir_seed=config.training.seed).to(device) if a.enabled else None
-    spec_augment = SpecAugment(freq_mask_bins=a.freq_mask_bins if a.enabled else 0,
-                               time_mask_frames=a.time_mask_frames if a.enabled else 0)
-    return log_mel, augment, spec_augment
-
-
-@torch.no_grad()
-def render_view(audio: Tensor, augment: Augment | None, *, view: int, seed: int) -> Tensor:
-    """Augmented copy number `view` of every clip [N, N_SAMPLES]; the same (seed, view) always gives the same audio."""
-    if augment is None:
-        return audio
-    chunks = []
-    for start in range(0, len(audio), VIEW_CHUNK):
-        # A CPU generator draws the same numbers on every device, so a view rendered on a GPU worker and in the
-        # teacher-output cache (possibly on another machine) is the same audio.
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + view * 10_007 + start)
-        chunks.append(augment(audio[start:start + VIEW_CHUNK], generator=generator))
-    return torch.cat(chunks)
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return sum(1 for _ in batches(n, batch_size, seed=0, epoch=0))
 
 
 def batches(n: int, batch_size: int, *, seed: int, epoch: int) -> Iterator[Tensor]:
@@ -106,81 +115,6 @@ def lr_at(step: int, *, total_steps: int, base_lr: float, warmup_fraction: float
         return base_lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# ---------------------------------------------------------------- teachers
-
-
-class TeacherEnsemble(nn.Module):
-    """Frozen teachers in eval mode; each takes the input it declares, checked once at set-up."""
-
-    def __init__(self, teachers: dict[str, nn.Module], *, combine: str, device: torch.device, dtype: torch.dtype):
-        super().__init__()
-        self.teachers = nn.ModuleDict(teachers).eval().requires_grad_(False)
-        self.combine, self.device, self.dtype = combine, device, dtype
-        self.to(device=device, dtype=dtype)
-
-    def train(self, mode: bool = True) -> "TeacherEnsemble":
-        return super().train(False)  # teachers stay in eval mode: no dropout, no BatchNorm statistics updates
-
-    @torch.no_grad()
-    def forward(self, inputs: dict[str, Tensor], *, view: int | None = None, index: Tensor | None = None) -> Tensor:
-        """Combined logits [B, 2] of the live teachers; view and index serve the cached alternative only."""
-        logits = []
-        for name, teacher in self.teachers.items():
-            x = inputs[teacher.input_kind].to(self.device, self.dtype)  # [B, N_SAMPLES] or [B, n_mels, T]
-            logits.append(teacher(x).float())  # [B, 2]
-        out = logits[0] if len(logits) == 1 else combine_teachers(logits, method=self.combine)
-        return out.to(next(iter(inputs.values())).device)
-
-    def check_inputs(self, inputs: dict[str, Tensor]) -> None:
-        """Fail at set-up, naming the teacher, when it cannot take the input this run would give it."""
-        for name, teacher in self.teachers.items():
-            kind = teacher_input_kind(teacher)
-            if kind not in inputs:
-                raise ValueError(f"teacher {name!r} takes {kind} input, but this run provides only "
-                                 f"{' and '.join(sorted(inputs))}")
-            x = inputs[kind][:1].to(self.device, self.dtype)  # as forward() feeds it: half-precision teachers too
-            try:
-                out = teacher(x)  # one probe forward: a wrong shape fails here, not mid-epoch
-            except RuntimeError as e:
-                raise ValueError(f"teacher {name!r} cannot take {kind} input of shape {tuple(x.shape)}: {e}") from e
-            if out.shape != (1, 2):
-                raise ValueError(f"teacher {name!r} returned logits of shape {tuple(out.shape)} (expected [B, 2])")
-
-
-def teacher_checkpoint_dir(name: str) -> str:
-    return f"teachers/{name}"
-
-
-def load_teacher(config: Config, teacher: TeacherConfig) -> nn.Module:
-    """A fine-tuned teacher from the storage root, verified before any weight is used."""
-    store = storage.Storage.from_config(config.storage)
-    ckpt = storage.load_checkpoint(store, teacher_checkpoint_dir(teacher.name))
-    model = build_teacher(teacher.arch, source=teacher.source, n_mels=config.features.n_mels,
-                          hf_config=ckpt.manifest["extra"].get("hf_config"))
-    storage.load_state_dict_strict(model, ckpt.tensors["model"])
-    return model
-
-
-def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
-    d = config.distillation
-    on = torch.device("cpu") if d.teacher_device == "cpu" else device
-    dtype = getattr(torch, d.teacher_dtype) if on.type == "cuda" else torch.float32  # half precision only pays on CUDA
-    teachers = {t.name: load_teacher(config, t) for t in config.distill_teachers}
-    return TeacherEnsemble(teachers, combine=d.combine, device=on, dtype=dtype)
-
-
-def distillation_teachers(config: Config, data: WakewordData, device: torch.device) -> nn.Module:
-    """The live teachers, or their cached logits when distillation.teacher_mode is 'cache'."""
-    # Building a teacher module draws initial weights that loading then replaces: forked, so that the student's
-    # initialisation and dropout see the same random stream in both modes.
-    with torch.random.fork_rng(devices=[]):
-        if config.distillation.teacher_mode == "cache":
-            from kd_tune.cache import cached_teachers  # kd_tune.cache builds on this module: imported here, not above
-
-            return cached_teachers(config, data, device)
-        return teacher_ensemble(config, device)
 
 
 # ---------------------------------------------------------------- one step, one evaluation
@@ -260,7 +194,7 @@ def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (values / dist.get_world_size()).tolist()))
 
 
-def probe_step(student: nn.Module, teachers: TeacherEnsemble, log_mel: LogMel, batch: int,
+def probe_step(student: nn.Module, teachers: Teachers, log_mel: LogMel, batch: int,
                device: torch.device) -> None:
     wave = torch.randn(batch, N_SAMPLES, device=device)  # [B, N_SAMPLES]
     feats = log_mel(wave)  # [B, n_mels, T]
@@ -272,210 +206,189 @@ def probe_step(student: nn.Module, teachers: TeacherEnsemble, log_mel: LogMel, b
 # ---------------------------------------------------------------- checkpoints
 
 
+def optimizer_to_safe(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors (`state.<param>.<slot>`) and JSON for everything else."""
+    tensors, state = {}, {}
+    for param, slots in state_dict["state"].items():
+        state[str(param)] = {}
+        for slot, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param}.{slot}"] = value
+            else:
+                state[str(param)][slot] = value
+    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def optimizer_from_safe(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    """The inverse of optimizer_to_safe, ready for optimizer.load_state_dict."""
+    state = {int(param): dict(slots) for param, slots in meta["state"].items()}
+    for key, value in tensors.items():
+        _, param, slot = key.split(".", 2)
+        state.setdefault(int(param), {})[slot] = value
+    return {"state": state, "param_groups": [dict(group) for group in meta["param_groups"]]}
+
+
 def save_training_checkpoint(parent: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
                              state: TrainState, config: Config, metrics: dict) -> Path:
     """Student, optimizer tensors and RNG state as safetensors; everything else as JSON. No pickle."""
-    opt_tensors, opt_json = storage.optimizer_to_safe(optimizer.state_dict())
-    storage.save_checkpoint(parent, "checkpoint", {"model": student.state_dict(), "optimizer": opt_tensors,
-                                             "rng": {"torch": torch.get_rng_state()}},
-                            kind="student", config=config.to_dict(), epoch=state.epoch, step=state.step,
-                            metrics=metrics, extra={"optimizer": opt_json, "skipped_steps": state.skipped_steps,
-                                                    "student": config.student.model_dump()})
+    opt_tensors, opt_json = optimizer_to_safe(optimizer.state_dict())
+    save_checkpoint(parent, "checkpoint", {"model": student.state_dict(), "optimizer": opt_tensors,
+                                           "rng": {"torch": torch.get_rng_state()}},
+                    kind="student", config=config.to_dict(), epoch=state.epoch, step=state.step, metrics=metrics,
+                    extra={"optimizer": opt_json, "skipped_steps": state.skipped_steps,
+                           "student": config.student.model_dump()})
     return parent / "checkpoint"
 
 
-def restore(checkpoint: storage.Checkpoint, student: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    storage.load_state_dict_strict(student, checkpoint.tensors["model"])
-    optimizer.load_state_dict(storage.optimizer_from_safe(checkpoint.tensors["optimizer"],
-                                                          checkpoint.manifest["extra"]["optimizer"]))
+def restore(checkpoint: Checkpoint, student: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    load_state_dict_strict(student, checkpoint.tensors["model"])
+    optimizer.load_state_dict(optimizer_from_safe(checkpoint.tensors["optimizer"],
+                                                  checkpoint.manifest["extra"]["optimizer"]))
     torch.set_rng_state(checkpoint.tensors["rng"]["torch"])
     m = checkpoint.manifest
     return TrainState(step=m["step"], epoch=m["epoch"], skipped_steps=m["extra"]["skipped_steps"])
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the loops
 
 
-def fit(config: Config, report: Report, *, data: WakewordData | None = None,
-        resume: storage.Checkpoint | None = None, teachers: TeacherEnsemble | None = None) -> dict[str, float]:
+def distillation_teachers(config: Config, data: WakewordData, device: torch.device) -> Teachers:
+    """The live teachers, or their cached logits when distillation.teacher_mode is 'cache'."""
+    # Building a teacher module draws initial weights that loading then replaces: forked, so that the student's
+    # initialisation and dropout see the same random stream in both modes.
+    with torch.random.fork_rng(devices=[]):
+        if config.distillation.teacher_mode == "cache":
+            return cached_teachers(config, data, device)
+        return teacher_ensemble(config, device)
+
+
+def schedule(d: DistillationConfig, progress: float) -> tuple[float, float]:
+    """(alpha, temperature) at a fraction of training."""
+    alpha = alpha_at(d.alpha_schedule, progress, alpha_start=d.alpha_start, alpha_end=d.alpha_end,
+                     step_points=d.alpha_step_points)
+    return alpha, temperature_at(d.temperature_schedule, progress, temperature_start=d.temperature_start,
+                                 temperature_end=d.temperature_end)
+
+
+class Stepper:
+    """One optimizer step as both loops take it: AdamW at the step's learning rate (warm-up, then cosine), AMP on
+    CUDA, gradient clipping, and the guard that skips non-finite steps and stops after too many in a row."""
+
+    def __init__(self, model: nn.Module, params, *, lr: float, weight_decay: float, total_steps: int,
+                 config: Config, device: torch.device):
+        t = config.training
+        self.model, self.total_steps, self.base_lr = model, total_steps, lr
+        self.warmup_fraction, self.clip = t.warmup_fraction, t.grad_clip_norm
+        self.limit = config.distillation.max_nonfinite_steps
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.use_amp = t.mixed_precision and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_amp)
+
+    def __call__(self, loss: Tensor, state: TrainState) -> bool:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(state.step, total_steps=self.total_steps, base_lr=self.base_lr,
+                            warmup_fraction=self.warmup_fraction)
+        ok = optimizer_step(loss, self.model, self.optimizer, self.scaler, clip=self.clip)
+        guard(ok, state, limit=self.limit)
+        state.step += 1
+        return ok
+
+
+def train_epoch(s: Setup, stepper: Stepper, state: TrainState, batch_loss: BatchLoss, *, batch_size: int,
+                seed: int, views: int, desc: str) -> list[float]:
+    """One pass over the training clips in this epoch's augmentation view; returns each loss part's mean over the
+    steps that counted."""
+    view = state.epoch % views
+    wave = render_view(s.audio, s.augment, view=view, seed=seed)  # [N, N_SAMPLES]
+    stepper.model.train()
+    sums, counted = None, 0
+    bar = tqdm(batches(len(s.labels), batch_size, seed=seed, epoch=state.epoch),
+               total=steps_per_epoch(len(s.labels), batch_size), desc=desc, disable=rank_and_world()[0] != 0,
+               leave=False)
+    for idx in bar:
+        generator = torch.Generator(device=s.device).manual_seed(seed * 7919 + state.step)
+        parts = batch_loss(wave[idx], idx, view, generator, state.step / stepper.total_steps)
+        if stepper(parts[0], state):
+            values = torch.tensor([p.item() for p in parts], dtype=torch.float64)
+            sums, counted = values if sums is None else sums + values, counted + 1
+        bar.set_postfix(loss=f"{parts[0].item():.3f}")
+    return [0.0] * len(parts) if sums is None else (sums / counted).tolist()
+
+
+def fit(config: Config, report: Report, *, data: WakewordData | None = None, resume: Checkpoint | None = None,
+        teachers: Teachers | None = None) -> dict[str, float]:
     """Distil the configured teachers into the configured student; returns the last epoch's metrics."""
     t, d = config.training, config.distillation
-    torch.manual_seed(t.seed)
-    device, (rank, world) = pick_device(t.device), rank_and_world()
     data = data or load_dataset(config.data.root)
-    log_mel, augment, spec_augment = front_end(config, data, device)
-    teachers = teachers or distillation_teachers(config, data, device)
-    student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels).to(device)
+    s = prepare(config, data)
+    rank, world = rank_and_world()
+    teachers = teachers or distillation_teachers(config, data, s.device)
+    student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels)
+    student = student.to(s.device)
     model = DistributedDataParallel(student) if world > 1 else student
-    optimizer = torch.optim.AdamW(student.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    use_amp = t.mixed_precision and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
-    state = restore(resume, student, optimizer) if resume else TrainState()
-
-    train_audio = data.train.audio.to(device)  # [N, N_SAMPLES]
-    labels = data.train.labels.to(device)  # [N]
-    weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight).to(device)
-    teachers.check_inputs({"waveform": train_audio[:1], "features": log_mel(train_audio[:1])})
+    teachers.check_inputs({"waveform": s.audio[:1], "features": s.log_mel(s.audio[:1])})
     batch_size = t.batch_size if t.batch_size != "auto" else probe_batch_size(
-        lambda b: probe_step(student, teachers, log_mel, b, device), device)
-    steps_per_epoch = len(list(batches(len(labels), batch_size, seed=t.seed, epoch=0)))
-    total_steps = t.epochs * steps_per_epoch
-    stream = data.negative_stream("val")
+        lambda b: probe_step(student, teachers, s.log_mel, b, s.device), s.device)
+    total_steps = t.epochs * steps_per_epoch(len(s.labels), batch_size)
+    stepper = Stepper(model, student.parameters(), lr=t.lr, weight_decay=t.weight_decay, total_steps=total_steps,
+                      config=config, device=s.device)
+    state = restore(resume, student, stepper.optimizer) if resume else TrainState()
+
+    def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
+        alpha, temperature = schedule(d, progress)
+        feats = s.log_mel(wave)  # [B, n_mels, T]
+        teacher_logits = teachers({"waveform": wave, "features": feats}, view=view, index=idx)  # [B, 2]
+        with torch.autocast(s.device.type, enabled=stepper.use_amp):
+            student_logits = model(s.spec_augment(feats, generator=generator))  # [B, 2]
+        return distillation_loss(student_logits, teacher_logits, s.labels[idx], alpha=alpha, temperature=temperature,
+                                 sample_weight=s.weights[idx])  # (total, student, distillation)
 
     metrics: dict[str, float] = {}
     while state.epoch < t.epochs:
-        view = state.epoch % config.augment.views
-        wave = render_view(train_audio, augment, view=view, seed=t.seed)  # [N, N_SAMPLES]
-        model.train()
-        sums, started = torch.zeros(4, dtype=torch.float64), time.perf_counter()  # total, student, kd, steps
-        bar = tqdm(batches(len(labels), batch_size, seed=t.seed, epoch=state.epoch), total=steps_per_epoch,
-                   desc=f"epoch {state.epoch + 1}/{t.epochs}", disable=rank != 0, leave=False)
-        for idx in bar:
-            progress = state.step / total_steps
-            alpha = alpha_at(d.alpha_schedule, progress, alpha_start=d.alpha_start, alpha_end=d.alpha_end,
-                             step_points=d.alpha_step_points)
-            temperature = temperature_at(d.temperature_schedule, progress, temperature_start=d.temperature_start,
-                                         temperature_end=d.temperature_end)
-            feats = log_mel(wave[idx])  # [B, n_mels, T]
-            teacher_logits = teachers({"waveform": wave[idx], "features": feats}, view=view, index=idx)  # [B, 2]
-            generator = torch.Generator(device=device).manual_seed(t.seed * 7919 + state.step)
-            with torch.autocast(device.type, enabled=use_amp):
-                student_logits = model(spec_augment(feats, generator=generator))  # [B, 2]
-            parts = distillation_loss(student_logits, teacher_logits, labels[idx], alpha=alpha,
-                                      temperature=temperature, sample_weight=weights[idx])
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(state.step, total_steps=total_steps, base_lr=t.lr, warmup_fraction=t.warmup_fraction)
-            ok = optimizer_step(parts.total, model, optimizer, scaler, clip=t.grad_clip_norm)
-            guard(ok, state, limit=d.max_nonfinite_steps)
-            if ok:
-                sums += torch.tensor([*(p.item() for p in parts), 1.0], dtype=torch.float64)
-            state.step += 1
-            bar.set_postfix(loss=f"{parts.total.item():.3f}", alpha=f"{alpha:.2f}", T=f"{temperature:.2f}")
+        started = time.perf_counter()
+        total, student_loss, kd_loss = train_epoch(s, stepper, state, batch_loss, batch_size=batch_size,
+                                                   seed=t.seed, views=config.augment.views,
+                                                   desc=f"epoch {state.epoch + 1}/{t.epochs}")
         state.epoch += 1
-        total, student_loss, kd_loss = (sums[:3] / sums[3].clamp(min=1)).tolist()
-        metrics = {"total_loss": total, "student_loss": student_loss, "distillation_loss": kd_loss,
-                   "alpha": alpha, "temperature": temperature,
-                   "lr": optimizer.param_groups[0]["lr"], "skipped_steps": state.skipped_steps,
-                   "epoch_seconds": time.perf_counter() - started, "epoch": state.epoch, "step": state.step}
-        metrics = all_reduce_mean({**metrics, **evaluate(student, data.val, stream, config, log_mel)})
+        alpha, temperature = schedule(d, (state.step - 1) / total_steps)  # as the epoch's last step used them
+        metrics = {"total_loss": total, "student_loss": student_loss, "distillation_loss": kd_loss, "alpha": alpha,
+                   "temperature": temperature, "lr": stepper.optimizer.param_groups[0]["lr"],
+                   "skipped_steps": state.skipped_steps, "epoch_seconds": time.perf_counter() - started,
+                   "epoch": state.epoch, "step": state.step}
+        metrics = all_reduce_mean({**metrics, **evaluate(student, data.val, s.stream, config, s.log_mel)})
         with tempfile.TemporaryDirectory(prefix="kd_tune_ckpt_") as tmp:  # report() copies it before returning
-            report(metrics, save_training_checkpoint(Path(tmp), student, optimizer, state, config, metrics)
+            report(metrics, save_training_checkpoint(Path(tmp), student, stepper.optimizer, state, config, metrics)
                    if rank == 0 else None)
     return metrics
-
-
-def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordData) -> bool:
-    """True when the stored teacher was fine-tuned with these settings on this exact data (and verifies)."""
-    store = storage.Storage.from_config(config.storage)
-    try:
-        extra = storage.verify_checkpoint(store, teacher_checkpoint_dir(teacher.name))["extra"]
-    except (storage.CheckpointError, FileNotFoundError):
-        return False
-    if extra.get("teacher") != teacher.model_dump() or extra.get("data_sha256") != data.manifest_sha256:
-        return False
-    # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
-    return extra.get("parameters") == count_parameters(build_teacher(teacher.arch, source=teacher.source,
-                                                                      n_mels=config.features.n_mels,
-                                                                      hf_config=extra.get("hf_config")))
 
 
 def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | None = None,
                 report: Report | None = None) -> dict[str, float]:
     """Fine-tune one teacher on the labels and save it to <storage>/teachers/<name>; returns its last metrics."""
     t = config.training
-    torch.manual_seed(t.seed)
-    device = pick_device(t.device)
     data = data or load_dataset(config.data.root)
-    log_mel, augment, spec_augment = front_end(config, data, device)
-    model = build_teacher(teacher.arch, source=teacher.source, n_mels=config.features.n_mels).to(device)
+    s = prepare(config, data)
+    model = initial_teacher(teacher, n_mels=config.features.n_mels).to(s.device)
     if teacher.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
         model.freeze_feature_encoder()  # the convolutional encoder of a speech model: fine-tuning it rarely pays
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=teacher.lr,
-                                  weight_decay=teacher.weight_decay)
-    use_amp = t.mixed_precision and device.type == "cuda"
-    scaler, state = torch.amp.GradScaler(device.type, enabled=use_amp), TrainState()
-    train_audio, labels = data.train.audio.to(device), data.train.labels.to(device)  # [N, N_SAMPLES], [N]
-    weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight).to(device)
-    steps_per_epoch = len(list(batches(len(labels), teacher.batch_size, seed=t.seed, epoch=0)))
-    stream, metrics = data.negative_stream("val"), {}
-    for epoch in range(teacher.epochs):
-        wave = render_view(train_audio, augment, view=epoch % config.augment.views, seed=t.seed)  # [N, N_SAMPLES]
-        model.train()
-        for idx in tqdm(batches(len(labels), teacher.batch_size, seed=t.seed, epoch=epoch), total=steps_per_epoch,
-                        desc=f"teacher {teacher.name} epoch {epoch + 1}/{teacher.epochs}", leave=False):
-            generator = torch.Generator(device=device).manual_seed(t.seed * 7919 + state.step)
-            x = wave[idx] if model.input_kind == "waveform" else spec_augment(log_mel(wave[idx]), generator=generator)
-            with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)  # [B, 2]
-            loss = weighted_cross_entropy(logits.float(), labels[idx], weights[idx])
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(state.step, total_steps=teacher.epochs * steps_per_epoch, base_lr=teacher.lr,
-                                warmup_fraction=t.warmup_fraction)
-            guard(optimizer_step(loss, model, optimizer, scaler, clip=t.grad_clip_norm), state,
-                  limit=config.distillation.max_nonfinite_steps)
-            state.step += 1
-        metrics = evaluate(model, data.val, stream, config, log_mel if model.input_kind == "features" else None)
+    stepper = Stepper(model, [p for p in model.parameters() if p.requires_grad], lr=teacher.lr,
+                      weight_decay=teacher.weight_decay, config=config, device=s.device,
+                      total_steps=teacher.epochs * steps_per_epoch(len(s.labels), teacher.batch_size))
+    takes_features = model.input_kind == "features"
+
+    def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
+        x = s.spec_augment(s.log_mel(wave), generator=generator) if takes_features else wave
+        with torch.autocast(s.device.type, enabled=stepper.use_amp):
+            logits = model(x)  # [B, 2]
+        return (weighted_cross_entropy(logits.float(), s.labels[idx], s.weights[idx]),)
+
+    state, metrics = TrainState(), {}
+    while state.epoch < teacher.epochs:
+        train_epoch(s, stepper, state, batch_loss, batch_size=teacher.batch_size, seed=t.seed,
+                    views=config.augment.views, desc=f"teacher {teacher.name} epoch {state.epoch + 1}/{teacher.epochs}")
+        state.epoch += 1
+        metrics = evaluate(model, data.val, s.stream, config, s.log_mel if takes_features else None)
         if report:
-            report({**metrics, "epoch": epoch + 1}, None)
-    store = storage.Storage.from_config(config.storage)
-    storage.save_checkpoint(store, teacher_checkpoint_dir(teacher.name), {"model": model.state_dict()},
-                            kind="teacher", config=config.to_dict(), epoch=teacher.epochs, step=state.step,
-                            metrics=metrics, extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
-                                                    "parameters": count_parameters(model),
-                                                    "data_sha256": data.manifest_sha256})
+            report({**metrics, "epoch": state.epoch}, None)
+    save_teacher(config, teacher, model, data, epoch=teacher.epochs, step=state.step, metrics=metrics)
     return metrics
-
-
-# ---------------------------------------------------------------- `kd-tune train`: TensorBoard and checkpoints
-
-SCALAR_TAGS = {"total_loss": "loss/total", "student_loss": "loss/student", "distillation_loss": "loss/distillation",
-               "alpha": "schedule/alpha", "temperature": "schedule/temperature", "lr": "schedule/lr",
-               "skipped_steps": "guard/skipped_steps", "epoch_seconds": "time/epoch_seconds"}
-
-
-def scalar_tag(metric: str) -> str:
-    return SCALAR_TAGS.get(metric, f"val/{metric}")
-
-
-class RunRecorder:
-    """Per epoch: TensorBoard scalars, a verified copy of the checkpoint on storage, and retention."""
-
-    def __init__(self, store: storage.Storage, run: str, config: Config, *, echo: Report | None = None):
-        self.store, self.run, self.config, self.echo = store, run, config, echo
-        self.local = Path(store.local_path(run)) if store.is_local else Path(tempfile.mkdtemp(prefix="kd_tune_tb_"))
-        from tensorboardX import SummaryWriter  # imported here: only runs that record need it
-
-        self.writer = SummaryWriter(str(self.local / "tensorboard"))
-
-    def __call__(self, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        epoch = int(metrics["epoch"])
-        for key, value in metrics.items():
-            if key not in ("epoch", "step"):
-                self.writer.add_scalar(scalar_tag(key), value, epoch)
-        self.writer.flush()
-        if not self.store.is_local:
-            storage.upload_tree(self.local / "tensorboard", self.store, f"{self.run}/tensorboard")
-        if checkpoint is not None:
-            storage.copy_checkpoint(checkpoint, self.store, f"{self.run}/checkpoints/epoch_{epoch:04d}")
-            storage.prune_checkpoints(self.store, f"{self.run}/checkpoints", metric=self.config.tune.metric,
-                                      mode=self.config.tune.mode, keep_best=self.config.storage.keep_best)
-        if self.echo:
-            self.echo(metrics, checkpoint)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def run_training(config: Config, *, name: str, resume: bool = False, echo: Report | None = None) -> str:
-    """`kd-tune train`: one distillation run written to <storage.root>/<name>; returns its location."""
-    store = storage.Storage.from_config(config.storage)
-    latest = storage.latest_checkpoint(store, f"{name}/checkpoints") if resume else None
-    if resume and latest is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {store.uri}/{name}/checkpoints")
-    storage.write_text(store, f"{name}/config.yaml", dump_config(config))
-    recorder = RunRecorder(store, name, config, echo=echo)
-    try:
-        fit(config, recorder, resume=storage.load_checkpoint(store, latest) if latest else None)
-    finally:
-        recorder.close()
-    return f"{store.uri}/{name}"

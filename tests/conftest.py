@@ -83,7 +83,7 @@ def s3_bucket(moto_s3, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """Root of the small synthetic data set (seed 0), built once per session."""
-    from kd_tune.data import synthesize
+    from kd_tune.synth import synthesize
 
     root = tmp_path_factory.mktemp("small_dataset")
     synthesize(root, size="small", seed=0, progress=False)

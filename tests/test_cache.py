@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_tune import cache, storage
+from kd_tune import cache
+from kd_tune.checkpoint import CheckpointError, MANIFEST_NAME, load_checkpoint
 from kd_tune.config import validate
 from kd_tune.data import load_dataset
-from kd_tune.train import fit, fit_teacher, front_end, load_teacher, render_view
+from kd_tune.features import front_end, render_view
+from kd_tune.teachers import load_teacher
+from kd_tune.train import fit, fit_teacher
 
 
 LOSSES = ("student_loss", "distillation_loss", "total_loss")
@@ -95,7 +98,7 @@ def test_cached_logits_are_the_teacher_on_the_rendered_view(config, data):
     # shard those of the clean clips; looking them up by index gives the same rows.
     cache.build_cache(config, ["cnn"], data=data)
     teachers = cache.CachedTeachers.load(config, data)
-    log_mel, augment, _ = front_end(config, data, torch.device("cpu"))
+    log_mel, augment, _ = front_end(config, data.train.of_kind("background"), torch.device("cpu"))
     teacher = load_teacher(config, config.teacher("cnn"))
     index = torch.tensor([3, 0, 7])
     for view in (None, 0, 1):
@@ -123,7 +126,7 @@ def test_changed_augment_or_seed_gets_a_new_key_and_a_rebuild(config, data, coun
     stale = shard_path(changed, "cnn", "view_000", data)
     shutil.rmtree(stale)
     shutil.copytree(shard_path(config, "cnn", "view_000", data), stale)  # verifies, but was built for the old key
-    with pytest.raises(storage.CheckpointError, match=old_key):
+    with pytest.raises(CheckpointError, match=old_key):
         cache.CachedTeachers.load(changed, data)
     count_builds.clear()
     cache.build_cache(changed, ["cnn"], data=data)
@@ -140,7 +143,7 @@ def test_tampered_shard_is_refused_and_rebuilt(config, data, count_builds):
     raw = bytearray(tensor_file.read_bytes())
     raw[-1] ^= 0x01
     tensor_file.write_bytes(bytes(raw))
-    with pytest.raises(storage.CheckpointError, match=r"clean: file logits\.safetensors does not match"):
+    with pytest.raises(CheckpointError, match=r"clean: file logits\.safetensors does not match"):
         cache.CachedTeachers.load(config, data)
     count_builds.clear()
     cache.build_cache(config, ["cnn"], data=data)
@@ -153,11 +156,11 @@ def test_build_resumes_and_a_cache_without_its_marker_is_incomplete(config, data
     # missing is refused as incomplete until a build writes the marker last.
     paths = cache.build_cache(config, ["cnn"], data=data)
     assert count_builds == [("cnn", s) for s in cache.shard_names(config)]
-    kept = shard_path(config, "cnn", "clean", data) / storage.MANIFEST_NAME
+    kept = shard_path(config, "cnn", "clean", data) / MANIFEST_NAME
     before = kept.read_bytes()
     shutil.rmtree(shard_path(config, "cnn", "view_001", data))
     shutil.rmtree(Path(paths["cnn"]) / cache.INDEX)
-    with pytest.raises(storage.CheckpointError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete"):
         cache.CachedTeachers.load(config, data)
     count_builds.clear()
     cache.build_cache(config, ["cnn"], data=data)
@@ -193,15 +196,17 @@ def test_ray_build_makes_the_same_shards_as_the_in_process_build(config, data, t
     # Rule: the build distributed over Ray tasks writes the same shards (names, keys, logits) as the in-process one.
     import ray
 
+    from kd_tune.sweep import shards_on_ray
+
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     both = ["cnn", "w2v"]
-    local = cache.build_cache(config, both, data=data, distributed=False)
+    local = cache.build_cache(config, both, data=data)
     shutil.copytree(Path(config.storage.root) / "teachers", tmp_path / "ray_runs" / "teachers")
     on_ray_config = make_config(data.root, tmp_path / "ray_runs")
     temp_dir = tempfile.mkdtemp(prefix="kdc", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir)
     try:
-        on_ray = cache.build_cache(on_ray_config, both, data=data)
+        on_ray = cache.build_cache(on_ray_config, both, data=data, run=shards_on_ray(ray.put(data)))
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -210,8 +215,8 @@ def test_ray_build_makes_the_same_shards_as_the_in_process_build(config, data, t
         shards = sorted(p.name for p in Path(on_ray[name]).iterdir())
         assert shards == sorted(p.name for p in Path(local[name]).iterdir())
         for shard in shards:
-            a = storage.load_checkpoint(Path(local[name]), shard)
-            b = storage.load_checkpoint(Path(on_ray[name]), shard)
+            a = load_checkpoint(Path(local[name]), shard)
+            b = load_checkpoint(Path(on_ray[name]), shard)
             assert a.manifest["extra"] == b.manifest["extra"]
             for stem in a.tensors:
                 for tensor, other in zip(a.tensors[stem].values(), b.tensors[stem].values()):

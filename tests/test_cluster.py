@@ -29,7 +29,7 @@ from kd_tune.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO / "cluster"
-SEARCH_SPACE_DIR = REPO / "search_spaces"
+SEARCH_SPACE_DIR = REPO / "kd_tune" / "search_spaces"  # the built-in spaces (./search_spaces links here)
 README_SECTION = "Running on a cluster"
 PLACEHOLDER = "REPLACE_ME"
 TORCH_PAIR = ("torch", "torchaudio")
@@ -279,7 +279,7 @@ def data_dir(ns: argparse.Namespace) -> str | None:
 
 
 def search_space_file(value: str) -> Path:
-    """Where `--search-space VALUE` points, resolved like kd_tune.tune.load_search_space from the repository."""
+    """Where `--search-space VALUE` points, resolved like kd_tune.space.load_search_space from the repository."""
     path = REPO / value
     if not path.exists() and path.suffix == "":
         path = SEARCH_SPACE_DIR / f"{value}.yaml"
@@ -451,7 +451,7 @@ def test_search_spaces_name_files_under_search_spaces():
 def test_configs_of_kd_tune_calls_are_valid():
     # Rule: a CONFIG argument is a repository file that validates with its --set overrides, and a sweep's search
     # space picks only teachers that config defines.
-    from kd_tune.tune import load_search_space
+    from kd_tune.space import load_search_space
 
     for cmd, ns in parsed_kd_tune_calls():
         if getattr(ns, "config", None):
@@ -723,3 +723,13 @@ def test_launcher_nodes_get_s3_access_from_instance_profiles():
         for name, node_type in types.items():
             assert "IamInstanceProfile" in node_type["node_config"], f"{doc.label} {name}: no IamInstanceProfile"
         assert any(t.get("resources", {}).get("GPU", 0) >= 1 for t in types.values()), f"{doc.label}: no GPU type"
+
+
+def test_readme_creates_the_secrets_the_manifests_read():
+    # Rule: following the README's `kubectl create secret` commands gives the pods every Secret name and key that
+    # the KubeRay manifests read (a mismatch leaves the pods unable to start).
+    created = set(re.findall(r"kubectl create secret generic (\S+) --from-literal=([\w.-]+)=",
+                             (REPO / "README.md").read_text()))
+    read = {(value["name"], value["key"]) for doc in documents() if "kuberay" in doc.label
+            for path, value in walk(doc.tree) if path and path[-1] == "secretKeyRef"}
+    assert read and created == read, f"README creates {sorted(created)}, the manifests read {sorted(read)}"

@@ -13,10 +13,9 @@ import pytest
 import soundfile as sf
 import torch
 
-import kd_tune.data as data
-from kd_tune.data import (
-    KINDS, LABEL_OF_KIND, SPLITS, check, confusables, load_dataset, sample_weights, scan, split_for, synthesize,
-)
+import kd_tune.synth as synth
+from kd_tune.data import KINDS, LABEL_OF_KIND, SPLITS, check, load_dataset, sample_weights, scan, split_for
+from kd_tune.synth import confusables, synthesize
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 
 
@@ -100,7 +99,7 @@ def test_synthesis_is_deterministic_per_seed(small_dataset, tmp_path):
 def test_manifest_has_every_kind_label_and_split(small_dataset):
     # Rule: the manifest lists every kind with its label (1 only for positives) and all three splits.
     entries = manifest_of(small_dataset)
-    assert Counter(e["kind"] for e in entries) == data.SYNTH_SIZES["small"]
+    assert Counter(e["kind"] for e in entries) == synth.SYNTH_SIZES["small"]
     assert all(e["label"] == LABEL_OF_KIND[e["kind"]] for e in entries)
     assert {e["split"] for e in entries if e["kind"] == "positive"} == set(SPLITS)
     assert {e["split"] for e in entries if e["label"] == 0} == set(SPLITS)
@@ -160,7 +159,7 @@ def test_an_interrupted_run_never_looks_complete(tmp_path, monkeypatch):
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "render", killed)
+    monkeypatch.setattr(synth, "render", killed)
     with pytest.raises(KeyboardInterrupt):
         synthesize(tmp_path, size="small", progress=False)
     assert not (tmp_path / "dataset.json").exists() and not (tmp_path / "manifest.jsonl").exists()
@@ -176,7 +175,7 @@ def test_bad_synthesis_arguments_are_named(tmp_path):
 
 def test_import_needs_no_piper():
     # Rule: piper (GPL, optional) is imported only inside the synthesis code.
-    code = ("import sys; sys.modules['piper'] = None; import kd_tune.data; "
+    code = ("import sys; sys.modules['piper'] = None; import kd_tune.synth; "
             "assert 'onnxruntime' not in sys.modules")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -2,14 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_tune.distill import (
-    ALPHA_SCHEDULES,
-    TEMPERATURE_SCHEDULES,
-    alpha_at,
-    combine_teachers,
-    distillation_loss,
-    temperature_at,
-)
+from kd_tune.config import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES
+from kd_tune.distill import alpha_at, combine_teachers, distillation_loss, temperature_at
 
 
 def _logits(batch=8, classes=5, scale=1.0, seed=0):

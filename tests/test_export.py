@@ -18,14 +18,16 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from kd_tune import export, storage
+from kd_tune import __version__, detect, export, storage
+from kd_tune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 from kd_tune.cli import main
 from kd_tune.config import load_config
 from kd_tune.data import Split, WakewordData, load_dataset
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.metrics import activation_indices, activation_times, sliding_windows
 from kd_tune.models import STUDENTS, build_student, build_teacher
-from kd_tune.train import TeacherEnsemble, TrainState, fit, save_training_checkpoint
+from kd_tune.teachers import TeacherEnsemble
+from kd_tune.train import TrainState, fit, save_training_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CARD_KEYS = {"format", "kd_tune_version", "onnx_file", "onnx_sha256", "onnx_bytes", "input", "output", "sample_rate",
@@ -73,7 +75,7 @@ def trained(small_data, tmp_path_factory) -> Path:
                                device=torch.device("cpu"), dtype=torch.float32)
 
     def report(metrics, checkpoint):
-        storage.copy_checkpoint(checkpoint, root, "student")
+        copy_checkpoint(checkpoint, root, "student")
 
     fit(config, report, data=small_data, teachers=teachers)
     return root / "student"
@@ -83,13 +85,13 @@ def trained(small_data, tmp_path_factory) -> Path:
 def exported(trained, small_data, tmp_path_factory) -> tuple[Path, dict]:
     """The trained student exported with --int8: (model.onnx, the returned card)."""
     out = tmp_path_factory.mktemp("exported") / "model.onnx"
-    checkpoint = storage.load_checkpoint(trained.parent, trained.name)
+    checkpoint = load_checkpoint(trained.parent, trained.name)
     return out, export.export_student(checkpoint, out, data=small_data, int8=True, source=str(trained))
 
 
 @pytest.fixture(scope="session")
-def detector(exported) -> export.Detector:
-    return export.Detector(exported[0], threshold=DETECT_THRESHOLD)
+def detector(exported) -> detect.Detector:
+    return detect.Detector(exported[0], threshold=DETECT_THRESHOLD)
 
 
 def clips_of(split: Split, *kinds: str) -> list[np.ndarray]:
@@ -122,7 +124,7 @@ def wake_stream(detector, small_data) -> tuple[np.ndarray, list[float]]:
     the wake word to fool a student trained on 137 clips.
     """
     positives = clips_of(small_data.train, "positive")
-    recognised = [p for p, prob in zip(positives, export.run(detector.session, np.stack(positives)))
+    recognised = [p for p, prob in zip(positives, detect.run(detector.session, np.stack(positives)))
                   if prob >= DETECT_THRESHOLD]
     assert len(recognised) >= 3, f"the trained student recognises only {len(recognised)} training positives"
     return build_stream(phrases_and_pauses(small_data.train), recognised[:3])
@@ -138,7 +140,7 @@ def test_every_student_exports_with_parity(name, small_data, tmp_path):
     # file within 1e-4 of PyTorch at batches 1 and 7, with its model card beside it.
     checkpoint = random_checkpoint(tmp_path / "ckpt", name, small_data.root)
     out = tmp_path / "out" / "model.onnx"
-    card = export.export_student(storage.load_checkpoint(checkpoint.parent, checkpoint.name), out, data=small_data)
+    card = export.export_student(load_checkpoint(checkpoint.parent, checkpoint.name), out, data=small_data)
 
     assert card["parity_max_abs_diff"] <= export.PARITY_TOLERANCE
     assert sorted(os.listdir(out.parent)) == ["model.json", "model.onnx"]  # no external data file
@@ -149,7 +151,7 @@ def test_every_student_exports_with_parity(name, small_data, tmp_path):
     (audio_in,), (prob_out,) = session.get_inputs(), session.get_outputs()
     assert (audio_in.name, audio_in.type, audio_in.shape) == ("audio", "tensor(float)", ["batch", N_SAMPLES])
     assert (prob_out.name, prob_out.type, prob_out.shape) == ("probability", "tensor(float)", ["batch"])
-    _, student, log_mel = export.load_student(storage.load_checkpoint(checkpoint.parent, checkpoint.name))
+    _, student, log_mel = export.load_student(load_checkpoint(checkpoint.parent, checkpoint.name))
     for batch in (1, 7):
         audio = small_data.val.audio[:batch]  # [batch, N_SAMPLES]
         with torch.no_grad():
@@ -184,10 +186,10 @@ def test_trained_export_card(exported, trained, small_data):
     assert card["checkpoint_manifest_sha256"] == hashlib.sha256((trained / "manifest.json").read_bytes()).hexdigest()
     assert (card["sample_rate"], card["window_samples"], card["hop_samples"]) == (SAMPLE_RATE, N_SAMPLES, 1600)
     assert card["labels"] == ["not_wakeword", "hey nova"] and card["wakeword"] == "hey nova"
-    assert card["source"] == str(trained) and card["kd_tune_version"] == export.__version__
+    assert card["source"] == str(trained) and card["kd_tune_version"] == __version__
     assert 0 <= card["validation"]["frr"] <= 1 and card["latency_ms"] > 0
     # With ~13 s of val negatives one false accept is already > 1 FA/h: the threshold must clear every window there.
-    stream = export.Detector(out).probabilities(small_data.negative_stream("val").numpy())
+    stream = detect.Detector(out).probabilities(small_data.negative_stream("val").numpy())
     assert card["validation"]["fa_per_hour"] == 0 and card["threshold"] > stream.max()
 
 
@@ -207,7 +209,7 @@ def test_int8_model_runs_and_reports_deltas(exported, small_data):
     assert int8_card["threshold"] == q["threshold"] and int8_card["quantization"]["float_model"] == "model.onnx"
     ops = {node.op_type for node in onnx.load(int8_path).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    probabilities = export.Detector(int8_path).probabilities(small_data.val.audio[0].numpy())
+    probabilities = detect.Detector(int8_path).probabilities(small_data.val.audio[0].numpy())
     assert probabilities.shape == (1,) and 0 <= probabilities[0] <= 1
 
 
@@ -224,16 +226,16 @@ def test_export_refuses_a_tampered_checkpoint(trained, tmp_path, capsys):
     assert main(["export", str(tampered), "--out", str(out)]) == 1
     assert "model.safetensors" in capsys.readouterr().err
     assert not out.exists()
-    with pytest.raises(storage.CheckpointError, match="model.safetensors"):
-        export.resolve_source(str(tampered), load_config(None, check_paths=False))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        export.locate_source(str(tampered), load_config(None, check_paths=False)).load()
 
 
 def write_experiment(root: Path, trials: dict[str, Path]) -> Path:
     """An experiment directory as `kd-tune sweep` leaves it: checkpoints under trial dirs, leaderboard best first."""
     experiment = root / "sweep"
     rows = []
-    for trial, checkpoint in trials.items():
-        path = storage.copy_checkpoint(checkpoint, root, f"sweep/trial_{trial}/train/checkpoint_000001")
+    for trial, source in trials.items():
+        path = copy_checkpoint(source, root, f"sweep/trial_{trial}/train/checkpoint_000001")
         rows.append({"trial": trial, "status": "OK", "frr_at_target_fa": 0.1 * len(rows), "checkpoint": path})
     storage.write_json(root, "sweep/leaderboard.json", rows)
     return experiment
@@ -260,23 +262,23 @@ def test_leaderboard_checkpoint_outside_the_experiment_is_refused(small_dataset,
     # Rule: a leaderboard is data; a checkpoint path outside the experiment directory is not followed.
     experiment = write_experiment(tmp_path / "runs",
                                   {"t": random_checkpoint(tmp_path / "a", "ds_cnn", small_dataset, width=0.25)})
-    elsewhere = storage.copy_checkpoint(random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25),
+    elsewhere = copy_checkpoint(random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25),
                                         tmp_path / "elsewhere", "checkpoint")
     storage.write_json(experiment.parent, "sweep/leaderboard.json", [{"trial": "t", "checkpoint": elsewhere}])
     with pytest.raises(storage.PathEscapeError, match="outside the experiment"):
         export.locate_source(str(experiment), load_config(None, check_paths=False))
 
 
-def test_resolve_source_reads_checkpoints_and_experiments_on_s3(small_dataset, tmp_path, s3_bucket, moto_s3):
+def test_locate_source_reads_checkpoints_and_experiments_on_s3(small_dataset, tmp_path, s3_bucket, moto_s3):
     # Rule: s3:// sources go through the same Storage API: a checkpoint directory and an experiment's best trial.
     local = random_checkpoint(tmp_path, "ds_cnn", small_dataset, width=0.25)
     store = storage.Storage.from_uri(f"s3://{s3_bucket}/runs", endpoint_override=moto_s3)
-    storage.copy_checkpoint(local, store, "checkpoint")
-    path = storage.copy_checkpoint(local, store, "sweep/trial_x/train/checkpoint_000001")
+    copy_checkpoint(local, store, "checkpoint")
+    path = copy_checkpoint(local, store, "sweep/trial_x/train/checkpoint_000001")
     storage.write_json(store, "sweep/leaderboard.json", [{"trial": "x", "checkpoint": path}])
     config = load_config(None, overrides=[f"storage.endpoint_override={moto_s3}"], check_paths=False)
-    expected = storage.load_checkpoint(local.parent, local.name).manifest
-    assert export.resolve_source(f"s3://{s3_bucket}/runs/checkpoint", config).manifest == expected
+    expected = load_checkpoint(local.parent, local.name).manifest
+    assert export.locate_source(f"s3://{s3_bucket}/runs/checkpoint", config).load().manifest == expected
     located = export.locate_source(f"s3://{s3_bucket}/runs/sweep", config)
     assert located.trial == "x" and located.load().manifest == expected
 
@@ -298,7 +300,7 @@ def test_detect_finds_each_wake_word_in_a_stream(detector, wake_stream):
 def test_detect_fires_nothing_on_negative_audio(exported, detector, small_data):
     # Rule: audio without the wake word gives no detection: the val negatives at the card's own threshold (calibrated
     # there for <= 1 FA/h, i.e. none in 13 s), and background audio at the fixed threshold.
-    assert export.Detector(exported[0]).detect(small_data.negative_stream("val").numpy()) == []
+    assert detect.Detector(exported[0]).detect(small_data.negative_stream("val").numpy()) == []
     assert detector.detect(np.concatenate(clips_of(small_data.train, "background"))) == []
 
 
@@ -326,7 +328,7 @@ def test_detector_imports_and_runs_without_torch(exported, tmp_path):
     wav = tmp_path / "silence.wav"
     sf.write(wav, np.zeros(SAMPLE_RATE * 2, np.float32), SAMPLE_RATE)
     code = ("import sys; sys.modules['torch'] = None  # any `import torch` now raises\n"
-            "from kd_tune.export import Detector\n"
+            "from kd_tune.detect import Detector\n"
             "detector = Detector(sys.argv[1])\n"
             "print(detector.detect(detector.read(sys.argv[2])))\n")
     result = subprocess.run([sys.executable, "-c", code, str(exported[0]), str(wav)], cwd=REPO,
@@ -345,9 +347,9 @@ def test_detector_refuses_a_model_changed_after_export(exported, tmp_path):
     with open(tmp_path / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="onnx_sha256"):
-        export.Detector(tmp_path / "model.onnx")
+        detect.Detector(tmp_path / "model.onnx")
     with pytest.raises(ValueError, match="threshold must be"):
-        export.Detector(out, threshold=1.5)
+        detect.Detector(out, threshold=1.5)
     assert main(["detect", str(tmp_path / "model.onnx"), str(out)]) == 1
     assert main(["detect", str(out), str(out), "--threshold", "1.5"]) == 2
 
@@ -371,7 +373,7 @@ def test_frames_match_metrics_sliding_windows(length):
     # Rule: detection cuts audio exactly as evaluation does (kd_tune.metrics.sliding_windows).
     audio = np.random.default_rng(length).standard_normal(length).astype(np.float32)
     expected = sliding_windows(torch.from_numpy(audio), window_samples=N_SAMPLES, hop_samples=1600).numpy()
-    np.testing.assert_array_equal(export.frames(audio, window_samples=N_SAMPLES, hop_samples=1600), expected)
+    np.testing.assert_array_equal(detect.frames(audio, window_samples=N_SAMPLES, hop_samples=1600), expected)
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -379,7 +381,7 @@ def test_resample_reproduces_a_tone_at_16k(rate):
     # Rule: any input rate is brought to 16 kHz band-limited, without shifting, scaling or stretching the signal.
     seconds = 1.0
     tone = lambda r: 0.5 * np.sin(2 * np.pi * 440.0 * np.arange(round(seconds * r)) / r)  # noqa: E731
-    out = export.resample(tone(rate), rate, SAMPLE_RATE)
+    out = detect.resample(tone(rate), rate, SAMPLE_RATE)
     assert out.dtype == np.float32 and len(out) == SAMPLE_RATE
     interior = slice(SAMPLE_RATE // 20, -SAMPLE_RATE // 20)  # the edges see the zero padding
     assert np.abs(out[interior] - tone(SAMPLE_RATE)[interior]).max() < 1e-3
@@ -389,7 +391,7 @@ def test_resample_removes_what_16k_cannot_hold():
     # Rule: downsampling low-passes first, so a tone above the new Nyquist frequency does not alias into the audio.
     rate = 44100
     tone = np.sin(2 * np.pi * 10_000.0 * np.arange(rate) / rate)
-    out = export.resample(tone, rate, SAMPLE_RATE)
+    out = detect.resample(tone, rate, SAMPLE_RATE)
     assert np.sqrt(np.mean(out[800:-800] ** 2)) < 1e-2 * np.sqrt(np.mean(tone ** 2))
 
 
@@ -398,4 +400,4 @@ def test_load_audio_names_an_unreadable_file(tmp_path):
     bad = tmp_path / "notes.wav"
     bad.write_text("not audio")
     with pytest.raises(ValueError, match="notes.wav: cannot read audio"):
-        export.load_audio(bad, sample_rate=SAMPLE_RATE)
+        detect.load_audio(bad, sample_rate=SAMPLE_RATE)

@@ -6,10 +6,7 @@ import pytest
 import torch
 import torchaudio
 
-from kd_tune.features import (
-    HOP_LENGTH, N_FFT, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, Augment, LogMel, SpecAugment, coloured_noise,
-    mix_at_snr, synthetic_rirs, time_shift,
-)
+from kd_tune.features import Augment, HOP_LENGTH, LogMel, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, SpecAugment, WINDOW_MS, coloured_noise, samples, mix_at_snr, synthetic_rirs, time_shift
 
 
 def waves(batch: int, seed: int = 0) -> torch.Tensor:
@@ -26,7 +23,7 @@ def no_op_augment(**overrides) -> Augment:
 
 def test_constants_follow_the_kws_front_end():
     # Rule: audio constants are derived in code: 25 ms / 10 ms windows at 16 kHz give 101 frames per 1 s clip.
-    assert (N_SAMPLES, N_FFT, HOP_LENGTH, N_MELS, N_FRAMES) == (16000, 400, 160, 40, 101)
+    assert (N_SAMPLES, samples(WINDOW_MS), HOP_LENGTH, N_MELS, N_FRAMES) == (16000, 400, 160, 40, 101)
 
 
 def test_log_mel_shape():
@@ -38,7 +35,7 @@ def test_log_mel_shape():
 def test_log_mel_matches_torchaudio():
     # Rule: the conv1d STFT front end equals torchaudio MelSpectrogram(center=True) + log(x + 1e-6).
     wave = waves(2)
-    reference = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS)
+    reference = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=samples(WINDOW_MS), hop_length=HOP_LENGTH, n_mels=N_MELS)
     torch.testing.assert_close(LogMel().power(wave), reference(wave), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(LogMel()(wave), torch.log(reference(wave) + 1e-6), rtol=1e-4, atol=1e-4)
 

@@ -12,6 +12,7 @@ import yaml
 from ray_cluster import Jobs, config_with_trained_teachers, kd_tune, start_cluster
 
 from kd_tune import storage
+from kd_tune.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +89,7 @@ def test_two_node_sweep_spreads_trials_and_survives_a_node_kill(two_nodes, bucke
     assert on_worker and len(on_worker) < len(per_trial), "trials were not spread over both nodes"
     for row in rows:  # every checkpoint landed in the bucket and verifies
         parent, name = row["checkpoint"].rsplit("/", 1)
-        storage.load_checkpoint(storage.Storage(store.filesystem, parent), name)
+        load_checkpoint(storage.Storage(store.filesystem, parent), name)
     finished_on_head = [t for t in on_worker if per_trial[t][-1]["node"] != worker_node]
     print(f"trials per node: {len(on_worker)} reached the worker, {len(finished_on_head)} finished on the head")
 
@@ -111,7 +112,7 @@ def test_local_storage_one_node_cannot_see_is_refused_up_front(two_nodes, small_
     shared.mkdir()
     two_nodes.add_worker(num_cpus=1, wrapper=["unshare", "--mount", "--propagation", "private", "sh", "-c",
                                               f"mount -t tmpfs none {shared} && exec \"$@\"", "sh"])
-    from kd_tune.storage import save_checkpoint
+    from kd_tune.checkpoint import save_checkpoint
 
     for name in ("cnn", "wav2vec2"):  # the teacher check comes first: give it stored teachers to find
         save_checkpoint(shared, f"teachers/{name}", {"model": {}}, kind="teacher", config={})

@@ -4,26 +4,19 @@ import os
 import pytest
 import torch
 
-from kd_tune import storage
-from kd_tune.storage import (
-    FORMAT,
-    CheckpointError,
-    PathEscapeError,
-    Storage,
-    load_checkpoint,
-    load_legacy_pt,
-    load_state_dict_strict,
-    prune_checkpoints,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from kd_tune import storage, train
+from kd_tune.checkpoint import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE, copy_checkpoint, latest_checkpoint, signing_key
+from kd_tune.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, prune_checkpoints, save_checkpoint, verify_checkpoint
+from kd_tune.checkpoint import FORMAT
+from kd_tune.storage import PathEscapeError, Storage
+from kd_tune.teachers import load_legacy_pt
 
 KEY = "correct horse battery staple"
 
 
 @pytest.fixture(autouse=True)
 def _no_signing_env(monkeypatch):
-    for name in (storage.ENV_SIGNING_KEY, storage.ENV_SIGNING_KEY_FILE, storage.ENV_REQUIRE_SIGNATURE):
+    for name in (ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE, ENV_REQUIRE_SIGNATURE):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -140,7 +133,7 @@ def test_no_manifest_is_not_a_checkpoint(tmp_path):
 
 def test_forged_manifest_is_refused_with_key(tmp_path, monkeypatch):
     # rule: with a key set, editing the manifest (a metric) without re-signing fails the HMAC
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY, KEY)
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
     _save(tmp_path)
     manifest_path = tmp_path / "ckpt" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -152,9 +145,9 @@ def test_forged_manifest_is_refused_with_key(tmp_path, monkeypatch):
 
 def test_wrong_key_is_refused(tmp_path, monkeypatch):
     # rule: a checkpoint signed with another key does not verify
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY, "another key")
+    monkeypatch.setenv(ENV_SIGNING_KEY, "another key")
     _save(tmp_path)
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY, KEY)
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
     with pytest.raises(CheckpointError, match="manifest.json signature does not match"):
         verify_checkpoint(tmp_path, "ckpt")
 
@@ -163,9 +156,9 @@ def test_wrong_key_is_refused(tmp_path, monkeypatch):
 def test_unsigned_is_refused_when_signing_is_required(tmp_path, monkeypatch, via_env):
     # rule: KD_TUNE_REQUIRE_SIGNATURE=1 or require_signature=True refuses an unsigned manifest
     _save(tmp_path)
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY, KEY)
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
     if via_env:
-        monkeypatch.setenv(storage.ENV_REQUIRE_SIGNATURE, "1")
+        monkeypatch.setenv(ENV_REQUIRE_SIGNATURE, "1")
     with pytest.raises(CheckpointError, match="manifest.json is unsigned"):
         load_checkpoint(tmp_path, "ckpt", require_signature=None if via_env else True)
 
@@ -174,7 +167,7 @@ def test_signed_checkpoint_loads_with_the_right_key_from_a_file(tmp_path, monkey
     # rule: a signed checkpoint verifies with the key (here from KD_TUNE_SIGNING_KEY_FILE) when signing is required
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY_FILE, str(key_file))
+    monkeypatch.setenv(ENV_SIGNING_KEY_FILE, str(key_file))
     _save(tmp_path / "store")
     manifest = load_checkpoint(tmp_path / "store", "ckpt", require_signature=True).manifest
     assert manifest["signature"]["alg"] == "HMAC-SHA256"
@@ -183,20 +176,20 @@ def test_signed_checkpoint_loads_with_the_right_key_from_a_file(tmp_path, monkey
 
 def test_both_key_variables_set_is_an_error(monkeypatch, tmp_path):
     # rule: an ambiguous key source is refused rather than guessed
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY, KEY)
-    monkeypatch.setenv(storage.ENV_SIGNING_KEY_FILE, str(tmp_path / "key"))
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
+    monkeypatch.setenv(ENV_SIGNING_KEY_FILE, str(tmp_path / "key"))
     with pytest.raises(ValueError, match="only one of"):
-        storage.signing_key()
+        signing_key()
 
 
 def test_copy_checkpoint_verifies_then_copies(tmp_path):
     # rule: copy_checkpoint refuses a tampered source and copies a good one byte-identical
     _save(tmp_path / "src")
-    storage.copy_checkpoint(tmp_path / "src" / "ckpt", tmp_path / "dst", "runs/epoch_0001")
+    copy_checkpoint(tmp_path / "src" / "ckpt", tmp_path / "dst", "runs/epoch_0001")
     _assert_same(load_checkpoint(tmp_path / "dst", "runs/epoch_0001").tensors, _tensors())
     (tmp_path / "src" / "ckpt" / "optimizer.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="optimizer.safetensors"):
-        storage.copy_checkpoint(tmp_path / "src" / "ckpt", tmp_path / "dst", "runs/epoch_0002")
+        copy_checkpoint(tmp_path / "src" / "ckpt", tmp_path / "dst", "runs/epoch_0002")
 
 
 # ---------------------------------------------------------------- path confinement
@@ -327,11 +320,11 @@ def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    tensors, meta = storage.optimizer_to_safe(optimizer.state_dict())
+    tensors, meta = train.optimizer_to_safe(optimizer.state_dict())
     save_checkpoint(tmp_path, "c", {"optimizer": tensors}, kind="trial", config={}, extra={"optimizer": meta})
     ckpt = load_checkpoint(tmp_path, "c")
     fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
-    fresh.load_state_dict(storage.optimizer_from_safe(ckpt.tensors["optimizer"], ckpt.manifest["extra"]["optimizer"]))
+    fresh.load_state_dict(train.optimizer_from_safe(ckpt.tensors["optimizer"], ckpt.manifest["extra"]["optimizer"]))
     for slot in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(fresh.state_dict()["state"][0][slot], optimizer.state_dict()["state"][0][slot])
 
@@ -353,7 +346,7 @@ def test_retention_keeps_best_k_plus_latest(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpts")) == ["epoch_0001", "epoch_0003", "epoch_0004"]
     assert prune_checkpoints(tmp_path, "ckpts", metric="val_loss", mode="max", keep_best=1,
                              keep_latest=False) == ["epoch_0001", "epoch_0003"]
-    assert storage.latest_checkpoint(tmp_path, "ckpts") == "ckpts/epoch_0004"
+    assert latest_checkpoint(tmp_path, "ckpts") == "ckpts/epoch_0004"
 
 
 def test_retention_deletes_old_half_written_dirs_only(tmp_path):

@@ -28,9 +28,11 @@ import yaml
 from ray_cluster import BIN, REPO, kd_tune, start_cluster
 
 from kd_tune import storage
+from kd_tune.checkpoint import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY_FILE, load_checkpoint, save_checkpoint, verify_checkpoint
 from kd_tune.config import load_config
-from kd_tune.storage import ENV_SIGNING_KEY, CheckpointError, PathEscapeError, Storage
-from kd_tune.tune import verified_resume_point
+from kd_tune.checkpoint import CheckpointError, ENV_SIGNING_KEY
+from kd_tune.storage import PathEscapeError, Storage
+from kd_tune.trial import verified_resume_point
 
 # moto takes any credentials: unique secrets, so finding one anywhere means it leaked.
 AWS_SECRET = f"kd-tune-test-secret-{secrets.token_hex(16)}"
@@ -54,7 +56,7 @@ def aws_env():
         for name, value in AWS_ENV.items():
             mp.setenv(name, value)
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", ENV_SIGNING_KEY,
-                     storage.ENV_SIGNING_KEY_FILE, storage.ENV_REQUIRE_SIGNATURE):
+                     ENV_SIGNING_KEY_FILE, ENV_REQUIRE_SIGNATURE):
             mp.delenv(name, raising=False)
         yield
 
@@ -152,7 +154,7 @@ def test_sweep_writes_results_checkpoints_and_tensorboard_to_the_bucket(smoke_sw
         assert any(n.startswith("events.out.tfevents.") for n in store.listdir(trial)), store.listdir(trial)
         assert row["checkpoint"].startswith(f"{store.root}/{trial}/"), row["checkpoint"]
         parent, name = checkpoint_of(store, row)
-        manifest = storage.load_checkpoint(parent, name, require_signature=True).manifest
+        manifest = load_checkpoint(parent, name, require_signature=True).manifest
         assert manifest["kind"] == "student" and manifest["config"]["distillation"]["teachers"] == [row["teacher"]]
     for local in (REPO / "runs" / SMOKE, REPO / "runs" / "teachers", REPO / bucket, REPO / "s3:"):
         assert not local.exists(), f"{local} was written on the local disk"
@@ -166,10 +168,10 @@ def test_sweep_signs_with_the_node_key(smoke_sweep, monkeypatch):
     for row in rows:
         parent, name = checkpoint_of(store, row)
         monkeypatch.setenv(ENV_SIGNING_KEY, SIGNING_KEY)
-        assert storage.verify_checkpoint(parent, name, require_signature=True)["signature"]["value"]
+        assert verify_checkpoint(parent, name, require_signature=True)["signature"]["value"]
         monkeypatch.setenv(ENV_SIGNING_KEY, "another key")
         with pytest.raises(CheckpointError, match="signature does not match"):
-            storage.verify_checkpoint(parent, name)
+            verify_checkpoint(parent, name)
 
 
 @pytest.mark.slow
@@ -241,7 +243,7 @@ RUN = "trial_x/train"
 
 def save_step(store: Storage, name: str, step: int) -> None:
     tensors = {"model": {"w": torch.full((64, 8), float(step))}, "optimizer": {"state.0.exp_avg": torch.zeros(8)}}
-    storage.save_checkpoint(store, f"{RUN}/{name}", tensors, kind="student", config={}, epoch=step, step=step,
+    save_checkpoint(store, f"{RUN}/{name}", tensors, kind="student", config={}, epoch=step, step=step,
                             metrics={"frr_at_target_fa": 0.5 / step})
 
 
@@ -294,7 +296,7 @@ def test_tampered_latest_checkpoint_is_refused_and_the_previous_good_one_resumes
     # the checkpoint and the file or check that failed, and the trial resumes from the previous good checkpoint.
     newest = CHECKPOINTS[-1]
     tamper(s3_run, f"{RUN}/{newest}")
-    with caplog.at_level(logging.WARNING, logger="kd_tune.tune"):
+    with caplog.at_level(logging.WARNING, logger="kd_tune.trial"):
         point = verified_resume_point(ray_checkpoint(s3_run, newest))
     assert point.manifest["step"] == 2 and torch.equal(point.tensors["model"]["w"], torch.full((64, 8), 2.0))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -307,7 +309,7 @@ def test_resume_point_is_the_newest_good_checkpoint_and_none_good_is_an_error(s3
     assert verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1])).manifest["step"] == 3
     for name in CHECKPOINTS:
         flip_byte(s3_run, f"{RUN}/{name}")
-    with caplog.at_level(logging.WARNING, logger="kd_tune.tune"):
+    with caplog.at_level(logging.WARNING, logger="kd_tune.trial"):
         with pytest.raises(CheckpointError, match=f"no checkpoint under {s3_run.root}/{RUN} passes verification"):
             verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]))
     refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

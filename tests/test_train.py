@@ -11,16 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from kd_tune import storage
+from kd_tune.checkpoint import copy_checkpoint, latest_checkpoint, load_checkpoint, verify_checkpoint
 from kd_tune.config import Config, load_config
 from kd_tune.data import Split, load_dataset
 from kd_tune.distill import combine_teachers
-from kd_tune.features import N_SAMPLES, LogMel
+from kd_tune.features import LogMel, N_SAMPLES
 from kd_tune.models import build_teacher
-from kd_tune.train import (
-    NonFiniteLossError, TeacherEnsemble, TrainState, batches, fit, fit_teacher, front_end, guard, load_teacher,
-    lr_at, optimizer_step, probe_batch_size, render_view,
-)
+from kd_tune.features import front_end, render_view
+from kd_tune.teachers import TeacherEnsemble, load_teacher
+from kd_tune.train import NonFiniteLossError, TrainState, batches, fit, fit_teacher, guard, lr_at, optimizer_step, probe_batch_size
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +52,9 @@ class KeepCheckpoints:
 
     def __call__(self, metrics: dict, checkpoint: Path | None) -> None:
         self.metrics.append(dict(metrics))
-        loaded = storage.load_checkpoint(checkpoint.parent, checkpoint.name)  # verifies before it builds tensors
+        loaded = load_checkpoint(checkpoint.parent, checkpoint.name)  # verifies before it builds tensors
         self.stems.append(set(loaded.tensors))
-        storage.copy_checkpoint(checkpoint, self.keep, f"epoch_{int(metrics['epoch'])}")
+        copy_checkpoint(checkpoint, self.keep, f"epoch_{int(metrics['epoch'])}")
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +111,14 @@ def test_batches_are_a_seeded_permutation_of_whole_batches():
 def test_render_view_is_a_pure_function_of_seed_and_view(small_dataset, data, tmp_path):
     # rule: the same (seed, view) gives the same audio, another view other audio, no augmentation the audio itself
     config = tiny_config(small_dataset, tmp_path)
-    _, augment, _ = front_end(config, data, CPU)
+    _, augment, _ = front_end(config, data.train.of_kind("background"), CPU)
     audio = data.train.audio[:8]  # [8, N_SAMPLES]
     first = render_view(audio, augment, view=1, seed=0)
     assert torch.equal(first, render_view(audio, augment, view=1, seed=0))
     assert not torch.equal(first, render_view(audio, augment, view=2, seed=0))
     assert not torch.equal(first, render_view(audio, augment, view=1, seed=1))
     off = config.model_copy(update={"augment": config.augment.model_copy(update={"enabled": False})})
-    _, no_augment, _ = front_end(off, data, CPU)
+    _, no_augment, _ = front_end(off, data.train.of_kind("background"), CPU)
     assert no_augment is None and torch.equal(render_view(audio, no_augment, view=1, seed=0), audio)
 
 
@@ -261,7 +260,7 @@ def test_fit_reports_every_epoch_with_a_verified_checkpoint(config, distilled):
     assert last["lr"] == pytest.approx(lr_at(steps - 1, total_steps=steps, base_lr=t.lr,
                                              warmup_fraction=t.warmup_fraction))
     assert all(stems >= {"model", "optimizer", "rng"} for stems in distilled.report.stems)
-    saved = storage.load_checkpoint(distilled.report.keep, "epoch_2")
+    saved = load_checkpoint(distilled.report.keep, "epoch_2")
     assert (saved.manifest["epoch"], saved.manifest["step"]) == (2, steps)
     assert saved.manifest["metrics"]["total_loss"] == pytest.approx(last["total_loss"])
 
@@ -280,14 +279,14 @@ def test_teachers_stay_frozen_through_fit(distilled):
 def test_resume_from_epoch_one_repeats_epoch_two(config, data, distilled, tmp_path):
     # rule: model, optimizer and RNG state in the checkpoint make a resumed run match the uninterrupted one
     report = KeepCheckpoints(tmp_path)
-    fit(config, report, data=data, resume=storage.load_checkpoint(distilled.report.keep, "epoch_1"),
+    fit(config, report, data=data, resume=load_checkpoint(distilled.report.keep, "epoch_1"),
         teachers=distilled.teachers)
     assert [m["epoch"] for m in report.metrics] == [2]
     resumed, uninterrupted = report.metrics[0], distilled.report.metrics[1]
     for key in uninterrupted.keys() - {"epoch_seconds"}:
         assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-5), key
-    model = storage.load_checkpoint(tmp_path, "epoch_2").tensors["model"]
-    reference = storage.load_checkpoint(distilled.report.keep, "epoch_2").tensors["model"]
+    model = load_checkpoint(tmp_path, "epoch_2").tensors["model"]
+    reference = load_checkpoint(distilled.report.keep, "epoch_2").tensors["model"]
     for name, tensor in reference.items():
         torch.testing.assert_close(model[name], tensor, rtol=0, atol=1e-6, msg=name)
 
@@ -354,12 +353,12 @@ def test_cli_train_writes_tensorboard_checkpoints_and_config_and_resumes(small_d
     checkpoints = sorted(p.name for p in (store / "run" / "checkpoints").iterdir())
     assert checkpoints == ["epoch_0001", "epoch_0002"]
     for name in checkpoints:
-        storage.verify_checkpoint(store, f"run/checkpoints/{name}")
+        verify_checkpoint(store, f"run/checkpoints/{name}")
     assert load_config(store / "run" / "config.yaml").to_dict() == load_config(config_file).to_dict()
 
     resumed = kd_tune("train", str(config_file), "--name", "run", "--resume", "--set", "training.epochs=3")
     assert "train epoch 3" in resumed.stdout and "train epoch 1" not in resumed.stdout
     steps = scalar_steps(store / "run" / "tensorboard")
     assert {tag: steps.get(tag) for tag in SCALAR_TAGS} == {tag: [1, 2, 3] for tag in SCALAR_TAGS}
-    latest = storage.verify_checkpoint(store, storage.latest_checkpoint(store, "run/checkpoints"))
+    latest = verify_checkpoint(store, latest_checkpoint(store, "run/checkpoints"))
     assert latest["epoch"] == 3 and latest["config"]["training"]["epochs"] == 3

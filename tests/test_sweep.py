@@ -2,6 +2,7 @@
 
 import json
 import os
+from importlib import resources
 import shutil
 import signal
 import subprocess
@@ -13,10 +14,10 @@ import pytest
 import yaml
 from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, start_cluster
 
-from kd_tune import storage
+from kd_tune.checkpoint import load_checkpoint
 from kd_tune.config import ConfigError, load_config
-from kd_tune.tune import (RAY_SETTINGS, SEARCH_SPACE_DIR, SearchSpace, SpaceSampler, apply_ray_settings,
-                          coverage_points, load_search_space, trial_config)
+from kd_tune.space import SearchSpace, builtin_spaces, SpaceSampler, load_search_space, trial_config
+from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points
 
 TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha", "schedule/temperature",
               "val/frr_at_target_fa")
@@ -25,11 +26,11 @@ TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha
 # ---------------------------------------------------------------- search spaces (fast)
 
 
-@pytest.mark.parametrize("path", sorted(SEARCH_SPACE_DIR.rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_search_space_file_is_valid(path):
-    # Rule: every file under search_spaces/ validates and names only configured teachers of the default config.
-    space = load_search_space(path)
-    space.check_teachers(load_config(None, check_paths=False), source=str(path))
+@pytest.mark.parametrize("name", builtin_spaces())
+def test_every_builtin_search_space_is_valid(name):
+    # Rule: every built-in space resolves by name, validates and names only configured teachers of the default.
+    space = load_search_space(name)
+    space.check_teachers(load_config(None, check_paths=False), source=name)
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -42,7 +43,7 @@ def test_every_search_space_file_is_valid(path):
 ])
 def test_invalid_search_space_names_the_key(tmp_path, edit, needle):
     # Rule: an invalid space is a clear error naming the key.
-    raw = yaml.safe_load((SEARCH_SPACE_DIR / "default.yaml").read_text())
+    raw = yaml.safe_load(resources.files("kd_tune").joinpath("search_spaces", "default.yaml").read_text())
     edit(raw)
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -79,7 +80,7 @@ def test_define_by_run_samples_conditional_parameters_only_where_used():
 
 def test_trial_config_maps_parameters_onto_the_config():
     # Rule: each searched parameter lands in its config field; a constant schedule keeps alpha_end = alpha_start.
-    base = load_config(None, check_paths=False).to_dict()
+    base = load_config(None, check_paths=False)
     config = trial_config(base, {"teacher": "wav2vec2", "alpha_schedule": "constant", "alpha_start": 0.3,
                                  "temperature": 7.5, "student_width": 0.5})
     d = config.distillation
@@ -192,7 +193,7 @@ def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
     # `kd-tune results` prints the same leaderboard.
     path, config = sweep_config
     jobs = Jobs(cluster)
-    job = jobs.submit("sweep", str(path), "--search-space", "search_spaces/smoke.yaml", "--name", "smoke")
+    job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "smoke")
     assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.run("logs", job).stdout[-5000:]
     experiment = Path(config.storage.root) / "smoke"
     rows = json.loads((experiment / "leaderboard.json").read_text())
@@ -202,7 +203,7 @@ def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
         tags, hparams = events(experiment / f"trial_{row['trial']}")
         assert set(TRIAL_TAGS) <= tags and hparams, (row["trial"], tags)
         checkpoint = Path(row["checkpoint"])
-        manifest = storage.load_checkpoint(checkpoint.parent, checkpoint.name).manifest
+        manifest = load_checkpoint(checkpoint.parent, checkpoint.name).manifest
         assert manifest["kind"] == "student" and manifest["config"]["distillation"]["teachers"] == [row["teacher"]]
         assert row["student_loss"] > 0 and row["distillation_loss"] >= 0
     metric = config.tune.metric
@@ -230,16 +231,16 @@ def test_ray_job_stop_is_graceful_and_saves_the_state(cluster, sweep_config):
 # The sweep driver of the test below: kd-tune itself, with a loader that moves the data folder away once read.
 HIDING_DRIVER = """
 import shutil, sys
-from kd_tune import cli, tune
+from kd_tune import cli, sweep
 
-load_dataset = tune.load_dataset
+load_dataset = sweep.load_dataset
 
 def load_then_hide(root):
     data = load_dataset(root)
     shutil.move(root, root + ".hidden")
     return data
 
-tune.load_dataset = load_then_hide
+sweep.load_dataset = load_then_hide
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -258,3 +259,25 @@ def test_trials_train_on_the_data_the_sweep_loaded(cluster, sweep_config, tmp_pa
     assert not data_root.exists() and (tmp_path / "data.hidden").is_dir()
     rows = json.loads((Path(config.storage.root) / "hidden_data" / "leaderboard.json").read_text())
     assert len(rows) == 2 and all(r["status"] == "OK" and r["epochs"] >= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_the_builtin_search_spaces_by_name(cluster, sweep_config, tmp_path):
+    # Rule: the wheel carries the built-in search spaces: after a non-editable install, `kd-tune sweep
+    # --search-space smoke` resolves the name and runs (the installed copy, not this checkout, is imported).
+    path, config = sweep_config
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(REPO), "--no-deps", "-w", str(wheels)], check=True, timeout=600)
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("kd_tune-*.whl"))],
+                   check=True, timeout=300)
+    env = {**cluster.env, "PYTHONPATH": str(site)}
+    where = subprocess.run([str(BIN / "python"), "-c", "import kd_tune; print(kd_tune.__file__)"], env=env,
+                           cwd=elsewhere, capture_output=True, text=True, check=True)
+    assert Path(where.stdout.strip()).is_relative_to(site)
+    out = kd_tune("sweep", str(path), "--search-space", "smoke", "--name", "from_wheel", "--address", cluster.address,
+                  "--set", "tune.num_samples=1", "--set", "training.epochs=1", env=env, cwd=elsewhere)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((Path(config.storage.root) / "from_wheel" / "leaderboard.json").read_text())
+    assert len(rows) == 1 and rows[0]["status"] == "OK"

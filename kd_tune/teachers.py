@@ -1,0 +1,154 @@
+"""Teachers: where a fine-tuned teacher lives on storage, whether it is current, loading it, and the live ensemble.
+
+A teacher's `source` is "tiny" or "base" (random init), a Hugging Face id or a local save_pretrained directory, or a
+PyTorch `.pt`/`.pth` state dict for the "base" architecture, read with torch's weights-only unpickler and nothing
+else. The training loop asks its teachers for logits through the small `Teachers` protocol, which the live
+`TeacherEnsemble` and the cached kd_tune.cache.CachedTeachers both implement.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pickle import UnpicklingError  # only the error torch.load raises on refusal; nothing here unpickles
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from kd_tune.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint,
+                                verify_checkpoint)
+from kd_tune.config import Config, TeacherConfig
+from kd_tune.data import WakewordData
+from kd_tune.distill import combine_teachers
+from kd_tune.models import build_teacher, count_parameters, hf_config, teacher_input_kind
+from kd_tune.storage import Storage
+
+LEGACY_SUFFIXES = (".pt", ".pth")
+
+
+class Teachers(Protocol):
+    """What the training loop asks of its teachers, live or cached."""
+
+    def __call__(self, inputs: dict[str, Tensor], *, view: int | None, index: Tensor) -> Tensor:
+        """Combined logits [B, 2] for a batch: inputs {"waveform": [B, N_SAMPLES], "features": [B, n_mels, T]},
+        its augmentation view (None: clean clips) and the clips' indices [B] in the training split."""
+
+    def check_inputs(self, inputs: dict[str, Tensor]) -> None:
+        """Fail at set-up, naming the teacher, when it cannot take what this run would give it."""
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers in eval mode; each takes the input it declares, checked once at set-up."""
+
+    def __init__(self, teachers: dict[str, nn.Module], *, combine: str, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.teachers = nn.ModuleDict(teachers).eval().requires_grad_(False)
+        self.combine, self.device, self.dtype = combine, device, dtype
+        self.to(device=device, dtype=dtype)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":
+        return super().train(False)  # teachers stay in eval mode: no dropout, no BatchNorm statistics updates
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, Tensor], *, view: int | None = None, index: Tensor | None = None) -> Tensor:
+        """Combined logits [B, 2] of the live teachers; view and index serve the cached alternative only."""
+        logits = []
+        for name, teacher in self.teachers.items():
+            x = inputs[teacher.input_kind].to(self.device, self.dtype)  # [B, N_SAMPLES] or [B, n_mels, T]
+            logits.append(teacher(x).float())  # [B, 2]
+        out = logits[0] if len(logits) == 1 else combine_teachers(logits, method=self.combine)
+        return out.to(next(iter(inputs.values())).device)
+
+    def check_inputs(self, inputs: dict[str, Tensor]) -> None:
+        """Fail at set-up, naming the teacher, when it cannot take the input this run would give it."""
+        for name, teacher in self.teachers.items():
+            kind = teacher_input_kind(teacher)
+            if kind not in inputs:
+                raise ValueError(f"teacher {name!r} takes {kind} input, but this run provides only "
+                                 f"{' and '.join(sorted(inputs))}")
+            x = inputs[kind][:1].to(self.device, self.dtype)  # as forward() feeds it: half-precision teachers too
+            try:
+                out = teacher(x)  # one probe forward: a wrong shape fails here, not mid-epoch
+            except RuntimeError as e:
+                raise ValueError(f"teacher {name!r} cannot take {kind} input of shape {tuple(x.shape)}: {e}") from e
+            if out.shape != (1, 2):
+                raise ValueError(f"teacher {name!r} returned logits of shape {tuple(out.shape)} (expected [B, 2])")
+
+
+def teacher_checkpoint_dir(name: str) -> str:
+    return f"teachers/{name}"
+
+
+def architecture_source(teacher: TeacherConfig) -> str:
+    """The source that builds this teacher's architecture: a `.pt` state dict fills the "base" one."""
+    return "base" if teacher.source.endswith(LEGACY_SUFFIXES) else teacher.source
+
+
+def initial_teacher(teacher: TeacherConfig, *, n_mels: int) -> nn.Module:
+    """The teacher that fine-tuning starts from: its source's weights, or random ones for "tiny" and "base"."""
+    model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=n_mels)
+    if teacher.source.endswith(LEGACY_SUFFIXES):
+        load_state_dict_strict(model, load_legacy_pt(teacher.source))
+    return model
+
+
+def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data: WakewordData, *, epoch: int = 0,
+                 step: int = 0, metrics: dict | None = None) -> None:
+    """Store a teacher where `load_teacher` finds it, with what `teacher_is_current` compares."""
+    save_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
+                    {"model": model.state_dict()}, kind="teacher", config=config.to_dict(), epoch=epoch, step=step,
+                    metrics=metrics or {}, extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
+                                                  "parameters": count_parameters(model),
+                                                  "data_sha256": data.manifest_sha256})
+
+
+def load_teacher(config: Config, teacher: TeacherConfig) -> nn.Module:
+    """A fine-tuned teacher from the storage root, verified before any weight is used."""
+    ckpt = load_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name))
+    model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
+                          hf_config=ckpt.manifest["extra"].get("hf_config"))
+    load_state_dict_strict(model, ckpt.tensors["model"])
+    return model
+
+
+def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
+    d = config.distillation
+    on = torch.device("cpu") if d.teacher_device == "cpu" else device
+    dtype = getattr(torch, d.teacher_dtype) if on.type == "cuda" else torch.float32  # half precision only pays on CUDA
+    teachers = {t.name: load_teacher(config, t) for t in config.distill_teachers}
+    return TeacherEnsemble(teachers, combine=d.combine, device=on, dtype=dtype)
+
+
+def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordData) -> bool:
+    """True when the stored teacher was fine-tuned with these settings on this exact data (and verifies)."""
+    store = Storage.from_config(config.storage)
+    try:
+        extra = verify_checkpoint(store, teacher_checkpoint_dir(teacher.name))["extra"]
+    except (CheckpointError, FileNotFoundError):
+        return False
+    if extra.get("teacher") != teacher.model_dump() or extra.get("data_sha256") != data.manifest_sha256:
+        return False
+    # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
+    built = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
+                          hf_config=extra.get("hf_config"))
+    return extra.get("parameters") == count_parameters(built)
+
+
+def load_legacy_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict from a PyTorch .pt/.pth file, read with torch's weights-only unpickler and nothing else."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        reason = f"it references {found.group(1)}" if found else "it holds more than tensors and plain containers"
+        raise CheckpointError(f"{os.fspath(path)}: refused: {reason}, and unpickling that could run code "
+                              "(only weights_only=True loading is allowed)") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{os.fspath(path)}: expected a flat state dict of name -> Tensor, "
+                              f"got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{os.fspath(path)}: expected a flat state dict of name -> Tensor; "
+                              f"entries that are not: {bad}")
+    return state

@@ -1,0 +1,120 @@
+"""The package's shape: one module per stage, layered without cycles, Ray only in the Ray layer, light imports."""
+
+import ast
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from kd_tune.config import STUDENT_NAMES, TEACHER_ARCHS, Config
+from kd_tune.metrics import METRICS
+from kd_tune.space import TARGETS, SearchSpace
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kd_tune"
+MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__main__"}
+RAY_LAYER = {"trial", "sweep", "bench"}
+MAX_LINES = 450
+
+
+def kd_tune_imports(path: Path) -> set[str]:
+    """Every kd_tune module `path` imports, at any depth of the file (function-level imports count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kd_tune":
+            parts = node.module.split(".")
+            found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("kd_tune.")}
+    return found - {path.stem}
+
+
+def third_party_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+    return roots
+
+
+def test_no_import_cycle_among_modules():
+    # Rule: the modules form layers: no cycle, counting imports inside functions.
+    graph = {name: kd_tune_imports(path) for name, path in MODULES.items()}
+    done, stack = set(), []
+
+    def visit(name: str) -> None:
+        if name in stack:
+            pytest.fail("import cycle: " + " -> ".join(stack[stack.index(name):] + [name]))
+        if name in done:
+            return
+        stack.append(name)
+        for dep in sorted(graph[name]):
+            visit(dep)
+        stack.pop()
+        done.add(name)
+
+    for name in graph:
+        visit(name)
+
+
+def test_only_the_cli_imports_inside_functions():
+    # Rule: kd_tune modules import each other at the top; only the CLI defers (so `detect` and `config` stay light).
+    for name, path in MODULES.items():
+        if name in ("cli", "__init__"):
+            continue
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        nested = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and id(node) not in top
+                  and (node.module or "").startswith("kd_tune")]
+        assert not nested, f"kd_tune/{name}.py imports kd_tune inside a function at lines {nested}"
+
+
+def test_ray_is_imported_only_in_the_ray_layer():
+    # Rule: `import ray` appears only in the Ray layer; everything below it runs without Ray.
+    users = {name for name, path in MODULES.items() if "ray" in third_party_roots(path)}
+    assert users <= RAY_LAYER, f"{sorted(users - RAY_LAYER)} import ray outside {sorted(RAY_LAYER)}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_is_over_the_size_limit(name):
+    # Rule: a module holds one stage; none grows past ~450 lines.
+    lines = len(MODULES[name].read_text().splitlines())
+    assert lines <= MAX_LINES, f"kd_tune/{name}.py has {lines} lines (limit {MAX_LINES})"
+
+
+@pytest.mark.parametrize("code", [
+    "from kd_tune.config import load_config; load_config(None, check_paths=False)",
+    "import kd_tune.detect",
+    "from kd_tune import cli; cli.parser()",
+])
+def test_light_paths_load_no_torch_and_no_ray(code):
+    # Rule: loading a config, the detector and the CLI's parser import neither torch nor Ray.
+    probe = f"import sys; {code}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_search_space_key_maps_to_a_config_field():
+    # Rule: each key a search space may hold lands in exactly one existing config field.
+    assert set(TARGETS) == set(SearchSpace.model_fields)
+    for name, (section, key, _) in TARGETS.items():
+        section_model = typing.get_args(Config.model_fields[section].annotation) or (
+            Config.model_fields[section].annotation,)
+        assert key in section_model[0].model_fields, f"{name} -> {section}.{key} is not a config field"
+
+
+def test_config_names_match_the_registries():
+    # Rule: the names a config accepts are exactly the registered students and teachers (config stays torch-free).
+    from kd_tune.models import STUDENTS, TEACHERS
+
+    assert set(STUDENT_NAMES) == set(STUDENTS) and set(TEACHER_ARCHS) == set(TEACHERS)
+
+
+def test_metrics_table_is_complete():
+    # Rule: every metric has a TensorBoard tag in a known group, and a rankable metric says its direction.
+    for name, metric in METRICS.items():
+        assert metric.tag.split("/")[0] in ("val", "loss", "schedule", "guard", "time"), name
+        assert metric.goal in (None, "min", "max"), name
