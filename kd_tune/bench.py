@@ -38,9 +38,9 @@ from kd_tune.export import latency_ms, probability_model, to_onnx
 from kd_tune.features import N_SAMPLES, LogMel, front_end, render_view
 from kd_tune.leaderboard import cell
 from kd_tune.metrics import LOSSES
-from kd_tune.models import build_student, build_teacher, count_parameters
+from kd_tune.models import build_student, count_parameters
 from kd_tune.sweep import RAY_SETTINGS, connect_ray
-from kd_tune.teachers import save_teacher
+from kd_tune.teachers import initial_teacher, save_teacher
 from kd_tune.train import fit, pick_device
 from kd_tune.trial import ray_report, torch_trainer
 
@@ -80,7 +80,7 @@ def bench_config(config: Config, *, root: str, teacher_source: str) -> Config:
 def save_untrained_teacher(config: Config, data: WakewordData) -> int:
     """Store the teacher as `kd-tune teacher train` would, untrained; returns its parameter count."""
     teacher = config.teacher(TEACHER_NAME)
-    model = build_teacher(teacher.arch, source=teacher.source, n_mels=config.features.n_mels)
+    model = initial_teacher(teacher, n_mels=config.features.n_mels)
     save_teacher(config, teacher, model, data)
     return count_parameters(model)
 

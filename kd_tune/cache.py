@@ -34,7 +34,8 @@ from kd_tune.distill import combine_teachers
 from kd_tune.features import LogMel, front_end, render_view
 from kd_tune.models import teacher_input_kind
 from kd_tune.teachers import load_teacher, teacher_checkpoint_dir
-from kd_tune.checkpoint import CheckpointError, MANIFEST_NAME, load_checkpoint, save_checkpoint, verify_checkpoint
+from kd_tune.checkpoint import (MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, Identity, load_checkpoint,
+                                save_checkpoint, verify_checkpoint)
 from kd_tune.storage import Storage
 
 log = logging.getLogger("kd_tune.cache")
@@ -55,7 +56,8 @@ def cache_key(config: Config, teacher: TeacherConfig, data: WakewordData) -> str
     if not store.exists(manifest):
         raise CheckpointError(f"teacher {teacher.name!r} has no checkpoint under {store.uri}/"
                               f"{teacher_checkpoint_dir(teacher.name)}: run `kd-tune teacher train CONFIG` first")
-    parts = {"teacher_manifest_sha256": hashlib.sha256(store.read_bytes(manifest)).hexdigest(),
+    # Bounded like every manifest read: loading the teacher later verifies it in full.
+    parts = {"teacher_manifest_sha256": hashlib.sha256(store.read_head(manifest, MAX_MANIFEST_BYTES + 1)).hexdigest(),
              "data_sha256": data.manifest_sha256, "features": config.features.model_dump(mode="json"),
              "augment": config.augment.model_dump(mode="json"), "seed": config.training.seed, "format": CACHE_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -106,7 +108,7 @@ def build_shard(config: Config, teacher_name: str, shard: str, key: str, *,
                             device=torch.device("cuda") if on_gpu else cpu)  # [N, 2]
     store = Storage.from_config(config.storage)
     return save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{shard}", {"logits": {"logits": logits}},
-                           kind=SHARD_KIND, config=config.to_dict(),
+                           kind=SHARD_KIND, name=teacher_name, pinned=True, config=config.to_dict(),
                            extra={"key": key, "view": view, "teacher": teacher_name, "clips": len(logits)})
 
 
@@ -121,23 +123,24 @@ def check_manifest(manifest: dict, *, kind: str, key: str, where: str) -> None:
                               f"{kind!r} for key {key!r}: a stale cache is never used")
 
 
-def shard_is_current(store: Storage, rel: str, key: str) -> bool:
+def shard_is_current(store: Storage, rel: str, key: str, teacher_name: str) -> bool:
     """True when the shard verifies and carries this key; a damaged or stale one is named in a warning."""
     if not store.exists(rel):
         return False
     try:
-        check_manifest(verify_checkpoint(store, rel), kind=SHARD_KIND, key=key, where=rel)
+        manifest = verify_checkpoint(store, rel, expect=Identity(SHARD_KIND, teacher_name))
+        check_manifest(manifest, kind=SHARD_KIND, key=key, where=rel)
     except CheckpointError as error:
         log.warning("rebuilding teacher-cache shard: %s", error)
         return False
     return True
 
 
-def index_is_current(store: Storage, rel: str, key: str, shards: list[str]) -> bool:
+def index_is_current(store: Storage, rel: str, key: str, shards: list[str], teacher_name: str) -> bool:
     if not store.exists(f"{rel}/{INDEX}"):
         return False
     try:
-        manifest = verify_checkpoint(store, f"{rel}/{INDEX}")
+        manifest = verify_checkpoint(store, f"{rel}/{INDEX}", expect=Identity(INDEX_KIND, teacher_name))
         check_manifest(manifest, kind=INDEX_KIND, key=key, where=rel)
     except CheckpointError as error:
         log.warning("rewriting teacher-cache index: %s", error)
@@ -148,7 +151,8 @@ def index_is_current(store: Storage, rel: str, key: str, shards: list[str]) -> b
 def write_index(store: Storage, config: Config, teacher_name: str, key: str, clips: int) -> None:
     """The completion marker, written once every shard verifies."""
     save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{INDEX}",
-                    {"index": {"clips": torch.tensor([clips])}}, kind=INDEX_KIND, config=config.to_dict(),
+                    {"index": {"clips": torch.tensor([clips])}}, kind=INDEX_KIND, name=teacher_name, pinned=True,
+                    config=config.to_dict(),
                     extra={"key": key, "teacher": teacher_name, "shards": shard_names(config)})
 
 
@@ -176,12 +180,12 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
     store = Storage.from_config(config.storage)
     keys = {name: cache_key(config, config.teacher(name), data) for name in teacher_names}
     jobs = [(name, shard, key) for name, key in keys.items() for shard in shard_names(config)
-            if not shard_is_current(store, f"{cache_dir(name, key)}/{shard}", key)]
+            if not shard_is_current(store, f"{cache_dir(name, key)}/{shard}", key, name)]
     if jobs:
         run(config, jobs, data)
     rebuilt = {name for name, _, _ in jobs}
     for name, key in keys.items():
-        if name in rebuilt or not index_is_current(store, cache_dir(name, key), key, shard_names(config)):
+        if name in rebuilt or not index_is_current(store, cache_dir(name, key), key, shard_names(config), name):
             write_index(store, config, name, key, len(data.train.labels))
     return {name: store.path(cache_dir(name, key)) for name, key in keys.items()}
 
@@ -232,9 +236,9 @@ class CachedTeachers(nn.Module):
             if not store.exists(f"{rel}/{INDEX}"):
                 raise CheckpointError(f"teacher cache {store.uri}/{rel} is incomplete: its {INDEX}/ marker "
                                       "is missing")
-            check_manifest(verify_checkpoint(store, f"{rel}/{INDEX}"), kind=INDEX_KIND, key=key,
-                           where=f"{store.uri}/{rel}/{INDEX}")
-            per_teacher.append(torch.stack([load_shard(store, f"{rel}/{s}", key, clips=clips)
+            index = verify_checkpoint(store, f"{rel}/{INDEX}", expect=Identity(INDEX_KIND, teacher.name))
+            check_manifest(index, kind=INDEX_KIND, key=key, where=f"{store.uri}/{rel}/{INDEX}")
+            per_teacher.append(torch.stack([load_shard(store, f"{rel}/{s}", key, clips=clips, teacher_name=teacher.name)
                                             for s in shard_names(config)]))  # [S, N, 2]
         return cls(torch.stack(per_teacher), combine=config.distillation.combine).to(device)
 
@@ -253,9 +257,9 @@ class CachedTeachers(nn.Module):
         """Nothing to check: cached logits need no input, only clip indices."""
 
 
-def load_shard(store: Storage, rel: str, key: str, *, clips: int) -> Tensor:
+def load_shard(store: Storage, rel: str, key: str, *, clips: int, teacher_name: str) -> Tensor:
     where = f"{store.uri}/{rel}"
-    checkpoint = load_checkpoint(store, rel)
+    checkpoint = load_checkpoint(store, rel, expect=Identity(SHARD_KIND, teacher_name))
     check_manifest(checkpoint.manifest, kind=SHARD_KIND, key=key, where=where)
     logits = checkpoint.tensors.get("logits", {}).get("logits")
     if logits is None or logits.shape != (clips, 2) or logits.dtype != torch.float32:

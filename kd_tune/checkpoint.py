@@ -1,15 +1,12 @@
-"""The one checkpoint format kd_tune reads and writes: safetensors files plus a hashed, optionally signed manifest.
+"""The one checkpoint format kd_tune reads and writes: safetensors files plus a hashed, signed manifest.
 
-A checkpoint is a directory of `<stem>.safetensors` files plus `manifest.json`, written last so that a directory
-without a manifest is never taken for a checkpoint. The manifest holds the SHA-256 and size of every file and, when
-a key is set, an HMAC-SHA256 over itself; loading checks all of it before any tensor is built. Nothing here
-unpickles: tensors travel as safetensors, everything else as JSON. Retention (`prune_checkpoints`) and the newest
+A checkpoint is a directory of `<stem>.safetensors` files plus `manifest.json`, written last (a directory without
+one is never taken for a checkpoint). The manifest holds every file's SHA-256 and size, the checkpoint's kind and
+name (a teacher's name, a run or trial id) and, when pinned, its place under the storage root; with a key set an
+HMAC covers all of it and is required by default (kd_tune.signing: KD_TUNE_SIGNING_KEY, KD_TUNE_SIGNING_KEY_FILE,
+KD_TUNE_REQUIRE_SIGNATURE). Loading checks sizes against caps, then everything else, before building any tensor; a
+caller states what it expects (`Identity`). Nothing here unpickles. Retention (`prune_checkpoints`) and the newest
 checkpoint of a run (`latest_checkpoint`) are here too.
-
-Environment:
-    KD_TUNE_SIGNING_KEY           the HMAC key itself
-    KD_TUNE_SIGNING_KEY_FILE      or a file holding it (surrounding whitespace stripped); set at most one of the two
-    KD_TUNE_REQUIRE_SIGNATURE     "1": refuse unsigned checkpoints ("0" or unset: signatures checked when present)
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import json
+import logging
 import math
 import os
 import posixpath
@@ -34,55 +31,37 @@ import torch
 from safetensors import SafetensorError
 
 from kd_tune import __version__
-from kd_tune.errors import KdTuneError
-from kd_tune.storage import (PUBLISHED_DIR_MODE, PathEscapeError, Storage, as_storage, canonical_json, pretty_json,
-                             refuse_constant, remove_local)
+from kd_tune.errors import InputError, shown
+from kd_tune.signing import canonical_json, parse_json, signed, verify_signature
+from kd_tune.storage import PUBLISHED_DIR_MODE, PathEscapeError, Storage, as_storage, pretty_json, remove_local
 
 FORMAT = "kd_tune.checkpoint/1"
 MANIFEST_NAME = "manifest.json"
 TENSOR_SUFFIX = ".safetensors"
-SIGNATURE_ALG = "HMAC-SHA256"
-ENV_SIGNING_KEY = "KD_TUNE_SIGNING_KEY"
-ENV_SIGNING_KEY_FILE = "KD_TUNE_SIGNING_KEY_FILE"
-ENV_REQUIRE_SIGNATURE = "KD_TUNE_REQUIRE_SIGNATURE"
+# kd_tune's manifests measure ~6 KB (a base wav2vec2 teacher's with its transformers config, a student's with its
+# optimizer groups); 1 MiB is 170x that, and refusing a 200 MB manifest then costs 1 MiB of reading.
+MAX_MANIFEST_BYTES = 2**20
+# The largest tensor file: a 2-billion-parameter float32 teacher is 8 GB; twice that, so that a manifest claiming
+# 10^18 bytes is refused before any read or allocation.
+MAX_FILE_BYTES = 16 * 2**30
 _STEM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FILE_RE = re.compile(rf"{_STEM_RE.pattern}{re.escape(TENSOR_SUFFIX)}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _STAGING_RE = re.compile(r"\..+\.(tmp|old)-[A-Za-z0-9_]+")  # names save_checkpoint uses while swapping a dir in
 
-
-class CheckpointError(KdTuneError, ValueError):
-    """A checkpoint that is incomplete, altered, unsigned where a signature is required, or not loadable."""
+log = logging.getLogger("kd_tune.checkpoint")
 
 
-def signing_key() -> bytes | None:
-    """The HMAC key from KD_TUNE_SIGNING_KEY, or from the file named by KD_TUNE_SIGNING_KEY_FILE; None if unset."""
-    key, key_file = os.environ.get(ENV_SIGNING_KEY), os.environ.get(ENV_SIGNING_KEY_FILE)
-    if key and key_file:
-        raise ValueError(f"set only one of {ENV_SIGNING_KEY} and {ENV_SIGNING_KEY_FILE}")
-    if key_file:
-        secret, source = Path(key_file).read_bytes().strip(), f"{ENV_SIGNING_KEY_FILE} file {key_file!r}"
-    elif key:
-        secret, source = key.encode(), ENV_SIGNING_KEY
-    else:
-        return None
-    if not secret:
-        raise ValueError(f"{source} holds an empty signing key")
-    return secret
+class CheckpointError(InputError):
+    """A checkpoint that is incomplete, altered, unsigned where a signature is required, or not what was expected."""
 
 
-def _signature_required(require_signature: bool | None) -> bool:
-    if require_signature is not None:
-        return bool(require_signature)
-    value = os.environ.get(ENV_REQUIRE_SIGNATURE, "0")
-    if value not in ("0", "1", ""):
-        raise ValueError(f"{ENV_REQUIRE_SIGNATURE}={value!r} is not allowed (allowed: 0, 1)")
-    return value == "1"
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """What a caller expects a checkpoint to be: its kind ("teacher", "student", ...) and, unless None, its name."""
 
-
-def _sign(key: bytes, manifest: dict) -> str:
-    unsigned = {k: v for k, v in manifest.items() if k != "signature"}
-    return hmac.new(key, canonical_json(unsigned), hashlib.sha256).hexdigest()
+    kind: str
+    name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,17 +74,20 @@ class Checkpoint:
 
 def save_checkpoint(storage: Storage | str | os.PathLike, rel_dir: str,
                     tensors: Mapping[str, Mapping[str, torch.Tensor]], *, kind: str, config: dict,
-                    epoch: int | None = None, step: int | None = None, metrics: Mapping[str, Any] | None = None,
-                    trial_id: str | None = None, extra: Any = None) -> str:
+                    name: str | None = None, pinned: bool = False, epoch: int | None = None,
+                    step: int | None = None, metrics: Mapping[str, Any] | None = None, trial_id: str | None = None,
+                    extra: Any = None) -> str:
     """Write a checkpoint directory: one `<stem>.safetensors` per entry of `tensors`, then manifest.json.
 
-    Non-finite metric values are stored as null (JSON has no NaN). Returns the directory's path on the storage's
-    filesystem.
+    kind and name (a teacher's name, a run or trial id) are what load_checkpoint(expect=Identity(...)) compares.
+    pinned: it loads only from rel_dir (teachers, cache shards); unpinned ones may be copied (Ray's checkpoint dirs,
+    `kd-tune train`'s epoch dirs). Non-finite metrics are stored as null. Returns the directory's filesystem path.
     """
     storage = as_storage(storage)
     files = {f"{stem}{TENSOR_SUFFIX}": _serialize(stem, state) for stem, state in _checked_stems(tensors).items()}
-    manifest = _manifest(files, kind=kind, config=config, epoch=epoch, step=step, metrics=metrics,
-                         trial_id=trial_id, extra=extra)
+    location = _location(storage, rel_dir) if pinned else None
+    manifest = _manifest(files, kind=kind, config=config, name=name, location=location, epoch=epoch, step=step,
+                         metrics=metrics, trial_id=trial_id, extra=extra)
     _write_checkpoint_dir(storage, rel_dir, files, pretty_json(manifest))
     return storage.path(rel_dir)
 
@@ -132,28 +114,31 @@ def _serialize(stem: str, state: Mapping[str, torch.Tensor]) -> bytes:
     return safetensors.torch.save(flat)
 
 
-def _manifest(files: dict[str, bytes], *, kind: str, config: dict, epoch: int | None, step: int | None,
-              metrics: Mapping[str, Any] | None, trial_id: str | None, extra: Any) -> dict:
+def _location(storage: Storage, rel_dir: str) -> str:
+    return posixpath.relpath(storage.path(rel_dir), storage.root)  # normalised: './a/b' and 'a/b' are one place
+
+
+def _manifest(files: dict[str, bytes], *, kind: str, config: dict, name: str | None, location: str | None,
+              epoch: int | None, step: int | None, metrics: Mapping[str, Any] | None, trial_id: str | None,
+              extra: Any) -> dict:
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"kind must be a non-empty string such as 'student', 'teacher' or 'trial', got {kind!r}")
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict (the resolved config), got {type(config).__name__}")
-    for name, value in (("epoch", epoch), ("step", step)):
+    for field, value in (("epoch", epoch), ("step", step)):
         if value is not None and (type(value) is not int or value < 0):
-            raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
-    if trial_id is not None and not isinstance(trial_id, str):
-        raise TypeError(f"trial_id must be a str or None, got {type(trial_id).__name__}")
-    manifest = {"format": FORMAT, "kd_tune_version": __version__, "kind": kind, "created_unix": time.time(),
-                "config": config, "epoch": epoch, "step": step, "metrics": _json_metrics(metrics),
-                "trial_id": trial_id, "extra": {} if extra is None else extra,
-                "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                          for name, data in files.items()}}
+            raise ValueError(f"{field} must be a non-negative int or None, got {value!r}")
+    for field, value in (("name", name), ("trial_id", trial_id)):
+        if value is not None and not (isinstance(value, str) and value):
+            raise ValueError(f"{field} must be a non-empty str or None, got {shown(value)}")
+    manifest = {"format": FORMAT, "kd_tune_version": __version__, "kind": kind, "name": name, "location": location,
+                "created_unix": time.time(), "config": config, "epoch": epoch, "step": step,
+                "metrics": _json_metrics(metrics), "trial_id": trial_id, "extra": {} if extra is None else extra,
+                "files": {file: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+                          for file, data in files.items()}}
     for field in ("config", "extra"):
         _check_json(field, manifest[field])
-    key = signing_key()
-    if key is not None:
-        manifest["signature"] = {"alg": SIGNATURE_ALG, "value": _sign(key, manifest)}
-    return manifest
+    return signed(manifest)
 
 
 def _json_metrics(metrics: Mapping[str, Any] | None) -> dict:
@@ -222,46 +207,50 @@ def _swap_in(staging: str, target: str) -> None:
     remove_local(aside)
 
 
-def copy_checkpoint(source_dir: str | os.PathLike, storage: Storage | str | os.PathLike, rel_dir: str) -> str:
+def copy_checkpoint(source_dir: str | os.PathLike, storage: Storage | str | os.PathLike, rel_dir: str, *,
+                    expect: Identity | None = None) -> str:
     """Verify the local checkpoint `source_dir`, then copy it to `rel_dir` (manifest last, same bytes verified)."""
     source = Path(source_dir)
-    manifest, files = _read_verified(Storage.from_uri(source.parent), source.name, require_signature=None)
+    manifest, files = _read_verified(Storage.from_uri(source.parent), source.name, expect=expect)
     storage = as_storage(storage)
     _write_checkpoint_dir(storage, rel_dir, files, pretty_json(manifest))
     return storage.path(rel_dir)
 
 
-def load_checkpoint(storage: Storage | str | os.PathLike, rel_dir: str, *, device: str | torch.device = "cpu",
-                    require_signature: bool | None = None) -> Checkpoint:
-    """Verify a checkpoint (file set, sizes, SHA-256, HMAC) and only then build its tensors on `device`.
+def load_checkpoint(storage: Storage | str | os.PathLike, rel_dir: str, *, expect: Identity | None = None,
+                    device: str | torch.device = "cpu", require_signature: bool | None = None) -> Checkpoint:
+    """Verify a checkpoint (bounds, file set, sizes, SHA-256, signature, identity) and only then build its tensors.
 
-    `require_signature=None` follows KD_TUNE_REQUIRE_SIGNATURE.
+    expect: the kind (and name) the caller needs (None: any); a pinned checkpoint must lie where it was saved in any
+    case. require_signature: None follows kd_tune.signing's rules.
     """
     storage = as_storage(storage)
-    manifest, files = _read_verified(storage, rel_dir, require_signature)
+    manifest, files = _read_verified(storage, rel_dir, expect=expect, require_signature=require_signature)
     where = _where(storage, rel_dir)
     tensors = {name[: -len(TENSOR_SUFFIX)]: _deserialize(data, name, where, device) for name, data in files.items()}
     return Checkpoint(manifest, tensors)
 
 
-def verify_checkpoint(storage: Storage | str | os.PathLike, rel_dir: str, *,
+def verify_checkpoint(storage: Storage | str | os.PathLike, rel_dir: str, *, expect: Identity | None = None,
                       require_signature: bool | None = None) -> dict:
     """Run every check load_checkpoint runs, without building tensors; returns the manifest."""
-    return _read_verified(as_storage(storage), rel_dir, require_signature)[0]
+    return _read_verified(as_storage(storage), rel_dir, expect=expect, require_signature=require_signature)[0]
 
 
 def _where(storage: Storage, rel_dir: str) -> str:
     return f"checkpoint {storage.uri.rstrip('/')}/{rel_dir}"
 
 
-def _read_verified(storage: Storage, rel_dir: str, require_signature: bool | None) -> tuple[dict, dict[str, bytes]]:
+def _read_verified(storage: Storage, rel_dir: str, *, expect: Identity | None,
+                   require_signature: bool | None = None) -> tuple[dict, dict[str, bytes]]:
     """The manifest and the bytes of every tensor file, each checked; these bytes are the ones to use (no re-read)."""
     where = _where(storage, rel_dir)
     names = _list_checkpoint(storage, rel_dir, where)
     if MANIFEST_NAME not in names:
         raise CheckpointError(f"{where}: {MANIFEST_NAME} is missing: the directory is incomplete or not a checkpoint")
-    manifest = _parse_manifest(storage.read_bytes(posixpath.join(rel_dir, MANIFEST_NAME)), where)
-    _check_signature(manifest, where, _signature_required(require_signature))
+    manifest = _read_manifest(storage, posixpath.join(rel_dir, MANIFEST_NAME), where)
+    verify_signature(manifest, f"{where}: {MANIFEST_NAME}", require=require_signature, error=CheckpointError)
+    _check_identity(manifest, expect, _location(storage, rel_dir), where)
     listed = set(manifest["files"]) | {MANIFEST_NAME}
     unlisted, missing = sorted(set(names) - listed), sorted(listed - set(names))
     if unlisted:
@@ -280,50 +269,62 @@ def _list_checkpoint(storage: Storage, rel_dir: str, where: str) -> list[str]:
         raise CheckpointError(f"{where}: no such checkpoint directory") from None
 
 
+def _read_manifest(storage: Storage, rel: str, where: str) -> dict:
+    data = storage.read_head(rel, MAX_MANIFEST_BYTES + 1)  # never more than the cap, however large the file
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{where}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes; allowed: at most "
+                              f"{MAX_MANIFEST_BYTES} (kd_tune writes a few KB)")
+    return _parse_manifest(data, where)
+
+
 def _parse_manifest(data: bytes, where: str) -> dict:
     try:
-        manifest = json.loads(data, parse_constant=refuse_constant)
-    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{where}: {MANIFEST_NAME} is not valid JSON: {error}") from None
+        manifest = parse_json(data)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {MANIFEST_NAME} is not valid JSON: {error}; allowed: the manifest kd_tune "
+                              "wrote") from None
     found = manifest.get("format") if isinstance(manifest, dict) else None
     if found != FORMAT:
-        raise CheckpointError(f"{where}: {MANIFEST_NAME} format is {found!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{where}: {MANIFEST_NAME} format is {shown(found)}, expected {FORMAT!r}")
     files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{where}: {MANIFEST_NAME} lists no tensor files")
+    if not isinstance(files, dict) or not files or not isinstance(manifest.get("metrics", {}), dict):
+        raise CheckpointError(f"{where}: {MANIFEST_NAME} lists no tensor files, or its metrics are not a mapping")
     for name, entry in files.items():
         if not (_FILE_RE.fullmatch(name) and isinstance(entry, dict) and type(entry.get("size")) is int
-                and entry["size"] >= 0 and _SHA256_RE.fullmatch(str(entry.get("sha256")))):
-            raise CheckpointError(f"{where}: {MANIFEST_NAME} has a malformed entry for file {name!r}: {entry!r}")
+                and 0 <= entry["size"] <= MAX_FILE_BYTES and _SHA256_RE.fullmatch(str(entry.get("sha256")))):
+            raise CheckpointError(f"{where}: {MANIFEST_NAME} has a malformed entry for file {shown(name)}: "
+                                  f"{shown(entry)}; allowed: {{\"sha256\": 64 hex digits, \"size\": 0 to "
+                                  f"{MAX_FILE_BYTES} bytes}}")
     return manifest
 
 
-def _check_signature(manifest: dict, where: str, required: bool) -> None:
-    signature, key = manifest.get("signature"), signing_key()
-    if signature is None:
-        if required:
-            raise CheckpointError(f"{where}: {MANIFEST_NAME} is unsigned but a signature is required "
-                                  f"({ENV_REQUIRE_SIGNATURE}=1 or require_signature=True)")
-        return
-    if key is None:
-        if required:
-            raise CheckpointError(f"{where}: {MANIFEST_NAME} is signed but no key is set to verify it "
-                                  f"({ENV_SIGNING_KEY} or {ENV_SIGNING_KEY_FILE})")
-        return
-    value = signature.get("value") if isinstance(signature, dict) else None
-    if not isinstance(value, str) or not value.isascii() or signature.get("alg") != SIGNATURE_ALG:
-        raise CheckpointError(f"{where}: {MANIFEST_NAME} has a malformed signature (allowed alg: {SIGNATURE_ALG})")
-    if not hmac.compare_digest(_sign(key, manifest), value):
-        raise CheckpointError(f"{where}: {MANIFEST_NAME} signature does not match: the manifest was altered "
-                              "or signed with another key")
+def _check_identity(manifest: dict, expect: Identity | None, location: str, where: str) -> None:
+    """The kind and name the caller expects, and for a pinned checkpoint the place it was saved for."""
+    kind, name, pinned_to = manifest.get("kind"), manifest.get("name"), manifest.get("location")
+    if expect is not None and (kind != expect.kind or (expect.name is not None and name != expect.name)):
+        raise CheckpointError(f"{where}: holds {_describe(kind, name)}, expected {_describe(expect.kind, expect.name)}"
+                              "; allowed: a checkpoint saved as what is loaded (copying one to another's place "
+                              "does not rename it: save or train it under this name)")
+    if pinned_to is not None and pinned_to != location:
+        raise CheckpointError(f"{where}: saved for {shown(pinned_to)} under its storage root, found at "
+                              f"{location!r}; allowed: a pinned checkpoint (teacher, cache) loads only from its own "
+                              "place (move it back, or save it again here)")
+
+
+def _describe(kind: Any, name: Any) -> str:
+    return f"{shown(kind)} checkpoint" + ("" if name is None else f" named {shown(name)}")
 
 
 def _read_checked(storage: Storage, rel: str, entry: dict, where: str) -> bytes:
     name, size = posixpath.basename(rel), entry["size"]
+    try:  # the size from metadata first: a file of another size is refused before anything is allocated
+        found = storage.size(rel)
+    except OSError as error:
+        raise CheckpointError(f"{where}: file {name} cannot be read: {error}") from None
     with storage.open_input(rel) as f:
-        data = f.read(size + 1)  # never more than promised, plus one byte to notice a longer file
+        data = f.read(size + 1) if found == size else b""  # the real size, plus one byte to notice growth
     if len(data) != size:
-        got = f"more than {size}" if len(data) > size else str(len(data))
+        got = found if found != size else f"{len(data)} (it changed while read)"
         raise CheckpointError(f"{where}: file {name} has {got} bytes, {MANIFEST_NAME} says {size}")
     if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), entry["sha256"]):
         raise CheckpointError(f"{where}: file {name} does not match its SHA-256 in {MANIFEST_NAME} "
@@ -351,7 +352,7 @@ def prune_checkpoints(storage: Storage | str | os.PathLike, rel_parent: str, *, 
     """Keep the `keep_best` best checkpoints under `rel_parent` by metrics[metric], plus the latest; delete the rest.
 
     Half-written directories (no manifest) older than the newest complete checkpoint are deleted too; a directory
-    whose manifest is unreadable is left alone. Returns the deleted names.
+    whose manifest is unreadable is left alone (with a warning). Returns the deleted names.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -399,8 +400,9 @@ def _entry(storage: Storage, rel: str, name: str) -> _Entry | None:
     if _STAGING_RE.fullmatch(name) or not storage.exists(manifest_rel):
         return _Entry(name, _newest_mtime_ns(storage, rel), None)
     try:
-        manifest = _parse_manifest(storage.read_bytes(manifest_rel), _where(storage, rel))
-    except CheckpointError:
+        manifest = _read_manifest(storage, manifest_rel, _where(storage, rel))
+    except CheckpointError as error:
+        log.warning("skipping %s", error)
         return None
     return _Entry(name, storage.filesystem.get_file_info(storage.path(manifest_rel)).mtime_ns or 0, manifest)
 

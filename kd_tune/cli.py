@@ -16,6 +16,7 @@ from kd_tune.errors import KdTuneError
 from kd_tune.metrics import METRICS
 
 EXIT_INVALID = 2
+MAX_MESSAGE_CHARS = 2000  # a refusal is one line; a longer message is cut rather than flood the terminal
 
 
 def _config(args: argparse.Namespace, *, check_paths: bool = True):
@@ -111,24 +112,34 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from kd_tune.detect import Detector
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
-        print(f"kd-tune: --threshold must be a probability in [0, 1], got {args.threshold}", file=sys.stderr)
+        print(f"kd-tune: --threshold: got {args.threshold}; allowed: a probability in [0, 1]", file=sys.stderr)
         return EXIT_INVALID
     try:
         detector = Detector(args.model, threshold=args.threshold)
     except ValueError as e:  # a card that does not belong to the model, or not a card at all
-        print(f"kd-tune: {e}", file=sys.stderr)
-        return 1
-    failed = False
+        print(f"kd-tune: {one_line(str(e))}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    exit_code = 0
     for file in args.files:
         try:
             times = detector.detect(detector.read(file))
         except ValueError as e:  # one unreadable file does not stop the others
-            print(f"kd-tune: {e}", file=sys.stderr)
-            failed = True
+            print(f"kd-tune: {one_line(str(e))}", file=sys.stderr)
+            exit_code = max(exit_code, getattr(e, "exit_code", 1))
             continue
         found = "wake word at " + ", ".join(f"{t:.2f} s" for t in times) if times else "no wake word"
         print(f"{file}: {found}", flush=True)
-    return 1 if failed else 0
+    return exit_code
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kd_tune.evaluation import evaluate_model, summary
+
+    model = Path(args.model)
+    out = Path(args.out) if args.out else model.with_name(f"{model.stem}.eval")
+    report = evaluate_model(model, Path(args.data), out_dir=out)
+    print(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -137,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kd_tune.bench import format_report, run_bench
 
     if args.clips < 1:
-        print(f"kd-tune: --clips must be >= 1, got {args.clips}", file=sys.stderr)
+        print(f"kd-tune: --clips: got {args.clips}; allowed: an integer >= 1", file=sys.stderr)
         return EXIT_INVALID
     report = run_bench(_config(args), clips=args.clips, teacher_source=args.teacher_source)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -195,8 +206,15 @@ def _print_epoch(prefix: str):
     return echo
 
 
+def one_line(message: str) -> str:
+    """A message as one line of at most MAX_MESSAGE_CHARS: the single line a refusal promises."""
+    flat = " ".join(message.split())
+    return flat if len(flat) <= MAX_MESSAGE_CHARS else flat[:MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kd-tune", description="Knowledge distillation sweeps for tiny wake-word models")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a refusal instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(q: argparse.ArgumentParser) -> None:
@@ -268,6 +286,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--threshold", type=float, help="override the calibrated threshold from the model's .json")
     q.set_defaults(func=cmd_detect)
 
+    q = sub.add_parser("eval", help="measure an exported model on held-out audio: FRR at its threshold, false "
+                       "activations per hour, clip ROC AUC, DET curve")
+    q.add_argument("model", help="a .onnx file written by `kd-tune export` (its .json beside it)")
+    q.add_argument("data", help="a folder with positive/, negative/ and long/ (long negative recordings), or a "
+                   "kd_tune data set (its test split)")
+    q.add_argument("--out", help="folder for eval.json and det.png (default: <model>.eval beside the model)")
+    q.set_defaults(func=cmd_eval)
+
     q = sub.add_parser("bench", help="measure the teacher cache vs a live teacher, Ray Train's overhead, the front "
                        "end and the exported student's latency on this machine")
     with_config(q)
@@ -290,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KdTuneError, FileNotFoundError) as e:  # the message says what went wrong and what to do
-        print(f"kd-tune: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"kd-tune: {one_line(str(e))}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except KeyboardInterrupt:
         print("kd-tune: interrupted", file=sys.stderr)

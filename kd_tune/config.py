@@ -1,9 +1,9 @@
 """One typed, frozen configuration, validated once when it is loaded.
 
-Every section is a frozen pydantic model that forbids unknown keys. `load_config` reports every problem in a file
-at once, each with its dotted field path, the bad value and what is allowed; nothing starts on an invalid file.
-`Config.replace` is the one way to change a setting afterwards: it validates again. Loading a config imports no
-torch: the registries' names are listed here, and a contract test keeps them equal to kd_tune.models'.
+Frozen pydantic sections forbid unknown keys and non-finite floats. `load_config` reports every problem of a file
+at once, on one line, each with its dotted path, the bad value (cut short) and what is allowed. `read_yaml` and
+`parse_yaml` bound size, nesting and alias expansion before building anything. `Config.replace` validates again.
+Loading a config imports no torch: the registries' names are listed here (a contract test keeps them in step).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from kd_tune.errors import KdTuneError
+from kd_tune.errors import SHOWN_CHARS, InputError, shown
 from kd_tune.metrics import METRICS, RANKABLE
 
 DEFAULT_CONFIG_NAME = "default.yaml"
@@ -29,28 +31,50 @@ STUDENT_NAMES = ("bc_resnet", "ds_cnn", "tc_resnet")
 TEACHER_ARCHS = ("cnn", "data2vec_audio", "hubert", "wav2vec2", "wavlm", "whisper")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 
+# YAML limits: a config is ~3 KB and 4 levels deep, a search space smaller; these leave room and stop alias bombs.
+MAX_YAML_BYTES = 256 * 1024
+MAX_YAML_DEPTH = 16  # nested mappings and lists
+MAX_YAML_VALUES = 10_000  # values once every alias is expanded: a 400-byte "billion laughs" file expands to 10^9
+MAX_PROBLEMS_SHOWN = 8
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: the same documents, faster
+# Count caps: far above any useful run, low enough that a typo (1e29 epochs) is refused instead of running forever.
+MAX_SEED = 2**31 - 1  # Optuna's TPESampler seeds numpy (< 2^32) and kd_tune adds epoch and view offsets to seeds
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 8192  # 1 s clips: 8192 x 16000 float32 is 0.5 GB per batch
+MAX_VIEWS = 64  # each view is one more teacher pass over every training clip in the cache
+MAX_TRIALS = 10_000
+MAX_WORKERS = 1024  # trials at once, Train workers per trial, CPUs per worker: beyond any cluster kd_tune targets
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+CREDENTIAL_ERROR = "credentials"  # a pydantic error type whose bad value is never shown
+CREDENTIAL_QUERY = re.compile(r"key|secret|token|passw|credential", re.IGNORECASE)
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Positive = Annotated[float, Field(gt=0.0)]
-Count = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
+BatchSize = Annotated[int, Field(ge=2, le=MAX_BATCH_SIZE)]  # a batch of one would train BatchNorm on one clip
+Workers = Annotated[int, Field(ge=1, le=MAX_WORKERS)]
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]
 
 
 class Section(BaseModel):
     # strict: "0.5" is not a number and "yes" is not a bool; a typo fails instead of being coerced.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # allow_inf_nan=False: .inf or .nan in any float field (lr, temperatures, clip norms) is refused.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
-    root: str = "data/hey_nova"
+    root: PathText = "data/hey_nova"
     wakeword: str = Field("hey nova", min_length=2, max_length=64)
     synth_size: Literal["small", "default"] = "default"
-    synth_seed: int = 0
+    synth_seed: Seed = 0
     hard_negative_weight: Positive = 2.0
 
     @field_validator("root")
     @classmethod
     def _root_exists(cls, root: str, info: ValidationInfo) -> str:
-        if (info.context or {}).get("check_paths") and not Path(root).is_dir():
-            raise ValueError(f"data directory {root!r} does not exist (allowed: an existing directory; "
+        if (info.context or {}).get("check_paths") and not os.path.isdir(root):  # isdir never raises
+            raise ValueError(f"data directory {shown(root)} does not exist (allowed: an existing directory; "
                              "create one with `kd-tune data synth --out DIR`)")
         return root
 
@@ -69,9 +93,9 @@ class AugmentConfig(Section):
     snr_db_min: float = Field(5.0, ge=-10, le=60)
     snr_db_max: float = Field(20.0, ge=-10, le=60)
     reverb_prob: Fraction = 0.3
-    freq_mask_bins: int = Field(5, ge=0)
-    time_mask_frames: int = Field(10, ge=0)
-    views: Count = 4  # seeded augmentation views per clip served from the teacher-output cache
+    freq_mask_bins: int = Field(5, ge=0, le=128)  # at most every mel band (n_mels <= 128)
+    time_mask_frames: int = Field(10, ge=0, le=1000)  # at most the frames of a 1 s clip at a 1 ms hop
+    views: int = Field(4, ge=1, le=MAX_VIEWS)  # seeded augmentation views per clip served from the teacher-output cache
 
     @model_validator(mode="after")
     def _snr_order(self) -> AugmentConfig:
@@ -93,9 +117,9 @@ class StudentConfig(Section):
 class TeacherConfig(Section):
     name: str = Field(pattern=NAME_PATTERN)
     arch: str
-    source: str = "base"  # "tiny" | "base" (random init) | a Hugging Face id | a local directory
-    epochs: Count = 3
-    batch_size: Count = 32
+    source: PathText = "base"  # "tiny" | "base" (random init) | a Hugging Face id | a local directory
+    epochs: Epochs = 3
+    batch_size: BatchSize = 32
     lr: Positive = 1e-3
     weight_decay: float = Field(1e-2, ge=0)
     freeze_feature_encoder: bool = True
@@ -119,19 +143,19 @@ class DistillationConfig(Section):
     teacher_mode: Literal["live", "cache"] = "live"
     teacher_device: Literal["auto", "cpu"] = "auto"
     teacher_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    max_nonfinite_steps: Count = 10
+    max_nonfinite_steps: int = Field(10, ge=1, le=1_000_000)
 
     @field_validator("alpha_step_points")
     @classmethod
     def _increasing(cls, points: tuple[float, ...]) -> tuple[float, ...]:
         if not points or any(a >= b for a, b in zip(points, points[1:])):
-            raise ValueError(f"alpha_step_points {list(points)} must be a non-empty, strictly increasing list of "
-                             "progress fractions in (0, 1)")
+            raise ValueError(f"alpha_step_points {shown(list(points))} must be a non-empty, strictly increasing "
+                             "list of progress fractions in (0, 1)")
         return points
 
 
 class TrainingConfig(Section):
-    epochs: Count = 6
+    epochs: Epochs = 6
     batch_size: int | Literal["auto"] = Field(64, union_mode="left_to_right")
     lr: Positive = 3e-3
     weight_decay: float = Field(1e-2, ge=0)
@@ -139,30 +163,30 @@ class TrainingConfig(Section):
     grad_clip_norm: Positive = 5.0
     mixed_precision: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     target_fa_per_hour: Positive = 30.0
     refractory_seconds: float = Field(1.0, ge=0)
-    eval_hop_ms: float = Field(100.0, gt=0, le=1000)
+    eval_hop_ms: float = Field(100.0, ge=1, le=1000)  # an exported card (kd_tune.detect) needs a hop of >= 1 ms
 
     @field_validator("batch_size")
     @classmethod
     def _batch(cls, batch_size: int | str) -> int | str:
-        if isinstance(batch_size, int) and batch_size < 1:
-            raise ValueError(f"batch_size {batch_size} must be >= 1 or 'auto'")
+        if isinstance(batch_size, int) and not 2 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size {shown(batch_size)} must be 2 to {MAX_BATCH_SIZE} or 'auto'")
         return batch_size
 
 
 class TuneConfig(Section):
-    num_samples: Count = 6
+    num_samples: int = Field(6, ge=1, le=MAX_TRIALS)
     metric: Literal[RANKABLE] = "frr_at_target_fa"
-    max_concurrent_trials: Count = 2
-    workers_per_trial: Count = 1
-    cpus_per_worker: Positive = 1.0
+    max_concurrent_trials: Workers = 2
+    workers_per_trial: Workers = 1
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_WORKERS)
     use_gpu: bool = False
-    asha_grace_period: Count = 2
-    asha_reduction_factor: Annotated[float, Field(gt=1)] = 2.0
-    max_failures: Annotated[int, Field(ge=0)] = 2
-    seed: int = 0
+    asha_grace_period: Epochs = 2
+    asha_reduction_factor: Annotated[float, Field(gt=1, le=100)] = 2.0
+    max_failures: Annotated[int, Field(ge=0, le=100)] = 2
+    seed: Seed = 0
 
     @property
     def mode(self) -> str:
@@ -170,18 +194,31 @@ class TuneConfig(Section):
 
 
 class StorageConfig(Section):
-    root: str = "runs"  # a local or NFS path, or s3://bucket/prefix
-    endpoint_override: str | None = None  # for S3-compatible stores, e.g. http://127.0.0.1:9000
-    region: str | None = None
-    keep_best: Count = 2
+    root: PathText = "runs"  # a local or NFS path, or s3://bucket/prefix
+    endpoint_override: PathText | None = None  # for S3-compatible stores, e.g. http://127.0.0.1:9000
+    region: str | None = Field(None, max_length=64)
+    keep_best: int = Field(2, ge=1, le=1000)
 
-    @field_validator("root")
+    @field_validator("root", "endpoint_override")
     @classmethod
-    def _no_credentials(cls, root: str) -> str:
-        if re.search(r"(access_key|secret_key|session_token)=", root):
-            raise ValueError("credentials in the storage URI are refused (allowed: credentials from the environment "
-                             "or the standard AWS config files only)")
-        return root
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri is not None and has_credentials(uri):  # the error type keeps the secret out of the message
+            raise PydanticCustomError(CREDENTIAL_ERROR, "credentials in a URI are refused (allowed: credentials "
+                                      "from the environment or the standard AWS config files only)")
+        return uri
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether a URI carries a user name, password or key: `s3://user:pw@bucket`, `?secret_key=...`."""
+    if re.search(r"(access_key|secret_key|session_token)=", uri):
+        return True
+    if "://" not in uri:
+        return False
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # a malformed authority: pyarrow cannot use it either; be safe
+        return True
+    return "@" in parts.netloc or any(CREDENTIAL_QUERY.search(k) for k, _ in parse_qsl(parts.query))
 
 
 class Config(Section):
@@ -221,39 +258,36 @@ class Config(Section):
         """A copy with `{"section.key": value}` changed, validated again and with local paths made absolute."""
         raw = self.to_dict()
         for dotted, value in changes.items():
-            *parents, leaf = dotted.split(".")
-            node = raw
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
+            set_dotted(raw, dotted, value, source=source)
         return with_absolute_paths(validate(raw, source=source))
 
 
-class ConfigError(KdTuneError, ValueError):
-    """Every problem found in one configuration, one per line."""
-
-    exit_code = 2
+class ConfigError(InputError):
+    """Every problem found in one configuration, on one line: `SOURCE: problem | problem | ...`."""
 
     def __init__(self, source: str, problems: list[str]):
         self.source, self.problems = source, problems
-        super().__init__(f"invalid configuration {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        lines = [" ".join(p.split()) for p in problems[:MAX_PROBLEMS_SHOWN]]  # one line, whatever a message held
+        more = [f"and {len(problems) - MAX_PROBLEMS_SHOWN} more"] if len(problems) > MAX_PROBLEMS_SHOWN else []
+        head = f"{source}: " if len(problems) == 1 else f"{source}: {len(problems)} problems: "
+        super().__init__(head + " | ".join(lines + more))
 
 
 def _registered(name: str, registry: tuple[str, ...], what: str) -> str:
     if name not in registry:
-        raise ValueError(f"unknown {what} {name!r} (allowed: {', '.join(sorted(registry))})")
+        raise ValueError(f"unknown {what} {shown(name)} (allowed: {', '.join(sorted(registry))})")
     return name
 
 
 def format_problem(error: dict) -> str:
-    """One pydantic error as `dotted.path: message (got value)`."""
+    """One pydantic error as `dotted.path: message (got value)`, the value cut short (or hidden if secret)."""
     path = ".".join(str(p) for p in error["loc"]) or "<root>"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key (allowed: the keys shown by `kd-tune config show`)"
     bad = error.get("input")
-    shown = "" if isinstance(bad, dict) else f" (got {bad!r})"
-    return f"{path}: {message}{shown}"
+    hidden = isinstance(bad, dict) or error["type"] == CREDENTIAL_ERROR
+    return f"{path}: {message}" + ("" if hidden else f" (got {shown(bad)})")
 
 
 def validate(raw: Any, *, source: str = "<config>", check_paths: bool = False) -> Config:
@@ -268,15 +302,40 @@ def validate(raw: Any, *, source: str = "<config>", check_paths: bool = False) -
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`section.key=value` overrides, each value parsed as YAML (so `3` is an int and `cosine` a string)."""
     for item in overrides:
-        dotted, sep, value = item.partition("=")
+        dotted, sep, text = item.partition("=")
         if not sep or not dotted:
-            raise ConfigError("--set", [f"{item!r}: expected section.key=value"])
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+            raise ConfigError("--set", [f"{shown(item)} has no key; allowed: section.key=value, e.g. "
+                                        "training.epochs=3"])
+        source = f"--set {dotted[:SHOWN_CHARS]}"
+        set_dotted(raw, dotted, parse_yaml(text, source=source), source=source)
     return raw
+
+
+def set_dotted(raw: dict, dotted: str, value: Any, *, source: str) -> None:
+    """Set `section.key` (or `teachers.0.key`, a list entry by index) in raw settings; missing keys are created, so
+    that validation names a misspelt one."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            node = node[_list_index(node, part, ".".join(parents[:depth]), source=source)]
+    if isinstance(node, dict):
+        node[leaf] = value
+    else:
+        node[_list_index(node, leaf, ".".join(parents), source=source)] = value
+
+
+def _list_index(node: Any, key: str, where: str, *, source: str) -> int:
+    """The index `key` names in the list `node` (at dotted path `where`); anything else is a ConfigError."""
+    if not isinstance(node, list):
+        raise ConfigError(source, [f"{where} holds {shown(node)}, not a section; allowed: a key inside a section, "
+                                   f"e.g. --set {where}=VALUE"])
+    if not (key.isdecimal() and int(key) < len(node)):
+        raise ConfigError(source, [f"{where}.{key[:SHOWN_CHARS]}: not an entry of the {len(node)}-entry list {where}; "
+                                   f"allowed: an index from 0 to {len(node) - 1}"])
+    return int(key)
 
 
 def merged(base: dict, override: dict) -> dict:
@@ -298,14 +357,81 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] = (), ch
         raw = default_raw()
     else:
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = read_yaml(Path(path), source=source) or {}
         except OSError as e:
-            raise ConfigError(source, [f"cannot read the file: {e.strerror}"]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError(source, [f"not valid YAML: {e}"]) from None
+            raise ConfigError(source, [f"cannot read the file ({e.strerror or e}); allowed: a readable YAML "
+                                       "file"]) from None
     if isinstance(raw, dict):
         raw = apply_overrides(merged(default_raw(), raw) if path else raw, list(overrides))
     return with_absolute_paths(validate(raw, source=source, check_paths=check_paths))
+
+
+def read_yaml(path: Path, *, source: str) -> Any:
+    """A YAML file's value, read within MAX_YAML_BYTES; OSError (a missing file) is left to the caller."""
+    if isinstance(path, Path) and path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise ConfigError(source, ["not a regular file; allowed: a YAML file"])
+    with path.open("rb") as f:
+        data = f.read(MAX_YAML_BYTES + 1)
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(source, [f"larger than {MAX_YAML_BYTES // 1024} KiB; allowed: a YAML file up to that size"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); allowed: a "
+                                   "UTF-8 YAML file"]) from None
+    return parse_yaml(text, source=source)
+
+
+def parse_yaml(text: str, *, source: str) -> Any:
+    """yaml.safe_load within MAX_YAML_DEPTH and MAX_YAML_VALUES, checked on the event stream before building."""
+    try:
+        _check_yaml_shape(text, source=source)
+        return yaml.load(text, Loader=YAML_LOADER)
+    except ConfigError:
+        raise
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's 4300-digit limit
+        mark = getattr(e, "problem_mark", None) if "\n" in text.strip() else None  # a --set value is one line
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}not valid YAML ({str(getattr(e, 'problem', None) or e)[:200]}); allowed: "
+                                   "plain YAML: mappings, lists, strings, numbers, booleans, null"]) from None
+
+
+def _check_yaml_shape(text: str, *, source: str) -> None:
+    """Refuse deep nesting, recursive aliases and alias expansion past MAX_YAML_VALUES, counting each node's
+    expanded size once on the event stream: the time is linear in the text however much the aliases expand."""
+    open_sizes: list[int] = []  # expanded size so far of each open mapping or list
+    open_anchors: list[str | None] = []
+    finished: dict[str, int] = {}  # anchor -> expanded size of its complete node
+    for event in yaml.parse(text, Loader=YAML_LOADER):
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_sizes.append(1)
+            open_anchors.append(event.anchor)
+            if len(open_sizes) > MAX_YAML_DEPTH:
+                raise _shape_error(source, event, f"nested deeper than {MAX_YAML_DEPTH} levels")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = open_sizes.pop(), open_anchors.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in finished:
+                raise _shape_error(source, event, f"alias *{event.anchor[:SHOWN_CHARS]} refers to a value that is not "
+                                   "complete (a recursive or undefined alias)")
+            size, anchor = finished[event.anchor], None
+        elif isinstance(event, yaml.ScalarEvent):
+            size, anchor = 1, event.anchor
+        else:
+            continue
+        if anchor is not None:
+            finished[anchor] = size
+        if open_sizes:
+            open_sizes[-1] += size
+        if (open_sizes[-1] if open_sizes else size) > MAX_YAML_VALUES:
+            raise _shape_error(source, event, f"expands to more than {MAX_YAML_VALUES} values (through aliases)")
+
+
+def _shape_error(source: str, event: yaml.Event, what: str) -> ConfigError:
+    line = f"line {event.start_mark.line + 1}: " if event.start_mark else ""
+    return ConfigError(source, [f"{line}{what}; allowed: up to {MAX_YAML_DEPTH} levels and {MAX_YAML_VALUES} "
+                                "values, aliases of complete values only"])
 
 
 def with_absolute_paths(config: Config) -> Config:

@@ -1,16 +1,19 @@
 """Wake-word data sets: scanning folders, file checks, loading, and deterministic splits.
 
 Two layouts are read (see `scan`): a folder with manifest.jsonl (what kd_tune.synth writes), or a folder with
-positive/ and negative/ (optionally hard_negative/ and background/) holding WAV or FLAC files at any sample rate and
-channel count.
+positive/ and negative/ (optionally hard_negative/ and background/) holding WAV or FLAC files at 8-192 kHz and up to
+8 channels. Each file's header is checked before it is decoded, so a tiny file that claims a huge rate or length
+costs nothing; an unusable file is skipped and counted, never the end of a run.
 """
 
 from __future__ import annotations
 
-
 import hashlib
 import io
 import json
+import math
+import os
+import stat
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +27,10 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import Tensor
 
+from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 
-FORMAT_VERSION = 1  # of manifest.jsonl + dataset.json; bump when the same parameters would give different audio
+FORMAT_VERSION = 2  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
 KINDS = ("positive", "hard_negative", "negative", "background")
 LABEL_OF_KIND = {"positive": 1, "hard_negative": 0, "negative": 0, "background": 0}
 SPLITS = ("train", "val", "test")
@@ -35,14 +39,35 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 EXPECTED_LAYOUT = ("a folder with manifest.jsonl, or with positive/ and negative/ (optionally hard_negative/ and "
                    "background/) holding .wav or .flac files")
 LOAD_THREADS = 4
+MAX_MANIFEST_BYTES = 64 * 2**20  # ~400k clip lines; read whole, so capped
+CLASS_NAMES = {1: "positive", 0: "negative"}
 
 # `check` thresholds; files with an UNUSABLE problem are skipped by `load_dataset`, the others only reported
 SILENT_PEAK = 1e-4
 CLIPPED_LEVEL = 0.999
 CLIPPED_FRACTION = 0.01
+MAX_ABS_SAMPLE = 1e3  # full scale is 1: a float file past this holds garbage, not audio
 MIN_SECONDS = 0.3
 MAX_SECONDS = 10.0
-UNUSABLE = frozenset({"unreadable", "not audio", "empty", "non-finite", "silent", "too long"})
+MIN_SAMPLE_RATE_HZ = 8_000
+MAX_SAMPLE_RATE_HZ = 192_000
+MAX_CHANNELS = 8
+MAX_FILE_BYTES = 128 * 2**20  # 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB
+UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "too many channels", "empty",
+                      "non-finite", "out of range", "silent", "too long"})
+# torchaudio's polyphase kernel has (16000 / g) x (rate / g) elements for g = gcd(rate, 16000): small for the usual
+# rates (44.1 kHz: 160 x 441), gigabytes for a rate like 191999 Hz; past this size the FFT resamples instead.
+MAX_RESAMPLE_KERNEL = 2**20
+
+
+class DataError(InputError):
+    """A data set or manifest the run cannot use; the message names the file (and line)."""
+
+
+class MissingDataError(KdTuneError, FileNotFoundError):
+    """A data set folder, or one of its required class folders, does not exist."""
+
+    exit_code = 2
 
 
 def split_for(key: str, *, val_fraction: float = 0.15, test_fraction: float = 0.15) -> str:
@@ -54,12 +79,6 @@ def split_for(key: str, *, val_fraction: float = 0.15, test_fraction: float = 0.
     if position < test_fraction:
         return "test"
     return "val" if position < test_fraction + val_fraction else "train"
-
-
-# --------------------------------------------------------------------------------------------------- text
-
-
-# --------------------------------------------------------------------------------------------------- synthesis
 
 
 # --------------------------------------------------------------------------------------------------- user data
@@ -91,24 +110,47 @@ def folder_files(root: Path, kind: str) -> list[Path]:
 
 def read_manifest(root: Path) -> list[ClipInfo]:
     manifest = root / "manifest.jsonl"
-    clips = []
-    for number, line in enumerate(manifest.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            relative, kind, split, label = PurePosixPath(entry["path"]), entry["kind"], entry["split"], entry["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{manifest}:{number}: not a clip entry ({error}); expected a JSON object with path, "
-                             "label, kind, split") from error
-        if relative.is_absolute() or ".." in relative.parts:
-            raise ValueError(f"{manifest}:{number}: path {str(relative)!r} leaves the data set (allowed: a path "
-                             "relative to the manifest's folder)")
-        if kind not in KINDS or split not in SPLITS or label != LABEL_OF_KIND[kind]:
-            raise ValueError(f"{manifest}:{number}: kind {kind!r}, split {split!r}, label {label!r} (allowed: kind "
-                             f"in {KINDS}, split in {SPLITS}, label {LABEL_OF_KIND})")
-        clips.append(ClipInfo(root / relative, label, kind, split, entry.get("text"), entry.get("voice", "")))
-    return clips
+    lines = read_text_within(manifest, MAX_MANIFEST_BYTES).splitlines()
+    return [manifest_entry(root, line, where=f"{manifest}:{number}")
+            for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def read_text_within(path: Path, max_bytes: int) -> str:
+    """A UTF-8 file's text, refused (DataError) past max_bytes or when unreadable."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise DataError(f"{path}: larger than {max_bytes // 2**20} MiB; allowed: up to that size")
+        return data.decode("utf-8")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read it ({error.strerror or error}); allowed: a readable file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 (byte offset {error.start}); allowed: UTF-8 JSON lines") from None
+
+
+def manifest_entry(root: Path, line: str, *, where: str) -> ClipInfo:
+    """One manifest line as a clip; `where` (`manifest.jsonl:N`) starts every refusal."""
+    expected = "allowed: a JSON object with path, label, kind, split (and optional text, voice)"
+    try:
+        entry = json.loads(line)
+    except (ValueError, RecursionError) as error:  # RecursionError: JSON nested thousands deep
+        raise DataError(f"{where}: not JSON ({str(error)[:100]}); {expected}") from None
+    if not isinstance(entry, dict) or not {"path", "label", "kind", "split"} <= entry.keys():
+        raise DataError(f"{where}: not a clip entry (got {shown(entry)}); {expected}")
+    path, kind, split, label = entry["path"], entry["kind"], entry["split"], entry["label"]
+    text, voice = entry.get("text"), entry.get("voice", "")
+    if not (isinstance(path, str) and isinstance(voice, str) and (text is None or isinstance(text, str))):
+        raise DataError(f"{where}: path {shown(path)}, text {shown(text)}, voice {shown(voice)}; allowed: path and "
+                        "voice strings, text a string or null")
+    relative = PurePosixPath(path)
+    if not path or "\0" in path or relative.is_absolute() or ".." in relative.parts:
+        raise DataError(f"{where}: path {shown(path)} leaves the data set; allowed: a path relative to the "
+                        "manifest's folder")
+    if kind not in KINDS or split not in SPLITS or type(label) is not int or label != LABEL_OF_KIND[kind]:
+        raise DataError(f"{where}: kind {shown(kind)}, split {shown(split)}, label {shown(label)}; allowed: kind in "
+                        f"{KINDS}, split in {SPLITS}, label {LABEL_OF_KIND}")
+    return ClipInfo(root / relative, label, kind, split, text, voice)
 
 
 def scan(root: str | Path) -> list[ClipInfo]:
@@ -119,12 +161,12 @@ def scan(root: str | Path) -> list[ClipInfo]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {root} does not exist (expected {EXPECTED_LAYOUT})")
+        raise MissingDataError(f"{root}: no such data directory; allowed: {EXPECTED_LAYOUT}")
     if (root / "manifest.jsonl").is_file():
         return read_manifest(root)
     missing = [f"{root / name}/" for name in REQUIRED_FOLDERS if not (root / name).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{', '.join(missing)} missing: expected {EXPECTED_LAYOUT}")
+        raise MissingDataError(f"{', '.join(missing)}: missing; allowed: {EXPECTED_LAYOUT}")
     clips = []
     for kind in KINDS:
         for path in folder_files(root, kind):
@@ -141,8 +183,10 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
         return [("empty", "no samples")]
     if not np.isfinite(audio).all():
         return [("non-finite", "NaN or infinite samples")]
-    problems = []
     magnitude = np.abs(audio)
+    if magnitude.max() > MAX_ABS_SAMPLE:
+        return [("out of range", f"peak |x| {magnitude.max():.3g} > {MAX_ABS_SAMPLE:g}; full scale is 1")]
+    problems = []
     if magnitude.max() < SILENT_PEAK:
         problems.append(("silent", f"peak {magnitude.max():.1e} < {SILENT_PEAK:.0e}"))
     clipped = float(np.mean(magnitude >= CLIPPED_LEVEL))
@@ -154,6 +198,33 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
     if seconds > MAX_SECONDS:
         problems.append(("too long", f"{seconds:.1f} s > {MAX_SECONDS} s"))
     return problems
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """path opened for reading; a FIFO or device is refused without blocking (O_NONBLOCK, then fstat)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"not a regular file: {path}")
+    return os.fdopen(fd, "rb")
+
+
+def read_bounded(path: Path) -> bytes | None:
+    """A regular file's bytes, or None past MAX_FILE_BYTES."""
+    with open_regular(path) as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    return None if len(data) > MAX_FILE_BYTES else data
+
+
+def header_problems(sample_rate: int, channels: int, frames: int) -> list[tuple[str, str]]:
+    """What the header alone shows to be unusable: checked before decoding, so nothing huge is allocated."""
+    if not MIN_SAMPLE_RATE_HZ <= sample_rate <= MAX_SAMPLE_RATE_HZ:
+        return [("bad sample rate", f"{sample_rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz")]
+    if channels > MAX_CHANNELS:
+        return [("too many channels", f"{channels}; allowed: up to {MAX_CHANNELS}")]
+    if frames > MAX_SECONDS * sample_rate:
+        return [("too long", f"{frames / sample_rate:.1f} s > {MAX_SECONDS} s")]
+    return []
 
 
 @dataclass(frozen=True)
@@ -168,15 +239,23 @@ class AudioFile:
 
     @staticmethod
     def read(path: Path) -> "AudioFile":
+        """The file read once (the bytes hashed are the bytes decoded); its header checked before decoding."""
         try:
-            data = path.read_bytes()
-        except OSError as error:
+            data = read_bounded(path)
+        except (OSError, ValueError) as error:  # ValueError: a NUL in the path
             return AudioFile(path, None, 0, [("unreadable", str(error))], "unreadable")
+        if data is None:
+            return AudioFile(path, None, 0, [("too large", f"over {MAX_FILE_BYTES // 2**20} MiB")], "unread")
         digest = hashlib.sha256(data).hexdigest()
         try:
-            audio, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except sf.SoundFileError as error:
-            return AudioFile(path, None, 0, [("unreadable", str(error).strip() or type(error).__name__)], digest)
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                problems = header_problems(f.samplerate, f.channels, f.frames)
+                if problems:
+                    return AudioFile(path, None, f.samplerate, problems, digest)
+                audio, sample_rate = f.read(dtype="float32", always_2d=True), f.samplerate
+        except sf.SoundFileError as error:  # error_string: libsndfile's own words, without the BytesIO's repr
+            detail = getattr(error, "error_string", "") or str(error).strip() or type(error).__name__
+            return AudioFile(path, None, 0, [("unreadable", detail)], digest)
         return AudioFile(path, audio, sample_rate, find_problems(audio, sample_rate), digest)
 
     @property
@@ -197,14 +276,16 @@ class CheckReport:
     root: Path
     clips_per_kind: dict[str, int]
     problems: list[Problem]
+    gaps: str = ""  # e.g. "no usable positive clips in the val split": loading refuses such a set
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.gaps
 
     def format(self) -> str:
         lines = [f"{p.path}: {p.problem} ({p.detail}){', skipped when loading' if p.skipped else ''}"
                  for p in self.problems]
+        lines += [f"{self.root}: {self.gaps}; loading refuses this data set"] if self.gaps else []
         kinds = ", ".join(f"{kind} {self.clips_per_kind.get(kind, 0)}" for kind in KINDS)
         lines.append(f"{self.root}: {sum(self.clips_per_kind.values())} clips ({kinds})")
         by_problem = Counter(p.problem for p in self.problems)
@@ -213,16 +294,18 @@ class CheckReport:
 
 
 def check(root: str | Path) -> CheckReport:
-    """Every unreadable, empty, silent, clipped, non-finite, too short or too long file of a data set."""
+    """Every file of a data set with a problem (unreadable, bad header, empty, silent, clipped, non-finite, too short or
+    too long), and the splits that lack usable positives or negatives."""
     root = Path(root)
     clips = scan(root)
-    problems = [Problem(f.path, name, detail, name in UNUSABLE)
-                for f in read_all([c.path for c in clips]) for name, detail in f.problems]
+    files = read_all([c.path for c in clips])
+    problems = [Problem(f.path, name, detail, name in UNUSABLE) for f in files for name, detail in f.problems]
     if not (root / "manifest.jsonl").is_file():
         problems += [Problem(path, "not audio", f"not a {' or '.join(AUDIO_SUFFIXES)} file, ignored", True)
                      for kind in KINDS for path in folder_files(root, kind)
                      if path.suffix.lower() not in AUDIO_SUFFIXES]
-    return CheckReport(root, dict(Counter(c.kind for c in clips)), problems)
+    gaps = describe_gaps(missing_classes(clips, files))
+    return CheckReport(root, dict(Counter(c.kind for c in clips)), problems, gaps)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -270,11 +353,21 @@ def fit_length(audio: Tensor, n_samples: int) -> Tensor:
     return F.pad(audio, (pad // 2, pad - pad // 2))
 
 
+def resample(audio: Tensor, orig_hz: int, new_hz: int) -> Tensor:
+    """Audio [T] from orig_hz to new_hz: torchaudio's sinc resampler, or the FFT where its kernel would be huge."""
+    g = math.gcd(orig_hz, new_hz)
+    if (orig_hz // g) * (new_hz // g) <= MAX_RESAMPLE_KERNEL:
+        return AF.resample(audio, orig_hz, new_hz)
+    n_out = max(1, round(len(audio) * new_hz / orig_hz))  # <= 10 s at 192 kHz: one FFT of at most 1.9M samples
+    spectrum = torch.fft.rfft(audio.double())[:n_out // 2 + 1]  # keeps what lies below both Nyquist frequencies
+    return (torch.fft.irfft(spectrum, n=n_out) * (n_out / len(audio))).float()
+
+
 def to_window(file: AudioFile, sample_rate: int, n_samples: int) -> Tensor:
     """Mono [n_samples] at sample_rate from a decoded file."""
     mono = torch.from_numpy(file.audio.mean(axis=1))  # [T]
     if file.sample_rate != sample_rate:
-        mono = AF.resample(mono, file.sample_rate, sample_rate)
+        mono = resample(mono, file.sample_rate, sample_rate)
     return fit_length(mono, n_samples)
 
 
@@ -289,27 +382,42 @@ def manifest_sha256(root: Path, clips: list[ClipInfo], files: list[AudioFile]) -
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def require_both_classes(root: Path, clips: list[ClipInfo], splits: dict[str, Split]) -> None:
-    """Training needs usable positives and negatives; val/test without one class only warn."""
-    for label, name in ((1, "positive"), (0, "negative")):
-        listed = sum(c.label == label for c in clips)
-        where = root / "manifest.jsonl" if (root / "manifest.jsonl").is_file() else root / name
-        if not (splits["train"].labels == label).any():
-            in_train = sum(c.label == label and c.split == "train" for c in clips)
-            raise ValueError(f"no usable {name} clips for training in {where}: {listed} listed, {in_train} of them in "
-                             f"the train split, none of those usable (run `kd-tune data check {root}`; splits come "
-                             "from a hash of the speaker id or file path, so add files from more speakers)")
-        for split in ("val", "test"):
-            if not (splits[split].labels == label).any():
-                warnings.warn(f"the {split} split of {root} has no usable {name} clips; its metrics will be partial",
-                              stacklevel=3)
+def missing_classes(clips: list[ClipInfo], files: list[AudioFile]) -> list[tuple[str, int]]:
+    """(split, label) pairs with no usable clip: every split needs both classes for its metrics."""
+    present = {(c.split, c.label) for c, f in zip(clips, files, strict=True) if f.usable}
+    return [(split, label) for label in CLASS_NAMES for split in SPLITS if (split, label) not in present]
+
+
+def require_both_classes(root: Path, clips: list[ClipInfo], files: list[AudioFile]) -> None:
+    """Refuse, before any clip is prepared, a split without usable positives or negatives (see missing_classes)."""
+    missing = missing_classes(clips, files)
+    if not missing:
+        return
+    name = CLASS_NAMES[missing[0][1]]
+    where = root / "manifest.jsonl" if (root / "manifest.jsonl").is_file() else root / name
+    listed = Counter(c.split for c in clips if c.label == missing[0][1])
+    raise DataError(f"{where}: {describe_gaps(missing)} ({name} clips listed per split: "
+                    f"{', '.join(f'{s} {listed[s]}' for s in SPLITS)}); allowed: usable positive and negative clips "
+                    "in each of train, val and test: splits come from a hash of the speaker id or file path, so add "
+                    f"files from more speakers; `kd-tune data check {root}` lists unusable files")
+
+
+def describe_gaps(missing: list[tuple[str, int]]) -> str:
+    """[("val", 1), ("test", 1)] as "no usable positive clips in the val and test splits"."""
+    parts = []
+    for label, name in CLASS_NAMES.items():
+        splits = [split for split, missing_label in missing if missing_label == label]
+        if splits:
+            listed = " and ".join([", ".join(splits[:-1]), splits[-1]] if len(splits) > 1 else splits)
+            parts.append(f"no usable {name} clips in the {listed} split{'s' * (len(splits) > 1)}")
+    return "; ".join(parts)
 
 
 def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> WakewordData:
     """Read every clip as mono at sample_rate, fitted (centred) to one clip length, grouped by split.
 
-    Unusable files (unreadable, empty, non-finite, silent, too long) are skipped and counted; clipped or short files
-    load as they are. A train split without usable positives or negatives is an error.
+    Unusable files (see UNUSABLE) are skipped and counted; clipped or short files load as they are. A split without
+    usable positives or negatives is refused (DataError) before any clip is resampled.
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be > 0 Hz, got {sample_rate!r}")
@@ -317,6 +425,7 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> Wakewor
     clips = scan(root)
     n_samples = N_SAMPLES * sample_rate // SAMPLE_RATE
     files = read_all([c.path for c in clips])
+    require_both_classes(root, clips, files)
     skipped = sum(not f.usable for f in files)
     if skipped:
         warnings.warn(f"skipped {skipped} unusable audio files under {root}; `kd-tune data check {root}` lists them",
@@ -326,7 +435,6 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> Wakewor
         kept = [(c, f) for c, f in zip(clips, files, strict=True) if c.split == split and f.usable]
         splits[split] = make_split([c for c, _ in kept], [to_window(f, sample_rate, n_samples) for _, f in kept],
                                    n_samples)
-    require_both_classes(root, clips, splits)
     return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=manifest_sha256(root, clips, files))
 
 

@@ -1,29 +1,78 @@
-"""Streaming wake-word detection with an exported model: onnxruntime, numpy and soundfile only, never torch.
+"""Streaming wake-word detection with an exported model: onnxruntime, numpy, soundfile and pydantic only, never torch.
 
 `kd-tune export` (kd_tune.export) writes model.onnx, raw 16 kHz audio [B, 16000] -> P(wake word) [B], and
-model.json beside it, the model card: the streaming settings, the calibrated threshold and the ONNX file's SHA-256.
-`Detector` runs such a pair over audio of any length, rate and channel count.
+model.json beside it, the model card: the streaming settings, the calibrated threshold and the ONNX file's SHA-256,
+signed with an HMAC over every field when a key is set (kd_tune.signing). `Detector` verifies such a pair (size
+caps, signature, schema, hash) and runs it over audio of any length, rate and channel count within the limits below,
+checked from the file's header before anything is decoded.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import os
+import stat
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 import soundfile as sf
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kd_tune.errors import InputError
 from kd_tune.metrics import activation_indices, refractory_window_count
+from kd_tune.signing import parse_json, verify_signature
 
 FORMAT = "kd_tune.onnx/1"
 INPUT_NAME, OUTPUT_NAME = "audio", "probability"
 RUN_BATCH = 256  # windows per onnxruntime call
 RESAMPLE_ZERO_CROSSINGS = 16  # of the windowed sinc, on each side
 RESAMPLE_ROLLOFF = 0.99  # low-pass cut-off as a fraction of the lower Nyquist frequency
-RESAMPLE_CHUNK = 65536  # output samples per vectorised step, bounding memory on long files
+RESAMPLE_TAPS_PER_STEP = 2**22  # output samples x kernel taps per vectorised step: ~50 MB of indices and taps
+MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ = 8_000, 192_000  # telephone audio to studio masters
+MAX_CHANNELS = 32
+# An hour of audio is ~230 MB as 16 kHz float32 and at most 2.8 GB at 192 kHz; split longer recordings.
+MAX_AUDIO_SECONDS = 3600
+READ_BLOCK_FRAMES = 2**20  # frames decoded at a time: channels are averaged block by block
+# Full scale is +-1 and float files may exceed it a little; beyond 60 dB over full scale a file is broken or
+# mis-scaled (e.g. 16-bit integer values stored as floats), and the front end's power spectrum would overflow.
+MAX_ABS_SAMPLE = 1e3
+MAX_CARD_BYTES = 2**20  # a card is ~2 KB
+MAX_MODEL_BYTES = 2**31  # protobuf's own limit for one ONNX file; a wake-word model is well under 1 MB
+# A window holds at most ~8 s at 16 kHz: a batch of RUN_BATCH windows is then at most 128 MiB of float32.
+MAX_WINDOW_SAMPLES = 2**17
+MAX_REFRACTORY_SECONDS = MAX_AUDIO_SECONDS
+# onnxruntime raises its own exception types (InvalidProtobuf, InvalidGraph, Fail, ...) derived from Exception only.
+ORT_ERRORS = tuple(v for v in vars(ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
+class DetectError(InputError):
+    """A model, model card or audio file that detection cannot use; the message names the file."""
+
+
+class ModelCard(BaseModel):
+    """The fields of model.json that detection relies on (the card holds more: figures, provenance)."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    format: Literal["kd_tune.onnx/1"]
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sample_rate: int = Field(ge=MIN_SAMPLE_RATE_HZ, le=MAX_SAMPLE_RATE_HZ)
+    window_samples: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
+    hop_samples: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
+    threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    refractory_seconds: float = Field(ge=0.0, le=MAX_REFRACTORY_SECONDS, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _hop_fits_the_window(self) -> ModelCard:
+        # Windows closer than 1 ms would multiply the work without telling anything new.
+        if not self.sample_rate // 1000 <= self.hop_samples <= self.window_samples:
+            raise ValueError(f"hop_samples {self.hop_samples} is outside {self.sample_rate // 1000} (1 ms) to "
+                             f"window_samples {self.window_samples}")
+        return self
 
 
 def card_name(model_path: Path) -> str:
@@ -33,6 +82,58 @@ def card_name(model_path: Path) -> str:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def name_of(source: Any) -> str:
+    """A file's name for messages: a path as given, a file object's `name`, never an object's repr."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else f"<{type(source).__name__} without a file name>"
+
+
+def read_file(path: Path, *, max_bytes: int, what: str) -> bytes:
+    """A regular file of at most max_bytes, checked from its metadata before anything is read."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device could block or never end
+            raise DetectError(f"{path}: not a regular file; allowed: {what}")
+        if info.st_size > max_bytes:
+            raise DetectError(f"{path}: {info.st_size} bytes; allowed: at most {max_bytes} bytes for {what}")
+        with open(path, "rb") as f:
+            data = f.read(info.st_size + 1)
+    except FileNotFoundError:
+        raise DetectError(f"{path}: no such file; allowed: {what}") from None
+    except OSError as error:
+        raise DetectError(f"{path}: cannot read it ({error.strerror or error}); allowed: {what}") from None
+    if len(data) > max_bytes:
+        raise DetectError(f"{path}: grew past {max_bytes} bytes while read; allowed: {what}")
+    return data
+
+
+def read_card(model_path: Path) -> ModelCard:
+    """The model card beside an exported model: size-capped, signature verified, then checked against the schema."""
+    card_path = model_path.with_name(card_name(model_path))
+    what = "the model card `kd-tune export` writes beside the model"
+    data = read_file(card_path, max_bytes=MAX_CARD_BYTES, what=what)
+    try:
+        card = parse_json(data)
+    except ValueError as error:
+        raise DetectError(f"{card_path}: not valid JSON: {error}; allowed: {what}") from None
+    if not isinstance(card, dict):
+        raise DetectError(f"{card_path}: a JSON {type(card).__name__}, not an object; allowed: {what}")
+    verify_signature(card, str(card_path), error=DetectError)
+    try:
+        return ModelCard.model_validate(card)
+    except ValidationError as error:
+        raise DetectError(f"{card_path}: {field_errors(error)}; allowed: {what}") from None
+
+
+def field_errors(error: ValidationError, *, shown: int = 4) -> str:
+    """Pydantic's errors as `field: what is wrong`, without the (possibly huge) input values."""
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in error.errors(include_url=False)]
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 def open_session(model: bytes, *, threads: int | None = None) -> ort.InferenceSession:
@@ -96,36 +197,59 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     padded = np.pad(audio, (half_width, half_width + 1))
     n_out = math.ceil(len(audio) * up / down)
     out = np.empty(n_out, np.float32)
-    for start in range(0, n_out, RESAMPLE_CHUNK):
-        n = np.arange(start, min(start + RESAMPLE_CHUNK, n_out))  # [C] output indices
+    chunk = max(1, RESAMPLE_TAPS_PER_STEP // len(offsets))  # memory per step stays fixed however wide the kernel
+    for start in range(0, n_out, chunk):
+        n = np.arange(start, min(start + chunk, n_out))  # [C] output indices
         phase = n * down % up
         taps = padded[(n * down // up + half_width)[:, None] + offsets[None, :]]  # [C, K]
         out[start:start + len(n)] = np.einsum("ck,ck->c", taps, kernels[phase])
     return out
 
 
-def load_audio(path: str | Path, *, sample_rate: int) -> np.ndarray:
-    """Mono float32 [T] at sample_rate from any file soundfile reads: channels averaged, other rates resampled."""
+def load_audio(source: Any, *, sample_rate: int) -> np.ndarray:
+    """Mono float32 [T] at sample_rate from a file soundfile reads (a path or a file object): the header is checked
+    first, then channels are averaged block by block, samples checked and other rates resampled."""
+    where = name_of(source)
     try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)  # [T, C]
-    except sf.SoundFileError as error:
-        raise ValueError(f"{path}: cannot read audio ({error})") from None
-    if audio.size == 0:
-        raise ValueError(f"{path}: the file holds no samples")
-    return resample(audio.mean(axis=1), rate, sample_rate)
+        with sf.SoundFile(source) as f:  # opening reads the header only
+            rate = f.samplerate
+            check_header(rate, f.channels, f.frames, where=where)
+            mono = np.empty(f.frames, np.float32)  # the header's count, bounded above; filled as decoded
+            done = 0
+            while done < len(mono):
+                block = f.read(min(READ_BLOCK_FRAMES, len(mono) - done), dtype="float32", always_2d=True)  # [t, C]
+                if not len(block):
+                    break
+                check_samples(block, where=where)
+                mono[done:done + len(block)] = block.mean(axis=1)
+                done += len(block)
+    except (sf.SoundFileError, RuntimeError, OSError) as error:
+        raise DetectError(f"{where}: cannot read audio ({str(error).replace(repr(source), where)}); allowed: a file "
+                          "soundfile reads (WAV, FLAC, OGG, ...)") from None
+    if done == 0:
+        raise DetectError(f"{where}: holds no samples; allowed: audio of at least one sample")
+    return resample(mono[:done], rate, sample_rate)
 
 
-def read_card(model_path: Path) -> dict:
-    """The model card beside an exported model, checked to belong to that exact file."""
-    card_path = model_path.with_name(card_name(model_path))
-    try:
-        card = json.loads(card_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{card_path} is missing (`kd-tune export` writes it beside the model)") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
-        found = card.get("format") if isinstance(card, dict) else type(card).__name__
-        raise ValueError(f"{card_path}: format {found!r}, expected {FORMAT!r}")
-    return card
+def check_header(rate: int, channels: int, frames: int, *, where: str) -> None:
+    """Refuse, before decoding, audio whose header promises what detection will not take."""
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        raise DetectError(f"{where}: sample rate {rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise DetectError(f"{where}: {channels} channels; allowed: 1 to {MAX_CHANNELS}")
+    if frames > MAX_AUDIO_SECONDS * rate:
+        raise DetectError(f"{where}: {frames / rate:.0f} s long; allowed: at most {MAX_AUDIO_SECONDS} s per file "
+                          "(split longer recordings)")
+
+
+def check_samples(samples: np.ndarray, *, where: str) -> None:
+    """Refuse NaN, infinite or absurdly large samples: they would not give a wrong answer, but no answer at all."""
+    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
+    if not math.isfinite(peak):
+        raise DetectError(f"{where}: holds NaN or infinite samples; allowed: finite samples")
+    if peak > MAX_ABS_SAMPLE:
+        raise DetectError(f"{where}: holds samples of magnitude {peak:.3g}; allowed: at most {MAX_ABS_SAMPLE:g} "
+                          "(full scale is 1)")
 
 
 class Detector:
@@ -140,33 +264,42 @@ class Detector:
     def __init__(self, model_path: str | Path, *, threshold: float | None = None, threads: int | None = None):
         self.model_path = Path(model_path)
         self.card = read_card(self.model_path)
-        model = self.model_path.read_bytes()
-        if sha256(model) != self.card["onnx_sha256"]:
-            raise ValueError(f"{self.model_path} does not match onnx_sha256 in {card_name(self.model_path)}: the file "
-                             "changed after export, so the card's threshold does not belong to it (export again)")
+        model = read_file(self.model_path, max_bytes=MAX_MODEL_BYTES, what="an ONNX model written by `kd-tune export`")
+        if sha256(model) != self.card.onnx_sha256:
+            raise DetectError(f"{self.model_path}: does not match onnx_sha256 in {card_name(self.model_path)}: the "
+                              "file changed after export, so the card's threshold does not belong to it; allowed: "
+                              "the model exported with this card (export again)")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
-        self.threshold = float(self.card["threshold"] if threshold is None else threshold)
-        self.sample_rate, self.window_samples = int(self.card["sample_rate"]), int(self.card["window_samples"])
-        self.hop_samples = int(self.card["hop_samples"])
-        self.refractory_seconds = float(self.card["refractory_seconds"])
-        self.session = open_session(model, threads=threads)
-        inputs = self.session.get_inputs()
-        if [i.name for i in inputs] != [INPUT_NAME] or inputs[0].shape[1] != self.window_samples:
-            raise ValueError(f"{self.model_path} takes {[(i.name, i.shape) for i in inputs]}, expected "
-                             f"{INPUT_NAME!r} of shape [batch, {self.window_samples}]")
+            raise DetectError(f"threshold: got {threshold!r}; allowed: a probability in [0, 1]")
+        self.threshold = self.card.threshold if threshold is None else float(threshold)
+        self.sample_rate, self.window_samples = self.card.sample_rate, self.card.window_samples
+        self.hop_samples, self.refractory_seconds = self.card.hop_samples, self.card.refractory_seconds
+        try:
+            self.session = open_session(model, threads=threads)
+        except ORT_ERRORS as error:
+            raise DetectError(f"{self.model_path}: onnxruntime cannot load it ({str(error).splitlines()[0][:200]}); "
+                              "allowed: an ONNX model written by `kd-tune export`") from None
+        inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
+        if [name for name, _ in inputs] != [INPUT_NAME] or list(inputs[0][1])[1:] != [self.window_samples]:
+            raise DetectError(f"{self.model_path}: takes {inputs}; allowed: one input {INPUT_NAME!r} of shape "
+                              f"[batch, {self.window_samples}] (window_samples in {card_name(self.model_path)})")
 
-    def read(self, path: str | Path) -> np.ndarray:
-        """A file's audio as mono float32 [T] at the model's sample rate."""
-        return load_audio(path, sample_rate=self.sample_rate)
+    def read(self, source: Any) -> np.ndarray:
+        """A file's audio (a path or a file object) as mono float32 [T] at the model's sample rate."""
+        return load_audio(source, sample_rate=self.sample_rate)
 
     def probabilities(self, audio: np.ndarray) -> np.ndarray:
         """P(wake word) [W] of each window of mono audio [T] at the model's sample rate."""
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1 or audio.size == 0:
-            raise ValueError(f"audio must be non-empty mono samples [T], got shape {audio.shape}")
-        return stream_probabilities(self.session, audio, window_samples=self.window_samples,
-                                    hop_samples=self.hop_samples)
+            raise DetectError(f"audio: shape {audio.shape}; allowed: non-empty mono samples [T]")
+        check_samples(audio, where="audio")
+        try:
+            return stream_probabilities(self.session, audio, window_samples=self.window_samples,
+                                        hop_samples=self.hop_samples)
+        except (ValueError, *ORT_ERRORS) as error:
+            raise DetectError(f"{self.model_path}: {str(error).splitlines()[0][:200]}; allowed: a model taking "
+                              f"audio [batch, {self.window_samples}] to probabilities [batch]") from None
 
     def detect(self, audio: np.ndarray) -> list[float]:
         """Times (s) of the detections in mono audio [T]: the centres of the windows where they fire."""

@@ -1,7 +1,43 @@
-"""The one base class of every refusal a user can act on: the command line prints its message as one line."""
+"""The base class of every refusal a user can act on, and the one way a message shows a bad value."""
+
+import reprlib
+
+SHOWN_CHARS = 80  # a bad value is shown at most this long: the message stays one readable line
 
 
 class KdTuneError(Exception):
     """A user-facing failure whose message says what went wrong and what is allowed; no traceback is shown."""
 
     exit_code = 1
+
+
+class InputError(KdTuneError, ValueError):
+    """The user's input (a config, a data set, an argument) is wrong; the command line exits with 2."""
+
+    exit_code = 2
+
+
+class MissingExtraError(KdTuneError, ImportError):
+    """An optional extra (e.g. `pip install 'kd-tune[synth]'`) that a command needs is not installed."""
+
+    exit_code = 2
+
+
+def _bounded_repr() -> reprlib.Repr:
+    # reprlib stops at these sizes, so showing a huge value (an expanded YAML alias bomb) costs no time or memory
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxstring, shown.maxother, shown.maxlong = 3, SHOWN_CHARS, SHOWN_CHARS, SHOWN_CHARS
+    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 6
+    return shown
+
+
+_REPR = _bounded_repr()
+
+
+def shown(value: object) -> str:
+    """repr(value) cut to SHOWN_CHARS characters, computed in bounded time however large the value."""
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."

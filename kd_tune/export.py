@@ -2,8 +2,9 @@
 
 `export_student` writes model.onnx, raw 16 kHz audio [B, 16000] -> P(wake word) [B], and model.json beside it: the
 streaming settings, a threshold calibrated on the validation split for the target false accepts per hour, and the
-figures that vouch for the file (parity with PyTorch, validation metrics, latency). kd_tune.detect runs such a pair
-without torch.
+figures that vouch for the file (parity with PyTorch, validation metrics, latency). With a signing key set the card
+is signed (HMAC over every field, the ONNX file's SHA-256 among them). kd_tune.detect runs such a pair without torch,
+and export loads what it wrote through the same checks before it reports success.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ import torch
 from torch import nn
 
 from kd_tune import __version__
-from kd_tune.checkpoint import MANIFEST_NAME, Checkpoint, CheckpointError, load_checkpoint, load_state_dict_strict
+from kd_tune.checkpoint import (MANIFEST_NAME, Checkpoint, CheckpointError, Identity, load_checkpoint,
+                                load_state_dict_strict)
 from kd_tune.config import Config, validate
 from kd_tune.data import WakewordData, load_dataset
-from kd_tune.detect import (FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, card_name, open_session, run, sha256,
-                            stream_probabilities)
-from kd_tune.errors import KdTuneError
+from kd_tune.detect import (FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, DetectError, Detector, card_name,
+                            open_session, run, sha256, stream_probabilities)
+from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
 from kd_tune.leaderboard import LEADERBOARD_NAME, experiment_storage
 from kd_tune.metrics import wakeword_metrics
 from kd_tune.models import build_student, count_parameters
-from kd_tune.storage import PathEscapeError, Storage, read_json
-from kd_tune.train import predict
-from kd_tune.storage import write_json
+from kd_tune.signing import signed
+from kd_tune.storage import PathEscapeError, Storage, read_json, write_json
+from kd_tune.train import STUDENT_KIND, predict
 
 OPSET = 17
 NEGATIVE_LABEL = "not_wakeword"
@@ -49,7 +51,11 @@ LATENCY_RUNS = 200
 LATENCY_WARMUP_RUNS = 10
 
 
-class ParityError(KdTuneError, RuntimeError):
+class ExportError(KdTuneError, RuntimeError):
+    """A file export produced fails a check of its own (exit code 1: not the user's input, but the output)."""
+
+
+class ParityError(ExportError):
     """onnxruntime's probabilities differ from PyTorch's by more than the tolerance."""
 
 
@@ -65,9 +71,8 @@ class Source:
     trial: str | None = None
 
     def load(self) -> Checkpoint:
-        """The checkpoint, verified (file set, sizes, SHA-256, signature rules) before any tensor is built."""
-
-        return load_checkpoint(self.store, self.rel_dir)
+        """The checkpoint, verified (file set, sizes, SHA-256, signature, kind) before any tensor is built."""
+        return load_checkpoint(self.store, self.rel_dir, expect=Identity(STUDENT_KIND, self.trial))
 
     def describe(self) -> dict:
         return {"experiment": self.experiment, "trial": self.trial,
@@ -91,6 +96,9 @@ def locate_source(source: str, config: Config) -> Source:
 def best_trial(store: Storage, name: str, *, experiment: str) -> Source:
     """The checkpoint of the best leaderboard row that has one; it must lie inside the experiment directory."""
     rows = read_json(store, f"{name}/{LEADERBOARD_NAME}")
+    if not isinstance(rows, list):
+        raise InputError(f"{experiment}/{LEADERBOARD_NAME}: a JSON {type(rows).__name__}; allowed: the list of rows "
+                         "`kd-tune sweep` writes")
     row = next((r for r in rows if isinstance(r, dict) and r.get("checkpoint")), None)  # rows are sorted best first
     if row is None:
         raise KdTuneError(f"{experiment}: no trial in {LEADERBOARD_NAME} has a checkpoint")
@@ -108,7 +116,7 @@ def best_trial(store: Storage, name: str, *, experiment: str) -> Source:
 def load_student(checkpoint: Checkpoint) -> tuple[Config, nn.Module, LogMel]:
     """The checkpoint's resolved config, its student in eval mode, and the front end it was trained with."""
     kind = checkpoint.manifest.get("kind")
-    if kind != "student" or "model" not in checkpoint.tensors:
+    if kind != STUDENT_KIND or "model" not in checkpoint.tensors:
         raise CheckpointError(f"checkpoint of kind {kind!r} with files {sorted(checkpoint.tensors)} is not a "
                               "student checkpoint (allowed: kind 'student' with model.safetensors)")
     config = validate(checkpoint.manifest["config"], source="the checkpoint's manifest config")
@@ -297,7 +305,9 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
     store.write_bytes(out.name, model)
     if int8:
         card["int8"] = write_int8(store, out, model, card, val)
+    card = signed(card)
     write_json(store, card_name(out), card)  # last: it names the files written before it
+    check_written(out)
     return card
 
 
@@ -312,8 +322,17 @@ def write_int8(store: Storage, out: Path, model: bytes, card: dict, val: Validat
                     "activations": "QUInt8", "scope": "the student; front end and probability head in float32",
                     "float_model": out.name, "delta_vs_float": deltas}
     store.write_bytes(path.name, quantized)
-    write_json(store, card_name(path), {**card, **figures, "quantization": quantization})
+    write_json(store, card_name(path), signed({**card, **figures, "quantization": quantization}))
+    check_written(path)
     return {**figures, "delta_vs_float": deltas}
+
+
+def check_written(model_path: Path) -> None:
+    """Load an exported pair the way `kd-tune detect` will: card size, signature and schema, the model's hash."""
+    try:
+        Detector(model_path, threads=1)
+    except DetectError as error:
+        raise ExportError(f"{error}; export wrote a pair that detection refuses") from None
 
 
 def manifest_sha256(manifest: dict) -> str:

@@ -1,7 +1,10 @@
 """A sweep's results, Ray-free: one leaderboard row per trial at its best epoch, written as CSV and JSON, read back
 by `kd-tune results` and `kd-tune export`, and the experiment's saved config and search space.
 
-`leaderboard` reads a Ray Tune ResultGrid through its public attributes only; nothing here imports Ray.
+`leaderboard` reads a Ray Tune ResultGrid through its public attributes only; nothing here imports Ray. A trial's
+epochs are the epochs `fit` reported (a resumed trial restarts Tune's training_iteration, not its epoch), and its
+status says whether it ran to its end: OK (its last epoch, or stopped by ASHA), INCOMPLETE (stopped before that,
+e.g. by `ray job stop`), NOT_STARTED (no epoch reported) or ERROR.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ TRIAL_COLUMNS = ("trial", "status", "teacher", "alpha_schedule", "alpha_start", 
                  "temperature_schedule", "lr", "student_width", "epochs")
 METRIC_COLUMNS = tuple(name for name, m in METRICS.items() if m.column)
 LEADERBOARD_COLUMNS = (*TRIAL_COLUMNS, *METRIC_COLUMNS, "node", "checkpoint")
+STATUSES = ("OK", "INCOMPLETE", "NOT_STARTED", "ERROR")
 
 def leaderboard(grid, config: Config) -> list[dict]:
     """One row per trial at its best epoch that still has a checkpoint (retention may have pruned others)."""
@@ -32,7 +36,9 @@ def leaderboard(grid, config: Config) -> list[dict]:
     rows = []
     for result in grid:
         params = result.config or {}
-        row = {"trial": Path(result.path).name.removeprefix("trial_"), "status": "ERROR" if result.error else "OK",
+        df = result.metrics_dataframe
+        row = {"trial": Path(result.path).name.removeprefix("trial_"),
+               "status": trial_status(df, error=result.error is not None, epochs=config.training.epochs),
                "teacher": params.get("teacher"), "alpha_schedule": params.get("alpha_schedule"),
                "alpha_start": params.get("alpha_start"),
                "alpha_end": params.get("alpha_end", params.get("alpha_start")),
@@ -40,21 +46,41 @@ def leaderboard(grid, config: Config) -> list[dict]:
                "temperature_schedule": params.get("temperature_schedule", "constant"),
                "lr": params.get("lr", config.training.lr),
                "student_width": params.get("student_width", config.student.width)}
-        best = best_epoch(result.metrics_dataframe, metric, mode, filesystem)
+        best = best_epoch(df, metric, mode, filesystem)
         if best is not None:
             row |= {k: _plain(best[k]) for k in LEADERBOARD_COLUMNS if k in best and k not in row}
-            row["epochs"] = int(result.metrics_dataframe["training_iteration"].max())
             row["checkpoint"] = best["checkpoint_path"]
+        row["epochs"] = last_epoch(df)
         rows.append(row)
     worst = float("inf") if mode == "min" else float("-inf")
     return sorted(rows, key=lambda r: r.get(metric, worst) if mode == "min" else -r.get(metric, worst))
+
+
+def last_epoch(df) -> int:
+    """The last epoch a trial reported; 0 if none."""
+    if df is None or "epoch" not in df or not df["epoch"].notna().any():
+        return 0
+    return int(df["epoch"].max())
+
+
+def trial_status(df, *, error: bool, epochs: int) -> str:
+    """OK: it reached its last epoch, or ASHA stopped it (Tune marks the result that a scheduler stops on with
+    done=True; a stop from outside, such as `ray job stop`, reports nothing more); else INCOMPLETE, NOT_STARTED
+    or ERROR."""
+    if error:
+        return "ERROR"
+    last = last_epoch(df)
+    if last == 0:
+        return "NOT_STARTED"
+    stopped_by_scheduler = "done" in df and bool(df["done"].fillna(False).iloc[-1])  # the last report
+    return "OK" if last >= epochs or stopped_by_scheduler else "INCOMPLETE"
 
 
 def best_epoch(df, metric: str, mode: str, filesystem):
     """The best reported epoch whose checkpoint still exists; ties go to the later epoch."""
     if df is None or metric not in df or "checkpoint_path" not in df:
         return None
-    ranked = df.sort_values([metric, "training_iteration"], ascending=[mode == "min", False])
+    ranked = df.sort_values([metric, "epoch"], ascending=[mode == "min", False])
     for _, row in ranked.iterrows():
         path = row["checkpoint_path"]
         if isinstance(path, str) and filesystem.get_file_info(path).type != FileType.NotFound:

@@ -31,8 +31,8 @@ class Metric:
     echo: bool = False  # printed on the console after each epoch
 
 
-# Every metric `fit` reports besides "epoch" and "step", in display order. The loop, TensorBoard, the leaderboard,
-# the console, bench and the config's `tune.metric` all read this table.
+# Every metric `fit` reports besides "epoch" and "step" (the cuda_* ones on CUDA only), in display order. The loop,
+# TensorBoard, the leaderboard, the console, bench and the config's `tune.metric` all read this table.
 METRICS = {
     "frr_at_target_fa": Metric("val/frr_at_target_fa", "min", column=True, shown=True, echo=True),
     "fa_per_hour": Metric("val/fa_per_hour", "min", column=True, shown=True, echo=True),
@@ -48,6 +48,9 @@ METRICS = {
     "lr": Metric("schedule/lr"),
     "skipped_steps": Metric("guard/skipped_steps"),
     "epoch_seconds": Metric("time/epoch_seconds"),
+    "peak_rss_mib": Metric("memory/peak_rss_mib"),  # the worker process's peak resident memory so far
+    "cuda_max_allocated_mib": Metric("memory/cuda_max_allocated_mib"),  # CUDA only: the epoch's peak
+    "cuda_max_reserved_mib": Metric("memory/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak
 }
 RANKABLE = tuple(name for name, m in METRICS.items() if m.goal)
 LOSSES = tuple(name for name, m in METRICS.items() if m.tag.startswith("loss/"))

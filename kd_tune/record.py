@@ -8,12 +8,12 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
-from kd_tune.checkpoint import copy_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints
+from kd_tune.checkpoint import Identity, copy_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints
 from kd_tune.config import Config, dump_config
 from kd_tune.errors import KdTuneError
 from kd_tune.metrics import METRICS
 from kd_tune.storage import Storage, upload_tree, write_text
-from kd_tune.train import Report, fit
+from kd_tune.train import STUDENT_KIND, Report, fit
 
 
 class RunRecorder:
@@ -52,7 +52,8 @@ def run_training(config: Config, *, name: str, resume: bool = False, echo: Repor
     write_text(store, f"{name}/config.yaml", dump_config(config))
     recorder = RunRecorder(store, name, config, echo=echo)
     try:
-        fit(config, recorder, resume=load_checkpoint(store, latest) if latest else None)
+        resume = load_checkpoint(store, latest, expect=Identity(STUDENT_KIND, name)) if latest else None
+        fit(config, recorder, resume=resume, run_name=name)
     finally:
         recorder.close()
     return f"{store.uri}/{name}"

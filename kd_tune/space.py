@@ -13,7 +13,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from kd_tune.config import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES, Config, ConfigError, Section, format_problem
+from kd_tune.config import (ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES, Config, ConfigError, Section, format_problem,
+                            read_yaml)
 
 
 class Choice(Section):
@@ -89,7 +90,7 @@ def load_search_space(name_or_path: str | Path) -> SearchSpace:
     builtin = resources.files("kd_tune").joinpath("search_spaces", f"{name_or_path}.yaml")
     source = path if path.exists() or path.suffix else builtin
     try:
-        raw = yaml.safe_load(source.read_text())
+        raw = read_yaml(source, source=str(name_or_path))
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(str(name_or_path), [f"cannot read the search space: {e} (allowed: a YAML file, or a "
                                               f"built-in name: {', '.join(builtin_spaces())})"]) from None

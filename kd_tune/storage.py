@@ -22,11 +22,15 @@ from urllib.parse import SplitResult, urlsplit
 
 import pyarrow.fs as pafs
 
-from kd_tune.errors import KdTuneError
+from kd_tune.errors import InputError, KdTuneError
+from kd_tune.signing import parse_json
 
 DEFAULT_REGION = "us-east-1"
 PUBLISHED_MODE = 0o644  # mkstemp/mkdtemp make 0600/0700: other users of a shared NFS root could not read results
 PUBLISHED_DIR_MODE = 0o755
+FIRST_CHUNK_BYTES, READ_CHUNK_BYTES = 2**16, 16 * 2**20  # bounded reads: the first and the largest step
+# The largest JSON kd_tune reads whole is a leaderboard: ~1 KB a trial, so 64 MiB holds tens of thousands of trials.
+MAX_JSON_BYTES = 64 * 2**20
 
 
 class PathEscapeError(KdTuneError, ValueError):
@@ -109,6 +113,26 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         with self.open_input(rel) as f:
             return f.read()
+
+    def read_head(self, rel: str, max_bytes: int) -> bytes:
+        """The first max_bytes bytes of `rel` (all of it when shorter), read in chunks: memory follows the file,
+        not max_bytes, so a size promised by untrusted data allocates nothing up front."""
+        chunks, left, step = [], max_bytes, FIRST_CHUNK_BYTES
+        with self.open_input(rel) as f:
+            while left > 0:
+                chunk = f.read(min(left, step))  # read(n) allocates n up front: small first, doubling
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left, step = left - len(chunk), min(2 * step, READ_CHUNK_BYTES)
+        return b"".join(chunks)
+
+    def size(self, rel: str) -> int:
+        """The size of file `rel` in bytes, from the filesystem's metadata (nothing is read)."""
+        info = self.filesystem.get_file_info(self.path(rel))
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{self.uri.rstrip('/')}/{rel} is not a file")
+        return info.size
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write a whole file atomically: readers see the old content or the new one, never a part."""
@@ -246,10 +270,6 @@ def as_storage(storage: Storage | str | os.PathLike) -> Storage:
 # ---------------------------------------------------------------- JSON and plain files
 
 
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
 def pretty_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=2, allow_nan=False).encode() + b"\n"
 
@@ -263,8 +283,17 @@ def write_json(storage: Storage | str | os.PathLike, rel: str, obj: Any) -> None
     as_storage(storage).write_bytes(rel, pretty_json(obj))
 
 
-def read_json(storage: Storage | str | os.PathLike, rel: str) -> Any:
-    return json.loads(as_storage(storage).read_bytes(rel), parse_constant=refuse_constant)
+def read_json(storage: Storage | str | os.PathLike, rel: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Strict JSON of at most max_bytes bytes, nested at most kd_tune.signing.MAX_JSON_DEPTH deep."""
+    storage = as_storage(storage)
+    data = storage.read_head(rel, max_bytes + 1)
+    where = f"{storage.uri.rstrip('/')}/{rel}"
+    if len(data) > max_bytes:
+        raise InputError(f"{where}: larger than {max_bytes} bytes; allowed: at most {max_bytes}")
+    try:
+        return parse_json(data)
+    except ValueError as error:
+        raise InputError(f"{where}: not valid JSON: {error}; allowed: strict JSON") from None
 
 
 def write_text(storage: Storage | str | os.PathLike, rel: str, text: str) -> None:
@@ -286,19 +315,3 @@ def upload_tree(local_dir: str | os.PathLike, storage: Storage | str | os.PathLi
             if source.is_file() and not source.is_symlink():
                 storage.write_bytes(posixpath.join(rel_dir, source.relative_to(local_dir).as_posix()),
                                     source.read_bytes())
-
-
-# ---------------------------------------------------------------- signing
-
-
-# ---------------------------------------------------------------- checkpoints: writing
-
-
-# ---------------------------------------------------------------- checkpoints: reading
-
-
-# ---------------------------------------------------------------- retention
-
-
-# ---------------------------------------------------------------- state dicts
-

@@ -2,25 +2,38 @@
 
 The driver loads the data set once, puts it in Ray's object store, builds the teacher-output cache on Ray tasks and
 runs a Tuner over `run_trial`. TensorBoard gets one run per trial with readable tags (kd_tune.metrics.METRICS).
+
+A sweep never waits on what cannot come: a trial larger than the cluster is refused before it starts, and the
+placement groups that dead drivers left behind (they hold CPUs forever) are removed when a sweep starts and ends.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 import logging
+import math
 import os
 import socket
 import uuid
+from pathlib import Path
 
+import pyarrow.fs
 import ray
+import ray.experimental.internal_kv
 import yaml
 from tqdm import tqdm
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.execution import class_cache
-from ray.tune.logger import TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.result import EXPR_PROGRESS_FILE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.state import list_actors, list_jobs, list_placement_groups
 
 from kd_tune.cache import Job, build_cache, build_shard
 from kd_tune.checkpoint import MANIFEST_NAME
@@ -32,6 +45,7 @@ from kd_tune.metrics import METRICS
 from kd_tune.space import SearchSpace, SpaceSampler
 from kd_tune.storage import Storage, write_text
 from kd_tune.teachers import teacher_checkpoint_dir
+from kd_tune.train import check_batching
 from kd_tune.trial import TRIAL_DRIVER_RESOURCES, run_trial, trial_dirname
 
 log = logging.getLogger("kd_tune.sweep")
@@ -44,8 +58,17 @@ CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURI
 RAY_SETTINGS = {"TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
+STATE_LIST_LIMIT = 10_000  # the State API lists 100 entries unless told otherwise, and 10,000 at most
+ENDED_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # written by Ray's monitor (autoscaler v1)
+AUTOSCALER_V2_KEY = ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY
+AUTOSCALER_NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+
+
 class SweepError(KdTuneError, RuntimeError):
     """A sweep that cannot start as configured; the message says why and what to do."""
+
+    exit_code = 2
 
 
 # ---------------------------------------------------------------- TensorBoard: readable tags + HParams
@@ -63,6 +86,122 @@ class TensorBoardCallback(TBXLoggerCallback):
             self._trial_writer[trial].add_scalar(tag, value, global_step=step)
         self._trial_result[trial] = scalars
         self._trial_writer[trial].flush()
+
+
+class KeepHistory:
+    """Tune logger mixin: a trial that starts again (a resumed sweep) appends to its file on storage.
+
+    Tune copies a trial's result file back before appending only when the trial holds a Tune checkpoint, and Train
+    trials never do: without this a resumed trial's result.json and progress.csv lost every row before the kill.
+    """
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        local = Path(trial.local_path, file_name)
+        if local.exists():
+            return
+        try:
+            pyarrow.fs.copy_files(f"{trial.storage.trial_fs_path}/{file_name}", str(local),
+                                  source_filesystem=trial.storage.storage_filesystem)
+        except FileNotFoundError:
+            pass  # a trial's first start
+
+
+class HistoryJsonLogger(KeepHistory, JsonLoggerCallback):
+    """result.json, kept across resumes."""
+
+
+class HistoryCSVLogger(KeepHistory, CSVLoggerCallback):
+    """progress.csv, kept across resumes, in the columns of its first header."""
+
+    def _setup_trial(self, trial) -> None:
+        super()._setup_trial(trial)
+        if self._trial_continue[trial]:
+            with open(Path(trial.local_path, EXPR_PROGRESS_FILE), newline="") as f:
+                header = next(csv.reader(f), None)
+            if header:
+                self._trial_csv[trial] = csv.DictWriter(self._trial_files[trial], header)
+
+
+# ---------------------------------------------------------------- what the cluster can host, what it leaked
+
+
+def node_shapes() -> tuple[list[tuple[dict, float]], bool]:
+    """(resources of a node, how many such nodes) for every alive node and every node type an autoscaler may add;
+    and whether that list is complete (False: an autoscaler runs whose node types Ray does not publish)."""
+    shapes = [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]]
+    config = ray._private.state.state.get_cluster_config()  # what Train's own check reads (autoscaler v2)
+    if config is not None and config.node_group_configs:
+        shapes += [(dict(g.resources), math.inf if g.max_count == -1 else g.max_count)
+                   for g in config.node_group_configs]
+        return shapes, True
+    return shapes, not autoscaler_adds_nodes()
+
+
+def autoscaler_adds_nodes() -> bool:
+    """Whether an autoscaler that may add nodes runs. On a hand-started (`ray start`) cluster Ray's monitor mirrors
+    each node as a node type named node_<id> and adds none; autoscaler v2 publishes its node types (above)."""
+    v2 = ray.experimental.internal_kv._internal_kv_get(AUTOSCALER_V2_KEY, namespace=AUTOSCALER_NAMESPACE)
+    status = ray.experimental.internal_kv._internal_kv_get(AUTOSCALER_STATUS_KEY)
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") if status else None
+    return v2 == b"1" or any(not t.startswith("node_") for t in (mapping or {}).values())
+
+
+def trials_that_fit(shapes: list[tuple[dict, float]], worker: dict[str, float], workers: int) -> float:
+    """How many trials of `workers` Train workers, each needing `worker`, the nodes hold at once."""
+    per_node = [(min(math.floor(shape.get(k, 0) / v + 1e-9) for k, v in worker.items()), count)
+                for shape, count in shapes]
+    slots = sum(n * count for n, count in per_node if n and count)  # no inf * 0
+    return slots // workers if slots != math.inf else math.inf
+
+
+def check_trial_fits(config: Config) -> float:
+    """Refuse, before any trial starts, a trial whose Train workers the cluster cannot hold; returns how many trials
+    it holds at once (inf where an autoscaler may add nodes of unknown size)."""
+    c = config.tune
+    worker = {"CPU": c.cpus_per_worker, **({"GPU": 1.0} if c.use_gpu else {})}
+    shapes, complete = node_shapes()
+    fit = trials_that_fit(shapes, worker, c.workers_per_trial)
+    if fit >= 1 or not complete:
+        return fit if complete else math.inf
+    biggest = max((s for s, _ in shapes), key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    field = ("tune.use_gpu" if c.use_gpu and not any(s.get("GPU") for s, _ in shapes) else
+             "tune.workers_per_trial" if trials_that_fit(shapes, worker, 1) else "tune.cpus_per_worker")
+    largest = {k: biggest.get(k, 0) for k in ("CPU", "GPU")}
+    raise SweepError(f"{field}: a trial needs {c.workers_per_trial} Train worker(s) of {worker}, more than the "
+                     f"cluster holds (largest node: {largest}); allowed: workers_per_trial x cpus_per_worker "
+                     "(and a GPU each with use_gpu) that the cluster's nodes fit")
+
+
+def orphans(groups: list[dict], *, ended_jobs: set[str], own_job: str | None = None,
+            occupied: set[str] = frozenset()) -> list[dict]:
+    """The placement groups nobody will remove: CREATED, not detached, made by a job that has ended, or with
+    own_job (a sweep whose trials are all over) by this driver's job and holding no live actor."""
+    return [g for g in groups if g["state"] == "CREATED" and not g.get("is_detached") and (
+        g["creator_job_id"] in ended_jobs
+        or (g["creator_job_id"] == own_job and g["placement_group_id"] not in occupied))]
+
+
+def remove_orphan_placement_groups(*, own_job: bool = False) -> list[str]:
+    """Remove the placement groups of `orphans` (Train's can outlive their creator and hold CPUs forever, so
+    later trials wait for them); logs and returns their ids. Never fails a sweep: a State API error is logged."""
+    try:
+        # This cluster's State API, found through its GCS (RAY_API_SERVER_ADDRESS or RAY_ADDRESS first, as Ray does)
+        where = {"address": ray.get_runtime_context().gcs_address, "limit": STATE_LIST_LIMIT}
+        groups = [dataclasses.asdict(g) for g in list_placement_groups(filters=[("state", "=", "CREATED")],
+                                                                       detail=True, **where)]
+        ended = {j.job_id for j in list_jobs(**where) if j.job_id and j.status in ENDED_JOB_STATES}
+        occupied = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True,
+                                                              **where)} if own_job else set()
+        mine = ray.get_runtime_context().get_job_id() if own_job else None
+        found = orphans(groups, ended_jobs=ended, own_job=mine, occupied=occupied)
+        for group in found:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group["placement_group_id"])))
+            log.warning("removed placement group %s (bundles %s) left by job %s", group["placement_group_id"],
+                        [b["unit_resources"] for b in group.get("bundles") or []], group["creator_job_id"])
+    except Exception as e:  # noqa: BLE001 - cleaning up after others must never stop a sweep
+        log.warning("could not look for leftover placement groups: %s", e)
+        return []
+    return [g["placement_group_id"] for g in found]
 
 
 # ---------------------------------------------------------------- the sweep driver
@@ -154,23 +293,25 @@ def trial_trainable(config: Config, store: Storage, name: str, data_ref):
     return tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
 
 
-def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref):
+def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref, concurrency: int):
     store = Storage.from_config(config.storage)
     c = config.tune
     # The Optuna study stays in memory: an external study storage breaks Tuner.restore.
     search = OptunaSearch(SpaceSampler(space), metric=c.metric, mode=c.mode, sampler=TPESampler(seed=c.seed),
                           points_to_evaluate=coverage_points(space, c.num_samples))
-    asha = ASHAScheduler(time_attr="training_iteration", max_t=config.training.epochs,
+    # The reported epoch, not Tune's training_iteration: a resumed trial starts counting iterations at 1 again.
+    asha = ASHAScheduler(time_attr="epoch", max_t=config.training.epochs,
                          grace_period=min(c.asha_grace_period, config.training.epochs),
                          reduction_factor=c.asha_reduction_factor)
     return tune.Tuner(
         trial_trainable(config, store, name, data_ref),
         tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=search, scheduler=asha,
-                                    num_samples=c.num_samples, max_concurrent_trials=c.max_concurrent_trials,
+                                    num_samples=c.num_samples, max_concurrent_trials=concurrency,
                                     trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
         run_config=tune.RunConfig(name=name, storage_path=store.root, storage_filesystem=store.filesystem,
                                   failure_config=tune.FailureConfig(max_failures=c.max_failures),
-                                  callbacks=[TensorBoardCallback()], verbose=1),
+                                  callbacks=[TensorBoardCallback(), HistoryJsonLogger(), HistoryCSVLogger()],
+                                  verbose=1),
     )
 
 
@@ -182,9 +323,12 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     store = Storage.from_config(config.storage)
     check_teachers_ready(config, space)
     data = data or load_dataset(config.data.root)  # once per sweep; every trial gets it from the object store
+    check_batching(len(data.train.labels), workers=config.tune.workers_per_trial)
     connect_ray(address)
     keep_credentials_out_of_runtime_env()
+    concurrency = concurrent_trials(config, check_trial_fits(config))
     check_storage_shared(store)
+    remove_orphan_placement_groups()
     data_ref = ray.put(data)
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
         build_cache(config, list(space.teacher.choices), data=data, run=shards_on_ray(data_ref))
@@ -195,13 +339,32 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     else:
         write_text(store, f"{name}/config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         write_text(store, f"{name}/search_space.yaml", yaml.safe_dump(space.model_dump(), sort_keys=False))
-        tuner = build_tuner(config, space, name=name, data_ref=data_ref)
-    grid = tuner.fit()
+        tuner = build_tuner(config, space, name=name, data_ref=data_ref, concurrency=concurrency)
+    try:
+        grid = tuner.fit()
+    finally:
+        remove_orphan_placement_groups(own_job=True)
     rows = leaderboard(grid, config)
     write_leaderboard(store, name, rows)
-    errors = [f"trial {r.metrics.get('trial_id', '?')}: {type(r.error).__name__}: {r.error}"
-              for r in grid if r.error is not None]
-    return rows, errors
+    return rows, [trial_error(r) for r in grid if r.error is not None]
+
+
+def trial_error(result, *, max_chars: int = 500) -> str:
+    """One line per failed trial: the exception the trial raised (not Ray's wrapper with its traceback)."""
+    cause = getattr(result.error, "cause", None) or result.error
+    lines = [line for line in str(cause).splitlines() if line.strip()] or [""]
+    trial = Path(result.path).name.removeprefix("trial_")
+    return f"trial {trial}: {type(cause).__name__}: {lines[-1].strip()[:max_chars]}"
+
+
+def concurrent_trials(config: Config, fit: float) -> int:
+    """tune.max_concurrent_trials, lowered to what the cluster holds at once: a trial beyond that would wait for
+    workers and, after Train's bounded start retries, fail."""
+    wanted = config.tune.max_concurrent_trials
+    if fit < wanted:
+        log.warning("tune.max_concurrent_trials=%d but the cluster holds %d trial(s) at once: running %d at a time",
+                    wanted, fit, fit)
+    return int(min(wanted, fit))
 
 
 # ---------------------------------------------------------------- the teacher-output cache on Ray tasks

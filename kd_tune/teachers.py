@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from pickle import UnpicklingError  # only the error torch.load raises on refusal; nothing here unpickles
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from kd_tune.checkpoint import (CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint,
+from kd_tune.checkpoint import (CheckpointError, Identity, load_checkpoint, load_state_dict_strict, save_checkpoint,
                                 verify_checkpoint)
 from kd_tune.config import Config, TeacherConfig
 from kd_tune.data import WakewordData
@@ -25,6 +26,8 @@ from kd_tune.models import build_teacher, count_parameters, hf_config, teacher_i
 from kd_tune.storage import Storage
 
 LEGACY_SUFFIXES = (".pt", ".pth")
+TEACHER_KIND = "teacher"
+WEIGHTS_ONLY = "allowed: safetensors weights, or a plain state dict that torch's weights-only loader reads"
 
 
 class Teachers(Protocol):
@@ -80,6 +83,11 @@ def teacher_checkpoint_dir(name: str) -> str:
     return f"teachers/{name}"
 
 
+def teacher_identity(teacher: TeacherConfig) -> Identity:
+    """What a stored teacher must be: a teacher checkpoint saved under this teacher's name."""
+    return Identity(TEACHER_KIND, teacher.name)
+
+
 def architecture_source(teacher: TeacherConfig) -> str:
     """The source that builds this teacher's architecture: a `.pt` state dict fills the "base" one."""
     return "base" if teacher.source.endswith(LEGACY_SUFFIXES) else teacher.source
@@ -87,7 +95,11 @@ def architecture_source(teacher: TeacherConfig) -> str:
 
 def initial_teacher(teacher: TeacherConfig, *, n_mels: int) -> nn.Module:
     """The teacher that fine-tuning starts from: its source's weights, or random ones for "tiny" and "base"."""
-    model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=n_mels)
+    try:
+        model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=n_mels)
+    except UnpicklingError as error:  # transformers read a pytorch_model*.bin with torch's weights-only unpickler
+        raise CheckpointError(f"{pickled_weights(teacher.source)}: refused: {refusal_reason(error)}, and unpickling "
+                              f"that could run code; {WEIGHTS_ONLY}") from None
     if teacher.source.endswith(LEGACY_SUFFIXES):
         load_state_dict_strict(model, load_legacy_pt(teacher.source))
     return model
@@ -97,15 +109,16 @@ def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data:
                  step: int = 0, metrics: dict | None = None) -> None:
     """Store a teacher where `load_teacher` finds it, with what `teacher_is_current` compares."""
     save_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
-                    {"model": model.state_dict()}, kind="teacher", config=config.to_dict(), epoch=epoch, step=step,
-                    metrics=metrics or {}, extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
-                                                  "parameters": count_parameters(model),
-                                                  "data_sha256": data.manifest_sha256})
+                    {"model": model.state_dict()}, kind=TEACHER_KIND, name=teacher.name, pinned=True,
+                    config=config.to_dict(), epoch=epoch, step=step, metrics=metrics or {},
+                    extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
+                           "parameters": count_parameters(model), "data_sha256": data.manifest_sha256})
 
 
 def load_teacher(config: Config, teacher: TeacherConfig) -> nn.Module:
     """A fine-tuned teacher from the storage root, verified before any weight is used."""
-    ckpt = load_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name))
+    ckpt = load_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
+                           expect=teacher_identity(teacher))
     model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
                           hf_config=ckpt.manifest["extra"].get("hf_config"))
     load_state_dict_strict(model, ckpt.tensors["model"])
@@ -124,10 +137,13 @@ def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordDat
     """True when the stored teacher was fine-tuned with these settings on this exact data (and verifies)."""
     store = Storage.from_config(config.storage)
     try:
-        extra = verify_checkpoint(store, teacher_checkpoint_dir(teacher.name))["extra"]
+        manifest = verify_checkpoint(store, teacher_checkpoint_dir(teacher.name), expect=teacher_identity(teacher))
     except (CheckpointError, FileNotFoundError):
         return False
-    if extra.get("teacher") != teacher.model_dump() or extra.get("data_sha256") != data.manifest_sha256:
+    extra = manifest.get("extra")
+    if not isinstance(extra, dict) or extra.get("teacher") != teacher.model_dump():
+        return False
+    if extra.get("data_sha256") != data.manifest_sha256:
         return False
     # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
     built = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
@@ -140,10 +156,8 @@ def load_legacy_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        reason = f"it references {found.group(1)}" if found else "it holds more than tensors and plain containers"
-        raise CheckpointError(f"{os.fspath(path)}: refused: {reason}, and unpickling that could run code "
-                              "(only weights_only=True loading is allowed)") from error
+        raise CheckpointError(f"{os.fspath(path)}: refused: {refusal_reason(error)}, and unpickling that could run "
+                              f"code; {WEIGHTS_ONLY}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{os.fspath(path)}: expected a flat state dict of name -> Tensor, "
                               f"got {type(state).__name__}")
@@ -152,3 +166,15 @@ def load_legacy_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{os.fspath(path)}: expected a flat state dict of name -> Tensor; "
                               f"entries that are not: {bad}")
     return state
+
+
+def refusal_reason(error: UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, from its message: the global a payload would have called."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return f"it references {found.group(1)}" if found else "it holds more than tensors and plain containers"
+
+
+def pickled_weights(source: str) -> str:
+    """The pickled weight file(s) transformers reads from a local teacher directory, for error messages."""
+    files = sorted(p.name for p in Path(source).glob("*.bin")) if Path(source).is_dir() else []
+    return ", ".join(f"{source.rstrip('/')}/{name}" for name in files[:3]) or source

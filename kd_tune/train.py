@@ -10,6 +10,8 @@ and the metrics are all-reduced first.
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -28,7 +30,7 @@ from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoi
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
 from kd_tune.data import Split, WakewordData, load_dataset, sample_weights
 from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
-from kd_tune.errors import KdTuneError
+from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, Augment, LogMel, SpecAugment, front_end, render_view
 from kd_tune.metrics import sliding_windows, wakeword_metrics
 from kd_tune.models import build_student
@@ -42,10 +44,19 @@ BatchLoss = Callable[[Tensor, Tensor, int, torch.Generator, float], tuple[Tensor
 # ran ~17% slower than in a main thread (glibc serves a thread's large allocations from bounded heaps, most likely
 # mapped and unmapped again); with 64 it ran as fast as in the main thread, and faster in both. Measured on CPU.
 EVAL_BATCH = 64
+STUDENT_KIND = "student"  # the kind of every checkpoint `fit` saves
+# BatchNorm in train mode needs more than one value per channel: no batch of one clip ever reaches a model.
+MIN_TRAIN_BATCH = 2
+MIB = 2**20
+RU_MAXRSS_BYTES = 1 if sys.platform == "darwin" else 1024  # getrusage's unit: bytes on macOS, KiB on Linux
 
 
 class NonFiniteLossError(KdTuneError, RuntimeError):
     """Raised after `max_nonfinite_steps` consecutive steps with a non-finite loss or gradient."""
+
+
+class TooFewClipsError(InputError):
+    """A training split or batch too small for a training step: refused before training starts."""
 
 
 @dataclass
@@ -94,16 +105,27 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def check_batching(n: int, *, workers: int = 1) -> None:
+    """Refuse up front a training split that would feed a model a batch of one clip (the config refuses a batch
+    size of one)."""
+    if n // workers < MIN_TRAIN_BATCH:
+        raise TooFewClipsError(f"data.root: the training split has {n} clip(s), {n // workers} per worker over "
+                               f"{workers} worker(s); allowed: at least {MIN_TRAIN_BATCH} per worker (add clips)")
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return sum(1 for _ in batches(n, batch_size, seed=0, epoch=0))
 
 
 def batches(n: int, batch_size: int, *, seed: int, epoch: int) -> Iterator[Tensor]:
-    """Shuffled index batches, sharded over DDP ranks; the order depends only on (seed, epoch)."""
+    """Shuffled index batches, sharded over DDP ranks; the order depends only on (seed, epoch). Whole batches only,
+    or every clip of the shard in one batch when it is smaller than a batch; never a batch of one."""
     rank, world = rank_and_world()
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     per_rank = n // world  # every rank takes the same number of steps, or DDP's all-reduce would hang
     order = order[rank * per_rank:(rank + 1) * per_rank]
+    if per_rank < MIN_TRAIN_BATCH or batch_size < MIN_TRAIN_BATCH:
+        return  # check_batching refuses this before training starts
     for start in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
         yield order[start:start + batch_size]
 
@@ -184,14 +206,30 @@ def probe_batch_size(step: Callable[[int], None], device: torch.device, *, start
     raise RuntimeError(f"even a batch of {smallest} does not fit on {device}; set training.batch_size")
 
 
-def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
-    """Average the metrics over DDP ranks, so what rank 0 reports speaks for every worker."""
+def all_reduce_mean(metrics: dict[str, float], *, peak: bool = False) -> dict[str, float]:
+    """Average the metrics over DDP ranks (or, with peak, take their maximum), so what rank 0 reports speaks for
+    every worker."""
     if rank_and_world()[1] == 1:
         return metrics
     keys = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    return dict(zip(keys, (values / dist.get_world_size()).tolist()))
+    dist.all_reduce(values, op=dist.ReduceOp.MAX if peak else dist.ReduceOp.SUM)
+    return dict(zip(keys, (values if peak else values / dist.get_world_size()).tolist()))
+
+
+def reset_memory_peaks(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory so far, and on CUDA the peak allocated and reserved memory since
+    reset_memory_peaks (the epoch's start), in MiB."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RU_MAXRSS_BYTES / MIB}
+    if device.type == "cuda":
+        out |= {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated(device) / MIB,
+                "cuda_max_reserved_mib": torch.cuda.max_memory_reserved(device) / MIB}
+    return out
 
 
 def probe_step(student: nn.Module, teachers: Teachers, log_mel: LogMel, batch: int,
@@ -229,12 +267,15 @@ def optimizer_from_safe(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
 
 
 def save_training_checkpoint(parent: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
-                             state: TrainState, config: Config, metrics: dict) -> Path:
-    """Student, optimizer tensors and RNG state as safetensors; everything else as JSON. No pickle."""
+                             state: TrainState, config: Config, metrics: dict, *, name: str | None = None) -> Path:
+    """Student, optimizer tensors and RNG state as safetensors; everything else as JSON. No pickle.
+
+    name: the run (or sweep trial) the checkpoint belongs to, bound by its signature."""
     opt_tensors, opt_json = optimizer_to_safe(optimizer.state_dict())
     save_checkpoint(parent, "checkpoint", {"model": student.state_dict(), "optimizer": opt_tensors,
                                            "rng": {"torch": torch.get_rng_state()}},
-                    kind="student", config=config.to_dict(), epoch=state.epoch, step=state.step, metrics=metrics,
+                    kind=STUDENT_KIND, name=name, config=config.to_dict(), epoch=state.epoch, step=state.step,
+                    metrics=metrics,
                     extra={"optimizer": opt_json, "skipped_steps": state.skipped_steps,
                            "student": config.student.model_dump()})
     return parent / "checkpoint"
@@ -316,12 +357,15 @@ def train_epoch(s: Setup, stepper: Stepper, state: TrainState, batch_loss: Batch
 
 
 def fit(config: Config, report: Report, *, data: WakewordData | None = None, resume: Checkpoint | None = None,
-        teachers: Teachers | None = None) -> dict[str, float]:
-    """Distil the configured teachers into the configured student; returns the last epoch's metrics."""
+        teachers: Teachers | None = None, run_name: str | None = None) -> dict[str, float]:
+    """Distil the configured teachers into the configured student; returns the last epoch's metrics.
+
+    run_name: the run or sweep trial every checkpoint is saved for (see kd_tune.checkpoint.Identity)."""
     t, d = config.training, config.distillation
     data = data or load_dataset(config.data.root)
-    s = prepare(config, data)
     rank, world = rank_and_world()
+    check_batching(len(data.train.labels), workers=world)
+    s = prepare(config, data)
     teachers = teachers or distillation_teachers(config, data, s.device)
     student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels)
     student = student.to(s.device)
@@ -346,6 +390,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     metrics: dict[str, float] = {}
     while state.epoch < t.epochs:
         started = time.perf_counter()
+        reset_memory_peaks(s.device)
         total, student_loss, kd_loss = train_epoch(s, stepper, state, batch_loss, batch_size=batch_size,
                                                    seed=t.seed, views=config.augment.views,
                                                    desc=f"epoch {state.epoch + 1}/{t.epochs}")
@@ -356,8 +401,10 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
                    "skipped_steps": state.skipped_steps, "epoch_seconds": time.perf_counter() - started,
                    "epoch": state.epoch, "step": state.step}
         metrics = all_reduce_mean({**metrics, **evaluate(student, data.val, s.stream, config, s.log_mel)})
+        metrics |= all_reduce_mean(memory_metrics(s.device), peak=True)
         with tempfile.TemporaryDirectory(prefix="kd_tune_ckpt_") as tmp:  # report() copies it before returning
-            report(metrics, save_training_checkpoint(Path(tmp), student, stepper.optimizer, state, config, metrics)
+            report(metrics, save_training_checkpoint(Path(tmp), student, stepper.optimizer, state, config, metrics,
+                                                     name=run_name)
                    if rank == 0 else None)
     return metrics
 
@@ -367,6 +414,7 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
     """Fine-tune one teacher on the labels and save it to <storage>/teachers/<name>; returns its last metrics."""
     t = config.training
     data = data or load_dataset(config.data.root)
+    check_batching(len(data.train.labels))
     s = prepare(config, data)
     model = initial_teacher(teacher, n_mels=config.features.n_mels).to(s.device)
     if teacher.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
@@ -384,11 +432,12 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
 
     state, metrics = TrainState(), {}
     while state.epoch < teacher.epochs:
+        reset_memory_peaks(s.device)
         train_epoch(s, stepper, state, batch_loss, batch_size=teacher.batch_size, seed=t.seed,
                     views=config.augment.views, desc=f"teacher {teacher.name} epoch {state.epoch + 1}/{teacher.epochs}")
         state.epoch += 1
         metrics = evaluate(model, data.val, s.stream, config, s.log_mel if takes_features else None)
         if report:
-            report({**metrics, "epoch": state.epoch}, None)
+            report({**metrics, **memory_metrics(s.device), "epoch": state.epoch}, None)
     save_teacher(config, teacher, model, data, epoch=teacher.epochs, step=state.step, metrics=metrics)
     return metrics

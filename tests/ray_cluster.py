@@ -20,6 +20,10 @@ import psutil
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
+STATE_LIMIT = 10_000  # the State API's largest page
+CLEANUP_TIMEOUT_S = 60.0  # a dead job's actors and placement groups are gone within seconds; a leak stays forever
+# Ray's detached per-cluster singletons, created by the first job that needs them and meant to outlive it.
+RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "TrainStateActor"}
 
 
 def free_port() -> int:
@@ -115,21 +119,46 @@ class RayCluster:
 
     def alive_nodes(self) -> int:
         """Alive nodes, from the State API (`/api/v0/nodes`)."""
-        request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes?limit=100",
+        return sum(n["state"] == "ALIVE" for n in self.state("nodes"))
+
+    def get(self, path: str):
+        request = urllib.request.Request(f"{self.dashboard}{path}",
                                          headers={"Authorization": f"Bearer {self.token_file.read_text()}"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            nodes = json.load(response)["data"]["result"]["result"]
-        return sum(n["state"] == "ALIVE" for n in nodes)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def state(self, kind: str) -> list[dict]:
+        """Every entry, with details, of a State API list: nodes, actors, placement_groups, jobs..."""
+        return self.get(f"/api/v0/{kind}?limit={STATE_LIMIT}&detail=1")["data"]["result"]["result"]
+
+    def leftovers(self, job_id: str) -> list[str]:
+        """What a finished job left on the cluster: its placement groups not REMOVED and its actors not DEAD, but
+        for Ray's own detached per-cluster singletons (created by whichever job first needs them)."""
+        groups = [f"placement group {g['placement_group_id']} {g['state']} {g['bundles']}"
+                  for g in self.state("placement_groups")
+                  if g["creator_job_id"] == job_id and g["state"] != "REMOVED"]
+        actors = [f"actor {a['class_name']} {a['state']} pid {a['pid']}" for a in self.state("actors")
+                  if a["job_id"] == job_id and a["state"] != "DEAD"
+                  and not (a.get("is_detached") and a["class_name"] in RAY_SINGLETONS)]
+        return groups + actors
+
+    def wait_until_clean(self, job_id: str, *, timeout: float = CLEANUP_TIMEOUT_S) -> list[str]:
+        """`leftovers` once the cluster has had `timeout` seconds to tear the job down; [] as soon as it has."""
+        deadline = time.monotonic() + timeout
+        while (left := self.leftovers(job_id)) and time.monotonic() < deadline:
+            time.sleep(1)
+        return left
 
     def _start(self, name: str, args: list[str], num_cpus: int, wrapper: list[str] = ()) -> RayNode:
         temp_dir = self.root / name  # a node needs its own temp dir, or it deletes the job's working dir
         temp_dir.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
-        command = [*wrapper, str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-                   f"--num-cpus={num_cpus}", "--num-gpus=0", f"--dashboard-agent-listen-port={free_port()}",
-                   f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                   f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
-                   f"--object-manager-port={free_port()}", "--disable-usage-stats", *args]
+        command = [*wrapper, str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+                   f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                   "--disable-usage-stats", *args]
         process = subprocess.Popen(command, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)
         node = RayNode(process, temp_dir, log)
@@ -179,6 +208,10 @@ class Jobs:
     def run(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([self.ray, "job", *args[:1], "--address", self.cluster.dashboard, *args[1:]],
                               env=self.cluster.env, capture_output=True, text=True, timeout=120)
+
+    def job_id(self, submission_id: str) -> str:
+        """The Ray job id (the creator id that the State API shows) of a submitted job."""
+        return self.cluster.get(f"/api/jobs/{submission_id}")["job_id"]
 
     def status(self, job: str) -> str:
         out = self.run("status", job)

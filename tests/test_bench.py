@@ -11,11 +11,11 @@ import pytest
 from kd_tune.bench import format_report, run_bench
 from kd_tune.config import validate
 
-
 FIELDS = {
     "machine": ("cpus", "torch_threads", "device", "python", "torch", "load_average_1m", "load_average_1m_after"),
     "cache_vs_live": ("teacher", "teacher_parameters", "clips", "views", "live_epoch_s", "cache_epoch_s", "speedup",
-                      "live_steps_s", "cache_steps_s", "steps_speedup", "cache_build_s", "cache_shards", "break_even_epochs", "live_student_loss",
+                      "live_steps_s", "cache_steps_s", "steps_speedup", "cache_build_s", "cache_shards",
+                      "break_even_epochs", "live_student_loss",
                       "live_distillation_loss", "live_total_loss", "cache_student_loss", "cache_distillation_loss",
                       "cache_total_loss", "max_loss_difference"),
     "ray_vs_plain": ("threads", "ray_init_s", "plain_epoch_s", "ray_epoch_s", "epoch_ratio", "plain_steps_s",

@@ -1,10 +1,12 @@
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
-from kd_tune.config import ConfigError, default_raw, dump_config, load_config, validate
+from kd_tune.config import MAX_YAML_BYTES, ConfigError, default_raw, dump_config, load_config, validate
 
 
 def write(tmp_path, raw) -> str:
@@ -128,3 +130,158 @@ def test_cli_config_show_prints_the_default():
     out = subprocess.run([sys.executable, "-m", "kd_tune", "config", "show"], capture_output=True, text=True,
                          check=True)
     assert validate(yaml.safe_load(out.stdout)) == load_config(None, check_paths=False)
+
+
+# ------------------------------------------------------------------------------------------------ bounded input
+
+def billion_laughs(levels: int = 9) -> str:
+    """The classic alias bomb: 9 aliases per level, 9^levels strings once expanded, ~400 bytes as text."""
+    names = "abcdefghijklmnop"[:levels]
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]" for previous, name in zip(names, names[1:])]
+    return "\n".join(lines) + f"\ntraining:\n  epochs: *{names[-1]}\n"
+
+
+def test_a_billion_laughs_config_is_refused_fast_and_short(tmp_path):
+    # Rule: YAML aliases are counted as expanded before anything is built: a 400-byte alias bomb (10^9 values) is
+    # refused in well under a second with a short message, never echoed (it printed 226 MB before).
+    path = tmp_path / "laughs.yaml"
+    path.write_text(billion_laughs())
+    assert len(path.read_bytes()) < 450
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, check_paths=False)
+    assert time.perf_counter() - start < 1.0
+    message = str(caught.value)
+    assert message.startswith(f"{path}: line ") and "more than 10000 values" in message and len(message) < 300
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("a: &a [*a]\n", "recursive or undefined alias"),
+    ("x: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than 16 levels"),
+    ("x: " + "[" * 100_000 + "]" * 100_000 + "\n", "not valid YAML"),
+    ("training:\n  epochs: [\n", "line 3, column 1: not valid YAML"),
+    ("training:\n  epochs: " + "9" * 5000 + "\n", "not valid YAML (Exceeds the limit"),
+    ("training: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
+])
+def test_bad_yaml_is_one_short_line(tmp_path, text, needle):
+    # Rule: recursive aliases, deep nesting, broken syntax, numbers Python cannot convert and object tags are each one
+    # short ConfigError line naming the file (and the line where known).
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, check_paths=False)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and needle in message and "\n" not in message and len(message) < 400
+
+
+def test_files_that_are_too_big_not_utf8_or_not_regular_are_refused(tmp_path):
+    # Rule: a config is read within MAX_YAML_BYTES, as UTF-8, from a regular file (a FIFO would block forever).
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_YAML_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=r"big\.yaml: larger than 256 KiB"):
+        load_config(big, check_paths=False)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"data:\n  wakeword: h\xe9 nova\n")
+    with pytest.raises(ConfigError, match=r"latin\.yaml: not UTF-8 text \(byte 0xe9 at offset 19\)"):
+        load_config(latin, check_paths=False)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"fifo\.yaml: not a regular file"):
+        load_config(fifo, check_paths=False)
+
+
+@pytest.mark.parametrize("dotted,value", [
+    ("training.lr", ".inf"), ("training.lr", ".nan"), ("training.grad_clip_norm", ".inf"),
+    ("training.weight_decay", ".inf"), ("distillation.temperature_start", ".inf"),
+    ("distillation.temperature_end", ".nan"), ("distillation.alpha_step_points", "[.nan]"),
+    ("teachers.0.lr", ".inf"), ("data.hard_negative_weight", ".inf"), ("tune.cpus_per_worker", ".inf"),
+    ("training.target_fa_per_hour", ".inf"), ("training.refractory_seconds", ".inf"),
+])
+def test_non_finite_floats_are_refused(dotted, value):
+    # Rule: every float field is finite: .inf and .nan are refused with the field named.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides=[f"{dotted}={value}"], check_paths=False)
+    [problem] = caught.value.problems
+    assert problem.startswith(dotted) and "finite number" in problem
+
+
+@pytest.mark.parametrize("dotted,value", [
+    ("training.epochs", 10**29), ("training.seed", 2**40), ("tune.seed", -1), ("data.synth_seed", 2**31),
+    ("training.batch_size", 10**9), ("teachers.0.epochs", 10**6), ("teachers.0.batch_size", 10**5),
+    ("tune.num_samples", 10**6), ("augment.views", 10**4), ("tune.workers_per_trial", 10**5),
+    ("tune.max_concurrent_trials", 10**5), ("tune.max_failures", 10**4), ("storage.keep_best", 10**6),
+])
+def test_counts_have_upper_bounds(dotted, value):
+    # Rule: a value that counts something has an upper bound, so a typo (1e29 epochs) is refused, not run.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides=[f"{dotted}={value}"], check_paths=False)
+    assert any(p.startswith(dotted) for p in caught.value.problems), caught.value.problems
+
+
+def test_a_huge_bad_value_is_shown_cut_short():
+    # Rule: a message never echoes a huge value: the repr of a bad value is cut to ~80 characters.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides=["training.epochs=" + "9" * 4000, "student.name=" + "x" * 200_000],
+                    check_paths=False)
+    message = str(caught.value)
+    assert len(message) < 600 and "training.epochs" in message and "student.name" in message
+
+
+def test_several_problems_are_one_line():
+    # Rule: every problem of a file is reported at once, on one line.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides=["training.epochs=0", "distillation.alpha_start=2"], check_paths=False)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("<embedded default.yaml>: 2 problems: ")
+    assert " | " in message and "training.epochs" in message and "distillation.alpha_start" in message
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("training.epochs=[", "--set training.epochs: not valid YAML (did not find expected node content)"),
+    ("data.root.x=1", "--set data.root.x: data.root holds '"),
+    ("teachers.7.name=x", "--set teachers.7.name: teachers.7: not an entry of the 2-entry list teachers; "
+                          "allowed: an index from 0 to 1"),
+    ("teachers.x.name=x", "--set teachers.x.name: teachers.x: not an entry"),
+    ("training.epochs", "--set: 'training.epochs' has no key"),
+    ("training.epochs=*a", "--set training.epochs: line 1: alias *a refers to a value that is not complete"),
+])
+def test_a_bad_set_is_one_config_error(override, needle):
+    # Rule: a --set that cannot be parsed or applied is one ConfigError naming the override, not a traceback.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides=[override], check_paths=False)
+    assert str(caught.value).startswith(needle), str(caught.value)
+
+
+def test_set_reaches_list_entries_by_index():
+    # Rule: `--set teachers.0.name=x` sets a field of one list entry, validated like any other value.
+    config = load_config(None, overrides=["teachers.0.name=x", "teachers.1.epochs=5",
+                                          "distillation.alpha_step_points.0=0.3"], check_paths=False)
+    assert [t.name for t in config.teachers] == ["x", "wav2vec2"] and config.teachers[1].epochs == 5
+    assert config.distillation.alpha_step_points == (0.3,)
+    with pytest.raises(ConfigError, match="teachers.0.name: String should match pattern"):
+        load_config(None, overrides=["teachers.0.name=X Y"], check_paths=False)
+
+
+@pytest.mark.parametrize("field,uri", [
+    ("storage.root", "s3://user:pw@bucket/runs"),
+    ("storage.root", "s3://AKIAXXXX:s3cr3t@bucket"),
+    ("storage.root", "s3://bucket/runs?region=us-east-1&secret_key=s3cr3t"),
+    ("storage.root", "gs://bucket/x?access_token=s3cr3t"),
+    ("storage.endpoint_override", "http://minio:s3cr3t@127.0.0.1:9000"),
+])
+def test_credentials_in_any_uri_form_are_refused_without_echo(field, uri):
+    # Rule: secrets never live in configs: a user name, password or key in a storage URI is refused at validation,
+    # naming the field and never echoing the secret.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides=[f"{field}={uri}"], check_paths=False)
+    message = str(caught.value)
+    assert message.startswith(f"<embedded default.yaml>: {field}: credentials in a URI are refused")
+    assert "s3cr3t" not in message and "pw" not in message
+
+
+def test_plain_storage_uris_still_pass():
+    # Rule: the credential check refuses secrets only: ordinary local paths and URIs load.
+    for uri in ("s3://bucket/runs", "s3://bucket/runs?region=eu-west-1", "/mnt/nfs/kd@tune", "runs/monkey=1"):
+        assert load_config(None, overrides=[f"storage.root={uri}"], check_paths=False).storage.root.endswith(
+            uri.split("/")[-1])

@@ -1,8 +1,10 @@
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -13,11 +15,11 @@ import pytest
 import soundfile as sf
 import torch
 
+import kd_tune.data as data_module
 import kd_tune.synth as synth
-from kd_tune.data import KINDS, LABEL_OF_KIND, SPLITS, check, load_dataset, sample_weights, scan, split_for
-from kd_tune.synth import confusables, synthesize
+from kd_tune.data import KINDS, LABEL_OF_KIND, SPLITS, DataError, check, load_dataset, sample_weights, scan, split_for
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
-
+from kd_tune.synth import confusables, synthesize
 
 TONE_HZ = 440.0
 
@@ -50,11 +52,20 @@ def speakers_in(split: str, count: int) -> list[str]:
     return [name for name in names if split_for(name) == split][:count]
 
 
-def user_folder(root: Path) -> Path:
-    """Good train clips of both classes in several formats, plus one file per kind of problem."""
-    speaker_a, speaker_b = speakers_in("train", 2)
+def clean_folder(root: Path) -> Path:
+    """One positive and one negative 16 kHz clip from one speaker in the val and the test split (train: none)."""
     for name in ("positive", "negative"):
-        (root / name).mkdir(parents=True)
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for speaker in (speakers_in("val", 1)[0], speakers_in("test", 1)[0]):
+        sf.write(root / "positive" / f"{speaker}_good.wav", tone(0.8, 16000, amplitude=0.5), 16000)
+        sf.write(root / "negative" / f"{speaker}_good.wav", tone(0.8, 16000, amplitude=0.4), 16000)
+    return root
+
+
+def user_folder(root: Path) -> Path:
+    """Good train clips of both classes in several formats, good val and test clips, and one file per problem."""
+    speaker_a, speaker_b = speakers_in("train", 2)
+    clean_folder(root)
     left, right = tone(0.8, 44100, amplitude=0.6), tone(0.8, 44100, amplitude=0.2)
     sf.write(root / "positive" / f"{speaker_a}_stereo.flac", np.stack([left, right], axis=1), 44100)
     sf.write(root / "positive" / f"{speaker_b}_low.wav", tone(0.5, 8000, amplitude=0.8), 8000, subtype="PCM_16")
@@ -150,7 +161,7 @@ def test_rerun_with_same_parameters_is_a_no_op(small_dataset):
     before = {p: p.stat().st_mtime_ns for p in small_dataset.rglob("*.wav")}
     assert synthesize(small_dataset, size="small", seed=0, progress=False) == small_dataset / "manifest.jsonl"
     assert {p: p.stat().st_mtime_ns for p in small_dataset.rglob("*.wav")} == before
-    with pytest.raises(FileExistsError, match="seed"):
+    with pytest.raises(DataError, match="seed"):
         synthesize(small_dataset, size="small", seed=3, progress=False)
 
 
@@ -231,7 +242,7 @@ def test_missing_root_or_class_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.*positive/ and negative/"):
         scan(tmp_path / "nowhere")
     (tmp_path / "positive").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"negative/ missing.*manifest\.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"negative/: missing.*manifest\.jsonl"):
         load_dataset(tmp_path)
 
 
@@ -245,16 +256,16 @@ def test_check_reports_every_bad_file_with_a_reason(tmp_path):
     text = report.format()
     for name, problem in EXPECTED_PROBLEMS:
         assert f"{root / 'negative' / name}: {problem}" in text
-    assert "positive 2, hard_negative 0, negative 9, background 0" in text
+    assert "positive 4, hard_negative 0, negative 11, background 0" in text
     assert "clipped 1" in text
 
 
 def test_check_of_a_clean_folder_is_ok(tmp_path):
     # Rule: .ok is True when no file has a problem.
-    root = tmp_path / "clean"
+    root = clean_folder(tmp_path / "clean")
+    speaker = speakers_in("train", 1)[0]
     for kind in ("positive", "negative"):
-        (root / kind).mkdir(parents=True)
-        sf.write(root / kind / "a.wav", tone(0.8, 16000), 16000)
+        sf.write(root / kind / f"{speaker}_a.wav", tone(0.8, 16000), 16000)
     assert check(root).ok and "problems: none" in check(root).format()
 
 
@@ -284,7 +295,7 @@ def test_load_skips_and_counts_unusable_files(tmp_path):
         f"skipped 5 unusable audio files under {root}; `kd-tune data check {root}` lists them"]
     assert loaded.skipped == 5
     total = sum(len(getattr(loaded, s).kinds) for s in SPLITS)
-    assert total == 4 + 2  # the good files plus clipped.wav and short.wav
+    assert total == 4 + 4 + 2  # the good train, val and test files plus clipped.wav and short.wav
     assert all(torch.isfinite(getattr(loaded, s).audio).all() for s in SPLITS)
 
 
@@ -294,7 +305,7 @@ def test_no_usable_positives_is_an_error_naming_the_folder(tmp_path):
     for path in (root / "positive").iterdir():
         sf.write(path, np.zeros(16000, np.float32), 16000, format=path.suffix[1:].upper())
     folder = re.escape(str(root / "positive"))
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match=f"positive clips.*{folder}"):
+    with pytest.raises(DataError, match=f"^{folder}: no usable positive clips in the train, val and test splits"):
         load_dataset(root)
 
 
@@ -343,3 +354,167 @@ def test_sample_weights_weight_hard_negatives():
     assert weights.tolist() == [1.0, 3.0, 1.0, 1.0] and weights.dtype == torch.float32
     with pytest.raises(ValueError, match="-1"):
         sample_weights(["positive"], hard_negative_weight=-1)
+
+
+# ------------------------------------------------------------------------------------------------ bounded inputs
+
+HUGE_RATE_HZ = 10_000_019
+PEAK_RSS_LIMIT_MB = 1500  # torch alone is ~400 MB; a 10 MHz resampling kernel would take tens of GB
+
+
+def wav_claiming_rate(path: Path, sample_rate: int) -> Path:
+    """A 444-byte 16-bit WAV (200 samples) whose header claims sample_rate: the bytes of the issue's file."""
+    buffer = io.BytesIO()
+    sf.write(buffer, tone(0.0125, 16000), 16000, format="WAV", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    struct.pack_into("<II", data, 24, sample_rate, sample_rate * 2)  # fmt chunk: sample rate, byte rate
+    path.write_bytes(bytes(data))
+    return path
+
+
+def strange_folder(root: Path) -> dict[str, str]:
+    """A usable set plus one file per header or sample problem; {file name: expected problem}."""
+    user_folder(root)
+    bad = root / "negative"
+    wav_claiming_rate(bad / "huge_rate.wav", HUGE_RATE_HZ)
+    sf.write(bad / "low_rate.wav", tone(0.8, 4000), 4000)
+    sf.write(bad / "nine_channels.wav", np.tile(tone(0.5, 16000)[:, None], (1, 9)), 16000)
+    sf.write(bad / "huge_values.wav", tone(0.5, 16000) * 1e30, 16000, subtype="FLOAT")
+    return {"huge_rate.wav": "bad sample rate", "low_rate.wav": "bad sample rate",
+            "nine_channels.wav": "too many channels", "huge_values.wav": "out of range"}
+
+
+def test_header_checks_name_the_real_reason(tmp_path):
+    # Rule: a file's header is checked before it is decoded: a rate outside 8-192 kHz, more than 8 channels, or
+    # samples past |x| = 1e3 are each reported with the file and the real reason (the 444-byte 10 MHz WAV
+    # is a "bad sample rate", not "too short"), and marked as skipped when loading.
+    expected = strange_folder(tmp_path)
+    assert (tmp_path / "negative" / "huge_rate.wav").stat().st_size == 444
+    report = check(tmp_path)
+    found = {p.path.name: p for p in report.problems if p.path.name in expected}
+    assert {name: p.problem for name, p in found.items()} == expected
+    assert all(p.skipped for p in found.values())
+    text = report.format()
+    assert f"{tmp_path / 'negative' / 'huge_rate.wav'}: bad sample rate ({HUGE_RATE_HZ} Hz; allowed: 8000-192000 Hz)" \
+        in text
+    assert "BytesIO" not in text and "too short" not in text.split("huge_rate.wav")[1].split("\n")[0]
+
+
+def test_strange_files_are_skipped_and_counted_in_bounded_memory(tmp_path):
+    # Rule: load_dataset skips and counts every unusable file (README: "a bad file is skipped ... never the end of a
+    # run"), without allocating for what a header claims: peak RSS of the loading process stays bounded.
+    strange_folder(tmp_path)
+    code = ("import json, resource, warnings; warnings.simplefilter('ignore'); from kd_tune.data import load_dataset; "
+            f"d = load_dataset({str(tmp_path)!r}); "
+            "print(json.dumps([d.skipped, len(d.train.kinds) + len(d.val.kinds) + len(d.test.kinds), "
+            "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    skipped, loaded, peak_mb = json.loads(out.stdout)
+    assert skipped == 5 + 4 and loaded == 4 + 4 + 2  # user_folder's 5 unusable files, the 4 strange ones
+    assert peak_mb < PEAK_RSS_LIMIT_MB
+
+
+@pytest.mark.parametrize("rate", [191_999, 44_101, 11_025])
+def test_any_rate_in_range_resamples_in_bounded_memory(rate):
+    # Rule: a rate that shares no large factor with 16 kHz (191999 Hz: torchaudio's kernel would be 16000 x 192000)
+    # is resampled by FFT, keeping the tone's pitch; usual rates still use torchaudio.
+    assert data_module.resample(torch.zeros(rate // 2), rate, SAMPLE_RATE).shape == (SAMPLE_RATE // 2,)
+    audio = torch.from_numpy(tone(1.0, rate))
+    resampled = data_module.resample(audio, rate, SAMPLE_RATE)
+    assert abs(len(resampled) - SAMPLE_RATE) <= 1
+    assert abs(peak_hz(resampled[:SAMPLE_RATE]) - TONE_HZ) < 2
+    assert math.isclose(float(resampled[1000:-1000].abs().max()), 0.5, abs_tol=0.02)
+
+
+def test_a_split_without_one_class_is_refused_up_front(tmp_path):
+    # Rule: a split with no usable clips of one class (here: no positives in val) is refused by load_dataset before
+    # any clip is prepared, with one line naming the class folder, the split and the class; `check` reports it too.
+    root = user_folder(tmp_path)
+    for path in (root / "positive").glob(f"{speakers_in('val', 1)[0]}_*"):
+        path.unlink()
+    with pytest.raises(DataError) as caught:
+        load_dataset(root)
+    message = str(caught.value)
+    assert message.startswith(f"{root / 'positive'}: no usable positive clips in the val split (")
+    assert "\n" not in message and "allowed:" in message
+    report = check(root)
+    assert not report.ok and f"{root}: no usable positive clips in the val split; loading refuses" in report.format()
+
+
+def write_manifest(root: Path, lines: list[str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "manifest.jsonl"
+
+
+GOOD_ENTRY = json.dumps({"path": "positive/a.wav", "label": 1, "kind": "positive", "split": "train"})
+
+
+def test_a_fifo_listed_in_a_manifest_is_unreadable_not_a_hang(tmp_path):
+    # Rule: nothing waits forever: a named pipe listed as a clip is refused without opening it for a blocking read.
+    write_manifest(tmp_path, [GOOD_ENTRY])
+    (tmp_path / "positive").mkdir()
+    os.mkfifo(tmp_path / "positive" / "a.wav")
+    [problem] = check(tmp_path).problems
+    assert (problem.path.name, problem.problem, problem.skipped) == ("a.wav", "unreadable", True)
+    assert "not a regular file" in problem.detail
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"path": "positive/b.wav", "label": 1', "not JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not JSON"),
+    ('["positive/b.wav", 1]', "not a clip entry"),
+    ('{"path": 5, "label": 1, "kind": "positive", "split": "train"}', "path 5"),
+    ('{"path": "positive/b.wav", "label": "1", "kind": "positive", "split": "train"}', "label '1'"),
+    ('{"path": "positive/b.wav", "label": 1, "kind": "positive", "split": "train", "text": [1]}', "text [1]"),
+    ('{"path": "../outside.wav", "label": 1, "kind": "positive", "split": "train"}', "leaves the data set"),
+    ('{"path": "/etc/passwd", "label": 1, "kind": "positive", "split": "train"}', "leaves the data set"),
+    ('{"path": "positive/a\\u0000.wav", "label": 1, "kind": "positive", "split": "train"}', "leaves the data set"),
+    ('{"path": "positive/b.wav", "label": 1, "kind": "' + "x" * 100_000 + '", "split": "train"}', "kind 'xxx"),
+])
+def test_a_bad_manifest_line_is_one_error_naming_the_line(tmp_path, line, needle):
+    # Rule: a bad manifest.jsonl line (broken or deeply nested JSON, wrong types, a path that leaves the folder) is a
+    # DataError naming manifest.jsonl and the line number, on one short line.
+    manifest = write_manifest(tmp_path, [GOOD_ENTRY, line])
+    with pytest.raises(DataError) as caught:
+        check(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{manifest}:2: ") and needle in message, message
+    assert "\n" not in message and len(message) < 400 and "allowed" in message
+
+
+def test_an_oversized_or_non_utf8_manifest_is_refused(tmp_path, monkeypatch):
+    # Rule: manifest.jsonl is read whole, so its size is capped; bytes that are not UTF-8 are a one-line error too.
+    manifest = write_manifest(tmp_path, [GOOD_ENTRY] * 20)
+    monkeypatch.setattr(data_module, "MAX_MANIFEST_BYTES", 1024)
+    with pytest.raises(DataError, match=f"^{re.escape(str(manifest))}: larger than"):
+        scan(tmp_path)
+    monkeypatch.undo()
+    manifest.write_bytes(GOOD_ENTRY.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match=f"^{re.escape(str(manifest))}: not UTF-8"):
+        scan(tmp_path)
+
+
+def test_a_file_past_the_size_cap_is_skipped_unread(tmp_path, monkeypatch):
+    # Rule: a clip is read whole (its bytes are hashed, then decoded), so files past MAX_FILE_BYTES are refused
+    # before reading, as "too large" and skipped.
+    root = clean_folder(tmp_path)
+    monkeypatch.setattr(data_module, "MAX_FILE_BYTES", 30_000)  # the 0.8 s clips are 25.6 kB
+    sf.write(root / "negative" / "big.wav", tone(1.0, 16000), 16000)  # 32 kB of PCM_16
+    found = {(p.path.name, p.problem, p.skipped) for p in check(root).problems}
+    assert found == {("big.wav", "too large", True)}
+
+
+@pytest.mark.parametrize("size", ["small", "default"])
+def test_test_split_holds_out_whole_voice_families(size):
+    # Rule: the test split is made of held-out voice families (an accent under both engines, a set of espeak-ng
+    # voices): no voice of the test split is heard in training or validation, both engines are in it, and every
+    # speech kind is; so test figures measure generalization to new voices, not memory of them.
+    clips = synth.plan_dataset("hey nova", seed=0, size=size)
+    speech = [c for c in clips if c.utterance is not None]
+    test = [c for c in speech if c.split == "test"]
+    assert all(c.utterance.held_out for c in test) and not any(c.utterance.held_out for c in speech if c not in test)
+    assert {c.voice for c in test}.isdisjoint(c.voice for c in speech if c.split != "test")
+    assert {c.utterance.engine for c in test} == {"piper", "espeak"}
+    assert {c.kind for c in test} == {"positive", "hard_negative", "negative"}

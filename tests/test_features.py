@@ -6,7 +6,22 @@ import pytest
 import torch
 import torchaudio
 
-from kd_tune.features import Augment, HOP_LENGTH, LogMel, N_FRAMES, N_MELS, N_SAMPLES, SAMPLE_RATE, SpecAugment, WINDOW_MS, coloured_noise, samples, mix_at_snr, synthetic_rirs, time_shift
+from kd_tune.features import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_MELS,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    WINDOW_MS,
+    Augment,
+    LogMel,
+    SpecAugment,
+    coloured_noise,
+    mix_at_snr,
+    samples,
+    synthetic_rirs,
+    time_shift,
+)
 
 
 def waves(batch: int, seed: int = 0) -> torch.Tensor:
@@ -35,7 +50,8 @@ def test_log_mel_shape():
 def test_log_mel_matches_torchaudio():
     # Rule: the conv1d STFT front end equals torchaudio MelSpectrogram(center=True) + log(x + 1e-6).
     wave = waves(2)
-    reference = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=samples(WINDOW_MS), hop_length=HOP_LENGTH, n_mels=N_MELS)
+    reference = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=samples(WINDOW_MS), hop_length=HOP_LENGTH,
+                                                     n_mels=N_MELS)
     torch.testing.assert_close(LogMel().power(wave), reference(wave), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(LogMel()(wave), torch.log(reference(wave) + 1e-6), rtol=1e-4, atol=1e-4)
 

@@ -1,6 +1,7 @@
 """The package's shape: one module per stage, layered without cycles, Ray only in the Ray layer, light imports."""
 
 import ast
+import re
 import subprocess
 import sys
 import typing
@@ -116,5 +117,15 @@ def test_config_names_match_the_registries():
 def test_metrics_table_is_complete():
     # Rule: every metric has a TensorBoard tag in a known group, and a rankable metric says its direction.
     for name, metric in METRICS.items():
-        assert metric.tag.split("/")[0] in ("val", "loss", "schedule", "guard", "time"), name
+        assert metric.tag.split("/")[0] in ("val", "loss", "schedule", "guard", "time", "memory"), name
         assert metric.goal in (None, "min", "max"), name
+
+
+def test_readme_pipeline_table_lists_every_module_in_layer_order():
+    # Rule: the README's pipeline table names every module once, each importing only modules above it in the table.
+    readme = (PACKAGE.parent / "README.md").read_text()
+    table = re.findall(r"^\| [^|]+ \| `kd_tune/(\w+)\.py` \|", readme, flags=re.M)
+    assert sorted(table) == sorted(set(MODULES) - {"__init__"}), "README pipeline table vs kd_tune/*.py"
+    for i, name in enumerate(table):
+        below = kd_tune_imports(MODULES[name]) - {"__init__"}
+        assert below <= set(table[:i]), f"kd_tune/{name}.py imports {sorted(below - set(table[:i]))} from below it"

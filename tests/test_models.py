@@ -8,7 +8,7 @@ import onnxruntime
 import pytest
 import torch
 
-from kd_tune.features import LogMel, N_FRAMES, N_MELS, N_SAMPLES
+from kd_tune.features import N_FRAMES, N_MELS, N_SAMPLES, LogMel
 from kd_tune.models import STUDENTS, TEACHERS, build_student, build_teacher, count_parameters, teacher_input_kind
 
 STUDENT_BUDGET = 100_000  # parameters at width 1.0

@@ -62,7 +62,7 @@ def results(store: storage.Storage, experiment: str) -> dict[str, list[dict]]:
 def test_two_node_sweep_spreads_trials_and_survives_a_node_kill(two_nodes, bucket_config, monkeypatch):
     # Rule: a smoke sweep submitted with `ray job submit` runs trials on both nodes with every checkpoint in the
     # bucket; killing the second node's raylet mid-sweep retries its trials on the head from their checkpoints and
-    # the sweep ends with a complete leaderboard and no errored trial.
+    # the sweep ends with a complete leaderboard, no errored trial and none of its placement groups or actors left.
     for key, value in AWS_ENV.items():
         monkeypatch.setenv(key, value)
     path, config = bucket_config
@@ -81,6 +81,7 @@ def test_two_node_sweep_spreads_trials_and_survives_a_node_kill(two_nodes, bucke
 
     assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.run("logs", job).stdout[-5000:]
     print(f"two-node sweep: {time.monotonic() - started:.0f} s, {time.monotonic() - killed_at:.0f} s after the kill")
+    assert two_nodes.wait_until_clean(jobs.job_id(job)) == []
 
     rows = json.loads(storage.read_text(store, "spread/leaderboard.json"))
     assert len(rows) == config.tune.num_samples and all(r["status"] == "OK" for r in rows)

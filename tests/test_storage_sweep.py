@@ -28,9 +28,9 @@ import yaml
 from ray_cluster import BIN, REPO, kd_tune, start_cluster
 
 from kd_tune import storage
-from kd_tune.checkpoint import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY_FILE, load_checkpoint, save_checkpoint, verify_checkpoint
+from kd_tune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from kd_tune.config import load_config
-from kd_tune.checkpoint import CheckpointError, ENV_SIGNING_KEY
+from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
 from kd_tune.storage import PathEscapeError, Storage
 from kd_tune.trial import verified_resume_point
 
@@ -238,13 +238,14 @@ def test_resume_from_the_bucket_after_the_driver_is_killed(cluster, driver_env, 
 # Ray names checkpoints checkpoint_<timestamp>, so sorting by name is sorting by time.
 CHECKPOINTS = ("checkpoint_2025-06-01_12-00-01.000000", "checkpoint_2025-06-01_12-00-02.000000",
                "checkpoint_2025-06-01_12-00-03.000000")
-RUN = "trial_x/train"
+TRIAL = "x"
+RUN = f"trial_{TRIAL}/train"
 
 
 def save_step(store: Storage, name: str, step: int) -> None:
     tensors = {"model": {"w": torch.full((64, 8), float(step))}, "optimizer": {"state.0.exp_avg": torch.zeros(8)}}
-    save_checkpoint(store, f"{RUN}/{name}", tensors, kind="student", config={}, epoch=step, step=step,
-                            metrics={"frr_at_target_fa": 0.5 / step})
+    save_checkpoint(store, f"{RUN}/{name}", tensors, kind="student", name=TRIAL, config={}, epoch=step, step=step,
+                    metrics={"frr_at_target_fa": 0.5 / step})
 
 
 def flip_byte(store: Storage, rel: str) -> None:
@@ -297,7 +298,7 @@ def test_tampered_latest_checkpoint_is_refused_and_the_previous_good_one_resumes
     newest = CHECKPOINTS[-1]
     tamper(s3_run, f"{RUN}/{newest}")
     with caplog.at_level(logging.WARNING, logger="kd_tune.trial"):
-        point = verified_resume_point(ray_checkpoint(s3_run, newest))
+        point = verified_resume_point(ray_checkpoint(s3_run, newest), TRIAL)
     assert point.manifest["step"] == 2 and torch.equal(point.tensors["model"]["w"], torch.full((64, 8), 2.0))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and needle in warnings[0] and f"{RUN}/{newest}" in warnings[0], warnings
@@ -306,12 +307,12 @@ def test_tampered_latest_checkpoint_is_refused_and_the_previous_good_one_resumes
 def test_resume_point_is_the_newest_good_checkpoint_and_none_good_is_an_error(s3_run, caplog):
     # Rule: an intact newest checkpoint is the resume point; when every checkpoint of the run fails verification
     # the trial fails with CheckpointError naming the run, after a warning for each refused checkpoint.
-    assert verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1])).manifest["step"] == 3
+    assert verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]), TRIAL).manifest["step"] == 3
     for name in CHECKPOINTS:
         flip_byte(s3_run, f"{RUN}/{name}")
     with caplog.at_level(logging.WARNING, logger="kd_tune.trial"):
         with pytest.raises(CheckpointError, match=f"no checkpoint under {s3_run.root}/{RUN} passes verification"):
-            verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]))
+            verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]), TRIAL)
     refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [name for name in reversed(CHECKPOINTS) if any(name in m for m in refused)] == list(reversed(CHECKPOINTS))
 

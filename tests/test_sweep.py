@@ -1,23 +1,27 @@
 """The sweep: search spaces, trial configs, and real sweeps on a real local Ray cluster (started by PID, own ports)."""
 
 import json
+import math
 import os
-from importlib import resources
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import yaml
 from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, start_cluster
 
 from kd_tune.checkpoint import load_checkpoint
 from kd_tune.config import ConfigError, load_config
-from kd_tune.space import SearchSpace, builtin_spaces, SpaceSampler, load_search_space, trial_config
-from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points
+from kd_tune.leaderboard import leaderboard
+from kd_tune.space import SearchSpace, SpaceSampler, builtin_spaces, load_search_space, trial_config
+from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points, orphans, trials_that_fit
+from kd_tune.trial import TRAIN_START_RETRIES
 
 TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha", "schedule/temperature",
               "val/frr_at_target_fa")
@@ -111,6 +115,57 @@ def test_ray_settings_are_defaults_that_the_user_can_override(monkeypatch):
     assert os.environ["TUNE_GLOBAL_CHECKPOINT_S"] == RAY_SETTINGS["TUNE_GLOBAL_CHECKPOINT_S"]
 
 
+def test_trials_that_fit_count_whole_workers_per_node():
+    # Rule: a trial fits when its workers fit node by node (a worker never spans nodes), GPUs included; an
+    # autoscaler's node type counts as many times as it may be added.
+    two_small = [({"CPU": 2.0}, 1), ({"CPU": 1.0}, 1)]
+    assert trials_that_fit(two_small, {"CPU": 1.0}, 1) == 3
+    assert trials_that_fit(two_small, {"CPU": 1.5}, 1) == 1 and trials_that_fit(two_small, {"CPU": 1.5}, 2) == 0
+    assert trials_that_fit(two_small, {"CPU": 64.0}, 1) == 0
+    assert trials_that_fit(two_small, {"CPU": 1.0, "GPU": 1.0}, 1) == 0
+    assert trials_that_fit([({"CPU": 4.0, "GPU": 1.0}, 2)], {"CPU": 1.0, "GPU": 1.0}, 2) == 1
+    assert trials_that_fit([({"CPU": 0.0}, 1), ({"CPU": 8.0}, math.inf)], {"CPU": 8.0}, 1) == math.inf
+    assert trials_that_fit([({"CPU": 8.0}, math.inf)], {"CPU": 1.0, "GPU": 1.0}, 1) == 0
+
+
+def test_orphans_are_created_groups_of_ended_jobs_or_of_this_finished_sweep():
+    # Rule: only CREATED, non-detached groups are removed: those of ended jobs, and with own_job those of this
+    # driver's job that hold no live actor; a live job's, a pending or a detached group is never touched.
+    def group(pg_id, job, state="CREATED", detached=False):
+        return {"placement_group_id": pg_id, "creator_job_id": job, "state": state, "is_detached": detached}
+
+    groups = [group("dead", "01"), group("live", "02"), group("pending", "01", state="PENDING"),
+              group("detached", "01", detached=True), group("mine_idle", "03"), group("mine_busy", "03")]
+    start = orphans(groups, ended_jobs={"01"})
+    end = orphans(groups, ended_jobs={"01"}, own_job="03", occupied={"mine_busy"})
+    assert [g["placement_group_id"] for g in start] == ["dead"]
+    assert [g["placement_group_id"] for g in end] == ["dead", "mine_idle"]
+
+
+def fake_result(tmp_path: Path, name: str, rows: list[dict], *, error: Exception | None = None):
+    """A ResultGrid entry as Tune gives it: the trial's reported rows as a data frame, its path and error."""
+    return SimpleNamespace(path=str(tmp_path / f"trial_{name}"), config={"teacher": "cnn"}, error=error,
+                           metrics_dataframe=pd.DataFrame(rows))
+
+
+def test_leaderboard_status_and_epochs_follow_the_reported_epochs(tmp_path):
+    # Rule: a row's epochs are the last epoch `fit` reported (not Tune's training_iteration, which a resumed trial
+    # restarts at 1); its status is OK only for a trial that reached training.epochs or that ASHA stopped (done on
+    # its last report), INCOMPLETE for one stopped from outside, NOT_STARTED for one with no epoch, else ERROR.
+    config = load_config(None, overrides=["training.epochs=3"], check_paths=False)
+    resumed = [{"epoch": 1, "training_iteration": 1, "done": False},
+               {"epoch": 2, "training_iteration": 2, "done": False},
+               {"epoch": 3, "training_iteration": 1, "done": True}]  # resumed after epoch 2
+    grid = [fake_result(tmp_path, "finished", resumed),
+            fake_result(tmp_path, "asha", [{"epoch": 1, "training_iteration": 1, "done": True}]),
+            fake_result(tmp_path, "stopped", resumed[:2]),
+            fake_result(tmp_path, "never", []),
+            fake_result(tmp_path, "failed", resumed[:1], error=RuntimeError("boom"))]
+    rows = {r["trial"]: (r["status"], r["epochs"]) for r in leaderboard(grid, config)}
+    assert rows == {"finished": ("OK", 3), "asha": ("OK", 1), "stopped": ("INCOMPLETE", 2),
+                    "never": ("NOT_STARTED", 0), "failed": ("ERROR", 1)}
+
+
 # ---------------------------------------------------------------- real sweeps on a real cluster (slow)
 
 
@@ -155,49 +210,22 @@ def result_lines(trial_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_resume_after_driver_kill_reruns_no_finished_trial(cluster, sweep_config):
-    # Rule: `kd-tune sweep --resume` continues a sweep whose driver was killed; finished trials are not rerun.
-    path, config = sweep_config
-    experiment = Path(config.storage.root) / "resumed"
-    command = [str(BIN / "python"), "-m", "kd_tune", "sweep", str(path), "--search-space", "smoke", "--name",
-               "resumed", "--address", cluster.address, "--set", "tune.max_concurrent_trials=1", "--set",
-               "tune.num_samples=2"]
-    driver = subprocess.Popen(command, env=cluster.env, cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    finished: dict[str, int] = {}
-    deadline = time.monotonic() + 300
-    while not finished and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(1)
-        for trial_dir in experiment.glob("trial_*"):
-            lines = result_lines(trial_dir)
-            if lines and lines[-1]["training_iteration"] == config.training.epochs:
-                finished[trial_dir.name] = len(lines)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    assert finished, "no trial finished before the deadline"
-    time.sleep(6)  # let the cluster notice the dead driver and release its trials' resources
-
-    out = kd_tune("sweep", "--resume", str(experiment), "--address", cluster.address, env=cluster.env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    rows = json.loads((experiment / "leaderboard.json").read_text())
-    assert len(rows) == 2 and all(r["status"] == "OK" for r in rows)
-    for name, count in finished.items():
-        assert len(result_lines(experiment / name)) == count, f"{name} ran again after resume"
-
-
-@pytest.mark.slow
 def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
     # Rule: `ray job submit --working-dir . -- kd-tune sweep ...` against a token-auth cluster runs the smoke sweep
     # (>= 4 trials, >= 2 teachers, >= 2 alpha schedules); every trial leaves TensorBoard scalars (student and
     # distillation loss apart, plus HParams), a verified checkpoint on storage and a row in leaderboard.csv/json;
-    # `kd-tune results` prints the same leaderboard.
+    # `kd-tune results` prints the same leaderboard. ASHA stops every trial (at max_t, or earlier), and once the job
+    # is over the State API shows none of its placement groups or actors left on the cluster.
     path, config = sweep_config
     jobs = Jobs(cluster)
     job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "smoke")
     assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.run("logs", job).stdout[-5000:]
+    assert cluster.wait_until_clean(jobs.job_id(job)) == []
     experiment = Path(config.storage.root) / "smoke"
     rows = json.loads((experiment / "leaderboard.json").read_text())
     assert len(rows) == 4 and (experiment / "leaderboard.csv").read_text().count("\n") == 5
+    assert all(r["status"] == "OK" for r in rows)
+    assert all(result_lines(experiment / f"trial_{r['trial']}")[-1]["done"] for r in rows)  # ASHA's STOP
     assert len({r["teacher"] for r in rows}) >= 2 and len({r["alpha_schedule"] for r in rows}) >= 2
     for row in rows:
         tags, hparams = events(experiment / f"trial_{row['trial']}")
@@ -214,18 +242,81 @@ def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
 
 @pytest.mark.slow
 def test_ray_job_stop_is_graceful_and_saves_the_state(cluster, sweep_config):
-    # Rule: `ray job stop` (RAY_JOB_STOP_SIGNAL=SIGINT in the job's environment) stops a sweep with its state saved.
+    # Rule: `ray job stop` (RAY_JOB_STOP_SIGNAL=SIGINT in the job's environment) stops a sweep with its state saved;
+    # the leaderboard marks trials stopped before their last epoch INCOMPLETE and trials never started NOT_STARTED,
+    # none OK; the State API then shows none of the job's placement groups or actors left on the cluster.
     path, config = sweep_config
     jobs = Jobs(cluster)
     job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "stopped", "--set",
-                      "training.epochs=20")
+                      "training.epochs=200", "--set", "tune.asha_grace_period=200")
     experiment = Path(config.storage.root) / "stopped"
     deadline = time.monotonic() + 300
     while not any(result_lines(d) for d in experiment.glob("trial_*")) and time.monotonic() < deadline:
         time.sleep(1)
     jobs.run("stop", job)
     assert jobs.wait(job, timeout=120) == "STOPPED"
+    assert cluster.wait_until_clean(jobs.job_id(job)) == []
     assert list(experiment.glob("experiment_state-*.json")) and (experiment / "tuner.pkl").exists()
+    rows = json.loads((experiment / "leaderboard.json").read_text())
+    assert {r["status"] for r in rows} <= {"INCOMPLETE", "NOT_STARTED"}, rows
+    assert any(r["status"] == "INCOMPLETE" and 1 <= r["epochs"] < 200 for r in rows), rows
+
+
+# The sweep driver of the test below, run as another job: holds every CPU of the cluster until killed.
+CPU_HOLDER = """
+import sys, time, ray
+ray.init(address=sys.argv[1])
+group = ray.util.placement_group([{"CPU": float(sys.argv[2])}])
+ray.get(group.ready())
+print(group.id.hex(), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_larger_than_the_cluster_is_refused_up_front(cluster, sweep_config):
+    # Rule: a sweep whose trial needs more CPUs or GPUs than the cluster's nodes hold is refused before any trial
+    # starts, with one line naming the field (exit 2), and writes nothing (it used to retry forever).
+    path, config = sweep_config
+    for setting, field in (("tune.cpus_per_worker=64", "tune.cpus_per_worker"), ("tune.use_gpu=true", "tune.use_gpu"),
+                           ("tune.workers_per_trial=3", "tune.workers_per_trial")):
+        started = time.monotonic()
+        out = kd_tune("sweep", str(path), "--search-space", "smoke", "--name", "too_big", "--address",
+                      cluster.address, "--set", setting, env=cluster.env, timeout=120)
+        lines = [line for line in out.stderr.splitlines() if line.startswith("kd-tune:")]
+        assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"kd-tune: {field}: "), out.stderr
+        assert "Traceback" not in out.stderr and time.monotonic() - started < 60
+    assert not (Path(config.storage.root) / "too_big").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_group_that_cannot_start_fails_its_trial_with_the_reason(cluster, sweep_config):
+    # Rule: when another job holds every CPU, a trial's Train worker group cannot start: after Train's bounded
+    # retries (TRAIN_START_RETRIES) the trial fails with a one-line reason and the sweep exits non-zero instead of
+    # waiting forever; the sweep's clean-up leaves the live job's placement group alone.
+    path, config = sweep_config
+    holder = subprocess.Popen([str(BIN / "python"), "-c", CPU_HOLDER, cluster.address, "2"], env=cluster.env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        held = holder.stdout.readline().strip()
+        assert held, "the holder job did not get its placement group"
+        started = time.monotonic()
+        out = kd_tune("sweep", str(path), "--search-space", "smoke", "--name", "starved", "--address",
+                      cluster.address, "--set", "tune.num_samples=1", "--set", "tune.max_failures=0",
+                      env={**cluster.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"}, timeout=300)
+        took = time.monotonic() - started
+        assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+        reason = [line for line in out.stderr.splitlines() if "TrialStartError" in line and line.startswith("kd-tune:")]
+        attempts = f"did not start in {TRAIN_START_RETRIES + 1} attempts"
+        assert len(reason) == 1 and attempts in reason[0], out.stderr[-3000:]
+        rows = json.loads((Path(config.storage.root) / "starved" / "leaderboard.json").read_text())
+        assert [r["status"] for r in rows] == ["ERROR"]
+        assert any(g["placement_group_id"] == held and g["state"] == "CREATED"
+                   for g in cluster.state("placement_groups"))
+        print(f"starved trial failed after {took:.0f} s")
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # The sweep driver of the test below: kd-tune itself, with a loader that moves the data folder away once read.

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,25 @@ import torch
 from torch import nn
 
 from kd_tune.checkpoint import copy_checkpoint, latest_checkpoint, load_checkpoint, verify_checkpoint
-from kd_tune.config import Config, load_config
+from kd_tune.config import Config, ConfigError, load_config
 from kd_tune.data import Split, load_dataset
 from kd_tune.distill import combine_teachers
-from kd_tune.features import LogMel, N_SAMPLES
+from kd_tune.features import N_SAMPLES, LogMel, front_end, render_view
+from kd_tune.metrics import METRICS
 from kd_tune.models import build_teacher
-from kd_tune.features import front_end, render_view
 from kd_tune.teachers import TeacherEnsemble, load_teacher
-from kd_tune.train import NonFiniteLossError, TrainState, batches, fit, fit_teacher, guard, lr_at, optimizer_step, probe_batch_size
-
+from kd_tune.train import (
+    NonFiniteLossError,
+    TooFewClipsError,
+    TrainState,
+    batches,
+    fit,
+    fit_teacher,
+    guard,
+    lr_at,
+    optimizer_step,
+    probe_batch_size,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -32,7 +43,8 @@ EPOCH_METRICS = (*LOSSES, "alpha", "temperature", "accuracy", "auc", "eer", "frr
                  "threshold")
 SCALAR_TAGS = ("loss/total", "loss/student", "loss/distillation", "schedule/alpha", "schedule/temperature",
                "schedule/lr", "val/accuracy", "val/auc", "val/eer", "val/frr_at_target_fa", "val/fa_per_hour",
-               "val/threshold")
+               "val/threshold", "memory/peak_rss_mib")
+MEMORY = tuple(name for name, m in METRICS.items() if m.tag.startswith("memory/"))
 
 
 def tiny_config(data_root: Path, storage_root: Path, *overrides: str) -> Config:
@@ -106,6 +118,36 @@ def test_batches_are_a_seeded_permutation_of_whole_batches():
     assert [len(b) for b in order] == [16] * (103 // 16)
     flat = [i for b in order for i in b]
     assert len(flat) == 103 // 16 * 16 and len(set(flat)) == len(flat) and set(flat) <= set(range(103))
+
+
+@pytest.mark.parametrize("n", range(6))
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 32])
+def test_no_batch_of_one_clip_ever_reaches_a_model(n, batch_size):
+    # rule: BatchNorm cannot train on one clip: batches never yields a batch of one, even from a one-clip split
+    # or with batch_size 1; a split smaller than a batch (of 2 or more clips) is one whole batch
+    sizes = [len(b) for b in batches(n, batch_size, seed=0, epoch=0)]
+    assert all(size >= 2 for size in sizes), sizes
+    if batch_size >= 2 and 2 <= n < batch_size:
+        assert sizes == [n]
+
+
+def test_a_split_or_batch_too_small_to_train_is_refused_before_training(small_dataset, data, tmp_path):
+    # rule: a training split under 2 clips, or a batch size of 1, is refused up front with a message naming the
+    # field and what is allowed (exit code 2), for the student and for a teacher, before any step
+    config = tiny_config(small_dataset, tmp_path)
+    one_clip = dataclasses.replace(data, train=Split(data.train.audio[:1], data.train.labels[:1],
+                                                     data.train.kinds[:1]))
+    never = lambda metrics, checkpoint: pytest.fail("an epoch was reported")
+    with pytest.raises(TooFewClipsError, match=r"^data.root: the training split has 1 clip\(s\).*at least 2") as e:
+        fit(config, never, data=one_clip)
+    assert e.value.exit_code == 2
+    with pytest.raises(ConfigError, match=r"training.batch_size: batch_size 1 must be 2"):
+        tiny_config(small_dataset, tmp_path, "training.batch_size=1")
+    with pytest.raises(ConfigError, match=r"teachers.0.batch_size: .*greater than or equal to 2"):
+        config.replace({"teachers": [{**config.teacher("cnn").model_dump(), "batch_size": 1}]})
+    with pytest.raises(TooFewClipsError, match="^data.root"):
+        fit_teacher(config, config.teacher("cnn"), data=one_clip, report=never)
+    assert not (tmp_path / "teachers").exists()
 
 
 def test_render_view_is_a_pure_function_of_seed_and_view(small_dataset, data, tmp_path):
@@ -266,6 +308,30 @@ def test_fit_reports_every_epoch_with_a_verified_checkpoint(config, distilled):
 
 
 @pytest.mark.slow
+def test_fit_reports_the_workers_peak_memory_every_epoch(distilled):
+    # rule: every epoch reports the process's peak RSS so far in MiB (what getrusage says, never falling); the CUDA
+    # peaks only on CUDA
+    metrics = distilled.report.metrics
+    peaks = [m["peak_rss_mib"] for m in metrics]
+    now_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert 100 < peaks[0] <= peaks[-1] <= now_mib and peaks == sorted(peaks), (peaks, now_mib)
+    assert not any("cuda_max_allocated_mib" in m or "cuda_max_reserved_mib" in m for m in metrics)
+    print(f"\npeak RSS per epoch (MiB): {[round(p) for p in peaks]}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_reports_cuda_peak_memory_every_epoch(config, data, tmp_path):
+    # rule: on CUDA every epoch reports the epoch's peak allocated and reserved CUDA memory, reserved >= allocated
+    report = KeepCheckpoints(tmp_path)
+    fit(config.replace({"training.device": "cuda"}), report, data=data)
+    for m in report.metrics:
+        assert 0 < m["cuda_max_allocated_mib"] <= m["cuda_max_reserved_mib"], m
+    peaks = [(round(m["cuda_max_allocated_mib"]), round(m["cuda_max_reserved_mib"])) for m in report.metrics]
+    print(f"\nCUDA peaks (MiB, allocated and reserved): {peaks}")
+
+
+@pytest.mark.slow
 def test_teachers_stay_frozen_through_fit(distilled):
     # rule: distillation never changes the teacher: same bits, eval mode, no parameter requiring grad
     after = distilled.teachers.state_dict()
@@ -283,7 +349,7 @@ def test_resume_from_epoch_one_repeats_epoch_two(config, data, distilled, tmp_pa
         teachers=distilled.teachers)
     assert [m["epoch"] for m in report.metrics] == [2]
     resumed, uninterrupted = report.metrics[0], distilled.report.metrics[1]
-    for key in uninterrupted.keys() - {"epoch_seconds"}:
+    for key in uninterrupted.keys() - {"epoch_seconds", *MEMORY}:
         assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-5), key
     model = load_checkpoint(tmp_path, "epoch_2").tensors["model"]
     reference = load_checkpoint(distilled.report.keep, "epoch_2").tensors["model"]

@@ -1,0 +1,130 @@
+"""`kd-tune eval MODEL.onnx DATA`: an exported model measured on held-out audio the way it will run on a device.
+
+DATA is a folder with positive/ and negative/ clips (optionally hard_negative/ and background/) and long negative
+recordings under long/, or a kd_tune data set (manifest.jsonl), of which the test split is used. Every file is read,
+downmixed and resampled like `kd-tune detect` does, and scored by the same streaming detector:
+
+- a clip's score is its highest window probability, so a positive counts as detected if the detector fires anywhere
+  in it; FRR at the model's own threshold, and the clip ROC AUC, come from these scores;
+- false activations per hour come from the long recordings (the negative clips joined end to end when there are
+  none), counted with the detector's refractory rule;
+- the DET curve is FRR against FA/h over thresholds; it is written as JSON and as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kd_tune import plots
+from kd_tune.data import AUDIO_SUFFIXES, scan
+from kd_tune.detect import Detector
+from kd_tune.errors import KdTuneError
+from kd_tune.metrics import SECONDS_PER_HOUR, count_activations, roc_auc
+
+LONG_FOLDER = "long"
+DET_THRESHOLDS = 256  # quantiles of the observed scores: enough for a smooth curve, bounded cost per hour of audio
+TEST_SPLIT = "test"
+
+
+class EvalError(KdTuneError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class EvalAudio:
+    """What an evaluation reads: clips and long recordings, mono float32 at the model's sample rate."""
+
+    positives: list[np.ndarray]
+    negatives: list[np.ndarray]
+    long: list[np.ndarray]
+    source: str  # "folder" or "test split"
+
+
+def read_eval_audio(root: Path, detector: Detector) -> EvalAudio:
+    if not root.is_dir():
+        raise EvalError(f"{root}: not a directory; allowed: a folder with positive/ and negative/ (and long/), or a "
+                        "kd_tune data set")
+    is_data_set = (root / "manifest.jsonl").is_file()
+    clips = [c for c in scan(root) if not is_data_set or c.split == TEST_SPLIT]
+    long = sorted(p for p in (root / LONG_FOLDER).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) \
+        if (root / LONG_FOLDER).is_dir() else []
+    audio = EvalAudio(positives=[detector.read(c.path) for c in clips if c.label == 1],
+                      negatives=[detector.read(c.path) for c in clips if c.label == 0],
+                      long=[detector.read(p) for p in long], source="test split" if is_data_set else "folder")
+    if not audio.positives or not (audio.negatives or audio.long):
+        raise EvalError(f"{root}: found {len(audio.positives)} positive and {len(audio.negatives)} negative clips and "
+                        f"{len(audio.long)} long recordings; allowed: at least one positive clip and some negative "
+                        "audio")
+    return audio
+
+
+def clip_scores(detector: Detector, clips: list[np.ndarray]) -> np.ndarray:
+    """The highest window probability of each clip [N]."""
+    return np.array([float(detector.probabilities(c).max()) for c in clips], dtype=np.float64)
+
+
+def false_activations(streams: list[np.ndarray], threshold: float, *, hop_seconds: float,
+                      refractory_seconds: float) -> int:
+    return sum(count_activations(s, threshold=threshold, hop_seconds=hop_seconds,
+                                 refractory_seconds=refractory_seconds) for s in streams)
+
+
+def det_points(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours: float, hop_seconds: float,
+               refractory_seconds: float) -> list[dict]:
+    """(threshold, FRR, FA/h) at DET_THRESHOLDS quantiles of every observed score, plus one above them all."""
+    observed = np.concatenate([positive_scores, *streams])
+    thresholds = np.unique(np.quantile(observed, np.linspace(0, 1, DET_THRESHOLDS)))
+    thresholds = np.append(thresholds, np.nextafter(np.float32(observed.max()), np.float32(np.inf)))
+    return [{"threshold": float(t), "frr": float(np.mean(positive_scores < t)),
+             "fa_per_hour": false_activations(streams, t, hop_seconds=hop_seconds,
+                                              refractory_seconds=refractory_seconds) / hours}
+            for t in thresholds]
+
+
+def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> dict:
+    """Every figure of the evaluation; with out_dir, also eval.json and det.png there."""
+    detector = Detector(model)
+    audio = read_eval_audio(data, detector)
+    hop_seconds = detector.hop_samples / detector.sample_rate
+    streams = [detector.probabilities(r) for r in audio.long] or [detector.probabilities(np.concatenate(
+        audio.negatives))]
+    hours = sum(len(s) for s in streams) * hop_seconds / SECONDS_PER_HOUR
+    positives, negatives = clip_scores(detector, audio.positives), clip_scores(detector, audio.negatives)
+    labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
+    auc = roc_auc(np.r_[positives, negatives], labels) if len(negatives) else math.nan
+    fa = false_activations(streams, detector.threshold, hop_seconds=hop_seconds,
+                           refractory_seconds=detector.refractory_seconds)
+    report = {"model": str(model), "data": str(data), "source": audio.source, "threshold": detector.threshold,
+              "positives": len(positives), "negatives": len(negatives), "long_recordings": len(audio.long),
+              "negative_hours": hours, "frr": float(np.mean(positives < detector.threshold)),
+              "false_activations": fa, "fa_per_hour": fa / hours, "auc": None if math.isnan(auc) else auc,
+              "det": det_points(positives, streams, hours=hours, hop_seconds=hop_seconds,
+                                refractory_seconds=detector.refractory_seconds)}
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    """det.png, then eval.json (which names it), each written whole or not at all."""
+    point = {k: report[k] for k in ("threshold", "frr", "fa_per_hour")}
+    report["det_png"] = str(plots.det_curve(report["det"], out_dir / "det.png", operating_point=point,
+                                            title=f"{Path(report['model']).name} on {Path(report['data']).name}"))
+    partial = out_dir / ".eval.json.partial"
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out_dir / "eval.json")
+
+
+def summary(report: dict) -> str:
+    auc = "n/a" if report["auc"] is None else f"{report['auc']:.3f}"
+    return "\n".join([
+        f"{report['data']} ({report['source']}): {report['positives']} positive, {report['negatives']} negative "
+        f"clips, {report['negative_hours']:.2f} h of negative audio ({report['long_recordings']} long recordings)",
+        f"at the model's threshold {report['threshold']:.4f}: FRR {report['frr']:.3f}, "
+        f"{report['fa_per_hour']:.2f} false activations per hour ({report['false_activations']} in all)",
+        f"clip ROC AUC {auc}"])

