@@ -33,7 +33,7 @@ from kd_tune.data import WakewordData, load_dataset
 from kd_tune.distill import combine_teachers
 from kd_tune.features import LogMel, front_end, render_view
 from kd_tune.models import teacher_input_kind
-from kd_tune.teachers import load_teacher, teacher_checkpoint_dir
+from kd_tune.teachers import load_teacher, teacher_store
 from kd_tune.checkpoint import (MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, Identity, load_checkpoint,
                                 save_checkpoint, verify_checkpoint)
 from kd_tune.storage import Storage
@@ -51,11 +51,10 @@ LOCK_NAME = "build.lock"
 
 def cache_key(config: Config, teacher: TeacherConfig, data: WakewordData) -> str:
     """sha256 over everything that decides the cached logits; temperature and schedules are not among them."""
-    store = Storage.from_config(config.storage)
-    manifest = f"{teacher_checkpoint_dir(teacher.name)}/{MANIFEST_NAME}"
+    store, manifest = teacher_store(config), f"{teacher.name}/{MANIFEST_NAME}"
     if not store.exists(manifest):
-        raise CheckpointError(f"teacher {teacher.name!r} has no checkpoint under {store.uri}/"
-                              f"{teacher_checkpoint_dir(teacher.name)}: run `kd-tune teacher train CONFIG` first")
+        raise CheckpointError(f"teacher {teacher.name!r} has no checkpoint under {store.uri}/{teacher.name}: run "
+                              "`kd-tune teacher train CONFIG` first")
     # Bounded like every manifest read: loading the teacher later verifies it in full.
     parts = {"teacher_manifest_sha256": hashlib.sha256(store.read_head(manifest, MAX_MANIFEST_BYTES + 1)).hexdigest(),
              "data_sha256": data.manifest_sha256, "features": config.features.model_dump(mode="json"),
@@ -165,7 +164,8 @@ ShardRunner = Callable[[Config, list[Job], WakewordData], None]
 
 def build_here(config: Config, jobs: list[Job], data: WakewordData) -> None:
     """The default shard runner: every shard in this process, one after another."""
-    for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=not jobs):
+    # disable=None: no bar without a terminal, so a log stays short
+    for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=None if jobs else True):
         build_shard(config, name, shard, key, data=data)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from kd_tune.config import dump_config, load_config
@@ -68,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from kd_tune.leaderboard import format_leaderboard, load_experiment
+    from kd_tune.leaderboard import load_experiment
     from kd_tune.space import load_search_space
     from kd_tune.sweep import sweep
 
@@ -77,23 +78,43 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         config = _config(args)
         if args.storage:
-            config = config.replace({"storage.root": args.storage}, source="--storage")
+            config = with_storage(config, args.storage)
         space, name = load_search_space(args.search_space), args.name
         space.check_teachers(config, source=args.search_space)
-    rows, errors = sweep(config, space, name=name, address=args.address, resume=bool(args.resume))
-    print(format_leaderboard(rows, metric=config.tune.metric))
-    experiment = f"{config.storage.root.rstrip('/')}/{name}"
-    print(f"\nexperiment: {experiment}\nTensorBoard: tensorboard --logdir {experiment}")
+    rows, errors = sweep(config, space, name=name, address=args.address, resume=bool(args.resume),
+                         verbose=args.verbose)
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
+    _results(config, space, name, rows, log=not args.verbose)
     return 1 if errors else 0
 
 
-def cmd_results(args: argparse.Namespace) -> int:
-    from kd_tune.leaderboard import format_leaderboard, load_experiment, read_leaderboard
+def with_storage(config, root: str):
+    """--storage: the experiment goes to `root`; the teachers stay where they are."""
+    return config.replace({"storage.root": root, "storage.teachers": config.storage.teachers_uri}, source="--storage")
 
-    config, _, _ = load_experiment(args.experiment, _config(args, check_paths=False))
-    print(format_leaderboard(read_leaderboard(args.experiment, config), metric=config.tune.metric))
+
+def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tuple[str, ...] = ()) -> None:
+    """Last on the console: the leaderboard, what else was made, the plots, the logs and the TensorBoard command."""
+    from kd_tune.leaderboard import format_leaderboard
+    from kd_tune.plots import sweep_plots
+    from kd_tune.storage import Storage
+    from kd_tune.sweep import LOG_NAME
+
+    store = Storage.from_config(config.storage)
+    plots = sweep_plots(store, name, rows, space, metric=config.tune.metric, mode=config.tune.mode)
+    experiment = store.path(name)
+    print(format_leaderboard(rows, metric=config.tune.metric))
+    print("\n".join(["", *extra, *(f"plot: {p}" for p in plots),
+                     *([f"Ray's log: {experiment}/{LOG_NAME}"] if log else []), f"experiment: {experiment}",
+                     f"TensorBoard: tensorboard --logdir {experiment}"]))
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from kd_tune.leaderboard import load_experiment, read_leaderboard
+
+    config, space, name = load_experiment(args.experiment, _config(args, check_paths=False))
+    _results(config, space, name, read_leaderboard(args.experiment, config), log=False)
     return 0
 
 
@@ -157,9 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthesize the data (cached), fine-tune the teachers (cached), sweep, print the leaderboard."""
-    from kd_tune import export
+    from kd_tune import evaluation, export
     from kd_tune.data import load_dataset
-    from kd_tune.leaderboard import format_leaderboard
     from kd_tune.space import load_search_space
     from kd_tune.sweep import sweep
     from kd_tune.synth import synthesize
@@ -168,19 +188,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # The teacher-output cache: the sweep pays for each teacher's forward passes once, not once per trial-epoch.
     config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}",
                                           "distillation.teacher_mode=cache", *args.set], check_paths=False)
-    d = config.data
+    d, space = config.data, load_search_space(args.search_space)
     synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size)
     data = load_dataset(d.root)
+    print(f"data: {sum(len(s.labels) for s in (data.train, data.val, data.test))} clips in {d.root} "
+          f"(train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}: held-out "
+          "voices)", flush=True)
     _train_teachers(config, data)
-    space = load_search_space(args.search_space)
-    rows, errors = sweep(config, space, name="sweep", data=data)
-    print(format_leaderboard(rows, metric=config.tune.metric))
+    rows, errors = sweep(config, space, name="sweep", data=data, verbose=args.verbose)
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
+    made = ()
     if any(r["status"] == "OK" for r in rows):
         source = export.locate_source(str(out / "sweep"), config)
-        print(export.summary(export.export_student(source.load(), out / "model.onnx", source=source.describe())))
-    print(f"\nexperiment: {out / 'sweep'}\nTensorBoard: tensorboard --logdir {out / 'sweep'}")
+        card = export.export_student(source.load(), out / "model.onnx", source=source.describe())
+        report = evaluation.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
+        made = (export.summary(card), "on the test split (voices never heard in training):",
+                evaluation.summary(report), f"DET curve: {report['det_png']}")
+    _results(config, space, "sweep", rows, log=not args.verbose, extra=made)
     return 1 if errors else 0
 
 
@@ -192,8 +217,10 @@ def _train_teachers(config, data, names=None) -> None:
         if teacher_is_current(config, teacher, data):
             print(f"teacher {teacher.name}: up to date, not retrained")
             continue
-        metrics = fit_teacher(config, teacher, data=data, report=_print_epoch(f"teacher {teacher.name}"))
-        print(f"teacher {teacher.name}: " + _format_metrics(metrics))
+        started = time.perf_counter()
+        metrics = fit_teacher(config, teacher, data=data)  # a progress bar on a terminal, nothing without one
+        print(f"teacher {teacher.name}: {teacher.epochs} epochs in {time.perf_counter() - started:.0f} s, "
+              + _format_metrics(metrics), flush=True)
 
 
 def _format_metrics(metrics: dict) -> str:
@@ -264,6 +291,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", metavar="EXPERIMENT", help="continue PATH_OR_URI/NAME after its driver died "
                    "(finished trials are not rerun)")
     q.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    q.add_argument("--verbose", action="store_true", help="show Ray's own tables and actor logs on the console "
+                   "(default: in the experiment's sweep.log)")
     q.set_defaults(func=cmd_sweep)
 
     q = sub.add_parser("results", help="print an experiment's leaderboard")
@@ -306,6 +335,8 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("demo", help="the whole job on the embedded default")
     q.add_argument("--out", default="runs/demo")
     q.add_argument("--search-space", default="default", help="a YAML search space, or a built-in one by name")
+    q.add_argument("--verbose", action="store_true", help="show Ray's own tables and actor logs on the console "
+                   "(default: in <out>/sweep/sweep.log)")
     q.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     q.set_defaults(func=cmd_demo)
     return p

@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from kd_tune.errors import SHOWN_CHARS, InputError, shown
+from kd_tune.errors import SHOWN_CHARS, ConfigError, shown
 from kd_tune.metrics import METRICS, RANKABLE
+from kd_tune.yamlfile import parse_yaml, read_yaml
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 # The names kd_tune.distill and kd_tune.models implement; here so that validating a config needs no torch.
@@ -31,12 +32,6 @@ STUDENT_NAMES = ("bc_resnet", "ds_cnn", "tc_resnet")
 TEACHER_ARCHS = ("cnn", "data2vec_audio", "hubert", "wav2vec2", "wavlm", "whisper")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
 
-# YAML limits: a config is ~3 KB and 4 levels deep, a search space smaller; these leave room and stop alias bombs.
-MAX_YAML_BYTES = 256 * 1024
-MAX_YAML_DEPTH = 16  # nested mappings and lists
-MAX_YAML_VALUES = 10_000  # values once every alias is expanded: a 400-byte "billion laughs" file expands to 10^9
-MAX_PROBLEMS_SHOWN = 8
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: the same documents, faster
 # Count caps: far above any useful run, low enough that a typo (1e29 epochs) is refused instead of running forever.
 MAX_SEED = 2**31 - 1  # Optuna's TPESampler seeds numpy (< 2^32) and kd_tune adds epoch and view offsets to seeds
 MAX_EPOCHS = 1000
@@ -195,11 +190,16 @@ class TuneConfig(Section):
 
 class StorageConfig(Section):
     root: PathText = "runs"  # a local or NFS path, or s3://bucket/prefix
+    teachers: PathText | None = None  # where fine-tuned teachers live; None: <root>/teachers
     endpoint_override: PathText | None = None  # for S3-compatible stores, e.g. http://127.0.0.1:9000
     region: str | None = Field(None, max_length=64)
     keep_best: int = Field(2, ge=1, le=1000)
 
-    @field_validator("root", "endpoint_override")
+    @property
+    def teachers_uri(self) -> str:
+        return self.teachers or f"{self.root.rstrip('/')}/teachers"
+
+    @field_validator("root", "teachers", "endpoint_override")
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
         if uri is not None and has_credentials(uri):  # the error type keeps the secret out of the message
@@ -260,17 +260,6 @@ class Config(Section):
         for dotted, value in changes.items():
             set_dotted(raw, dotted, value, source=source)
         return with_absolute_paths(validate(raw, source=source))
-
-
-class ConfigError(InputError):
-    """Every problem found in one configuration, on one line: `SOURCE: problem | problem | ...`."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source, self.problems = source, problems
-        lines = [" ".join(p.split()) for p in problems[:MAX_PROBLEMS_SHOWN]]  # one line, whatever a message held
-        more = [f"and {len(problems) - MAX_PROBLEMS_SHOWN} more"] if len(problems) > MAX_PROBLEMS_SHOWN else []
-        head = f"{source}: " if len(problems) == 1 else f"{source}: {len(problems)} problems: "
-        super().__init__(head + " | ".join(lines + more))
 
 
 def _registered(name: str, registry: tuple[str, ...], what: str) -> str:
@@ -366,80 +355,16 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] = (), ch
     return with_absolute_paths(validate(raw, source=source, check_paths=check_paths))
 
 
-def read_yaml(path: Path, *, source: str) -> Any:
-    """A YAML file's value, read within MAX_YAML_BYTES; OSError (a missing file) is left to the caller."""
-    if isinstance(path, Path) and path.exists() and not path.is_file():  # a FIFO or device would block or never end
-        raise ConfigError(source, ["not a regular file; allowed: a YAML file"])
-    with path.open("rb") as f:
-        data = f.read(MAX_YAML_BYTES + 1)
-    if len(data) > MAX_YAML_BYTES:
-        raise ConfigError(source, [f"larger than {MAX_YAML_BYTES // 1024} KiB; allowed: a YAML file up to that size"])
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(source, [f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); allowed: a "
-                                   "UTF-8 YAML file"]) from None
-    return parse_yaml(text, source=source)
-
-
-def parse_yaml(text: str, *, source: str) -> Any:
-    """yaml.safe_load within MAX_YAML_DEPTH and MAX_YAML_VALUES, checked on the event stream before building."""
-    try:
-        _check_yaml_shape(text, source=source)
-        return yaml.load(text, Loader=YAML_LOADER)
-    except ConfigError:
-        raise
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: an int past Python's 4300-digit limit
-        mark = getattr(e, "problem_mark", None) if "\n" in text.strip() else None  # a --set value is one line
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(source, [f"{where}not valid YAML ({str(getattr(e, 'problem', None) or e)[:200]}); allowed: "
-                                   "plain YAML: mappings, lists, strings, numbers, booleans, null"]) from None
-
-
-def _check_yaml_shape(text: str, *, source: str) -> None:
-    """Refuse deep nesting, recursive aliases and alias expansion past MAX_YAML_VALUES, counting each node's
-    expanded size once on the event stream: the time is linear in the text however much the aliases expand."""
-    open_sizes: list[int] = []  # expanded size so far of each open mapping or list
-    open_anchors: list[str | None] = []
-    finished: dict[str, int] = {}  # anchor -> expanded size of its complete node
-    for event in yaml.parse(text, Loader=YAML_LOADER):
-        if isinstance(event, yaml.CollectionStartEvent):
-            open_sizes.append(1)
-            open_anchors.append(event.anchor)
-            if len(open_sizes) > MAX_YAML_DEPTH:
-                raise _shape_error(source, event, f"nested deeper than {MAX_YAML_DEPTH} levels")
-            continue
-        if isinstance(event, yaml.CollectionEndEvent):
-            size, anchor = open_sizes.pop(), open_anchors.pop()
-        elif isinstance(event, yaml.AliasEvent):
-            if event.anchor not in finished:
-                raise _shape_error(source, event, f"alias *{event.anchor[:SHOWN_CHARS]} refers to a value that is not "
-                                   "complete (a recursive or undefined alias)")
-            size, anchor = finished[event.anchor], None
-        elif isinstance(event, yaml.ScalarEvent):
-            size, anchor = 1, event.anchor
-        else:
-            continue
-        if anchor is not None:
-            finished[anchor] = size
-        if open_sizes:
-            open_sizes[-1] += size
-        if (open_sizes[-1] if open_sizes else size) > MAX_YAML_VALUES:
-            raise _shape_error(source, event, f"expands to more than {MAX_YAML_VALUES} values (through aliases)")
-
-
-def _shape_error(source: str, event: yaml.Event, what: str) -> ConfigError:
-    line = f"line {event.start_mark.line + 1}: " if event.start_mark else ""
-    return ConfigError(source, [f"{line}{what}; allowed: up to {MAX_YAML_DEPTH} levels and {MAX_YAML_VALUES} "
-                                "values, aliases of complete values only"])
-
-
 def with_absolute_paths(config: Config) -> Config:
     """Local paths resolved against the current directory once, here: Ray workers run in other directories."""
     data = config.data.model_copy(update={"root": os.path.abspath(config.data.root)})
-    root = config.storage.root
-    store = config.storage.model_copy(update={"root": root if "://" in root else os.path.abspath(root)})
+    s = config.storage
+    store = s.model_copy(update={"root": absolute(s.root), "teachers": s.teachers and absolute(s.teachers)})
     return config.model_copy(update={"data": data, "storage": store})
+
+
+def absolute(path_or_uri: str) -> str:
+    return path_or_uri if "://" in path_or_uri else os.path.abspath(path_or_uri)
 
 
 def dump_config(config: Config) -> str:

@@ -41,3 +41,15 @@ def shown(value: object) -> str:
     except ValueError:  # an int past Python's 4300-digit str() limit
         text = f"<{type(value).__name__} too large to show>"
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+MAX_PROBLEMS_SHOWN = 8  # of a config's problems, on its one line
+
+
+class ConfigError(InputError):
+    """Every problem found in one configuration, on one line: `SOURCE: problem | problem | ...`."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        lines = [" ".join(p.split()) for p in problems[:MAX_PROBLEMS_SHOWN]]  # one line, whatever a message held
+        more = [f"and {len(problems) - MAX_PROBLEMS_SHOWN} more"] if len(problems) > MAX_PROBLEMS_SHOWN else []
+        head = f"{source}: " if len(problems) == 1 else f"{source}: {len(problems)} problems: "
+        super().__init__(head + " | ".join(lines + more))

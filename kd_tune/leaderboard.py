@@ -37,7 +37,7 @@ def leaderboard(grid, config: Config) -> list[dict]:
     for result in grid:
         params = result.config or {}
         df = result.metrics_dataframe
-        row = {"trial": Path(result.path).name.removeprefix("trial_"),
+        row = {"trial": Path(result.path).name.removeprefix("trial_").split("_", 1)[0],
                "status": trial_status(df, error=result.error is not None, epochs=config.training.epochs),
                "teacher": params.get("teacher"), "alpha_schedule": params.get("alpha_schedule"),
                "alpha_start": params.get("alpha_start"),

@@ -34,23 +34,23 @@ class Metric:
 # Every metric `fit` reports besides "epoch" and "step" (the cuda_* ones on CUDA only), in display order. The loop,
 # TensorBoard, the leaderboard, the console, bench and the config's `tune.metric` all read this table.
 METRICS = {
-    "frr_at_target_fa": Metric("val/frr_at_target_fa", "min", column=True, shown=True, echo=True),
-    "fa_per_hour": Metric("val/fa_per_hour", "min", column=True, shown=True, echo=True),
-    "accuracy": Metric("val/accuracy", "max", column=True, shown=True, echo=True),
-    "auc": Metric("val/auc", "max", column=True, shown=True, echo=True),
-    "eer": Metric("val/eer", "min", column=True, echo=True),
-    "threshold": Metric("val/threshold", column=True),
+    "frr_at_target_fa": Metric("eval/frr_at_target_fa", "min", column=True, shown=True, echo=True),
+    "fa_per_hour": Metric("eval/fa_per_hour", "min", column=True, shown=True, echo=True),
+    "accuracy": Metric("eval/accuracy", "max", column=True, shown=True, echo=True),
+    "auc": Metric("eval/auc", "max", column=True, shown=True, echo=True),
+    "eer": Metric("eval/eer", "min", column=True, echo=True),
+    "threshold": Metric("eval/threshold", column=True),
     "student_loss": Metric("loss/student", "min", column=True, echo=True),
     "distillation_loss": Metric("loss/distillation", "min", column=True, echo=True),
     "total_loss": Metric("loss/total", "min", echo=True),
     "alpha": Metric("schedule/alpha"),
     "temperature": Metric("schedule/temperature"),
     "lr": Metric("schedule/lr"),
-    "skipped_steps": Metric("guard/skipped_steps"),
-    "epoch_seconds": Metric("time/epoch_seconds"),
-    "peak_rss_mib": Metric("memory/peak_rss_mib"),  # the worker process's peak resident memory so far
-    "cuda_max_allocated_mib": Metric("memory/cuda_max_allocated_mib"),  # CUDA only: the epoch's peak
-    "cuda_max_reserved_mib": Metric("memory/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak
+    "skipped_steps": Metric("system/skipped_steps"),
+    "epoch_seconds": Metric("system/epoch_seconds"),
+    "peak_rss_mib": Metric("system/peak_rss_mib"),  # the worker process's peak resident memory so far
+    "cuda_max_allocated_mib": Metric("system/cuda_max_allocated_mib"),  # CUDA only: the epoch's peak
+    "cuda_max_reserved_mib": Metric("system/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak
 }
 RANKABLE = tuple(name for name, m in METRICS.items() if m.goal)
 LOSSES = tuple(name for name, m in METRICS.items() if m.tag.startswith("loss/"))

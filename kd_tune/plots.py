@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import optuna  # noqa: E402
 from optuna.distributions import CategoricalDistribution, FloatDistribution  # noqa: E402
 
 from kd_tune.space import SearchSpace  # noqa: E402
+from kd_tune.storage import Storage  # noqa: E402
 
+PLOTS_DIR = "plots"
 DPI = 120
 FIGURE_SIZE_IN = (7.0, 4.5)
 # leaderboard column -> search-space parameter, for the effective values every row carries
@@ -42,8 +45,13 @@ def save(figure, path: Path) -> Path:
 def det_curve(points: list[dict], path: Path, *, operating_point: dict | None = None, title: str = "") -> Path:
     """points: [{"fa_per_hour", "frr"}, ...]; the x axis is symmetric-log so that 0 FA/h stays on the plot."""
     figure, axes = plt.subplots(figsize=FIGURE_SIZE_IN)
-    ordered = sorted(points, key=lambda p: p["fa_per_hour"])
-    axes.plot([p["fa_per_hour"] for p in ordered], [p["frr"] for p in ordered], drawstyle="steps-post")
+    # From the highest threshold down to the one with the most false activations: below it the detector fires on
+    # nearly everything, sustained activations merge and count once, and FA/h falls again, which is no operating
+    # range anyone would pick.
+    ordered = sorted(points, key=lambda p: -p["threshold"])
+    fa = [p["fa_per_hour"] for p in ordered]
+    usable = ordered[:fa.index(max(fa)) + 1] if fa else []
+    axes.plot([p["fa_per_hour"] for p in usable], [p["frr"] for p in usable], marker=".", markersize=3)
     if operating_point:
         axes.plot(operating_point["fa_per_hour"], operating_point["frr"], "o", color="tab:red",
                   label=f"threshold {operating_point['threshold']:.3f}")
@@ -130,3 +138,17 @@ def metric_by_teacher_schedule(rows: list[dict], path: Path, *, metric: str) -> 
     axes.set(xlabel="teacher / alpha schedule", ylabel=metric, title=f"{metric} by teacher and alpha schedule")
     axes.grid(True, axis="y", alpha=0.3)
     return save(figure, path)
+
+
+def sweep_plots(store: Storage, name: str, rows: list[dict], space: SearchSpace, *, metric: str,
+                mode: str) -> list[str]:
+    """The sweep's PNGs under <experiment>/plots/ (rendered locally, then copied for s3://); returns their paths."""
+    study = study_from_rows(rows, space, metric=metric, mode=mode)
+    with tempfile.TemporaryDirectory(prefix="kd_tune_plots_") as tmp:
+        written = [p for p in (optimization_history(study, Path(tmp, "history.png")) if study.trials else None,
+                               param_importances(study, Path(tmp, "importances.png")),
+                               metric_by_teacher_schedule(rows, Path(tmp, "by_teacher_schedule.png"), metric=metric)
+                               if study.trials else None) if p is not None]
+        for path in written:
+            store.write_bytes(f"{name}/{PLOTS_DIR}/{path.name}", path.read_bytes())
+    return [store.path(f"{name}/{PLOTS_DIR}/{path.name}") for path in written]

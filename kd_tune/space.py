@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from kd_tune.config import (ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES, Config, ConfigError, Section, format_problem,
-                            read_yaml)
+from kd_tune.config import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES, Config, ConfigError, Section, format_problem
+from kd_tune.yamlfile import read_yaml
 
 
 class Choice(Section):

@@ -9,6 +9,7 @@ placement groups that dead drivers left behind (they hold CPUs forever) are remo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -16,8 +17,11 @@ import logging
 import math
 import os
 import socket
+import tempfile
+import time
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.fs
 import ray
@@ -27,7 +31,7 @@ from tqdm import tqdm
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.execution import class_cache
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -35,20 +39,22 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.util.state import list_actors, list_jobs, list_placement_groups
 
+from kd_tune.board import TensorBoardCallback
 from kd_tune.cache import Job, build_cache, build_shard
 from kd_tune.checkpoint import MANIFEST_NAME
 from kd_tune.config import Config
+from kd_tune.console import SweepProgress, ray_output_to
 from kd_tune.data import WakewordData, load_dataset
 from kd_tune.errors import KdTuneError
 from kd_tune.leaderboard import leaderboard, write_leaderboard
-from kd_tune.metrics import METRICS
 from kd_tune.space import SearchSpace, SpaceSampler
 from kd_tune.storage import Storage, write_text
-from kd_tune.teachers import teacher_checkpoint_dir
+from kd_tune.teachers import teacher_store
 from kd_tune.train import check_batching
 from kd_tune.trial import TRIAL_DRIVER_RESOURCES, run_trial, trial_dirname
 
 log = logging.getLogger("kd_tune.sweep")
+LOG_NAME = "sweep.log"  # Ray's tables and actor logs, inside the experiment (unless --verbose)
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 # Environment that Ray reads, set for a sweep unless the user set it. Tune uploads the experiment state every 5 s
 # (its default waits up to 300 s), so a killed driver loses little. Train's controller polls its workers every
@@ -72,20 +78,6 @@ class SweepError(KdTuneError, RuntimeError):
 
 
 # ---------------------------------------------------------------- TensorBoard: readable tags + HParams
-
-
-class TensorBoardCallback(TBXLoggerCallback):
-    """One TensorBoard run per trial: every metric of kd_tune.metrics.METRICS under its tag; HParams at the end."""
-
-    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-        if trial not in self._trial_writer:
-            self.log_trial_start(trial)
-        step = result.get("epoch", iteration)
-        scalars = {METRICS[k].tag: v for k, v in result.items() if k in METRICS and isinstance(v, (int, float))}
-        for tag, value in scalars.items():
-            self._trial_writer[trial].add_scalar(tag, value, global_step=step)
-        self._trial_result[trial] = scalars
-        self._trial_writer[trial].flush()
 
 
 class KeepHistory:
@@ -268,12 +260,11 @@ def check_storage_shared(store: Storage) -> None:
 
 def check_teachers_ready(config: Config, space: SearchSpace) -> None:
     """Every teacher the space may pick must be fine-tuned already: fail now, not in the first trial."""
-    store = Storage.from_config(config.storage)
-    missing = [t for t in space.teacher.choices
-               if not store.exists(f"{teacher_checkpoint_dir(t)}/{MANIFEST_NAME}")]
+    store = teacher_store(config)
+    missing = [t for t in space.teacher.choices if not store.exists(f"{t}/{MANIFEST_NAME}")]
     if missing:
-        raise SweepError(f"teachers {missing} have no checkpoint under {store.uri}/teachers: run "
-                         "`kd-tune teacher train CONFIG` first")
+        raise SweepError(f"teachers {missing} have no checkpoint under {store.uri}: run `kd-tune teacher train "
+                         "CONFIG` first (or point storage.teachers at where they are)")
 
 
 def coverage_points(space: SearchSpace, num_samples: int) -> list[dict]:
@@ -293,7 +284,8 @@ def trial_trainable(config: Config, store: Storage, name: str, data_ref):
     return tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
 
 
-def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref, concurrency: int):
+def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref, concurrency: int,
+                progress: SweepProgress | None):
     store = Storage.from_config(config.storage)
     c = config.tune
     # The Optuna study stays in memory: an external study storage breaks Tuner.restore.
@@ -307,23 +299,45 @@ def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref, conc
         trial_trainable(config, store, name, data_ref),
         tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=search, scheduler=asha,
                                     num_samples=c.num_samples, max_concurrent_trials=concurrency,
-                                    trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id)),
+                                    trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id, trial.config),
+                                    trial_name_creator=lambda trial: trial_dirname(trial.trial_id, trial.config)),
         run_config=tune.RunConfig(name=name, storage_path=store.root, storage_filesystem=store.filesystem,
                                   failure_config=tune.FailureConfig(max_failures=c.max_failures),
-                                  callbacks=[TensorBoardCallback(), HistoryJsonLogger(), HistoryCSVLogger()],
-                                  verbose=1),
+                                  callbacks=[TensorBoardCallback(config, space), HistoryJsonLogger(),
+                                             HistoryCSVLogger(), *([progress] if progress else [])],
+                                  verbose=0 if progress else 1),
     )
 
 
 def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None = None, resume: bool = False,
-          data: WakewordData | None = None) -> tuple[list[dict], list[str]]:
+          data: WakewordData | None = None, verbose: bool = False) -> tuple[list[dict], list[str]]:
     """Run (or resume) a sweep on `data` (default: read from data.root); returns the leaderboard rows and the
-    errors of trials that failed."""
+    errors of trials that failed.
+
+    Unless verbose, the console shows one progress line and Ray's own output goes to <experiment>/sweep.log.
+    """
     apply_ray_settings()
     store = Storage.from_config(config.storage)
     check_teachers_ready(config, space)
     data = data or load_dataset(config.data.root)  # once per sweep; every trial gets it from the object store
     check_batching(len(data.train.labels), workers=config.tune.workers_per_trial)
+    with sweep_log(store, name, verbose=verbose) as log_path, ray_output_to(log_path):
+        started_ray = not ray.is_initialized()
+        try:
+            progress = None if verbose else SweepProgress(total=config.tune.num_samples, metric=config.tune.metric,
+                                                          mode=config.tune.mode)
+            grid = run_tuner(config, space, store, name=name, address=address, resume=resume, data=data,
+                             progress=progress)
+        finally:
+            if started_ray:  # here, so that no late actor line of Ray's reaches the console after the results
+                ray.shutdown()
+    rows = leaderboard(grid, config)
+    write_leaderboard(store, name, rows)
+    return rows, [trial_error(r) for r in grid if r.error is not None]
+
+
+def run_tuner(config: Config, space: SearchSpace, store: Storage, *, name: str, address: str | None, resume: bool,
+              data: WakewordData, progress: SweepProgress | None):
     connect_ray(address)
     keep_credentials_out_of_runtime_env()
     concurrency = concurrent_trials(config, check_trial_fits(config))
@@ -331,7 +345,10 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     remove_orphan_placement_groups()
     data_ref = ray.put(data)
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
+        started = time.perf_counter()
         build_cache(config, list(space.teacher.choices), data=data, run=shards_on_ray(data_ref))
+        (progress.note if progress else log.info)(f"teacher cache: ready for {', '.join(space.teacher.choices)} "
+                                                  f"({time.perf_counter() - started:.0f} s)")
     if resume:
         tuner = tune.Tuner.restore(f"{store.root}/{name}", trial_trainable(config, store, name, data_ref),
                                    resume_unfinished=True, resume_errored=True,
@@ -339,21 +356,41 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     else:
         write_text(store, f"{name}/config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         write_text(store, f"{name}/search_space.yaml", yaml.safe_dump(space.model_dump(), sort_keys=False))
-        tuner = build_tuner(config, space, name=name, data_ref=data_ref, concurrency=concurrency)
+        tuner = build_tuner(config, space, name=name, data_ref=data_ref, concurrency=concurrency, progress=progress)
     try:
-        grid = tuner.fit()
+        return tuner.fit()
     finally:
         remove_orphan_placement_groups(own_job=True)
-    rows = leaderboard(grid, config)
-    write_leaderboard(store, name, rows)
-    return rows, [trial_error(r) for r in grid if r.error is not None]
+
+
+@contextlib.contextmanager
+def sweep_log(store: Storage, name: str, *, verbose: bool) -> Iterator[Path | None]:
+    """Where Ray's output goes: <experiment>/sweep.log (on S3 written locally first and uploaded at the end). A sweep
+    refused before it wrote its experiment leaves no folder behind: the refusal itself is the message."""
+    if verbose:
+        yield None
+        return
+    fresh = not store.exists(name)
+    if store.is_local:
+        try:
+            yield Path(store.local_path(name, LOG_NAME))
+        finally:
+            if fresh and store.exists(name) and store.listdir(name) == [LOG_NAME]:
+                store.delete_dir(name)
+        return
+    with tempfile.TemporaryDirectory(prefix="kd_tune_log_") as tmp:
+        try:
+            yield Path(tmp, LOG_NAME)
+        finally:
+            if Path(tmp, LOG_NAME).exists() and store.exists(name):
+                store.write_bytes(f"{name}/{LOG_NAME}", Path(tmp, LOG_NAME).read_bytes())
 
 
 def trial_error(result, *, max_chars: int = 500) -> str:
     """One line per failed trial: the exception the trial raised (not Ray's wrapper with its traceback)."""
     cause = getattr(result.error, "cause", None) or result.error
     lines = [line for line in str(cause).splitlines() if line.strip()] or [""]
-    trial = Path(result.path).name.removeprefix("trial_")
+    trial = Path(result.path).name.removeprefix("trial_").split("_", 1)[0]
     return f"trial {trial}: {type(cause).__name__}: {lines[-1].strip()[:max_chars]}"
 
 
@@ -376,7 +413,7 @@ def shards_on_ray(data_ref: ray.ObjectRef):
     def run(config: Config, jobs: list[Job], data: WakewordData) -> None:
         task = ray.remote(num_cpus=1)(build_shard)
         pending = {task.remote(config, name, shard, key, data=data_ref): f"{name}/{shard}" for name, shard, key in jobs}
-        with tqdm(total=len(pending), desc="teacher cache", unit="shard", disable=not pending) as bar:
+        with tqdm(total=len(pending), desc="teacher cache", unit="shard", disable=None if pending else True) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 shard = pending.pop(done[0])

@@ -277,11 +277,14 @@ def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0
         found = json.loads((out_dir / "dataset.json").read_text())
         if found == meta:
             return manifest
-        raise DataError(f"{out_dir}: holds another synthetic data set ({shown(found)}), not {meta}; allowed: "
-                        "another directory, or delete this one")
+        # The same set made by an older kd_tune (other audio or splits): rendered again in place, as it was asked.
+        if not (isinstance(found, dict) and {**found, "format_version": FORMAT_VERSION} == meta):
+            raise DataError(f"{out_dir}: holds another synthetic data set ({shown(found)}), not {meta}; allowed: "
+                            "another directory, or delete this one")
+        (out_dir / "dataset.json").unlink()  # until the new set is complete, the folder holds no complete set
     for kind in KINDS:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(clips), desc="synthesizing", unit="clip", disable=not progress) as bar:
+    with tqdm(total=len(clips), desc="synthesizing", unit="clip", disable=None if progress else True) as bar:
         render(clips, out_dir, seed=seed, bar=bar)
     lines = [json.dumps({"path": c.path, "label": LABEL_OF_KIND[c.kind], "kind": c.kind, "text": c.text,
                          "voice": c.voice, "split": c.split}) for c in clips]

@@ -79,8 +79,12 @@ class TeacherEnsemble(nn.Module):
                 raise ValueError(f"teacher {name!r} returned logits of shape {tuple(out.shape)} (expected [B, 2])")
 
 
-def teacher_checkpoint_dir(name: str) -> str:
-    return f"teachers/{name}"
+def teacher_store(config: Config) -> Storage:
+    """Where fine-tuned teachers live: storage.teachers, by default <storage.root>/teachers; each in <name>/.
+
+    Its own setting, so that a sweep written elsewhere (`--storage`) still finds the teachers it distils from."""
+    s = config.storage
+    return Storage.from_uri(s.teachers_uri, endpoint_override=s.endpoint_override, region=s.region)
 
 
 def teacher_identity(teacher: TeacherConfig) -> Identity:
@@ -108,7 +112,7 @@ def initial_teacher(teacher: TeacherConfig, *, n_mels: int) -> nn.Module:
 def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data: WakewordData, *, epoch: int = 0,
                  step: int = 0, metrics: dict | None = None) -> None:
     """Store a teacher where `load_teacher` finds it, with what `teacher_is_current` compares."""
-    save_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
+    save_checkpoint(teacher_store(config), teacher.name,
                     {"model": model.state_dict()}, kind=TEACHER_KIND, name=teacher.name, pinned=True,
                     config=config.to_dict(), epoch=epoch, step=step, metrics=metrics or {},
                     extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
@@ -117,7 +121,7 @@ def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data:
 
 def load_teacher(config: Config, teacher: TeacherConfig) -> nn.Module:
     """A fine-tuned teacher from the storage root, verified before any weight is used."""
-    ckpt = load_checkpoint(Storage.from_config(config.storage), teacher_checkpoint_dir(teacher.name),
+    ckpt = load_checkpoint(teacher_store(config), teacher.name,
                            expect=teacher_identity(teacher))
     model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
                           hf_config=ckpt.manifest["extra"].get("hf_config"))
@@ -135,9 +139,8 @@ def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
 
 def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordData) -> bool:
     """True when the stored teacher was fine-tuned with these settings on this exact data (and verifies)."""
-    store = Storage.from_config(config.storage)
     try:
-        manifest = verify_checkpoint(store, teacher_checkpoint_dir(teacher.name), expect=teacher_identity(teacher))
+        manifest = verify_checkpoint(teacher_store(config), teacher.name, expect=teacher_identity(teacher))
     except (CheckpointError, FileNotFoundError):
         return False
     extra = manifest.get("extra")

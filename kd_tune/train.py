@@ -344,8 +344,8 @@ def train_epoch(s: Setup, stepper: Stepper, state: TrainState, batch_loss: Batch
     stepper.model.train()
     sums, counted = None, 0
     bar = tqdm(batches(len(s.labels), batch_size, seed=seed, epoch=state.epoch),
-               total=steps_per_epoch(len(s.labels), batch_size), desc=desc, disable=rank_and_world()[0] != 0,
-               leave=False)
+               total=steps_per_epoch(len(s.labels), batch_size), desc=desc, leave=False,
+               disable=None if rank_and_world()[0] == 0 else True)  # None: no bar without a terminal
     for idx in bar:
         generator = torch.Generator(device=s.device).manual_seed(seed * 7919 + state.step)
         parts = batch_loss(wave[idx], idx, view, generator, state.step / stepper.total_steps)

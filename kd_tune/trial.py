@@ -173,8 +173,9 @@ def run_trial(params: dict, *, base: dict, experiment_path: str, shared: dict) -
     c, trial_id = config.tune, tune.get_context().get_trial_id()
     trainer = torch_trainer(
         train_worker, {"config": config.to_dict(), "data": shared["data"], "trial_id": trial_id}, config,
-        # "train": stable per trial, or a restored sweep silently starts the trial over
-        storage_path=f"{experiment_path}/{trial_dirname(trial_id)}",
+        # "train": stable per trial, or a restored sweep silently starts the trial over. The folder is the one Tune
+        # made for the trial (kd_tune.sweep names it with trial_dirname), so the two never disagree.
+        storage_path=f"{experiment_path}/{Path(tune.get_context().get_trial_dir()).name}",
         filesystem=Storage.from_config(config.storage).filesystem,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.storage.keep_best,
                                                      checkpoint_score_attribute=c.metric,
@@ -207,5 +208,10 @@ def start_failure(config: Config) -> str:
             "`ray list placement-groups`)")
 
 
-def trial_dirname(trial_id: str) -> str:
-    return f"trial_{trial_id}"
+DIRNAME_PARAMS = ("teacher", "alpha_schedule")  # what a trial's folder and TensorBoard run show besides its id
+
+
+def trial_dirname(trial_id: str, params: dict) -> str:
+    """trial_<id>_<teacher>_<alpha schedule>: Tune's folder for the trial, so also its TensorBoard run's name. The id
+    comes first and ends at the next "_" (Tune's search-generated ids are 8 hex digits): the folder gives it back."""
+    return "_".join(["trial", trial_id, *(str(params[name]) for name in DIRNAME_PARAMS)])

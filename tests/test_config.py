@@ -6,7 +6,8 @@ import time
 import pytest
 import yaml
 
-from kd_tune.config import MAX_YAML_BYTES, ConfigError, default_raw, dump_config, load_config, validate
+from kd_tune.config import ConfigError, default_raw, dump_config, load_config, validate
+from kd_tune.yamlfile import MAX_YAML_BYTES
 
 
 def write(tmp_path, raw) -> str:

@@ -32,7 +32,7 @@ from kd_tune.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from kd_tune.config import load_config
 from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
 from kd_tune.storage import PathEscapeError, Storage
-from kd_tune.trial import verified_resume_point
+from kd_tune.trial import trial_dirname, verified_resume_point
 
 # moto takes any credentials: unique secrets, so finding one anywhere means it leaked.
 AWS_SECRET = f"kd-tune-test-secret-{secrets.token_hex(16)}"
@@ -150,7 +150,7 @@ def test_sweep_writes_results_checkpoints_and_tensorboard_to_the_bucket(smoke_sw
     assert len(rows) == config.tune.num_samples and all(r["status"] == "OK" for r in rows), rows
     monkeypatch.setenv(ENV_SIGNING_KEY, SIGNING_KEY)
     for row in rows:
-        trial = f"{SMOKE}/trial_{row['trial']}"
+        trial = f"{SMOKE}/{trial_dirname(row['trial'], row)}"
         assert any(n.startswith("events.out.tfevents.") for n in store.listdir(trial)), store.listdir(trial)
         assert row["checkpoint"].startswith(f"{store.root}/{trial}/"), row["checkpoint"]
         parent, name = checkpoint_of(store, row)

@@ -21,10 +21,10 @@ from kd_tune.config import ConfigError, load_config
 from kd_tune.leaderboard import leaderboard
 from kd_tune.space import SearchSpace, SpaceSampler, builtin_spaces, load_search_space, trial_config
 from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points, orphans, trials_that_fit
-from kd_tune.trial import TRAIN_START_RETRIES
+from kd_tune.trial import TRAIN_START_RETRIES, trial_dirname
 
 TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha", "schedule/temperature",
-              "val/frr_at_target_fa")
+              "eval/frr_at_target_fa")
 
 
 # ---------------------------------------------------------------- search spaces (fast)
@@ -225,10 +225,10 @@ def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
     rows = json.loads((experiment / "leaderboard.json").read_text())
     assert len(rows) == 4 and (experiment / "leaderboard.csv").read_text().count("\n") == 5
     assert all(r["status"] == "OK" for r in rows)
-    assert all(result_lines(experiment / f"trial_{r['trial']}")[-1]["done"] for r in rows)  # ASHA's STOP
+    assert all(result_lines(experiment / trial_dirname(r["trial"], r))[-1]["done"] for r in rows)  # ASHA's STOP
     assert len({r["teacher"] for r in rows}) >= 2 and len({r["alpha_schedule"] for r in rows}) >= 2
     for row in rows:
-        tags, hparams = events(experiment / f"trial_{row['trial']}")
+        tags, hparams = events(experiment / trial_dirname(row["trial"], row))
         assert set(TRIAL_TAGS) <= tags and hparams, (row["trial"], tags)
         checkpoint = Path(row["checkpoint"])
         manifest = load_checkpoint(checkpoint.parent, checkpoint.name).manifest

@@ -42,9 +42,9 @@ LOSSES = ("total_loss", "student_loss", "distillation_loss")
 EPOCH_METRICS = (*LOSSES, "alpha", "temperature", "accuracy", "auc", "eer", "frr_at_target_fa", "fa_per_hour",
                  "threshold")
 SCALAR_TAGS = ("loss/total", "loss/student", "loss/distillation", "schedule/alpha", "schedule/temperature",
-               "schedule/lr", "val/accuracy", "val/auc", "val/eer", "val/frr_at_target_fa", "val/fa_per_hour",
-               "val/threshold", "memory/peak_rss_mib")
-MEMORY = tuple(name for name, m in METRICS.items() if m.tag.startswith("memory/"))
+               "schedule/lr", "eval/accuracy", "eval/auc", "eval/eer", "eval/frr_at_target_fa", "eval/fa_per_hour",
+               "eval/threshold", "system/peak_rss_mib")
+MEMORY = tuple(name for name in METRICS if name.endswith("_mib"))  # they differ between runs
 
 
 def tiny_config(data_root: Path, storage_root: Path, *overrides: str) -> Config:
