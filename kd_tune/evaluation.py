@@ -114,7 +114,8 @@ def write_report(report: dict, out_dir: Path) -> None:
     """det.png, then eval.json (which names it), each written whole or not at all."""
     point = {k: report[k] for k in ("threshold", "frr", "fa_per_hour")}
     report["det_png"] = str(plots.det_curve(report["det"], out_dir / "det.png", operating_point=point,
-                                            title=f"{Path(report['model']).name} on {Path(report['data']).name}"))
+                                            title=f"{Path(report['model']).name}: {report['source']} of "
+                                                  f"{Path(report['data']).name}"))
     partial = out_dir / ".eval.json.partial"
     partial.write_text(json.dumps(report, indent=2) + "\n")
     partial.replace(out_dir / "eval.json")
