@@ -88,3 +88,12 @@ def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_dataset")
     synthesize(root, size="small", seed=0, progress=False)
     return root
+
+
+@pytest.fixture
+def no_signing_env(monkeypatch):
+    """No signing key or requirement from the developer's environment: a test sets what it checks."""
+    from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
+
+    for name in (ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE, ENV_REQUIRE_SIGNATURE):
+        monkeypatch.delenv(name, raising=False)

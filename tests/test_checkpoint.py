@@ -34,10 +34,7 @@ from kd_tune.teachers import initial_teacher, load_legacy_pt, load_teacher, save
 KEY = "correct horse battery staple"
 
 
-@pytest.fixture(autouse=True)
-def _no_signing_env(monkeypatch):
-    for name in (ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE, ENV_REQUIRE_SIGNATURE):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_signing_env")  # conftest: the environment's key never leaks in
 
 
 def _tensors():
