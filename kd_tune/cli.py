@@ -18,6 +18,11 @@ from kd_tune.metrics import METRICS
 
 EXIT_INVALID = 2
 MAX_MESSAGE_CHARS = 2000  # a refusal is one line; a longer message is cut rather than flood the terminal
+DEMO_SIZES = {  # `kd-tune demo --size`: overrides of the embedded default (a --set given too wins)
+    "small": ["data.synth_size=small", "training.epochs=3", "tune.num_samples=4"],
+    "default": [],
+    "large": ["data.synth_size=large", "training.epochs=12", "tune.num_samples=24"],
+}
 
 
 def _config(args: argparse.Namespace, *, check_paths: bool = True):
@@ -38,7 +43,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from kd_tune.synth import synthesize
 
-    manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size)
+    manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size,
+                          new_speakers=not args.no_new_speakers)
     print(f"data set ready: {manifest}")
     return 0
 
@@ -163,6 +169,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from kd_tune.compare import compare, table
+    from kd_tune.config import validate
+    from kd_tune.export import locate_source
+
+    if not 1 <= args.seeds <= 100:
+        print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
+        return EXIT_INVALID
+    config = _config(args)
+    if args.best_of:  # that trial's whole setting: schedules, temperature, student, learning rate
+        manifest = locate_source(args.best_of, config).load().manifest
+        config = validate(manifest["config"], source=f"{args.best_of}'s best trial")
+    teachers = args.teachers or [t.name for t in config.teachers]
+    out = Path(args.out)
+    rows = compare(config, teachers, seeds=args.seeds, name=args.name, out=out)
+    (out / "compare.md").write_text(table(rows) + "\n")
+    print(f"{table(rows)}\nfigures: {out / 'compare.json'}, table: {out / 'compare.md'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -184,12 +210,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kd_tune.sweep import sweep
     from kd_tune.synth import synthesize
 
-    out = Path(args.out).resolve()
+    out = Path(args.out or ("runs/demo" if args.size == "default" else f"runs/demo_{args.size}")).resolve()
     # The teacher-output cache: the sweep pays for each teacher's forward passes once, not once per trial-epoch.
     config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}",
-                                          "distillation.teacher_mode=cache", *args.set], check_paths=False)
+                                          "distillation.teacher_mode=cache", *DEMO_SIZES[args.size], *args.set],
+                         check_paths=False)
     d, space = config.data, load_search_space(args.search_space)
-    synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size)
+    synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size, new_speakers=d.synth_new_speakers)
     data = load_dataset(d.root)
     print(f"data: {sum(len(s.labels) for s in (data.train, data.val, data.test))} clips in {d.root} "
           f"(train {len(data.train.labels)}, val {len(data.val.labels)}, test {len(data.test.labels)}: held-out "
@@ -264,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--wakeword", default="hey nova")
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--size", choices=("small", "default"), default="default")
+    q.add_argument("--size", choices=("small", "default", "large"), default="default")
+    q.add_argument("--no-new-speakers", action="store_true", help="keep the voices as the engines speak them (no "
+                   "pitch, formant or speed changes)")
     q.set_defaults(func=cmd_data_synth)
     q = data.add_parser("check", help="list unreadable, silent, clipped, too short or too long files")
     q.add_argument("dir")
@@ -323,6 +352,18 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="folder for eval.json and det.png (default: <model>.eval beside the model)")
     q.set_defaults(func=cmd_eval)
 
+    q = sub.add_parser("compare", help="what KD is worth: alpha = 0 against KD from each teacher, over seeds, "
+                       "measured on the held-out test split")
+    with_config(q)
+    q.add_argument("--teachers", nargs="+", metavar="NAME", help="teachers or '+'-joined ensembles to distil from "
+                   "(default: every configured teacher)")
+    q.add_argument("--seeds", type=int, default=3, help="seeds per arm (default: 3)")
+    q.add_argument("--best-of", metavar="EXPERIMENT", help="start from the config of this sweep's best trial")
+    q.add_argument("--name", default="compare", help="runs go to <storage.root>/NAME (default: compare)")
+    q.add_argument("--out", default="runs/compare", help="exported models, figures and the table (default: "
+                   "runs/compare)")
+    q.set_defaults(func=cmd_compare)
+
     q = sub.add_parser("bench", help="measure the teacher cache vs a live teacher, Ray Train's overhead, the front "
                        "end and the exported student's latency on this machine")
     with_config(q)
@@ -333,7 +374,10 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("demo", help="the whole job on the embedded default")
-    q.add_argument("--out", default="runs/demo")
+    q.add_argument("--size", choices=tuple(DEMO_SIZES), default="default",
+                   help="small: a quick look (~5 min); default: the README's figures (<= 20 min on 2 cores); large: "
+                        "a real run (hours)")
+    q.add_argument("--out", help="default: runs/demo, or runs/demo_<size> for another size")
     q.add_argument("--search-space", default="default", help="a YAML search space, or a built-in one by name")
     q.add_argument("--verbose", action="store_true", help="show Ray's own tables and actor logs on the console "
                    "(default: in <out>/sweep/sweep.log)")

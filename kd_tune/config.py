@@ -61,8 +61,9 @@ class Section(BaseModel):
 class DataConfig(Section):
     root: PathText = "data/hey_nova"
     wakeword: str = Field("hey nova", min_length=2, max_length=64)
-    synth_size: Literal["small", "default"] = "default"
+    synth_size: Literal["small", "default", "large"] = "default"
     synth_seed: Seed = 0
+    synth_new_speakers: bool = True  # pitch, formant and speed changes make new speakers of the training voices
     hard_negative_weight: Positive = 2.0
 
     @field_validator("root")
@@ -85,17 +86,42 @@ class AugmentConfig(Section):
     time_shift_ms: float = Field(100.0, ge=0, le=500)
     gain_db: float = Field(6.0, ge=0, le=30)
     noise_prob: Fraction = 0.5
-    snr_db_min: float = Field(5.0, ge=-10, le=60)
+    snr_db_min: float = Field(0.0, ge=-10, le=60)
     snr_db_max: float = Field(20.0, ge=-10, le=60)
+    # Relative odds of the noise kinds: the data set's background clips, coloured noise, generated music-like tones,
+    # generated transients (clicks, knocks). Without background clips the bank's share goes to coloured noise.
+    noise_bank_weight: Fraction = 0.4
+    noise_coloured_weight: Fraction = 0.2
+    noise_tones_weight: Fraction = 0.2
+    noise_transients_weight: Fraction = 0.2
     reverb_prob: Fraction = 0.3
+    band_limit_prob: Fraction = 0.25  # a microphone's or codec's band: one low-pass and one high-pass
+    lowpass_hz_min: float = Field(3400.0, ge=1000, le=8000)  # 3.4 kHz is the telephone band, 8 kHz no low-pass
+    lowpass_hz_max: float = Field(8000.0, ge=1000, le=8000)
+    highpass_hz_min: float = Field(50.0, ge=10, le=1000)
+    highpass_hz_max: float = Field(400.0, ge=10, le=1000)
+    eq_prob: Fraction = 0.25  # random EQ: a low shelf, two peaks and a high shelf
+    eq_db: float = Field(6.0, ge=0, le=24)  # each band's gain is uniform in +-eq_db
+    clip_prob: Fraction = 0.1
+    clip_db: float = Field(12.0, ge=0, le=40)  # the peak is driven up to this far past the clipping level
+    bit_depth_prob: Fraction = 0.1
+    bits_min: int = Field(8, ge=2, le=16)
+    bits_max: int = Field(12, ge=2, le=16)
     freq_mask_bins: int = Field(5, ge=0, le=128)  # at most every mel band (n_mels <= 128)
     time_mask_frames: int = Field(10, ge=0, le=1000)  # at most the frames of a 1 s clip at a 1 ms hop
     views: int = Field(4, ge=1, le=MAX_VIEWS)  # seeded augmentation views per clip served from the teacher-output cache
 
     @model_validator(mode="after")
-    def _snr_order(self) -> AugmentConfig:
-        if self.snr_db_min > self.snr_db_max:
-            raise ValueError(f"snr_db_min {self.snr_db_min} > snr_db_max {self.snr_db_max} (allowed: min <= max)")
+    def _ranges(self) -> AugmentConfig:
+        for low, high in [("snr_db_min", "snr_db_max"), ("lowpass_hz_min", "lowpass_hz_max"),
+                          ("highpass_hz_min", "highpass_hz_max"), ("bits_min", "bits_max")]:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} {getattr(self, low)} > {high} {getattr(self, high)} (allowed: min <= max)")
+        weights = [self.noise_bank_weight, self.noise_coloured_weight, self.noise_tones_weight,
+                   self.noise_transients_weight]
+        if self.noise_prob > 0 and not any(weights):
+            raise ValueError(f"noise_prob is {self.noise_prob} but every noise_*_weight is 0 (allowed: at least one "
+                             "noise_*_weight > 0, or noise_prob 0)")
         return self
 
 
@@ -159,7 +185,7 @@ class TrainingConfig(Section):
     mixed_precision: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: Seed = 0
-    target_fa_per_hour: Positive = 30.0
+    target_fa_per_hour: Positive = 2.0
     refractory_seconds: float = Field(1.0, ge=0)
     eval_hop_ms: float = Field(100.0, ge=1, le=1000)  # an exported card (kd_tune.detect) needs a hop of >= 1 ms
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 
-FORMAT_VERSION = 2  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
+FORMAT_VERSION = 3  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
 KINDS = ("positive", "hard_negative", "negative", "background")
 LABEL_OF_KIND = {"positive": 1, "hard_negative": 0, "negative": 0, "background": 0}
 SPLITS = ("train", "val", "test")
@@ -330,13 +330,6 @@ class WakewordData:
     skipped: int  # unusable files left out
     root: Path
     manifest_sha256: str  # of the clip list and every file's bytes: a cache key for anything derived from the data
-
-    def negative_stream(self, split: str = "val") -> Tensor:
-        """Every label-0 clip of a split end to end [N_neg * N_SAMPLES]: long audio for false accepts per hour."""
-        if split not in SPLITS:
-            raise ValueError(f"split {split!r} is not one of {SPLITS}")
-        part = getattr(self, split)
-        return part.audio[part.labels == 0].reshape(-1)
 
 
 def read_all(paths: list[Path]) -> list[AudioFile]:

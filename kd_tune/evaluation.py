@@ -1,13 +1,14 @@
 """`kd-tune eval MODEL.onnx DATA`: an exported model measured on held-out audio the way it will run on a device.
 
 DATA is a folder with positive/ and negative/ clips (optionally hard_negative/ and background/) and long negative
-recordings under long/, or a kd_tune data set (manifest.jsonl), of which the test split is used. Every file is read,
+recordings under long/, or a kd_tune data set (manifest.jsonl), of which the test split and long/test/ are used. Every file is read,
 downmixed and resampled like `kd-tune detect` does, and scored by the same streaming detector:
 
 - a clip's score is its highest window probability, so a positive counts as detected if the detector fires anywhere
   in it; FRR at the model's own threshold, and the clip ROC AUC, come from these scores;
-- false activations per hour come from the long recordings (the negative clips joined end to end when there are
-  none), counted with the detector's refractory rule;
+- false activations per hour come from the long recordings (the negative and background clips joined end to end
+  when there are none), counted with the detector's refractory rule;
+- FRR at FA_TARGETS_PER_HOUR: the best a threshold chosen on this very audio could do, for comparison with targets;
 - the DET curve is FRR against FA/h over thresholds; it is written as JSON and as a PNG.
 """
 
@@ -24,9 +25,10 @@ from kd_tune import plots
 from kd_tune.data import AUDIO_SUFFIXES, scan
 from kd_tune.detect import Detector
 from kd_tune.errors import KdTuneError
-from kd_tune.metrics import SECONDS_PER_HOUR, count_activations, roc_auc
+from kd_tune.metrics import SECONDS_PER_HOUR, count_activations, roc_auc, threshold_for_fa_rate
 
 LONG_FOLDER = "long"
+FA_TARGETS_PER_HOUR = (0.5, 1.0, 2.0, 5.0)
 DET_THRESHOLDS = 256  # quantiles of the observed scores: enough for a smooth curve, bounded cost per hour of audio
 TEST_SPLIT = "test"
 
@@ -41,6 +43,7 @@ class EvalAudio:
 
     positives: list[np.ndarray]
     negatives: list[np.ndarray]
+    joinable: list[bool]  # per negative: may join the stream when there are no long recordings (not a hard negative)
     long: list[np.ndarray]
     source: str  # "folder" or "test split"
 
@@ -51,10 +54,12 @@ def read_eval_audio(root: Path, detector: Detector) -> EvalAudio:
                         "kd_tune data set")
     is_data_set = (root / "manifest.jsonl").is_file()
     clips = [c for c in scan(root) if not is_data_set or c.split == TEST_SPLIT]
-    long = sorted(p for p in (root / LONG_FOLDER).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) \
-        if (root / LONG_FOLDER).is_dir() else []
+    long_dir = root / LONG_FOLDER / TEST_SPLIT if is_data_set else root / LONG_FOLDER
+    long = sorted(p for p in long_dir.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if long_dir.is_dir() else []
+    negatives = [c for c in clips if c.label == 0]
     audio = EvalAudio(positives=[detector.read(c.path) for c in clips if c.label == 1],
-                      negatives=[detector.read(c.path) for c in clips if c.label == 0],
+                      negatives=[detector.read(c.path) for c in negatives],
+                      joinable=[c.kind != "hard_negative" for c in negatives],
                       long=[detector.read(p) for p in long], source="test split" if is_data_set else "folder")
     if not audio.positives or not (audio.negatives or audio.long):
         raise EvalError(f"{root}: found {len(audio.positives)} positive and {len(audio.negatives)} negative clips and "
@@ -86,13 +91,22 @@ def det_points(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours:
             for t in thresholds]
 
 
+def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, hop_seconds: float,
+                   refractory_seconds: float) -> dict[str, float]:
+    """{"1": FRR, ...}: FRR at the lowest threshold that keeps the streams within each of FA_TARGETS_PER_HOUR."""
+    stream = np.concatenate(streams)
+    return {f"{target:g}": float(np.mean(positive_scores < threshold_for_fa_rate(
+        stream, target_fa_per_hour=target, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds)))
+        for target in FA_TARGETS_PER_HOUR}
+
+
 def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> dict:
     """Every figure of the evaluation; with out_dir, also eval.json and det.png there."""
     detector = Detector(model)
     audio = read_eval_audio(data, detector)
     hop_seconds = detector.hop_samples / detector.sample_rate
-    streams = [detector.probabilities(r) for r in audio.long] or [detector.probabilities(np.concatenate(
-        audio.negatives))]
+    joined = [a for a, ok in zip(audio.negatives, audio.joinable, strict=True) if ok] or audio.negatives
+    streams = [detector.probabilities(r) for r in audio.long] or [detector.probabilities(np.concatenate(joined))]
     hours = sum(len(s) for s in streams) * hop_seconds / SECONDS_PER_HOUR
     positives, negatives = clip_scores(detector, audio.positives), clip_scores(detector, audio.negatives)
     labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
@@ -103,6 +117,8 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> d
               "positives": len(positives), "negatives": len(negatives), "long_recordings": len(audio.long),
               "negative_hours": hours, "frr": float(np.mean(positives < detector.threshold)),
               "false_activations": fa, "fa_per_hour": fa / hours, "auc": None if math.isnan(auc) else auc,
+              "frr_at_fa_per_hour": frr_at_targets(positives, streams, hop_seconds=hop_seconds,
+                                                   refractory_seconds=detector.refractory_seconds),
               "det": det_points(positives, streams, hours=hours, hop_seconds=hop_seconds,
                                 refractory_seconds=detector.refractory_seconds)}
     if out_dir is not None:
@@ -128,4 +144,5 @@ def summary(report: dict) -> str:
         f"clips, {report['negative_hours']:.2f} h of negative audio ({report['long_recordings']} long recordings)",
         f"at the model's threshold {report['threshold']:.4f}: FRR {report['frr']:.3f}, "
         f"{report['fa_per_hour']:.2f} false activations per hour ({report['false_activations']} in all)",
-        f"clip ROC AUC {auc}"])
+        f"clip ROC AUC {auc}; FRR at a threshold chosen on this audio: "
+        + ", ".join(f"{frr:.3f} at {fa} FA/h" for fa, frr in report["frr_at_fa_per_hour"].items())])

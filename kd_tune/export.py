@@ -36,9 +36,11 @@ from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
 from kd_tune.leaderboard import LEADERBOARD_NAME, experiment_storage
 from kd_tune.metrics import wakeword_metrics
 from kd_tune.models import build_student, count_parameters
+from kd_tune.recordings import negative_stream
 from kd_tune.signing import signed
 from kd_tune.storage import PathEscapeError, Storage, read_json, write_json
-from kd_tune.train import STUDENT_KIND, predict
+from kd_tune.scoring import predict
+from kd_tune.train import STUDENT_KIND
 
 OPSET = 17
 NEGATIVE_LABEL = "not_wakeword"
@@ -186,7 +188,7 @@ class Validation:
     """The validation split as numpy: what thresholds are calibrated on and exported models are measured on."""
     clips: np.ndarray  # [N, window_samples] float32
     labels: np.ndarray  # [N] 0/1
-    stream: np.ndarray  # [T] float32, every negative clip end to end
+    stream: np.ndarray  # [T] float32, the long negative recordings (see kd_tune.recordings)
     reference: np.ndarray  # [min(N, PARITY_CLIPS)] PyTorch's probabilities of the first clips
     sample_rate: int
     hop_samples: int
@@ -200,7 +202,7 @@ def validation_set(config: Config, student: nn.Module, log_mel: LogMel,
     """The val split of `data` (a loaded set or its directory; None: the checkpoint's data.root)."""
     if not isinstance(data, WakewordData):
         data = load_dataset(config.data.root if data is None else data)
-    val, stream = data.val, data.negative_stream("val")
+    val, stream = data.val, negative_stream(data, "val")
     if stream.numel() == 0:
         raise ValueError(f"the validation split of {data.root} has no negative clips: the threshold for "
                          f"{config.training.target_fa_per_hour} FA/h is calibrated on them (allowed: a data set "

@@ -14,9 +14,30 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 from torch import Tensor, nn
 
-from kd_tune.config import Config, FeaturesConfig
+from kd_tune.acoustics import (
+    EQ_HZ,
+    SAMPLE_RATE,
+    TINY,
+    channel_gain_db,
+    clip,
+    coloured_table,
+    crops,
+    db_to_gain,
+    fft_size,
+    filter_rows,
+    log_uniform,
+    mix_at_snr,
+    quantize,
+    response_grid,
+    reverberate,
+    synthetic_rirs,
+    tones,
+    transients,
+    uniform,
+    wavetables,
+)
+from kd_tune.config import AugmentConfig, Config, FeaturesConfig
 
-SAMPLE_RATE = 16000  # Hz
 CLIP_SECONDS = 1
 N_SAMPLES = CLIP_SECONDS * SAMPLE_RATE  # samples per clip
 WINDOW_MS = 25
@@ -88,127 +109,161 @@ def dft_basis(n_fft: int) -> Tensor:
     return basis.unsqueeze(1).float()
 
 
-def uniform(low: float, high: float, size: int, generator: torch.Generator) -> Tensor:
-    """[size] uniform draws on the generator's device (a CPU generator gives the same views on any device)."""
-    return low + (high - low) * torch.rand(size, generator=generator, device=generator.device)
-
-
-def check_range(name: str, value: float, low: float, high: float = math.inf) -> None:
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+NOISE_KINDS = ("bank", "coloured", "tones", "transients")
+N_ROOMS = 64
+MAX_NOTES = 10  # a melody changes note at most every NOTE_S[0] s, so a 1 s clip holds at most 10 notes
+NOTE_S = (0.1, 0.5)
+PITCH_SEMITONES = (-24, 12)  # from A4: A2 (110 Hz) to A5 (880 Hz)
+TONE_DECAY_S = (0.05, 1.0)  # plucked to sustained
+MAX_EVENTS = 4  # transients per clip
+EVENT_ONSET_S = (0.0, 0.9)
+EVENT_DECAY_S = (0.002, 0.08)  # a click to a door slam
+EVENT_RANGE_DB = 20.0  # the events of one clip differ in level by up to this
+EQ_OCTAVES = (0.3, 1.5)  # widths (std, octaves) of the EQ peaks
+HARD_CLIP_PROB = 0.5  # otherwise soft (tanh) saturation
 
 
 class Augment(nn.Module):
-    """Random time shift, reverberation, background noise at a random SNR and gain on waveforms [B, N].
+    """Random time shift, room, background noise, microphone channel and gain on waveforms [B, N].
 
-    noise_bank [K, L] (L >= N, e.g. the training set's background clips) is cropped at random; without one, coloured
-    noise (1/f^beta, beta in [0, 2]) is drawn on the fly. Synthetic room impulse responses (exponentially decaying
-    noise) are generated once from rir_seed unless rirs [R, L] are given.
+    Noise at a random SNR comes from noise_bank [K, L] (L >= N: the training set's background clips, cropped at
+    random), coloured noise, generated melodies or generated transients. Rooms are synthetic impulse responses
+    generated once from `seed` unless rirs [R, L] are given. The channel is band-limiting, EQ, clipping and low bit
+    depth. settings gives each effect's probability and range.
     """
 
-    def __init__(self, *, time_shift_ms: float = 100.0, gain_db: float = 6.0, noise_prob: float = 0.5,
-                 snr_db_min: float = 5.0, snr_db_max: float = 20.0, reverb_prob: float = 0.3,
-                 noise_bank: Tensor | None = None, rirs: Tensor | None = None, n_rirs: int = 32,
-                 rt60_s: tuple[float, float] = (0.1, 0.6), rir_seed: int = 0):
+    def __init__(self, settings: AugmentConfig | None = None, *, noise_bank: Tensor | None = None,
+                 rirs: Tensor | None = None, n_rirs: int = N_ROOMS, seed: int = 0):
         super().__init__()
-        check_range("time_shift_ms", time_shift_ms, 0.0)
-        check_range("gain_db", gain_db, 0.0)
-        check_range("noise_prob", noise_prob, 0.0, 1.0)
-        check_range("reverb_prob", reverb_prob, 0.0, 1.0)
-        check_range("snr_db_min", snr_db_min, -math.inf, snr_db_max)
-        self.shift_samples, self.gain_db = samples(time_shift_ms), gain_db
-        self.noise_prob, self.reverb_prob = noise_prob, reverb_prob
-        self.snr_db = (snr_db_min, snr_db_max)
+        settings = AugmentConfig() if settings is None else settings
+        self.settings, self.shift_samples = settings, samples(settings.time_shift_ms)
         noise_bank = torch.zeros(0, 0) if noise_bank is None else noise_bank
         if noise_bank.ndim != 2:
             raise ValueError(f"noise_bank must be [K, L] clips, got shape {tuple(noise_bank.shape)}")
-        if rirs is None:
-            rirs = synthetic_rirs(n_rirs, rt60_s=rt60_s, seed=rir_seed)
+        rirs = synthetic_rirs(n_rirs, seed=seed) if rirs is None else rirs
         if rirs.ndim != 2 or len(rirs) == 0:
             raise ValueError(f"rirs must be [R, L] impulse responses with R >= 1, got shape {tuple(rirs.shape)}")
+        weights = torch.tensor([getattr(settings, f"noise_{kind}_weight") for kind in NOISE_KINDS])
+        self.kind_edges = (weights.cumsum(0) / weights.sum().clamp_min(TINY))[:-1]  # CPU, like the draws
         self.register_buffer("noise_bank", noise_bank.float(), persistent=False)  # [K, L]
         self.register_buffer("rirs", rirs.float(), persistent=False)  # [R, L_rir]
+        self.register_buffer("colours", coloured_table(seed=seed), persistent=False)  # [colours, L_table]
+        self.register_buffer("wavetables", wavetables(), persistent=False)  # [timbres, WAVETABLE_SIZE + 1]
+        self.register_buffer("response_hz", response_grid(), persistent=False)  # [RESPONSE_BINS]
+        self.room_spectra_cache: dict[tuple[int, torch.device], Tensor] = {}
 
-    def forward(self, wave: Tensor, *, generator: torch.Generator) -> Tensor:
-        batch = len(wave)
-        # Every draw happens in this fixed order whatever the probabilities, so a seed always names the same view.
-        shift = (uniform(-1, 1, batch, generator) * self.shift_samples).round().long().to(wave.device)
-        reverb = (uniform(0, 1, batch, generator) < self.reverb_prob).to(wave.device)
-        rir_index = torch.randint(len(self.rirs), (batch,), generator=generator, device=generator.device)
-        noisy = (uniform(0, 1, batch, generator) < self.noise_prob).to(wave.device)
-        snr_db = uniform(*self.snr_db, batch, generator).to(wave.device)
-        noise = self.noise(batch, wave.shape[-1], generator).to(wave.device)
-        gain_db = uniform(-self.gain_db, self.gain_db, batch, generator).to(wave.device)
+    def forward(self, wave: Tensor, *, generator: torch.Generator, rows: int | None = None) -> Tensor:
+        """wave [B, N] augmented; the draws are made for `rows` (>= B) rows and the first B used, so a fixed `rows`
+        gives a clip the same view whatever else is in its batch."""
+        rows = len(wave) if rows is None else rows
+        if rows < len(wave):
+            raise ValueError(f"rows must be >= the batch's {len(wave)} clips, got {rows!r}")
+        draws = {name: value[:len(wave)].to(wave.device) for name, value in self.draw(rows, generator).items()}
+        return self.apply(wave, draws)
 
-        wave = time_shift(wave, shift)
-        rows = reverb.nonzero().squeeze(1)  # only these pay for the FFT convolution
-        wave = wave.index_copy(0, rows, reverberate(wave[rows], self.rirs[rir_index.to(wave.device)[rows]]))
-        wave = torch.where(noisy[:, None], mix_at_snr(wave, noise, snr_db), wave)
-        return wave * 10 ** (gain_db[:, None] / 20)
+    def draw(self, rows: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Every random number of `rows` clips, one row per clip, on the generator's device."""
+        s, g = self.settings, generator
 
-    def noise(self, batch: int, length: int, generator: torch.Generator) -> Tensor:
-        """[batch, length] background: random crops of the bank, or coloured noise when the bank is empty."""
+        def u(low: float = 0.0, high: float = 1.0, *shape: int) -> Tensor:
+            return uniform(low, high, (rows, *shape), g)
+
+        def integers(low: int, high: int, *shape: int) -> Tensor:  # low <= n < high
+            return torch.randint(low, high, (rows, *shape), generator=g, device=g.device)
+
+        eq_low, eq_high = torch.tensor(EQ_HZ, device=g.device).T
+        # Every draw happens in this fixed order whatever the probabilities (a dict literal evaluates in order), so
+        # a seed always names the same view.
+        return {"shift": (u(-1, 1) * self.shift_samples).round().long(),
+                "reverb": u() < s.reverb_prob, "room": integers(0, len(self.rirs)),
+                "noisy": u() < s.noise_prob, "snr_db": u(s.snr_db_min, s.snr_db_max),
+                "kind": torch.searchsorted(self.kind_edges.to(g.device), u(), right=True),
+                "bank_clip": integers(0, max(len(self.noise_bank), 1)), "bank_start": u(),
+                "colour": integers(0, len(self.colours)), "colour_start": u(),
+                "timbre": integers(0, len(self.wavetables)), "note_s": log_uniform(*NOTE_S, rows, g),
+                "pitch": integers(PITCH_SEMITONES[0], PITCH_SEMITONES[1] + 1, MAX_NOTES),
+                "tone_decay_s": log_uniform(*TONE_DECAY_S, rows, g),
+                "onset_s": u(*EVENT_ONSET_S, MAX_EVENTS),
+                "event_decay_s": log_uniform(*EVENT_DECAY_S, (rows, MAX_EVENTS), g),
+                "event_level": 10 ** (-u(0, EVENT_RANGE_DB, MAX_EVENTS) / 20), "events": integers(1, MAX_EVENTS + 1),
+                "band_limit": u() < s.band_limit_prob,
+                "lowpass_hz": log_uniform(s.lowpass_hz_min, s.lowpass_hz_max, rows, g),
+                "highpass_hz": log_uniform(s.highpass_hz_min, s.highpass_hz_max, rows, g),
+                "eq": u() < s.eq_prob, "eq_hz": log_uniform(eq_low, eq_high, (rows, len(EQ_HZ)), g),
+                "eq_db": u(-s.eq_db, s.eq_db, len(EQ_HZ)), "eq_octaves": u(*EQ_OCTAVES, len(EQ_HZ)),
+                "clip": u() < s.clip_prob, "clip_db": u(0, s.clip_db), "hard_clip": u() < HARD_CLIP_PROB,
+                "quantize": u() < s.bit_depth_prob, "bits": integers(s.bits_min, s.bits_max + 1),
+                "gain_db": u(-s.gain_db, s.gain_db)}
+
+    def apply(self, wave: Tensor, d: dict[str, Tensor]) -> Tensor:
+        """wave [B, N] through the shift, room, noise, channel and gain that the draws d [B, ...] name; each effect
+        touches only its rows, and a row whose effects are all off comes back unchanged."""
+        wave = time_shift(wave, d["shift"])  # a new tensor, so the effects below may write into it
+        n_fft = fft_size(wave.shape[-1] + self.rirs.shape[-1] - 1)
+        on_rows(wave, d["reverb"], lambda w, r: reverberate(w, self.room_spectra(n_fft)[d["room"][r]], n_fft))
+        on_rows(wave, d["noisy"], lambda w, r: mix_at_snr(w, self.noise(w.shape[-1], pick(d, r)), d["snr_db"][r]))
+        on_rows(wave, d["band_limit"] | d["eq"], lambda w, r: filter_rows(w, self.response_db(pick(d, r))))
+        on_rows(wave, d["clip"], lambda w, r: clip(w, db_to_gain(-d["clip_db"][r]), d["hard_clip"][r]))
+        on_rows(wave, d["quantize"], lambda w, r: quantize(w, d["bits"][r]))
+        return wave.mul_(db_to_gain(d["gain_db"][:, None]))
+
+    def room_spectra(self, n_fft: int) -> Tensor:
+        """[R, n_fft // 2 + 1] rfft of every room, computed once per size and device."""
+        key = (n_fft, self.rirs.device)
+        if key not in self.room_spectra_cache:
+            self.room_spectra_cache = {key: torch.fft.rfft(self.rirs, n=n_fft)}
+        return self.room_spectra_cache[key]
+
+    def noise(self, length: int, d: dict[str, Tensor]) -> Tensor:
+        """[B, length] background of each row's kind: a crop of the bank, coloured noise, a melody or transients."""
+        kind = d["kind"]
         if len(self.noise_bank) == 0:
-            return coloured_noise(batch, length, generator)
-        if self.noise_bank.shape[-1] < length:
+            kind = torch.where(kind == 0, 1, kind)  # no bank: its share is coloured noise
+        elif self.noise_bank.shape[-1] < length:
             raise ValueError(f"noise_bank clips have {self.noise_bank.shape[-1]} samples, fewer than the {length} "
                              "of the waveforms (allowed: clips at least as long as the batch's)")
-        device = self.noise_bank.device
-        index = torch.randint(len(self.noise_bank), (batch,), generator=generator, device=generator.device)
-        start = (uniform(0, 1, batch, generator) * (self.noise_bank.shape[-1] - length + 1)).long()
-        positions = start.to(device)[:, None] + torch.arange(length, device=device)  # [batch, length]
-        return torch.gather(self.noise_bank[index.to(device)], 1, positions)
+        sources = (lambda k: crops(self.noise_bank, k["bank_clip"], k["bank_start"], length),
+                   lambda k: crops(self.colours, k["colour"], k["colour_start"], length),
+                   lambda k: tones(k["pitch"], k["note_s"], k["tone_decay_s"], self.wavetables[k["timbre"]], length),
+                   lambda k: transients(crops(self.colours, k["colour"], k["colour_start"], length), k["onset_s"],
+                                        k["event_decay_s"], k["event_level"] * self.event_mask(k["events"])))
+        out = torch.empty(len(kind), length, device=kind.device)
+        for index, source in enumerate(sources):
+            rows = (kind == index).nonzero().squeeze(1)
+            if len(rows):
+                out.index_copy_(0, rows, source(pick(d, rows)))
+        return out
+
+    @staticmethod
+    def event_mask(events: Tensor) -> Tensor:
+        """[B, MAX_EVENTS] 1 for the first events[b] events of row b, 0 for the rest."""
+        return (torch.arange(MAX_EVENTS, device=events.device) < events[:, None]).float()
+
+    def response_db(self, d: dict[str, Tensor]) -> Tensor:
+        """[B, RESPONSE_BINS] channel gains in dB: each row's band limits and EQ, or flat where that effect is off."""
+        band, eq = d["band_limit"], d["eq"][:, None]
+        lowpass = torch.where(band, d["lowpass_hz"], torch.inf)
+        highpass = torch.where(band, d["highpass_hz"], 0.0)
+        return channel_gain_db(self.response_hz, lowpass, highpass, d["eq_hz"], d["eq_db"] * eq, d["eq_octaves"])
+
+
+def pick(draws: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The draws of the given rows only."""
+    return {name: value[rows] for name, value in draws.items()}
+
+
+def on_rows(wave: Tensor, mask: Tensor, effect) -> None:
+    """Replace, in place, the rows of wave [B, N] where mask [B] holds with effect(those rows, their indices)."""
+    rows = mask.nonzero().squeeze(1)
+    if len(rows):  # only these rows pay for the effect; torch.fft refuses empty batches
+        wave.index_copy_(0, rows, effect(wave[rows], rows).to(wave.dtype))
 
 
 def time_shift(wave: Tensor, shift: Tensor) -> Tensor:
     """Delay each row of wave [B, N] by shift [B] samples (negative: advance), zero-filling rather than wrapping."""
-    length = wave.shape[-1]
-    source = torch.arange(length, device=wave.device) - shift[:, None]  # [B, N]
-    inside = (source >= 0) & (source < length)
-    return torch.gather(wave, 1, source.clamp(0, length - 1)) * inside
-
-
-def reverberate(wave: Tensor, rirs: Tensor) -> Tensor:
-    """Convolve each row of wave [B, N] with its impulse response [B, L], keeping the first N samples."""
-    length = wave.shape[-1]
-    if len(wave) == 0:  # torch.fft refuses empty batches
-        return wave
-    n_fft = 2 ** math.ceil(math.log2(length + rirs.shape[-1] - 1))  # fftconvolve's odd sizes are ~2x slower
-    spectrum = torch.fft.rfft(wave, n=n_fft) * torch.fft.rfft(rirs, n=n_fft)
-    return torch.fft.irfft(spectrum, n=n_fft)[:, :length]
-
-
-def mix_at_snr(wave: Tensor, noise: Tensor, snr_db: Tensor) -> Tensor:
-    """wave + noise scaled so that 10 log10(P_wave / P_noise) = snr_db [B]; silent noise adds nothing."""
-    wave_power = wave.square().mean(-1, keepdim=True)  # [B, 1]
-    noise_power = noise.square().mean(-1, keepdim=True).clamp_min(1e-12)
-    scale = torch.sqrt(wave_power / (noise_power * 10 ** (snr_db[:, None] / 10)))
-    return wave + scale * noise
-
-
-def coloured_noise(batch: int, length: int, generator: torch.Generator) -> Tensor:
-    """[batch, length] unit-variance noise with power spectrum 1/f^beta, beta uniform in [0, 2] (white to brown)."""
-    white = torch.randn(batch, length, generator=generator, device=generator.device)
-    beta = uniform(0.0, 2.0, batch, generator)
-    freqs = torch.fft.rfftfreq(length, device=generator.device).clamp_min(1.0 / length)  # skip DC's 1/0
-    shaped = torch.fft.irfft(torch.fft.rfft(white) * freqs ** (-beta[:, None] / 2), n=length)
-    return shaped / shaped.std(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def synthetic_rirs(count: int, *, rt60_s: tuple[float, float] = (0.1, 0.6), seed: int = 0) -> Tensor:
-    """[count, rt60_max * SAMPLE_RATE] unit-energy responses: a direct path, then exponentially decaying noise."""
-    if count < 1:
-        raise ValueError(f"n_rirs must be >= 1, got {count!r}")
-    if not 0 < rt60_s[0] <= rt60_s[1]:
-        raise ValueError(f"rt60_s must be (low, high) seconds with 0 < low <= high, got {rt60_s!r}")
-    generator = torch.Generator().manual_seed(seed)
-    length = int(rt60_s[1] * SAMPLE_RATE)
-    rt60 = uniform(*rt60_s, count, generator)
-    t = torch.arange(length) / SAMPLE_RATE  # [L] seconds
-    envelope = torch.exp(-3 * math.log(10) * t / rt60[:, None])  # amplitude falls 60 dB at t = rt60
-    rirs = torch.randn(count, length, generator=generator) * envelope * 0.1  # tail ~10-20 dB under the direct path
-    rirs[:, 0] = 1.0
-    return rirs / rirs.norm(dim=-1, keepdim=True)
+    length, most = wave.shape[-1], int(shift.abs().max()) if len(shift) else 0
+    windows = F.pad(wave, (most, most)).unfold(1, length, 1)  # [B, 2 * most + 1, N], a view
+    return windows[torch.arange(len(wave), device=wave.device), most - shift]  # only the chosen windows are copied
 
 
 class SpecAugment(nn.Module):
@@ -253,9 +308,7 @@ def front_end(config: Config, noise_bank: Tensor, device: torch.device) -> tuple
     """
     a = config.augment
     log_mel = LogMel.from_config(config.features).to(device)
-    augment = Augment(time_shift_ms=a.time_shift_ms, gain_db=a.gain_db, noise_prob=a.noise_prob,
-                      snr_db_min=a.snr_db_min, snr_db_max=a.snr_db_max, reverb_prob=a.reverb_prob,
-                      noise_bank=noise_bank, rir_seed=config.training.seed).to(device) if a.enabled else None
+    augment = Augment(a, noise_bank=noise_bank, seed=config.training.seed).to(device) if a.enabled else None
     spec_augment = SpecAugment(freq_mask_bins=a.freq_mask_bins if a.enabled else 0,
                                time_mask_frames=a.time_mask_frames if a.enabled else 0)
     return log_mel, augment, spec_augment
@@ -263,13 +316,17 @@ def front_end(config: Config, noise_bank: Tensor, device: torch.device) -> tuple
 
 @torch.no_grad()
 def render_view(audio: Tensor, augment: Augment | None, *, view: int, seed: int) -> Tensor:
-    """Augmented copy number `view` of every clip [N, N_SAMPLES]; the same (seed, view) always gives the same audio."""
+    """Augmented copy number `view` of every clip [N, N_SAMPLES]; the same (seed, view) always gives the same audio.
+
+    Clip i's view depends on (seed, view, i) only: not on the other clips, nor on how many there are.
+    """
     if augment is None:
         return audio
     chunks = []
     for start in range(0, len(audio), VIEW_CHUNK):
         # A CPU generator draws the same numbers on every device, so a view rendered on a GPU worker and in the
-        # teacher-output cache (possibly on another machine) is the same audio.
+        # teacher-output cache (possibly on another machine) is the same audio, up to float rounding. Drawing for a
+        # whole chunk even when fewer clips are left keeps the last chunk's views independent of the clip count.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + view * 10_007 + start)
-        chunks.append(augment(audio[start:start + VIEW_CHUNK], generator=generator))
+        chunks.append(augment(audio[start:start + VIEW_CHUNK], generator=generator, rows=VIEW_CHUNK))
     return torch.cat(chunks)

@@ -206,6 +206,13 @@ def threshold_for_fa_rate(
     return float(values[high])
 
 
+def clip_metrics(clip_probabilities, clip_labels) -> dict[str, float]:
+    """Accuracy at 0.5, ROC AUC and EER of clip probabilities against 0/1 labels."""
+    probabilities, labels = _to_numpy(clip_probabilities), _to_labels(clip_labels)
+    return {"accuracy": float(np.mean((probabilities >= 0.5) == labels)), "auc": roc_auc(probabilities, labels),
+            "eer": equal_error_rate(probabilities, labels)[0]}
+
+
 def wakeword_metrics(
     clip_probabilities,
     clip_labels,
@@ -222,10 +229,7 @@ def wakeword_metrics(
         stream, target_fa_per_hour=target_fa_per_hour, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
     )
     positives = probabilities[labels]
-    return {
-        "accuracy": float(np.mean((probabilities >= 0.5) == labels)),
-        "auc": roc_auc(probabilities, labels),
-        "eer": equal_error_rate(probabilities, labels)[0],
+    return clip_metrics(probabilities, labels) | {
         "threshold": threshold,
         "frr_at_target_fa": float(np.mean(positives < threshold)) if len(positives) else math.nan,
         "fa_per_hour": false_accepts_per_hour(

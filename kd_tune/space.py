@@ -1,7 +1,8 @@
 """Search spaces: YAML names and ranges -> an Optuna define-by-run function -> one validated config per trial.
 
 Every key of a space maps to one config field (TARGETS). The built-in spaces ship inside the package
-(kd_tune/search_spaces/, also reachable as ./search_spaces in a checkout) and resolve by name, e.g. `smoke`.
+(kd_tune/search_spaces/, also reachable as ./search_spaces in a checkout) and resolve by name, e.g. `smoke`. A
+teacher choice may name an ensemble: `cnn+wav2vec2`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydantic import Field, ValidationError, model_validator
 
 from kd_tune.config import ALPHA_SCHEDULES, TEMPERATURE_SCHEDULES, Config, ConfigError, Section, format_problem
 from kd_tune.yamlfile import read_yaml
+
+ENSEMBLE_JOIN = "+"  # teacher choice "cnn+wav2vec2": both, combined as distillation.combine says
 
 
 class Choice(Section):
@@ -73,9 +76,10 @@ class SearchSpace(Section):
 
     def check_teachers(self, config: Config, *, source: str) -> None:
         known = [t.name for t in config.teachers]
-        unknown = [t for t in self.teacher.choices if t not in known]
+        unknown = [c for c in self.teacher.choices if not set(str(c).split(ENSEMBLE_JOIN)) <= set(known)]
         if unknown:
-            raise ConfigError(source, [f"teacher.choices: {unknown} are not configured teachers (allowed: {known})"])
+            raise ConfigError(source, [f"teacher.choices: {unknown} are not configured teachers (allowed: {known}, "
+                                       f"or several joined by {ENSEMBLE_JOIN!r}: an ensemble)"])
 
 
 def _subset(name: str, values: list, allowed: tuple) -> None:
@@ -127,7 +131,7 @@ class SpaceSampler:
             if getattr(s, name):
                 getattr(s, name).suggest(trial, name)
 TARGETS = {  # search-space parameter -> (config section, key, how the value is stored)
-    "teacher": ("distillation", "teachers", lambda v: [v]),
+    "teacher": ("distillation", "teachers", lambda v: v.split(ENSEMBLE_JOIN)),
     "alpha_schedule": ("distillation", "alpha_schedule", str),
     "alpha_start": ("distillation", "alpha_start", float),
     "alpha_end": ("distillation", "alpha_end", float),

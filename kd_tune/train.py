@@ -32,18 +32,15 @@ from kd_tune.data import Split, WakewordData, load_dataset, sample_weights
 from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, Augment, LogMel, SpecAugment, front_end, render_view
-from kd_tune.metrics import sliding_windows, wakeword_metrics
 from kd_tune.models import build_student
+from kd_tune.recordings import negative_stream
+from kd_tune.scoring import evaluate
 from kd_tune.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 # The loss of one batch: (waveforms [B, N_SAMPLES], clip indices [B], view, SpecAugment generator, progress in
 # [0, 1]) -> the loss to minimise first, then any parts to average over the epoch.
 BatchLoss = Callable[[Tensor, Tensor, int, torch.Generator, float], tuple[Tensor, ...]]
-# Validation batch. Ray Train runs the loop in a thread, and there, with 256 (or 128) windows a batch, validation
-# ran ~17% slower than in a main thread (glibc serves a thread's large allocations from bounded heaps, most likely
-# mapped and unmapped again); with 64 it ran as fast as in the main thread, and faster in both. Measured on CPU.
-EVAL_BATCH = 64
 STUDENT_KIND = "student"  # the kind of every checkpoint `fit` saves
 # BatchNorm in train mode needs more than one value per channel: no batch of one clip ever reaches a model.
 MIN_TRAIN_BATCH = 2
@@ -90,7 +87,7 @@ def prepare(config: Config, data: WakewordData) -> Setup:
     log_mel, augment, spec_augment = front_end(config, data.train.of_kind("background"), device)
     weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight)
     return Setup(device, log_mel, augment, spec_augment, audio=data.train.audio.to(device),
-                 labels=data.train.labels.to(device), weights=weights.to(device), stream=data.negative_stream("val"))
+                 labels=data.train.labels.to(device), weights=weights.to(device), stream=negative_stream(data, "val"))
 
 
 def pick_device(setting: str) -> torch.device:
@@ -167,27 +164,6 @@ def guard(ok: bool, state: TrainState, *, limit: int) -> None:
         raise NonFiniteLossError(f"stopped at step {state.step}: {limit} consecutive steps had a non-finite loss or "
                                  f"gradient (distillation.max_nonfinite_steps = {limit}); lower training.lr or "
                                  "check the data with `kd-tune data check`")
-
-
-@torch.no_grad()
-def predict(model: nn.Module, audio: Tensor, log_mel: LogMel | None) -> Tensor:
-    """Wake-word probability per clip [N] for audio [N, N_SAMPLES]; log_mel=None feeds raw audio."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for chunk in audio.split(EVAL_BATCH):
-        x = chunk.to(device)
-        out.append(model(log_mel(x) if log_mel is not None else x).float().softmax(-1)[:, 1].cpu())
-    return torch.cat(out)
-
-
-def evaluate(model: nn.Module, split: Split, stream: Tensor, config: Config, log_mel: LogMel | None) -> dict:
-    t = config.training
-    hop_samples = round(t.eval_hop_ms * SAMPLE_RATE / 1000)
-    windows = sliding_windows(stream, window_samples=N_SAMPLES, hop_samples=hop_samples)  # [W, N_SAMPLES]
-    return wakeword_metrics(predict(model, split.audio, log_mel), split.labels, predict(model, windows, log_mel),
-                            hop_seconds=hop_samples / SAMPLE_RATE, target_fa_per_hour=t.target_fa_per_hour,
-                            refractory_seconds=t.refractory_seconds)
 
 
 def probe_batch_size(step: Callable[[int], None], device: torch.device, *, start: int = 4096,
@@ -436,7 +412,9 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
         train_epoch(s, stepper, state, batch_loss, batch_size=teacher.batch_size, seed=t.seed,
                     views=config.augment.views, desc=f"teacher {teacher.name} epoch {state.epoch + 1}/{teacher.epochs}")
         state.epoch += 1
-        metrics = evaluate(model, data.val, s.stream, config, s.log_mel if takes_features else None)
+        # the hour-long stream only for the teacher saved (the last epoch): an epoch's report needs no more
+        stream = s.stream if state.epoch == teacher.epochs else None
+        metrics = evaluate(model, data.val, stream, config, s.log_mel if takes_features else None)
         if report:
             report({**metrics, **memory_metrics(s.device), "epoch": state.epoch}, None)
     save_teacher(config, teacher, model, data, epoch=teacher.epochs, step=state.step, metrics=metrics)

@@ -214,4 +214,5 @@ DIRNAME_PARAMS = ("teacher", "alpha_schedule")  # what a trial's folder and Tens
 def trial_dirname(trial_id: str, params: dict) -> str:
     """trial_<id>_<teacher>_<alpha schedule>: Tune's folder for the trial, so also its TensorBoard run's name. The id
     comes first and ends at the next "_" (Tune's search-generated ids are 8 hex digits): the folder gives it back."""
-    return "_".join(["trial", trial_id, *(str(params[name]) for name in DIRNAME_PARAMS)])
+    # an ensemble's "+" becomes "-" (no teacher name has one): some S3 clients read "+" in a key as a space
+    return "_".join(["trial", trial_id, *(str(params[name]).replace("+", "-") for name in DIRNAME_PARAMS)])

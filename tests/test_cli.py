@@ -14,14 +14,14 @@ from kd_tune.features import N_SAMPLES
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
-    # Rule: `kd-tune demo` synthesizes data, fine-tunes the teachers, sweeps (its own local Ray, stopped at the end),
-    # exports the leaderboard's best trial as an ONNX model that onnxruntime runs, and measures it on the held-out
-    # test split. Without a terminal its console is a line per phase, no Ray tables or actor lines and no progress
+    # Rule: `kd-tune demo --size small` synthesizes data, fine-tunes the teachers, sweeps (its own local Ray, stopped
+    # at the end), exports the leaderboard's best trial as an ONNX model that onnxruntime runs, and measures it on the
+    # held-out test split. Without a terminal its console is a line per phase, no Ray tables or actor lines and no progress
     # bars (those go to the experiment's sweep.log); it ends with the leaderboard, the exported model and its
     # held-out figures, the plots, the log's path and, last, the TensorBoard command. The plots are valid PNGs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "kd_tune", "demo", "--out", str(tmp_path), "--search-space", "smoke",
-                          "--set", "data.synth_size=small", "--set", "tune.num_samples=2", "--set",
+                          "--size", "small", "--set", "tune.num_samples=2", "--set",
                           "training.epochs=2", "--set", "teachers=[{name: cnn, arch: cnn, source: tiny, epochs: 1}, "
                           "{name: wav2vec2, arch: wav2vec2, source: tiny, epochs: 1}]"],
                          env=env, capture_output=True, text=True, timeout=900)

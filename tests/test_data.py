@@ -330,8 +330,7 @@ def test_manifest_paths_cannot_leave_the_data_set(tmp_path):
 
 
 def test_load_synthetic_set_by_split(small_dataset):
-    # Rule: load_dataset reads the manifest layout into per-split tensors that match the manifest, and the
-    # negative stream is every label-0 clip of the split end to end.
+    # Rule: load_dataset reads the manifest layout into per-split tensors that match the manifest.
     entries = manifest_of(small_dataset)
     loaded = load_dataset(small_dataset)
     assert loaded.skipped == 0 and loaded.root == small_dataset and check(small_dataset).ok
@@ -341,11 +340,7 @@ def test_load_synthetic_set_by_split(small_dataset):
         assert part.audio.shape == (len(expected), N_SAMPLES)
         assert part.kinds == [e["kind"] for e in expected]
         assert part.labels.tolist() == [e["label"] for e in expected]
-    negatives = loaded.val.audio[loaded.val.labels == 0]
-    assert torch.equal(loaded.negative_stream("val"), negatives.reshape(-1))
     assert set(loaded.train.kinds) == set(KINDS)
-    with pytest.raises(ValueError, match="'dev'"):
-        loaded.negative_stream("dev")
 
 
 def test_sample_weights_weight_hard_negatives():

@@ -103,3 +103,30 @@ def test_cli_prints_the_figures_and_refuses_a_folder_without_positives(tmp_path,
     assert main(["eval", str(model), str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "positive" in err[0] and str(folder) in err[0]
+
+
+def test_a_data_set_is_measured_on_its_test_split_and_its_long_test_recordings(tmp_path):
+    # Rule: on a kd_tune data set, eval reads the test split's clips and long/test/ only (never long/val/), and FRR
+    # at each FA/h target is FRR at the lowest threshold meeting that target on the hour of test audio.
+    entries = []
+    for kind, peaks in {"positive": [0.9, 0.8, 0.7, 0.2], "negative": [0.1]}.items():
+        for i, peak in enumerate(peaks):
+            for split in ("val", "test"):
+                (tmp_path / "set" / kind).mkdir(parents=True, exist_ok=True)
+                sf.write(tmp_path / "set" / kind / f"{split}{i}.wav", clip(peak), RATE)
+                entries.append({"path": f"{kind}/{split}{i}.wav", "label": int(kind == "positive"), "kind": kind,
+                                "split": split})
+    root = tmp_path / "set"
+    (root / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    hour = clip(0.05, seconds=SECONDS_PER_HOUR)
+    hour[600 * RATE], hour[1800 * RATE] = 0.6, 0.75  # two false activations at a threshold of 0.5
+    for split, audio in {"test": hour, "val": clip(0.95, seconds=10.0)}.items():
+        (root / "long" / split).mkdir(parents=True)
+        sf.write(root / "long" / split / "room.wav", audio, RATE, subtype="PCM_16")
+    report = evaluation.evaluate_model(peak_model(tmp_path / "model.onnx"), root)
+    assert (report["positives"], report["negatives"], report["long_recordings"]) == (4, 1, 1)
+    assert report["false_activations"] == 2 and report["negative_hours"] == pytest.approx(1.0, rel=1e-3)
+    # <= 0.5 FA/h: no activation, the threshold clears 0.75; <= 1 FA/h: one allowed, still above 0.6; both keep
+    # only the 0.9 and 0.8 positives
+    assert report["frr_at_fa_per_hour"]["0.5"] == pytest.approx(0.5)
+    assert report["frr_at_fa_per_hour"]["1"] == pytest.approx(0.5)

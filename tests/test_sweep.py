@@ -95,6 +95,25 @@ def test_trial_config_maps_parameters_onto_the_config():
     assert stepped.distillation.alpha_step_points == (0.4,) and stepped.distillation.alpha_end == 0.9
 
 
+def test_a_teacher_choice_joined_by_plus_is_an_ensemble():
+    # Rule: a choice "cnn+wav2vec2" distils from both configured teachers at once; one unknown member refuses it,
+    # and its trial folder carries "-" instead of "+" (some S3 clients read "+" in a key as a space).
+    from kd_tune.trial import trial_dirname
+
+    base = load_config(None, check_paths=False)
+    config = trial_config(base, {"teacher": "cnn+wav2vec2", "alpha_schedule": "constant", "alpha_start": 0.5,
+                                 "temperature": 2.0})
+    assert config.distillation.teachers == ["cnn", "wav2vec2"]
+    space = load_search_space("default")
+    space.model_copy(update={"teacher": space.teacher.model_copy(update={"choices": ["cnn+wav2vec2"]})}) \
+        .check_teachers(base, source="space")
+    with pytest.raises(ConfigError, match="cnn\\+nope"):
+        space.model_copy(update={"teacher": space.teacher.model_copy(update={"choices": ["cnn+nope"]})}) \
+            .check_teachers(base, source="space")
+    assert trial_dirname("1a2b3c4d", {"teacher": "cnn+wav2vec2", "alpha_schedule": "step"}) \
+        == "trial_1a2b3c4d_cnn-wav2vec2_step"
+
+
 def test_coverage_points_pair_every_teacher_and_schedule():
     # Rule: the first trials cover every teacher and every alpha schedule at least once.
     space = SearchSpace.model_validate({"teacher": {"choices": ["a", "b", "c"]},

@@ -1,0 +1,84 @@
+"""A model's validation figures: wake-word probabilities of clips and of every window of a negative stream, then
+accuracy, AUC, EER and FRR at the target false activations per hour.
+
+`window_inputs` serves a stream's 1 s windows, or their log-mels, batch by batch. The log-mels come from one pass over
+the stream instead of one per window (windows overlap ten-fold at a 100 ms hop), and equal the per-window ones: only
+the few frames that reach past a window's edge are recomputed from the window alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from kd_tune.config import Config
+from kd_tune.data import Split
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
+from kd_tune.metrics import clip_metrics, sliding_windows, wakeword_metrics
+
+# Validation batch. Ray Train runs the loop in a thread, and there, with 256 (or 128) windows a batch, validation
+# ran ~17% slower than in a main thread (glibc serves a thread's large allocations from bounded heaps, most likely
+# mapped and unmapped again); with 64 it ran as fast as in the main thread, and faster in both. Measured on CPU.
+EVAL_BATCH = 64
+
+
+@torch.no_grad()
+def predict(model: nn.Module, audio: Tensor, log_mel: LogMel | None) -> Tensor:
+    """Wake-word probability per clip [N] for audio [N, N_SAMPLES]; log_mel=None feeds raw audio."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for chunk in audio.split(EVAL_BATCH):
+        x = chunk.to(device)
+        out.append(model(log_mel(x) if log_mel is not None else x).float().softmax(-1)[:, 1].cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Config, log_mel: LogMel | None) -> dict:
+    """Clip metrics of the split and, given a negative stream, the operating point for the target FA/h on it."""
+    clips = predict(model, split.audio, log_mel)
+    if stream is None:
+        return clip_metrics(clips, split.labels)
+    t = config.training
+    hop_samples = round(t.eval_hop_ms * SAMPLE_RATE / 1000)
+    device = next(model.parameters()).device
+    windows = [model(x).float().softmax(-1)[:, 1].cpu() for x in window_inputs(
+        stream, hop_samples=hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)]  # [B] each
+    return wakeword_metrics(clips, split.labels, torch.cat(windows), hop_seconds=hop_samples / SAMPLE_RATE,
+                            target_fa_per_hour=t.target_fa_per_hour, refractory_seconds=t.refractory_seconds)
+
+
+def window_inputs(stream: Tensor, *, hop_samples: int, batch: int, log_mel: LogMel | None = None,
+                  device: torch.device | None = None) -> Iterator[Tensor]:
+    """The stream's windows [B, N_SAMPLES] every hop_samples (the tail zero-padded, as in sliding_windows), or with
+    log_mel their log-mels [B, n_mels, frames], `batch` windows at a time, on device."""
+    windows = sliding_windows(stream, window_samples=N_SAMPLES, hop_samples=hop_samples)  # [W, N_SAMPLES], a view
+    shared = log_mel is not None and hop_samples % log_mel.hop_length == 0 and N_SAMPLES % log_mel.hop_length == 0
+    for start in range(0, len(windows), batch):
+        chunk = windows[start:start + batch].to(device)  # [B, N_SAMPLES]
+        if log_mel is None:
+            yield chunk
+        elif not shared:
+            yield log_mel(chunk)
+        else:
+            yield window_log_mels(log_mel, chunk, hop_samples=hop_samples)
+
+
+def window_log_mels(log_mel: LogMel, windows: Tensor, *, hop_samples: int) -> Tensor:
+    """log_mel(windows) [B, n_mels, frames] for consecutive windows [B, N] hop_samples apart, from one log-mel pass over
+    the audio they span; the frames that reach past a window's edge come from the window alone."""
+    hop, half = log_mel.hop_length, log_mel.n_fft // 2
+    span = torch.cat([windows[:-1, :hop_samples].reshape(-1), windows[-1]])  # [(B - 1) * hop_samples + N]
+    frames = log_mel(span[None])[0]  # [n_mels, M]
+    n_frames = N_SAMPLES // hop + 1
+    out = frames.unfold(1, n_frames, hop_samples // hop).permute(1, 0, 2).clone()  # [B, n_mels, frames]
+    head = math.ceil(half / hop)  # frames whose left half reaches before the window
+    tail = N_SAMPLES // hop - (N_SAMPLES - half) // hop  # ... whose right half reaches past it
+    out[:, :, :head] = log_mel(windows[:, :(head - 1) * hop + half + 1])[:, :, :head]
+    tail_start = (n_frames - tail - head) * hop  # on the frame grid, left of the tail frames' reach
+    out[:, :, -tail:] = log_mel(windows[:, tail_start:])[:, :, -tail:]
+    return out
