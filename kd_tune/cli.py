@@ -177,7 +177,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not 1 <= args.seeds <= 100:
         print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
         return EXIT_INVALID
-    config = _config(args)
+    config = _config(args, check_paths=not args.best_of)  # --best-of: only its storage settings are used
     if args.best_of:  # that trial's whole setting: schedules, temperature, student, learning rate
         manifest = locate_source(args.best_of, config).load().manifest
         config = validate(manifest["config"], source=f"{args.best_of}'s best trial")
