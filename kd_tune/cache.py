@@ -234,8 +234,8 @@ class CachedTeachers(nn.Module):
             key = cache_key(config, teacher, data)
             rel = cache_dir(teacher.name, key)
             if not store.exists(f"{rel}/{INDEX}"):
-                raise CheckpointError(f"teacher cache {store.uri}/{rel} is incomplete: its {INDEX}/ marker "
-                                      "is missing")
+                state = f"incomplete: its {INDEX}/ marker is missing" if store.exists(rel) else "not built yet"
+                raise CheckpointError(f"teacher cache {store.uri}/{rel} is {state}")
             index = verify_checkpoint(store, f"{rel}/{INDEX}", expect=Identity(INDEX_KIND, teacher.name))
             check_manifest(index, kind=INDEX_KIND, key=key, where=f"{store.uri}/{rel}/{INDEX}")
             per_teacher.append(torch.stack([load_shard(store, f"{rel}/{s}", key, clips=clips, teacher_name=teacher.name)

@@ -152,7 +152,9 @@ def test_tampered_shard_is_refused_and_rebuilt(config, data, count_builds):
 
 def test_build_resumes_and_a_cache_without_its_marker_is_incomplete(config, data, count_builds):
     # Rule: only missing shards are built again (the others keep their files), and a cache whose index marker is
-    # missing is refused as incomplete until a build writes the marker last.
+    # missing is refused as incomplete until a build writes the marker last; one never built says so.
+    with pytest.raises(CheckpointError, match="not built yet"):
+        cache.CachedTeachers.load(config, data)
     paths = cache.build_cache(config, ["cnn"], data=data)
     assert count_builds == [("cnn", s) for s in cache.shard_names(config)]
     kept = shard_path(config, "cnn", "clean", data) / MANIFEST_NAME
