@@ -18,15 +18,14 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-from kd_tune.data import AUDIO_SUFFIXES, MAX_CHANNELS, MAX_RESAMPLE_KERNEL, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, \
-    SPLITS, DataError, WakewordData
+from kd_tune.data import AUDIO_SUFFIXES, MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_RESAMPLE_KERNEL, MAX_SAMPLE_RATE_HZ, \
+    MIN_SAMPLE_RATE_HZ, SPLITS, DataError, WakewordData
 from kd_tune.features import SAMPLE_RATE
 
 LONG_FOLDER = "long"
 MAX_STREAM_HOURS = 8  # per split: 8 h at 16 kHz is 1.8 GB of float32
 BLOCK_SECONDS = 10  # decoded and resampled at a time
 RESAMPLE_MARGIN_PERIODS = 64  # rate-ratio periods of context on each side of a block: wider than the sinc kernel
-MAX_ABS_SAMPLE = 1e3  # full scale is 1
 
 
 def recording_paths(root: Path, split: str) -> list[Path]:
