@@ -1,67 +1,49 @@
-"""Wake-word data sets: scanning folders, file checks, loading, and deterministic splits.
+"""Wake-word data sets: scanning folders, file checks, loading, deterministic splits and long recordings.
 
 Two layouts are read (see `scan`): a folder with manifest.jsonl (what kd_tune.synth writes), or a folder with
 positive/ and negative/ (optionally hard_negative/ and background/) holding WAV or FLAC files at 8-192 kHz and up to
 8 channels. Each file's header is checked before it is decoded, so a tiny file that claims a huge rate or length
 costs nothing; an unusable file is skipped and counted, never the end of a run.
+
+Long negative recordings, `<root>/long/<split>/*.wav`, are hours of audio without the wake word, read in name order
+(kd_tune.audio). Those of val and test are the audio false activations per hour are counted on: a detector that must
+fire at most once an hour is only measured on hours. Those of train are cut into consecutive windows and trained on as
+negatives: the clips hold minutes of negatives, and a detector learns what it must not fire on from hours. A split
+without recordings falls back to its negative and background clips joined end to end, never its hard negatives:
+"hey" then "nova" would join into the wake word.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import math
-import os
-import stat
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
 from torch import Tensor
 
-from kd_tune.errors import InputError, KdTuneError, shown
+from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, open_regular, read_recording, \
+    resample
+from kd_tune.errors import DataError, KdTuneError, shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 
-FORMAT_VERSION = 3  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
+FORMAT_VERSION = 4  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
 KINDS = ("positive", "hard_negative", "negative", "background")
 LABEL_OF_KIND = {"positive": 1, "hard_negative": 0, "negative": 0, "background": 0}
+WINDOW_KIND = "long"  # a window of the training split's long recordings, a negative
 SPLITS = ("train", "val", "test")
 REQUIRED_FOLDERS = ("positive", "negative")
-AUDIO_SUFFIXES = (".wav", ".flac")
 EXPECTED_LAYOUT = ("a folder with manifest.jsonl, or with positive/ and negative/ (optionally hard_negative/ and "
                    "background/) holding .wav or .flac files")
 LOAD_THREADS = 4
 MAX_MANIFEST_BYTES = 64 * 2**20  # ~400k clip lines; read whole, so capped
 CLASS_NAMES = {1: "positive", 0: "negative"}
-
-# `check` thresholds; files with an UNUSABLE problem are skipped by `load_dataset`, the others only reported
-SILENT_PEAK = 1e-4
-CLIPPED_LEVEL = 0.999
-CLIPPED_FRACTION = 0.01
-MAX_ABS_SAMPLE = 1e3  # full scale is 1: a float file past this holds garbage, not audio
-MIN_SECONDS = 0.3
-MAX_SECONDS = 10.0
-MIN_SAMPLE_RATE_HZ = 8_000
-MAX_SAMPLE_RATE_HZ = 192_000
-MAX_CHANNELS = 8
-MAX_FILE_BYTES = 128 * 2**20  # 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB
-UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "too many channels", "empty",
-                      "non-finite", "out of range", "silent", "too long"})
-# torchaudio's polyphase kernel has (16000 / g) x (rate / g) elements for g = gcd(rate, 16000): small for the usual
-# rates (44.1 kHz: 160 x 441), gigabytes for a rate like 191999 Hz; past this size the FFT resamples instead.
-MAX_RESAMPLE_KERNEL = 2**20
-
-
-class DataError(InputError):
-    """A data set or manifest the run cannot use; the message names the file (and line)."""
+LONG_FOLDER = "long"
 
 
 class MissingDataError(KdTuneError, FileNotFoundError):
@@ -177,92 +159,6 @@ def scan(root: str | Path) -> list[ClipInfo]:
     return clips
 
 
-def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
-    """(problem, detail) pairs of decoded audio [T, C]; see the thresholds at the top of the module."""
-    if audio.size == 0:
-        return [("empty", "no samples")]
-    if not np.isfinite(audio).all():
-        return [("non-finite", "NaN or infinite samples")]
-    magnitude = np.abs(audio)
-    if magnitude.max() > MAX_ABS_SAMPLE:
-        return [("out of range", f"peak |x| {magnitude.max():.3g} > {MAX_ABS_SAMPLE:g}; full scale is 1")]
-    problems = []
-    if magnitude.max() < SILENT_PEAK:
-        problems.append(("silent", f"peak {magnitude.max():.1e} < {SILENT_PEAK:.0e}"))
-    clipped = float(np.mean(magnitude >= CLIPPED_LEVEL))
-    if clipped >= CLIPPED_FRACTION:
-        problems.append(("clipped", f"{clipped:.1%} of samples at |x| >= {CLIPPED_LEVEL}"))
-    seconds = audio.shape[0] / sample_rate
-    if seconds < MIN_SECONDS:
-        problems.append(("too short", f"{seconds:.2f} s < {MIN_SECONDS} s"))
-    if seconds > MAX_SECONDS:
-        problems.append(("too long", f"{seconds:.1f} s > {MAX_SECONDS} s"))
-    return problems
-
-
-def open_regular(path: Path) -> io.BufferedReader:
-    """path opened for reading; a FIFO or device is refused without blocking (O_NONBLOCK, then fstat)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"not a regular file: {path}")
-    return os.fdopen(fd, "rb")
-
-
-def read_bounded(path: Path) -> bytes | None:
-    """A regular file's bytes, or None past MAX_FILE_BYTES."""
-    with open_regular(path) as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-    return None if len(data) > MAX_FILE_BYTES else data
-
-
-def header_problems(sample_rate: int, channels: int, frames: int) -> list[tuple[str, str]]:
-    """What the header alone shows to be unusable: checked before decoding, so nothing huge is allocated."""
-    if not MIN_SAMPLE_RATE_HZ <= sample_rate <= MAX_SAMPLE_RATE_HZ:
-        return [("bad sample rate", f"{sample_rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz")]
-    if channels > MAX_CHANNELS:
-        return [("too many channels", f"{channels}; allowed: up to {MAX_CHANNELS}")]
-    if frames > MAX_SECONDS * sample_rate:
-        return [("too long", f"{frames / sample_rate:.1f} s > {MAX_SECONDS} s")]
-    return []
-
-
-@dataclass(frozen=True)
-class AudioFile:
-    """One decoded audio file: samples [T, C] (None when unreadable), its problems and the sha256 of its bytes."""
-
-    path: Path
-    audio: np.ndarray | None
-    sample_rate: int
-    problems: list[tuple[str, str]]
-    sha256: str
-
-    @staticmethod
-    def read(path: Path) -> "AudioFile":
-        """The file read once (the bytes hashed are the bytes decoded); its header checked before decoding."""
-        try:
-            data = read_bounded(path)
-        except (OSError, ValueError) as error:  # ValueError: a NUL in the path
-            return AudioFile(path, None, 0, [("unreadable", str(error))], "unreadable")
-        if data is None:
-            return AudioFile(path, None, 0, [("too large", f"over {MAX_FILE_BYTES // 2**20} MiB")], "unread")
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            with sf.SoundFile(io.BytesIO(data)) as f:
-                problems = header_problems(f.samplerate, f.channels, f.frames)
-                if problems:
-                    return AudioFile(path, None, f.samplerate, problems, digest)
-                audio, sample_rate = f.read(dtype="float32", always_2d=True), f.samplerate
-        except sf.SoundFileError as error:  # error_string: libsndfile's own words, without the BytesIO's repr
-            detail = getattr(error, "error_string", "") or str(error).strip() or type(error).__name__
-            return AudioFile(path, None, 0, [("unreadable", detail)], digest)
-        return AudioFile(path, audio, sample_rate, find_problems(audio, sample_rate), digest)
-
-    @property
-    def usable(self) -> bool:
-        return self.audio is not None and not any(problem in UNUSABLE for problem, _ in self.problems)
-
-
 @dataclass(frozen=True)
 class Problem:
     path: Path
@@ -346,16 +242,6 @@ def fit_length(audio: Tensor, n_samples: int) -> Tensor:
     return F.pad(audio, (pad // 2, pad - pad // 2))
 
 
-def resample(audio: Tensor, orig_hz: int, new_hz: int) -> Tensor:
-    """Audio [T] from orig_hz to new_hz: torchaudio's sinc resampler, or the FFT where its kernel would be huge."""
-    g = math.gcd(orig_hz, new_hz)
-    if (orig_hz // g) * (new_hz // g) <= MAX_RESAMPLE_KERNEL:
-        return AF.resample(audio, orig_hz, new_hz)
-    n_out = max(1, round(len(audio) * new_hz / orig_hz))  # <= 10 s at 192 kHz: one FFT of at most 1.9M samples
-    spectrum = torch.fft.rfft(audio.double())[:n_out // 2 + 1]  # keeps what lies below both Nyquist frequencies
-    return (torch.fft.irfft(spectrum, n=n_out) * (n_out / len(audio))).float()
-
-
 def to_window(file: AudioFile, sample_rate: int, n_samples: int) -> Tensor:
     """Mono [n_samples] at sample_rate from a decoded file."""
     mono = torch.from_numpy(file.audio.mean(axis=1))  # [T]
@@ -428,7 +314,59 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> Wakewor
         kept = [(c, f) for c, f in zip(clips, files, strict=True) if c.split == split and f.usable]
         splits[split] = make_split([c for c, _ in kept], [to_window(f, sample_rate, n_samples) for _, f in kept],
                                    n_samples)
-    return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=manifest_sha256(root, clips, files))
+    digest = manifest_sha256(root, clips, files)
+    windows = long_windows(root, "train", sample_rate=sample_rate, n_samples=n_samples)  # [W, n_samples]
+    if len(windows):
+        splits["train"] = with_negatives(splits["train"], windows)
+        heard = hashlib.sha256(windows.numpy().tobytes()).hexdigest()  # what the teacher cache must be keyed on
+        digest = hashlib.sha256(f"{digest}\t{heard}".encode()).hexdigest()
+    return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest)
+
+
+def with_negatives(split: Split, windows: Tensor) -> Split:
+    """The split with windows [W, N] of long recordings appended as negatives."""
+    labels = torch.cat([split.labels, torch.zeros(len(windows), dtype=torch.int64)])
+    return Split(torch.cat([split.audio, windows]), labels, split.kinds + [WINDOW_KIND] * len(windows))
+
+
+# ---------------------------------------------------------------------------------------- long recordings
+
+
+def recording_paths(root: Path, split: str) -> list[Path]:
+    """The long recordings of a split, in name order."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    folder = Path(root) / LONG_FOLDER / split
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES) if folder.is_dir() else []
+
+
+def negative_stream(data: WakewordData, split: str = "val") -> Tensor:
+    """A split's negative audio [T] at 16 kHz: its long recordings end to end, or else its negative and background
+    clips end to end."""
+    if recording_paths(data.root, split):
+        return long_audio(data.root, split)
+    part = getattr(data, split)
+    joined = part.audio[[k in ("negative", "background") for k in part.kinds]]
+    return (joined if len(joined) else part.audio[part.labels == 0]).reshape(-1)
+
+
+def long_audio(root: Path, split: str) -> Tensor:
+    """A split's long recordings end to end [T] at 16 kHz (empty without any), at most MAX_STREAM_HOURS."""
+    budget = MAX_STREAM_HOURS * 3600 * SAMPLE_RATE
+    streams = [torch.zeros(0)]
+    for path in recording_paths(root, split):
+        streams.append(read_recording(path, max_samples=budget))
+        budget -= len(streams[-1])
+    return torch.cat(streams)
+
+
+def long_windows(root: Path, split: str, *, sample_rate: int, n_samples: int) -> Tensor:
+    """A split's long recordings cut into consecutive windows [W, n_samples] at sample_rate; the tail too short for a
+    window is dropped."""
+    audio = long_audio(root, split)
+    if sample_rate != SAMPLE_RATE and len(audio):
+        audio = resample(audio, SAMPLE_RATE, sample_rate)
+    return audio[:len(audio) // n_samples * n_samples].reshape(-1, n_samples)
 
 
 def sample_weights(kinds: list[str], *, hard_negative_weight: float) -> Tensor:

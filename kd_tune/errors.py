@@ -17,6 +17,10 @@ class InputError(KdTuneError, ValueError):
     exit_code = 2
 
 
+class DataError(InputError):
+    """A data set or manifest the run cannot use; the message names the file (and line)."""
+
+
 class MissingExtraError(KdTuneError, ImportError):
     """An optional extra (e.g. `pip install 'kd-tune[synth]'`) that a command needs is not installed."""
 

@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from kd_tune import plots
-from kd_tune.data import AUDIO_SUFFIXES, scan
+from kd_tune.data import AUDIO_SUFFIXES, LONG_FOLDER, scan
 from kd_tune.detect import Detector
 from kd_tune.errors import KdTuneError
 from kd_tune.metrics import SECONDS_PER_HOUR, count_activations, roc_auc, threshold_for_fa_rate
 
-LONG_FOLDER = "long"
 FA_TARGETS_PER_HOUR = (0.5, 1.0, 2.0, 5.0)
 DET_THRESHOLDS = 256  # quantiles of the observed scores: enough for a smooth curve, bounded cost per hour of audio
 TEST_SPLIT = "test"
@@ -91,13 +90,14 @@ def det_points(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours:
             for t in thresholds]
 
 
-def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, hop_seconds: float,
+def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours: float, hop_seconds: float,
                    refractory_seconds: float) -> dict[str, float]:
-    """{"1": FRR, ...}: FRR at the lowest threshold that keeps the streams within each of FA_TARGETS_PER_HOUR."""
+    """{"1": FRR, ...}: FRR at the lowest threshold that keeps the streams (`hours` of audio) within each of
+    FA_TARGETS_PER_HOUR."""
     stream = np.concatenate(streams)
     return {f"{target:g}": float(np.mean(positive_scores < threshold_for_fa_rate(
-        stream, target_fa_per_hour=target, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds)))
-        for target in FA_TARGETS_PER_HOUR}
+        stream, target_fa_per_hour=target, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds,
+        hours=hours))) for target in FA_TARGETS_PER_HOUR}
 
 
 def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> dict:
@@ -106,8 +106,9 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> d
     audio = read_eval_audio(data, detector)
     hop_seconds = detector.hop_samples / detector.sample_rate
     joined = [a for a, ok in zip(audio.negatives, audio.joinable, strict=True) if ok] or audio.negatives
-    streams = [detector.probabilities(r) for r in audio.long] or [detector.probabilities(np.concatenate(joined))]
-    hours = sum(len(s) for s in streams) * hop_seconds / SECONDS_PER_HOUR
+    recordings = audio.long or [np.concatenate(joined)]
+    streams = [detector.probabilities(r) for r in recordings]
+    hours = sum(len(r) for r in recordings) / detector.sample_rate / SECONDS_PER_HOUR  # of audio, not of windows
     positives, negatives = clip_scores(detector, audio.positives), clip_scores(detector, audio.negatives)
     labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
     auc = roc_auc(np.r_[positives, negatives], labels) if len(negatives) else math.nan
@@ -117,7 +118,7 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> d
               "positives": len(positives), "negatives": len(negatives), "long_recordings": len(audio.long),
               "negative_hours": hours, "frr": float(np.mean(positives < detector.threshold)),
               "false_activations": fa, "fa_per_hour": fa / hours, "auc": None if math.isnan(auc) else auc,
-              "frr_at_fa_per_hour": frr_at_targets(positives, streams, hop_seconds=hop_seconds,
+              "frr_at_fa_per_hour": frr_at_targets(positives, streams, hours=hours, hop_seconds=hop_seconds,
                                                    refractory_seconds=detector.refractory_seconds),
               "det": det_points(positives, streams, hours=hours, hop_seconds=hop_seconds,
                                 refractory_seconds=detector.refractory_seconds)}

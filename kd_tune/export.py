@@ -28,15 +28,14 @@ from kd_tune import __version__
 from kd_tune.checkpoint import (MANIFEST_NAME, Checkpoint, CheckpointError, Identity, load_checkpoint,
                                 load_state_dict_strict)
 from kd_tune.config import Config, validate
-from kd_tune.data import WakewordData, load_dataset
+from kd_tune.data import WakewordData, load_dataset, negative_stream
 from kd_tune.detect import (FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, DetectError, Detector, card_name,
                             open_session, run, sha256, stream_probabilities)
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
 from kd_tune.leaderboard import LEADERBOARD_NAME, experiment_storage
-from kd_tune.metrics import wakeword_metrics
+from kd_tune.metrics import SECONDS_PER_HOUR, wakeword_metrics
 from kd_tune.models import build_student, count_parameters
-from kd_tune.recordings import negative_stream
 from kd_tune.signing import signed
 from kd_tune.storage import PathEscapeError, Storage, read_json, write_json
 from kd_tune.scoring import predict
@@ -249,7 +248,8 @@ def operating_point(session: ort.InferenceSession, val: Validation) -> dict:
     """Threshold for the target FA/h on the val negative stream, and the val metrics there, from this model."""
     stream = stream_probabilities(session, val.stream, window_samples=val.clips.shape[1], hop_samples=val.hop_samples)
     m = wakeword_metrics(run(session, val.clips), val.labels, stream, hop_seconds=val.hop_samples / val.sample_rate,
-                         target_fa_per_hour=val.target_fa_per_hour, refractory_seconds=val.refractory_seconds)
+                         target_fa_per_hour=val.target_fa_per_hour, refractory_seconds=val.refractory_seconds,
+                         hours=len(val.stream) / val.sample_rate / SECONDS_PER_HOUR)
     metrics = {"accuracy": m["accuracy"], "auc": m["auc"], "eer": m["eer"], "frr": m["frr_at_target_fa"],
                "fa_per_hour": m["fa_per_hour"], "stream_hours": m["stream_hours"]}
     validation = {k: finite_or_none(v) for k, v in metrics.items()} | {"clips": len(val.labels)}

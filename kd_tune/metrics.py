@@ -155,17 +155,20 @@ def stream_hours(probabilities, *, hop_seconds: float) -> float:
 
 
 def false_accepts_per_hour(
-    probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0
+    probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0, hours: float | None = None
 ) -> float:
-    """Detections per hour on audio without the wake word."""
+    """Detections per hour on audio without the wake word. hours: the length of the audio the windows were cut from
+    (one hop per window when not given, which undercounts by a window less a hop: then one false activation on an
+    hour of audio would read as more than 1 FA/h)."""
     count = count_activations(
         probabilities, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
     )
-    return count / stream_hours(probabilities, hop_seconds=hop_seconds)
+    return count / (stream_hours(probabilities, hop_seconds=hop_seconds) if hours is None else hours)
 
 
 def threshold_for_fa_rate(
-    stream_probabilities, *, target_fa_per_hour: float, hop_seconds: float, refractory_seconds: float = 1.0
+    stream_probabilities, *, target_fa_per_hour: float, hop_seconds: float, refractory_seconds: float = 1.0,
+    hours: float | None = None,
 ) -> float:
     """Lowest threshold from which on the stream's FA/h stays <= target_fa_per_hour.
 
@@ -173,7 +176,7 @@ def threshold_for_fa_rate(
     dip below the target is not trusted: up to MAX_THRESHOLD_CANDIDATES quantiles of the unique probabilities are
     tried from the top down until one fails, then the gap up to the next candidate is bisected. With no more unique
     values than that the answer is exact. If even the highest probability fires too often, the result lies just
-    above it (no detection at all).
+    above it (no detection at all). hours: as in false_accepts_per_hour.
     """
     probabilities = _to_numpy(stream_probabilities)
     _check_stream_args(probabilities, hop_seconds, refractory_seconds)
@@ -182,7 +185,8 @@ def threshold_for_fa_rate(
 
     def meets_target(threshold: float) -> bool:
         fa_per_hour = false_accepts_per_hour(
-            probabilities, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+            probabilities, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds,
+            hours=hours,
         )
         return fa_per_hour <= target_fa_per_hour
 
@@ -221,21 +225,23 @@ def wakeword_metrics(
     hop_seconds: float,
     target_fa_per_hour: float,
     refractory_seconds: float = 1.0,
+    hours: float | None = None,
 ) -> dict[str, float]:
-    """Clip metrics (accuracy at 0.5, AUC, EER) plus the operating point meeting target FA/h on a negative stream."""
+    """Clip metrics (accuracy at 0.5, AUC, EER) plus the operating point meeting target FA/h on a negative stream
+    (of `hours` of audio, see false_accepts_per_hour)."""
     probabilities, labels = _to_numpy(clip_probabilities), _to_labels(clip_labels)
     stream = _to_numpy(stream_probabilities)
-    threshold = threshold_for_fa_rate(
-        stream, target_fa_per_hour=target_fa_per_hour, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
-    )
+    hours = stream_hours(stream, hop_seconds=hop_seconds) if hours is None else hours
+    threshold = threshold_for_fa_rate(stream, target_fa_per_hour=target_fa_per_hour, hop_seconds=hop_seconds,
+                                      refractory_seconds=refractory_seconds, hours=hours)
     positives = probabilities[labels]
     return clip_metrics(probabilities, labels) | {
         "threshold": threshold,
         "frr_at_target_fa": float(np.mean(positives < threshold)) if len(positives) else math.nan,
         "fa_per_hour": false_accepts_per_hour(
-            stream, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds
+            stream, threshold=threshold, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds, hours=hours
         ),
-        "stream_hours": stream_hours(stream, hop_seconds=hop_seconds),
+        "stream_hours": hours,
     }
 
 

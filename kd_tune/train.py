@@ -28,12 +28,11 @@ from tqdm import tqdm
 from kd_tune.cache import cached_teachers
 from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
-from kd_tune.data import Split, WakewordData, load_dataset, sample_weights
+from kd_tune.data import WakewordData, load_dataset, negative_stream, sample_weights
 from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.errors import InputError, KdTuneError
-from kd_tune.features import N_SAMPLES, SAMPLE_RATE, Augment, LogMel, SpecAugment, front_end, render_view
+from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view
 from kd_tune.models import build_student
-from kd_tune.recordings import negative_stream
 from kd_tune.scoring import evaluate
 from kd_tune.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
 

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torchaudio.functional as AF
 
+import kd_tune.audio as audio_module
 import kd_tune.data as data_module
 import kd_tune.synth as synth
-from kd_tune.data import KINDS, LABEL_OF_KIND, SPLITS, DataError, check, load_dataset, sample_weights, scan, split_for
+from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, SPLITS, DataError, Split, WakewordData, check, \
+    load_dataset, negative_stream, sample_weights, scan, split_for
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.synth import confusables, synthesize
 
@@ -330,17 +333,19 @@ def test_manifest_paths_cannot_leave_the_data_set(tmp_path):
 
 
 def test_load_synthetic_set_by_split(small_dataset):
-    # Rule: load_dataset reads the manifest layout into per-split tensors that match the manifest.
+    # Rule: load_dataset reads the manifest layout into per-split tensors that match the manifest; the training split
+    # then holds the 10 s training stream as 10 negative windows.
     entries = manifest_of(small_dataset)
     loaded = load_dataset(small_dataset)
     assert loaded.skipped == 0 and loaded.root == small_dataset and check(small_dataset).ok
     for split in SPLITS:
         part = getattr(loaded, split)
-        expected = [e for e in entries if e["split"] == split]
+        expected = [e for e in entries if e["split"] == split] + [{"kind": "long", "label": 0}] * 10 * (
+            split == "train")
         assert part.audio.shape == (len(expected), N_SAMPLES)
         assert part.kinds == [e["kind"] for e in expected]
         assert part.labels.tolist() == [e["label"] for e in expected]
-    assert set(loaded.train.kinds) == set(KINDS)
+    assert set(loaded.train.kinds) == {*KINDS, "long"}
 
 
 def test_sample_weights_weight_hard_negatives():
@@ -411,18 +416,6 @@ def test_strange_files_are_skipped_and_counted_in_bounded_memory(tmp_path):
     skipped, loaded, peak_mb = json.loads(out.stdout)
     assert skipped == 5 + 4 and loaded == 4 + 4 + 2  # user_folder's 5 unusable files, the 4 strange ones
     assert peak_mb < PEAK_RSS_LIMIT_MB
-
-
-@pytest.mark.parametrize("rate", [191_999, 44_101, 11_025])
-def test_any_rate_in_range_resamples_in_bounded_memory(rate):
-    # Rule: a rate that shares no large factor with 16 kHz (191999 Hz: torchaudio's kernel would be 16000 x 192000)
-    # is resampled by FFT, keeping the tone's pitch; usual rates still use torchaudio.
-    assert data_module.resample(torch.zeros(rate // 2), rate, SAMPLE_RATE).shape == (SAMPLE_RATE // 2,)
-    audio = torch.from_numpy(tone(1.0, rate))
-    resampled = data_module.resample(audio, rate, SAMPLE_RATE)
-    assert abs(len(resampled) - SAMPLE_RATE) <= 1
-    assert abs(peak_hz(resampled[:SAMPLE_RATE]) - TONE_HZ) < 2
-    assert math.isclose(float(resampled[1000:-1000].abs().max()), 0.5, abs_tol=0.02)
 
 
 def test_a_split_without_one_class_is_refused_up_front(tmp_path):
@@ -498,7 +491,7 @@ def test_a_file_past_the_size_cap_is_skipped_unread(tmp_path, monkeypatch):
     # Rule: a clip is read whole (its bytes are hashed, then decoded), so files past MAX_FILE_BYTES are refused
     # before reading, as "too large" and skipped.
     root = clean_folder(tmp_path)
-    monkeypatch.setattr(data_module, "MAX_FILE_BYTES", 30_000)  # the 0.8 s clips are 25.6 kB
+    monkeypatch.setattr(audio_module, "MAX_FILE_BYTES", 30_000)  # the 0.8 s clips are 25.6 kB
     sf.write(root / "negative" / "big.wav", tone(1.0, 16000), 16000)  # 32 kB of PCM_16
     found = {(p.path.name, p.problem, p.skipped) for p in check(root).problems}
     assert found == {("big.wav", "too large", True)}
@@ -530,3 +523,65 @@ def test_a_set_made_by_an_older_format_is_rendered_again(tmp_path):
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == meta["clips"]
     with pytest.raises(DataError, match=str(tmp_path)):
         synth.synthesize(tmp_path, size="small", seed=4, progress=False)
+
+
+# ------------------------------------------------------------------------------------------ long recordings
+
+
+def noise(seconds: float, rate: int, *, channels: int = 1, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal((round(seconds * rate), channels))).astype(np.float32)
+
+
+def data_at(root: Path) -> WakewordData:
+    """A data set of one clip per kind in every split, each clip filled with its index, rooted at root."""
+    audio = torch.arange(len(KINDS), dtype=torch.float32)[:, None].expand(-1, N_SAMPLES).clone()
+    split = Split(audio, torch.tensor([1, 0, 0, 0]), list(KINDS))
+    return WakewordData(split, split, split, skipped=0, root=root, manifest_sha256="0" * 64)
+
+
+def test_long_recordings_are_the_stream_in_name_order_at_16_khz(tmp_path):
+    # Rule: a split's long recordings, read in name order, mixed to mono and resampled to 16 kHz, are its stream,
+    # and each split reads only its own folder.
+    folder = tmp_path / LONG_FOLDER / "val"
+    folder.mkdir(parents=True)
+    stereo, mono = noise(3, 48_000, channels=2, seed=1), noise(2, SAMPLE_RATE, seed=2)
+    sf.write(folder / "b.wav", stereo, 48_000, subtype="FLOAT")
+    sf.write(folder / "a.wav", mono, SAMPLE_RATE, subtype="FLOAT")
+    stream = negative_stream(data_at(tmp_path), "val")
+    expected_b = AF.resample(torch.from_numpy(stereo.mean(axis=1)), 48_000, SAMPLE_RATE)
+    assert torch.equal(stream[:len(mono)], torch.from_numpy(mono[:, 0]))
+    assert len(stream) == len(mono) + len(expected_b)
+    assert torch.allclose(stream[len(mono):], expected_b, atol=1e-5)
+    assert len(negative_stream(data_at(tmp_path), "test")) == 2 * N_SAMPLES  # no long/test: the fallback
+
+
+def test_without_recordings_the_stream_never_joins_hard_negatives(tmp_path):
+    # Rule: the fallback stream is the split's negative and background clips end to end; hard negatives ("hey",
+    # "nova") stay out, as two of them in a row could say the wake word.
+    stream = negative_stream(data_at(tmp_path), "val")
+    assert torch.equal(stream, torch.cat([torch.full((N_SAMPLES,), 2.0), torch.full((N_SAMPLES,), 3.0)]))
+    with pytest.raises(ValueError, match="'dev'"):
+        negative_stream(data_at(tmp_path), "dev")
+
+
+def test_long_train_recordings_are_trained_on_as_negative_windows(tmp_path):
+    # Rule: long/train/ recordings are cut into consecutive whole windows appended to the training split as
+    # negatives (the short tail dropped), val and test keep their clips, and the data hash follows the recordings'
+    # audio, so a teacher cache of the set without them is never reused.
+    root = clean_folder(tmp_path)
+    for name in ("positive", "negative"):
+        sf.write(root / name / f"{speakers_in('train', 1)[0]}_good.wav", tone(0.8, 16000, amplitude=0.3), 16000)
+    before = load_dataset(root)
+    (root / LONG_FOLDER / "train").mkdir(parents=True)
+    recording = noise(3.5, 22_050, seed=3)
+    sf.write(root / LONG_FOLDER / "train" / "000.wav", recording, 22_050, subtype="FLOAT")
+    after = load_dataset(root)
+    windows = after.train.audio[len(before.train.audio):]
+    expected = AF.resample(torch.from_numpy(recording[:, 0]), 22_050, SAMPLE_RATE)[:3 * N_SAMPLES]
+    assert windows.shape == (3, N_SAMPLES) and torch.allclose(windows.reshape(-1), expected, atol=1e-5)
+    assert after.train.labels[len(before.train.audio):].tolist() == [0, 0, 0]
+    assert after.train.kinds == before.train.kinds + ["long"] * 3
+    assert torch.equal(after.val.audio, before.val.audio) and torch.equal(after.test.audio, before.test.audio)
+    assert after.manifest_sha256 != before.manifest_sha256
+    sf.write(root / LONG_FOLDER / "train" / "000.wav", noise(3.5, 22_050, seed=4), 22_050, subtype="FLOAT")
+    assert load_dataset(root).manifest_sha256 not in (before.manifest_sha256, after.manifest_sha256)

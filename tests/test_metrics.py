@@ -98,6 +98,21 @@ def test_false_accepts_per_hour_arithmetic():
     assert _fa_per_hour(_spikes(one_hour // 2, [100, 5000, 10000]), 0.5) == pytest.approx(6.0)
 
 
+def test_one_false_activation_on_an_hour_of_audio_is_one_per_hour():
+    # rule: given the audio's length, FA/h counts per hour of audio, not per window hop: 1 s windows every 100 ms
+    # over exactly an hour of audio are 35991 windows (3599.1 s of hops), and one activation there is 1 FA/h, which
+    # meets a 1 FA/h target; counted per hop it would read 1.00025 and miss it.
+    windows = round((3600 - 1) / HOP_SECONDS) + 1
+    stream = _spikes(windows, [1000], value=0.9)
+    assert _fa_per_hour(stream, 0.5) > 1.0
+    assert false_accepts_per_hour(stream, threshold=0.5, hop_seconds=HOP_SECONDS, hours=1.0) == 1.0
+    assert threshold_for_fa_rate(stream, target_fa_per_hour=1.0, hop_seconds=HOP_SECONDS, hours=1.0) == 0.0
+    assert threshold_for_fa_rate(stream, target_fa_per_hour=1.0, hop_seconds=HOP_SECONDS) > 0.9
+    metrics = wakeword_metrics([0.95, 0.1], [1, 0], stream, hop_seconds=HOP_SECONDS, target_fa_per_hour=1.0,
+                               hours=1.0)
+    assert (metrics["fa_per_hour"], metrics["stream_hours"], metrics["frr_at_target_fa"]) == (1.0, 1.0, 0.0)
+
+
 def test_threshold_meets_target_and_a_lower_one_does_not():
     # rule: the threshold is the lowest that meets the target FA/h (checked past the exact-search limit of 512 values)
     stream = np.random.default_rng(0).random(20000)  # 2000 s of noise, 20000 unique values

@@ -44,7 +44,7 @@ def test_evaluate_scores_the_stream_like_the_per_window_model_and_without_one_th
     got = evaluate(model, split, stream, config, log_mel)
     windows = sliding_windows(stream, window_samples=N_SAMPLES, hop_samples=1600)
     expected = wakeword_metrics(predict(model, split.audio, log_mel), split.labels, predict(model, windows, log_mel),
-                                hop_seconds=0.1, target_fa_per_hour=1000)
+                                hop_seconds=0.1, target_fa_per_hour=1000, hours=30 / 3600)  # of audio
     assert got.keys() == expected.keys()
     assert all(got[k] == pytest.approx(expected[k], abs=1e-4) for k in got)
     assert set(evaluate(model, split, None, config, log_mel)) == {"accuracy", "auc", "eer"}

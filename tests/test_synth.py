@@ -190,12 +190,15 @@ def test_small_set_has_every_background_type(small_dataset):
 @pytest.mark.parametrize(("size", "min_s"), [("small", 100.0), ("default", 3600.0), ("large", 3 * 3600.0)])
 def test_stream_plans_are_long_pure_negative_and_split_by_voice(size, min_s):
     # Rule: each evaluation split has a long negative stream (>= 1 h at the default size, >= 3 h large; files of at
-    # most 600 s); the validation stream uses only voices that are not held out, the test stream only held-out
-    # families; no stream utterance holds a word of the wake word, so no pieces can join into it.
+    # most 600 s), and train one of 10 s, 1 h and 3 h; the training and validation streams use only voices that
+    # are not held out, the test stream only held-out families; no stream utterance holds a word of the wake word, so
+    # no pieces can join into it; utterances are rarely repeated (one per 4 s of stream).
     plans = synth.plan_streams(WAKEWORD, seed=0, size=size)
-    assert [p.split for p in plans] == ["val", "test"]
+    assert [p.split for p in plans] == ["train", "val", "test"]
     for plan in plans:
-        assert min_s <= sum(plan.file_s) and all(0 < s <= 600.0 for s in plan.file_s)
+        train_s = {"small": 10.0, "default": 3600.0, "large": 3 * 3600.0}[size]
+        assert (train_s if plan.split == "train" else min_s) <= sum(plan.file_s)
+        assert all(0 < s <= 600.0 for s in plan.file_s) and len(plan.pool) >= sum(plan.file_s) / 4
         assert len(plan.files) == len(plan.file_s)
         assert all(u.held_out == (plan.split == "test") for u in plan.pool)
         assert not any({"hey", "nova"} & set(streams.words_of(u.text)) for u in plan.pool)
@@ -217,7 +220,7 @@ def test_streams_avoid_a_wake_word_made_of_common_words():
 
 
 def test_stream_files_are_16k_mono_pcm16_and_complete(small_dataset):
-    # Rule: long/val/NNN.wav and long/test/NNN.wav are 16 kHz mono PCM_16 files as long as planned, with speech
+    # Rule: long/{train,val,test}/NNN.wav are 16 kHz mono PCM_16 files as long as planned, with speech
     # well above the noise bed, no partial file left, and dataset.json records their length.
     for plan in synth.plan_streams(WAKEWORD, seed=0, size="small"):
         for index, seconds in enumerate(plan.file_s):
@@ -229,7 +232,8 @@ def test_stream_files_are_16k_mono_pcm16_and_complete(small_dataset):
             frame_db = 10 * np.log10(np.mean(audio[:len(audio) // 1600 * 1600].reshape(-1, 1600) ** 2, axis=1))
             assert np.percentile(frame_db, 95) - np.percentile(frame_db, 5) > 10  # speech and gaps, not a flat bed
     assert not list(small_dataset.rglob("*.partial"))
-    assert json.loads((small_dataset / "dataset.json").read_text())["long_s"] == 120.0
+    meta = json.loads((small_dataset / "dataset.json").read_text())
+    assert (meta["long_s"], meta["long_train_s"]) == (120.0, 10.0)
 
 
 def test_streams_are_the_same_bytes_for_the_same_seed(small_dataset, tmp_path):
@@ -240,10 +244,10 @@ def test_streams_are_the_same_bytes_for_the_same_seed(small_dataset, tmp_path):
         (tmp_path / "same/long/val" / stale).write_bytes(b"old")
     streams.write_streams(tmp_path / "same", synth.plan_streams(WAKEWORD, seed=0, size="small"), seed=0,
                           progress=False)
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         name = f"long/{split}/000.wav"
         assert (tmp_path / "same" / name).read_bytes() == (small_dataset / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "same/long/val").iterdir()) == ["000.wav"]
-    streams.write_streams(tmp_path / "other", synth.plan_streams(WAKEWORD, seed=1, size="small")[:1], seed=1,
+    streams.write_streams(tmp_path / "other", synth.plan_streams(WAKEWORD, seed=1, size="small")[1:2], seed=1,
                           progress=False)
     assert (tmp_path / "other/long/val/000.wav").read_bytes() != (small_dataset / "long/val/000.wav").read_bytes()
