@@ -187,7 +187,7 @@ class Validation:
     """The validation split as numpy: what thresholds are calibrated on and exported models are measured on."""
     clips: np.ndarray  # [N, window_samples] float32
     labels: np.ndarray  # [N] 0/1
-    stream: np.ndarray  # [T] float32, the long negative recordings (see kd_tune.recordings)
+    stream: np.ndarray  # [T] float32, the long negative recordings (see kd_tune.data.negative_stream)
     reference: np.ndarray  # [min(N, PARITY_CLIPS)] PyTorch's probabilities of the first clips
     sample_rate: int
     hop_samples: int
