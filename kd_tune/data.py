@@ -318,7 +318,8 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> Wakewor
     windows = long_windows(root, "train", sample_rate=sample_rate, n_samples=n_samples)  # [W, n_samples]
     if len(windows):
         splits["train"] = with_negatives(splits["train"], windows)
-        heard = hashlib.sha256(windows.numpy().tobytes()).hexdigest()  # what the teacher cache must be keyed on
+        # what the teacher cache must be keyed on; hashed from the tensor's memory, not a 230 MB bytes copy of it
+        heard = hashlib.sha256(windows.contiguous().numpy()).hexdigest()
         digest = hashlib.sha256(f"{digest}\t{heard}".encode()).hexdigest()
     return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest)
 

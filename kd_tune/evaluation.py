@@ -25,7 +25,7 @@ from kd_tune import plots
 from kd_tune.data import AUDIO_SUFFIXES, LONG_FOLDER, scan
 from kd_tune.detect import Detector
 from kd_tune.errors import KdTuneError
-from kd_tune.metrics import SECONDS_PER_HOUR, count_activations, roc_auc, threshold_for_fa_rate
+from kd_tune.metrics import audio_hours, count_activations, roc_auc, threshold_for_fa_rate
 
 FA_TARGETS_PER_HOUR = (0.5, 1.0, 2.0, 5.0)
 DET_THRESHOLDS = 256  # quantiles of the observed scores: enough for a smooth curve, bounded cost per hour of audio
@@ -108,7 +108,7 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> d
     joined = [a for a, ok in zip(audio.negatives, audio.joinable, strict=True) if ok] or audio.negatives
     recordings = audio.long or [np.concatenate(joined)]
     streams = [detector.probabilities(r) for r in recordings]
-    hours = sum(len(r) for r in recordings) / detector.sample_rate / SECONDS_PER_HOUR  # of audio, not of windows
+    hours = audio_hours(sum(len(r) for r in recordings), detector.sample_rate)  # of audio, not of windows
     positives, negatives = clip_scores(detector, audio.positives), clip_scores(detector, audio.negatives)
     labels = np.r_[np.ones(len(positives)), np.zeros(len(negatives))]
     auc = roc_auc(np.r_[positives, negatives], labels) if len(negatives) else math.nan

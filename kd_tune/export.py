@@ -34,7 +34,7 @@ from kd_tune.detect import (FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, DetectEr
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
 from kd_tune.leaderboard import LEADERBOARD_NAME, experiment_storage
-from kd_tune.metrics import SECONDS_PER_HOUR, wakeword_metrics
+from kd_tune.metrics import audio_hours, wakeword_metrics
 from kd_tune.models import build_student, count_parameters
 from kd_tune.signing import signed
 from kd_tune.storage import PathEscapeError, Storage, read_json, write_json
@@ -249,7 +249,7 @@ def operating_point(session: ort.InferenceSession, val: Validation) -> dict:
     stream = stream_probabilities(session, val.stream, window_samples=val.clips.shape[1], hop_samples=val.hop_samples)
     m = wakeword_metrics(run(session, val.clips), val.labels, stream, hop_seconds=val.hop_samples / val.sample_rate,
                          target_fa_per_hour=val.target_fa_per_hour, refractory_seconds=val.refractory_seconds,
-                         hours=len(val.stream) / val.sample_rate / SECONDS_PER_HOUR)
+                         hours=audio_hours(len(val.stream), val.sample_rate))
     metrics = {"accuracy": m["accuracy"], "auc": m["auc"], "eer": m["eer"], "frr": m["frr_at_target_fa"],
                "fa_per_hour": m["fa_per_hour"], "stream_hours": m["stream_hours"]}
     validation = {k: finite_or_none(v) for k, v in metrics.items()} | {"clips": len(val.labels)}

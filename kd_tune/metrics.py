@@ -154,6 +154,11 @@ def stream_hours(probabilities, *, hop_seconds: float) -> float:
     return len(_to_numpy(probabilities)) * hop_seconds / SECONDS_PER_HOUR
 
 
+def audio_hours(n_samples: int, sample_rate: int) -> float:
+    """The length of audio in hours: what FA/h divides by when the audio is at hand (see false_accepts_per_hour)."""
+    return n_samples / sample_rate / SECONDS_PER_HOUR
+
+
 def false_accepts_per_hour(
     probabilities, *, threshold: float, hop_seconds: float, refractory_seconds: float = 1.0, hours: float | None = None
 ) -> float:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from kd_tune.config import Config
 from kd_tune.data import Split
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
-from kd_tune.metrics import SECONDS_PER_HOUR, clip_metrics, sliding_windows, wakeword_metrics
+from kd_tune.metrics import audio_hours, clip_metrics, sliding_windows, wakeword_metrics
 
 # Validation batch. Ray Train runs the loop in a thread, and there, with 256 (or 128) windows a batch, validation
 # ran ~17% slower than in a main thread (glibc serves a thread's large allocations from bounded heaps, most likely
@@ -50,7 +50,7 @@ def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Conf
         stream, hop_samples=hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)]  # [B] each
     return wakeword_metrics(clips, split.labels, torch.cat(windows), hop_seconds=hop_samples / SAMPLE_RATE,
                             target_fa_per_hour=t.target_fa_per_hour, refractory_seconds=t.refractory_seconds,
-                            hours=len(stream) / SAMPLE_RATE / SECONDS_PER_HOUR)
+                            hours=audio_hours(len(stream), SAMPLE_RATE))
 
 
 def window_inputs(stream: Tensor, *, hop_samples: int, batch: int, log_mel: LogMel | None = None,
