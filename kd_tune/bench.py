@@ -33,7 +33,7 @@ import torch
 
 from kd_tune.cache import build_cache, shard_names
 from kd_tune.config import Config
-from kd_tune.data import Split, WakewordData, load_dataset
+from kd_tune.data import Split, WakewordData, load_data
 from kd_tune.export import latency_ms, probability_model, to_onnx
 from kd_tune.features import N_SAMPLES, LogMel, front_end, render_view
 from kd_tune.leaderboard import cell
@@ -66,7 +66,7 @@ def subset(data: WakewordData, clips: int, *, seed: int) -> WakewordData:
     train = Split(data.train.audio[index], data.train.labels[index], [data.train.kinds[i] for i in index])
     # Its own data digest, so the cache of this subset never passes for the full set's.
     digest = hashlib.sha256(f"{data.manifest_sha256}:{index.tolist()}".encode()).hexdigest()
-    return dataclasses.replace(data, train=train, manifest_sha256=digest)
+    return dataclasses.replace(data, train=train, manifest_sha256=digest, labelled_sha256=digest)
 
 
 def bench_config(config: Config, *, root: str, teacher_source: str) -> Config:
@@ -235,7 +235,7 @@ def machine(config: Config) -> dict:
 def run_bench(config: Config, *, clips: int = BENCH_CLIPS, teacher_source: str = "base", with_ray: bool = True,
               data: WakewordData | None = None) -> dict:
     """Every figure of the bench, as {part: {measure: value}}; with_ray=False leaves part (b) out."""
-    data = subset(data or load_dataset(config.data.root), clips, seed=config.training.seed)
+    data = subset(data or load_data(config.data), clips, seed=config.training.seed)
     report = {"machine": machine(config)}
     # (c) and (d) first: they take a second or less, and right after part (b)'s ray.shutdown() they read slower
     # (1.5-1.9x for (c) in two runs) while Ray's processes wind down.

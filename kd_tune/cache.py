@@ -1,7 +1,8 @@
 """The teacher-output cache: every teacher pass of a sweep happens once, before the trials, which only read logits.
 
 For each teacher the cache holds its logits for the clean training clips and for each of `augment.views` seeded
-augmentation views, exactly the audio `features.render_view` gives a training epoch. Temperature is applied at loss
+augmentation views, exactly the audio `features.render_view` gives a training epoch. The straddle windows
+(kd_tune.data) are among the clips: these logits are their only label. Temperature is applied at loss
 time, so one cache serves every temperature and schedule. Layout on the configured storage, every shard a
 checkpoint written and verified by kd_tune.checkpoint (SHA-256, HMAC when a key is set):
 
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kd_tune.config import Config, TeacherConfig
-from kd_tune.data import WakewordData, load_dataset
+from kd_tune.data import WakewordData, load_data
 from kd_tune.distill import combine_teachers
 from kd_tune.features import LogMel, front_end, render_view
 from kd_tune.models import teacher_input_kind
@@ -94,7 +95,7 @@ def teacher_logits(teacher: nn.Module, audio: Tensor, log_mel: LogMel, *, batch_
 def build_shard(config: Config, teacher_name: str, shard: str, key: str, *,
                 data: WakewordData | None = None) -> str:
     """Compute one shard's logits and save it; returns its path. Run in-process or as a Ray task."""
-    data = data or load_dataset(config.data.root)
+    data = data or load_data(config.data)
     cpu = torch.device("cpu")
     # Rendered on the CPU with fit's own front end: the same audio a CPU training epoch of this view sees.
     log_mel, augment, _ = front_end(config, data.train.of_kind("background"), cpu)
@@ -176,7 +177,7 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
     Shards that verify with the right key are kept, so an interrupted build resumes. `run` builds the missing
     shards: here by default; the sweep passes one that makes each shard a Ray task (kd_tune.sweep.shards_on_ray).
     """
-    data = data or load_dataset(config.data.root)
+    data = data or load_data(config.data)
     store = Storage.from_config(config.storage)
     keys = {name: cache_key(config, config.teacher(name), data) for name in teacher_names}
     jobs = [(name, shard, key) for name, key in keys.items() for shard in shard_names(config)

@@ -58,10 +58,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
-    from kd_tune.data import load_dataset
+    from kd_tune.data import load_data
 
     config = _config(args)
-    _train_teachers(config, load_dataset(config.data.root), args.only)
+    _train_teachers(config, load_data(config.data), args.only)
     return 0
 
 
@@ -205,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthesize the data (cached), fine-tune the teachers (cached), sweep, print the leaderboard."""
     from kd_tune import evaluation, export
-    from kd_tune.data import WINDOW_KIND, load_dataset
+    from kd_tune.data import STRADDLE_KIND, WINDOW_KIND, load_data
     from kd_tune.space import load_search_space
     from kd_tune.sweep import sweep
     from kd_tune.synth import synthesize
@@ -217,11 +217,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          check_paths=False)
     d, space = config.data, load_search_space(args.search_space)
     synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size, new_speakers=d.synth_new_speakers)
-    data = load_dataset(d.root)
-    windows = data.train.kinds.count(WINDOW_KIND)
-    print(f"data: {sum(len(s.labels) for s in (data.train, data.val, data.test)) - windows} clips in {d.root} "
-          f"(train {len(data.train.labels) - windows}, val {len(data.val.labels)}, test {len(data.test.labels)}: "
-          f"held-out voices), and {windows} windows of long/train/ as training negatives", flush=True)
+    data = load_data(d)
+    windows, straddles = data.train.kinds.count(WINDOW_KIND), data.train.kinds.count(STRADDLE_KIND)
+    clips = len(data.train.labels) - windows - straddles
+    print(f"data: {clips + len(data.val.labels) + len(data.test.labels)} clips in {d.root} (train {clips}, val "
+          f"{len(data.val.labels)}, test {len(data.test.labels)}: held-out voices); for training also {windows} "
+          f"windows of long/train/ as negatives and {straddles} windows that cut a wake word, for the teacher to "
+          "label", flush=True)
     _train_teachers(config, data)
     rows, errors = sweep(config, space, name="sweep", data=data, verbose=args.verbose)
     for error in errors:

@@ -65,6 +65,8 @@ class DataConfig(Section):
     synth_seed: Seed = 0
     synth_new_speakers: bool = True  # pitch, formant and speed changes make new speakers of the training voices
     hard_negative_weight: Positive = 2.0
+    # windows cutting each training positive inside long/train/ audio, labelled by the teacher alone (kd_tune.data)
+    straddles_per_positive: int = Field(2, ge=0, le=8)
 
     @field_validator("root")
     @classmethod

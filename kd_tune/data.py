@@ -29,6 +29,7 @@ from torch import Tensor
 
 from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, open_regular, read_recording, \
     resample
+from kd_tune.config import DataConfig
 from kd_tune.errors import DataError, KdTuneError, shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 
@@ -36,6 +37,12 @@ FORMAT_VERSION = 4  # of manifest.jsonl + dataset.json; bump when the same param
 KINDS = ("positive", "hard_negative", "negative", "background")
 LABEL_OF_KIND = {"positive": 1, "hard_negative": 0, "negative": 0, "background": 0}
 WINDOW_KIND = "long"  # a window of the training split's long recordings, a negative
+STRADDLE_KIND = "straddle"  # a window that cuts a training positive inside long audio: only a teacher labels it
+UNLABELLED = -1  # the label of a straddle window: it adds to the distillation term, never to the cross-entropy
+# How far a straddle window is shifted off its positive clip, as a fraction of a window: from most of the wake word in
+# it to a sliver of it.
+STRADDLE_SHIFT = (0.1, 0.7)
+STRADDLE_SEED = 0
 SPLITS = ("train", "val", "test")
 REQUIRED_FOLDERS = ("positive", "negative")
 EXPECTED_LAYOUT = ("a folder with manifest.jsonl, or with positive/ and negative/ (optionally hard_negative/ and "
@@ -217,6 +224,11 @@ class Split:
         """The clips of one kind [N_kind, N_SAMPLES], e.g. "background" for the noise bank."""
         return self.audio[[k == kind for k in self.kinds]]
 
+    def labelled(self) -> Split:
+        """The split without its straddle windows: what a model trains on with hard labels alone."""
+        keep = self.labels != UNLABELLED  # [N]
+        return Split(self.audio[keep], self.labels[keep], [k for k, kept in zip(self.kinds, keep.tolist()) if kept])
+
 
 @dataclass(frozen=True)
 class WakewordData:
@@ -226,6 +238,7 @@ class WakewordData:
     skipped: int  # unusable files left out
     root: Path
     manifest_sha256: str  # of the clip list and every file's bytes: a cache key for anything derived from the data
+    labelled_sha256: str  # the same without the straddle windows: what a teacher is fine-tuned on
 
 
 def read_all(paths: list[Path]) -> list[AudioFile]:
@@ -292,11 +305,17 @@ def describe_gaps(missing: list[tuple[str, int]]) -> str:
     return "; ".join(parts)
 
 
-def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> WakewordData:
+def load_data(data: DataConfig) -> WakewordData:
+    """The configured data set, with its configured straddle windows."""
+    return load_dataset(data.root, straddles_per_positive=data.straddles_per_positive)
+
+
+def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_per_positive: int = 0) -> WakewordData:
     """Read every clip as mono at sample_rate, fitted (centred) to one clip length, grouped by split.
 
     Unusable files (see UNUSABLE) are skipped and counted; clipped or short files load as they are. A split without
-    usable positives or negatives is refused (DataError) before any clip is resampled.
+    usable positives or negatives is refused (DataError) before any clip is resampled. With long training recordings,
+    the training split ends with their windows (negatives), then straddles_per_positive straddle windows per positive.
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be > 0 Hz, got {sample_rate!r}")
@@ -317,17 +336,51 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE) -> Wakewor
     digest = manifest_sha256(root, clips, files)
     windows = long_windows(root, "train", sample_rate=sample_rate, n_samples=n_samples)  # [W, n_samples]
     if len(windows):
-        splits["train"] = with_negatives(splits["train"], windows)
-        # what the teacher cache must be keyed on; hashed from the tensor's memory, not a 230 MB bytes copy of it
-        heard = hashlib.sha256(windows.contiguous().numpy()).hexdigest()
-        digest = hashlib.sha256(f"{digest}\t{heard}".encode()).hexdigest()
-    return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest)
+        splits["train"] = appended(splits["train"], windows, kind=WINDOW_KIND, label=0)
+        digest = fold_in(digest, windows)
+    labelled = digest
+    if straddles_per_positive and len(windows) >= 2:
+        straddles = straddle_windows(splits["train"].audio[splits["train"].labels == 1], windows,
+                                     per_positive=straddles_per_positive)  # [P * per_positive, n_samples]
+        splits["train"] = appended(splits["train"], straddles, kind=STRADDLE_KIND, label=UNLABELLED)
+        digest = fold_in(digest, straddles)
+    return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest, labelled_sha256=labelled)
 
 
-def with_negatives(split: Split, windows: Tensor) -> Split:
-    """The split with windows [W, N] of long recordings appended as negatives."""
-    labels = torch.cat([split.labels, torch.zeros(len(windows), dtype=torch.int64)])
-    return Split(torch.cat([split.audio, windows]), labels, split.kinds + [WINDOW_KIND] * len(windows))
+def fold_in(digest: str, audio: Tensor) -> str:
+    """digest extended by audio's samples, hashed from the tensor's memory rather than a bytes copy of it."""
+    heard = hashlib.sha256(audio.contiguous().numpy()).hexdigest()
+    return hashlib.sha256(f"{digest}\t{heard}".encode()).hexdigest()
+
+
+def appended(split: Split, windows: Tensor, *, kind: str, label: int) -> Split:
+    """The split with windows [W, N] appended, all of one kind and label."""
+    labels = torch.cat([split.labels, torch.full((len(windows),), label, dtype=torch.int64)])
+    return Split(torch.cat([split.audio, windows]), labels, split.kinds + [kind] * len(windows))
+
+
+def straddle_windows(positives: Tensor, context: Tensor, *, per_positive: int, seed: int = STRADDLE_SEED) -> Tensor:
+    """Windows [P * per_positive, N] that cut each positive clip of positives [P, N] as a streaming detector hears it.
+
+    Each positive is heard between two consecutive windows of context [W >= 2, N] (long audio), and the window is
+    shifted off the clip by a random STRADDLE_SHIFT fraction of a window, to either side: part of the wake word is in
+    it, and no hard label says whether that is enough. The teacher's soft target is the label.
+    """
+    n_positives, n = positives.shape
+    if len(context) < 2 or context.shape[1] != n:
+        raise ValueError(f"context must be [W >= 2, {n}] windows of long audio, got shape {tuple(context.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    count = n_positives * per_positive
+    before = torch.randint(0, len(context) - 1, (count,), generator=g)  # [M] context window heard before the clip
+    low, high = STRADDLE_SHIFT
+    shift = ((low + (high - low) * torch.rand(count, generator=g)) * n).long()  # [M] samples, in [low, high) * n
+    shift = torch.where(torch.rand(count, generator=g) < 0.5, -shift, shift)  # [M] < 0: the window starts early
+    out = torch.empty(count, n)
+    for m in range(count):
+        clip, s = positives[m // per_positive], int(shift[m])
+        out[m] = torch.cat([context[before[m]][n + s:], clip[:n + s]] if s < 0 else
+                           [clip[s:], context[before[m] + 1][:s]])
+    return out
 
 
 # ---------------------------------------------------------------------------------------- long recordings

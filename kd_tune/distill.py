@@ -29,7 +29,8 @@ def distillation_loss(
 
     alpha is the weight of the distillation term (alpha=1: teacher only). torchdistill's KDLoss uses the opposite
     convention (its alpha weighs the hard-label term). sample_weight [B] weighs the cross-entropy only; the KD term is
-    a plain batch mean. Everything is computed in float32, so fp16/bf16 logits are safe; the teacher gets no gradient.
+    a plain batch mean, over unlabelled clips (label < 0) too: the teacher is their only label. Everything is computed
+    in float32, so fp16/bf16 logits are safe; the teacher gets no gradient.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -55,14 +56,14 @@ def distillation_loss(
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-    """Cross-entropy [B, C] x [B] -> scalar, as sum(w_i * ce_i) / sum(w_i); a plain mean without weights."""
-    cross_entropy = F.cross_entropy(logits.float(), labels, reduction="none")  # [B]
-    if sample_weight is None:
-        return cross_entropy.mean()
-    if sample_weight.shape != cross_entropy.shape:
+    """Cross-entropy [B, C] x [B] -> scalar, as sum(w_i * ce_i) / sum(w_i) over the labelled clips (label >= 0); a
+    plain mean over them without weights, and 0 for a batch with none."""
+    labelled = labels >= 0  # [B]
+    cross_entropy = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")  # [B]
+    if sample_weight is not None and sample_weight.shape != cross_entropy.shape:
         raise ValueError(f"sample_weight must be [B] = {tuple(cross_entropy.shape)}, got {tuple(sample_weight.shape)}")
-    weight = sample_weight.float()  # [B]
-    return (weight * cross_entropy).sum() / weight.sum()
+    weight = labelled.float() if sample_weight is None else sample_weight.float() * labelled  # [B]
+    return (weight * cross_entropy).sum() / weight.sum().clamp(min=torch.finfo().tiny)
 
 
 def _clamp_progress(progress: float) -> float:

@@ -44,7 +44,7 @@ from kd_tune.cache import Job, build_cache, build_shard
 from kd_tune.checkpoint import MANIFEST_NAME
 from kd_tune.config import Config
 from kd_tune.console import SweepProgress, ray_output_to
-from kd_tune.data import WakewordData, load_dataset
+from kd_tune.data import WakewordData, load_data
 from kd_tune.errors import KdTuneError
 from kd_tune.leaderboard import leaderboard, write_leaderboard
 from kd_tune.space import SearchSpace, SpaceSampler
@@ -319,7 +319,7 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     apply_ray_settings()
     store = Storage.from_config(config.storage)
     check_teachers_ready(config, space)
-    data = data or load_dataset(config.data.root)  # once per sweep; every trial gets it from the object store
+    data = data or load_data(config.data)  # once per sweep; every trial gets it from the object store
     check_batching(len(data.train.labels), workers=config.tune.workers_per_trial)
     with sweep_log(store, name, verbose=verbose) as log_path, ray_output_to(log_path):
         started_ray = not ray.is_initialized()

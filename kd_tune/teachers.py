@@ -116,7 +116,7 @@ def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data:
                     {"model": model.state_dict()}, kind=TEACHER_KIND, name=teacher.name, pinned=True,
                     config=config.to_dict(), epoch=epoch, step=step, metrics=metrics or {},
                     extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
-                           "parameters": count_parameters(model), "data_sha256": data.manifest_sha256})
+                           "parameters": count_parameters(model), "data_sha256": data.labelled_sha256})
 
 
 def load_teacher(config: Config, teacher: TeacherConfig) -> nn.Module:
@@ -146,7 +146,7 @@ def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordDat
     extra = manifest.get("extra")
     if not isinstance(extra, dict) or extra.get("teacher") != teacher.model_dump():
         return False
-    if extra.get("data_sha256") != data.manifest_sha256:
+    if extra.get("data_sha256") != data.labelled_sha256:  # straddle windows carry no label: a teacher never sees them
         return False
     # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
     built = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,

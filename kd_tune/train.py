@@ -9,6 +9,7 @@ and the metrics are all-reduced first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import sys
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from kd_tune.cache import cached_teachers
 from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
-from kd_tune.data import WakewordData, load_dataset, negative_stream, sample_weights
+from kd_tune.data import WakewordData, load_data, negative_stream, sample_weights
 from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view
@@ -337,7 +338,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
 
     run_name: the run or sweep trial every checkpoint is saved for (see kd_tune.checkpoint.Identity)."""
     t, d = config.training, config.distillation
-    data = data or load_dataset(config.data.root)
+    data = data or load_data(config.data)
     rank, world = rank_and_world()
     check_batching(len(data.train.labels), workers=world)
     s = prepare(config, data)
@@ -388,9 +389,10 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
                 report: Report | None = None) -> dict[str, float]:
     """Fine-tune one teacher on the labels and save it to <storage>/teachers/<name>; returns its last metrics."""
     t = config.training
-    data = data or load_dataset(config.data.root)
-    check_batching(len(data.train.labels))
-    s = prepare(config, data)
+    data = data or load_data(config.data)
+    labelled = dataclasses.replace(data, train=data.train.labelled())  # a teacher learns from hard labels alone
+    check_batching(len(labelled.train.labels))
+    s = prepare(config, labelled)
     model = initial_teacher(teacher, n_mels=config.features.n_mels).to(s.device)
     if teacher.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
         model.freeze_feature_encoder()  # the convolutional encoder of a speech model: fine-tuning it rarely pays

@@ -20,7 +20,7 @@ import kd_tune.audio as audio_module
 import kd_tune.data as data_module
 import kd_tune.synth as synth
 from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, SPLITS, DataError, Split, WakewordData, check, \
-    load_dataset, negative_stream, sample_weights, scan, split_for
+    STRADDLE_KIND, UNLABELLED, load_dataset, negative_stream, sample_weights, scan, split_for, straddle_windows
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.synth import confusables, synthesize
 
@@ -536,7 +536,7 @@ def data_at(root: Path) -> WakewordData:
     """A data set of one clip per kind in every split, each clip filled with its index, rooted at root."""
     audio = torch.arange(len(KINDS), dtype=torch.float32)[:, None].expand(-1, N_SAMPLES).clone()
     split = Split(audio, torch.tensor([1, 0, 0, 0]), list(KINDS))
-    return WakewordData(split, split, split, skipped=0, root=root, manifest_sha256="0" * 64)
+    return WakewordData(split, split, split, skipped=0, root=root, manifest_sha256="0" * 64, labelled_sha256="0" * 64)
 
 
 def test_long_recordings_are_the_stream_in_name_order_at_16_khz(tmp_path):
@@ -585,3 +585,56 @@ def test_long_train_recordings_are_trained_on_as_negative_windows(tmp_path):
     assert after.manifest_sha256 != before.manifest_sha256
     sf.write(root / LONG_FOLDER / "train" / "000.wav", noise(3.5, 22_050, seed=4), 22_050, subtype="FLOAT")
     assert load_dataset(root).manifest_sha256 not in (before.manifest_sha256, after.manifest_sha256)
+
+
+def test_straddle_windows_cut_each_positive_with_long_audio_on_one_side():
+    # Rule: a straddle window is its positive clip shifted by 10-70% of a window to either side, the gap filled by
+    # the long audio heard just before or just after it; per_positive windows per clip, in clip order, and the same
+    # windows for the same seed (the teacher cache is keyed on them).
+    n = 1000
+    positives = torch.arange(1, 4, dtype=torch.float32)[:, None].expand(-1, n).clone()  # clip p holds p
+    context = -torch.arange(1, 6, dtype=torch.float32)[:, None].expand(-1, n).clone()  # long window w holds -(w + 1)
+    windows = straddle_windows(positives, context, per_positive=4, seed=5)
+    assert windows.shape == (12, n)
+    low, high = data_module.STRADDLE_SHIFT
+    sides = set()
+    for m, window in enumerate(windows):
+        from_clip = window == m // 4 + 1  # [n]
+        assert low * n <= n - int(from_clip.sum()) <= high * n
+        clip_first = bool(from_clip[0])
+        sides.add(clip_first)
+        heard = window[~from_clip]
+        assert heard.unique().numel() == 1 and heard[0] < 0  # one long window fills the gap
+        # the clip is one run at one end: what comes before it ends with it, what comes after starts with it
+        assert torch.equal(from_clip, torch.arange(n) < from_clip.sum() if clip_first else
+                           torch.arange(n) >= n - from_clip.sum())
+    assert sides == {True, False}
+    assert torch.equal(straddle_windows(positives, context, per_positive=4, seed=5), windows)
+    assert not torch.equal(straddle_windows(positives, context, per_positive=4, seed=6), windows)
+    with pytest.raises(ValueError, match=r"\[W >= 2"):
+        straddle_windows(positives, context[:1], per_positive=1)
+
+
+def test_straddle_windows_join_training_unlabelled_and_leave_the_teachers_hash_alone(tmp_path):
+    # Rule: with long/train/ audio, straddles_per_positive windows per training positive follow the long windows,
+    # labelled UNLABELLED; they change the data hash (the teacher cache holds their logits) but not labelled_sha256
+    # (a teacher is fine-tuned without them); Split.labelled() drops them; none without long audio.
+    root = clean_folder(tmp_path)
+    speaker = speakers_in("train", 1)[0]
+    for name, clips in (("positive", 2), ("negative", 1)):
+        for i in range(clips):
+            sf.write(root / name / f"{speaker}_{i}.wav", tone(0.8, 16000, amplitude=0.3 + 0.1 * i), 16000)
+    assert load_dataset(root, straddles_per_positive=2).train.kinds.count(STRADDLE_KIND) == 0
+    (root / LONG_FOLDER / "train").mkdir(parents=True)
+    sf.write(root / LONG_FOLDER / "train" / "000.wav", noise(3.0, 16000, seed=3), 16000)
+    plain, straddled = load_dataset(root), load_dataset(root, straddles_per_positive=2)
+    positives = int((plain.train.labels == 1).sum())
+    assert positives == 2
+    assert straddled.train.kinds == plain.train.kinds + [STRADDLE_KIND] * 2 * positives
+    assert straddled.train.labels[len(plain.train.labels):].eq(UNLABELLED).all()
+    assert torch.equal(straddled.train.audio[:len(plain.train.labels)], plain.train.audio)
+    assert straddled.manifest_sha256 != plain.manifest_sha256
+    assert straddled.labelled_sha256 == plain.labelled_sha256 == plain.manifest_sha256
+    labelled = straddled.train.labelled()
+    assert torch.equal(labelled.audio, plain.train.audio) and torch.equal(labelled.labels, plain.train.labels)
+    assert labelled.kinds == plain.train.kinds

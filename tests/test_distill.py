@@ -64,6 +64,26 @@ def test_weight_two_equals_duplicating_the_sample():
     torch.testing.assert_close(weighted.student_loss, duplicated.student_loss)
 
 
+
+def test_unlabelled_clips_add_to_the_kd_term_alone():
+    # Rule: a clip labelled < 0 (a straddle window) adds nothing to the cross-entropy, weighted or not, and counts in
+    # the KD term like any clip; a batch of unlabelled clips has a student loss of 0, not nan.
+    student, teacher, labels = _logits(seed=1), _logits(seed=2), _labels()
+    weight = torch.linspace(0.5, 2.0, 8)
+    unlabelled = labels.clone()
+    unlabelled[[1, 5]] = -1
+    keep = unlabelled >= 0
+    parts = distillation_loss(student, teacher, unlabelled, alpha=0.5, temperature=2.0, sample_weight=weight)
+    labelled_only = distillation_loss(student[keep], teacher[keep], labels[keep], alpha=0.5, temperature=2.0,
+                                      sample_weight=weight[keep])
+    every_clip = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
+    torch.testing.assert_close(parts.student_loss, labelled_only.student_loss)
+    torch.testing.assert_close(parts.distillation_loss, every_clip.distillation_loss)
+    assert not torch.allclose(parts.distillation_loss, labelled_only.distillation_loss)
+    none = distillation_loss(student, teacher, torch.full((8,), -1), alpha=0.5, temperature=2.0)
+    assert none.student_loss.item() == 0.0 and torch.isfinite(none.total)
+
+
 def test_t_squared_keeps_gradient_scale_for_large_temperature():
     # rule: the T^2 factor makes the KD gradient w.r.t. student logits roughly independent of T
     teacher = _logits(scale=0.5, seed=2)

@@ -343,14 +343,14 @@ HIDING_DRIVER = """
 import shutil, sys
 from kd_tune import cli, sweep
 
-load_dataset = sweep.load_dataset
+load_data = sweep.load_data
 
-def load_then_hide(root):
-    data = load_dataset(root)
-    shutil.move(root, root + ".hidden")
+def load_then_hide(data_config):
+    data = load_data(data_config)
+    shutil.move(data_config.root, data_config.root + ".hidden")
     return data
 
-sweep.load_dataset = load_then_hide
+sweep.load_data = load_then_hide
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -30,7 +30,7 @@ def test_a_pt_source_with_a_pickle_payload_is_refused(tmp_path):
 
 def test_a_saved_teacher_loads_back_and_is_current(small_dataset, tmp_path):
     # Rule: save_teacher stores what load_teacher reads back and what teacher_is_current compares; another data
-    # set or other settings make it stale.
+    # set or other settings make it stale, the straddle windows do not (a teacher never trains on them).
     from kd_tune.data import load_dataset
 
     config = load_config(None, overrides=[f"data.root={small_dataset}", f"storage.root={tmp_path}",
@@ -41,5 +41,7 @@ def test_a_saved_teacher_loads_back_and_is_current(small_dataset, tmp_path):
     loaded = load_teacher(config, teacher)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert teacher_is_current(config, teacher, data)
+    straddled = load_dataset(small_dataset, straddles_per_positive=2)
+    assert straddled.manifest_sha256 != data.manifest_sha256 and teacher_is_current(config, teacher, straddled)
     changed = config.replace({"teachers": [{**teacher.model_dump(), "epochs": teacher.epochs + 1}]})
     assert not teacher_is_current(changed, changed.teacher("cnn"), data)

@@ -14,12 +14,12 @@ from torch import nn
 
 from kd_tune.checkpoint import copy_checkpoint, latest_checkpoint, load_checkpoint, verify_checkpoint
 from kd_tune.config import Config, ConfigError, load_config
-from kd_tune.data import Split, load_dataset
+from kd_tune.data import STRADDLE_KIND, Split, load_data, load_dataset
 from kd_tune.distill import combine_teachers
 from kd_tune.features import N_SAMPLES, LogMel, front_end, render_view
 from kd_tune.metrics import METRICS
 from kd_tune.models import build_teacher
-from kd_tune.teachers import TeacherEnsemble, load_teacher
+from kd_tune.teachers import TeacherEnsemble, load_teacher, teacher_store
 from kd_tune.train import (
     NonFiniteLossError,
     TooFewClipsError,
@@ -31,6 +31,7 @@ from kd_tune.train import (
     lr_at,
     optimizer_step,
     probe_batch_size,
+    steps_per_epoch,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -369,6 +370,22 @@ def test_alpha_zero_is_the_student_loss_and_alpha_one_the_distillation_loss(conf
     (metrics,) = report.metrics
     assert metrics["alpha"] == alpha and metrics[equal_to] > 0
     assert metrics["total_loss"] == pytest.approx(metrics[equal_to], rel=1e-9)
+
+
+
+def test_straddle_windows_train_the_student_and_never_the_teacher(config, tmp_path):
+    # rule: fit takes steps over every training clip, straddle windows included (the teacher is their label);
+    # fit_teacher leaves them out, so its steps are those of the labelled clips alone
+    straddling = tiny_config(Path(config.data.root), tmp_path, "data.straddles_per_positive=2", "training.epochs=1")
+    data = load_data(straddling.data)
+    teacher = straddling.teacher("cnn")
+    assert data.train.kinds.count(STRADDLE_KIND) > 0
+    fit_teacher(straddling, teacher, data=data)
+    manifest = verify_checkpoint(teacher_store(straddling), teacher.name)
+    assert manifest["step"] == teacher.epochs * steps_per_epoch(len(data.train.labelled().labels), teacher.batch_size)
+    report = KeepCheckpoints(tmp_path / "student")
+    fit(straddling, report, data=data)
+    assert report.metrics[-1]["step"] == steps_per_epoch(len(data.train.labels), 32)
 
 
 def test_nan_audio_stops_fit_after_max_nonfinite_steps(config, data, tmp_path):
