@@ -8,9 +8,10 @@ costs nothing; an unusable file is skipped and counted, never the end of a run.
 Long negative recordings, `<root>/long/<split>/*.wav`, are hours of audio without the wake word, read in name order
 (kd_tune.audio). Those of val and test are the audio false activations per hour are counted on: a detector that must
 fire at most once an hour is only measured on hours. Those of train are cut into consecutive windows and trained on as
-negatives: the clips hold minutes of negatives, and a detector learns what it must not fire on from hours. A split
-without recordings falls back to its negative and background clips joined end to end, never its hard negatives:
-"hey" then "nova" would join into the wake word.
+negatives: the clips hold minutes of negatives, and a detector learns what it must not fire on from hours. They also
+make the straddle windows: training positives heard inside that audio and cut at the window's edge, labelled
+UNLABELLED, for the teacher to label (`straddle_windows`). A split without recordings falls back to its negative and
+background clips joined end to end, never its hard negatives: "hey" then "nova" would join into the wake word.
 """
 
 from __future__ import annotations
@@ -339,7 +340,7 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_
         splits["train"] = appended(splits["train"], windows, kind=WINDOW_KIND, label=0)
         digest = fold_in(digest, windows)
     labelled = digest
-    if straddles_per_positive and len(windows) >= 2:
+    if straddles_per_positive and len(windows):
         straddles = straddle_windows(splits["train"].audio[splits["train"].labels == 1], windows,
                                      per_positive=straddles_per_positive)  # [P * per_positive, n_samples]
         splits["train"] = appended(splits["train"], straddles, kind=STRADDLE_KIND, label=UNLABELLED)
@@ -362,24 +363,23 @@ def appended(split: Split, windows: Tensor, *, kind: str, label: int) -> Split:
 def straddle_windows(positives: Tensor, context: Tensor, *, per_positive: int, seed: int = STRADDLE_SEED) -> Tensor:
     """Windows [P * per_positive, N] that cut each positive clip of positives [P, N] as a streaming detector hears it.
 
-    Each positive is heard between two consecutive windows of context [W >= 2, N] (long audio), and the window is
-    shifted off the clip by a random STRADDLE_SHIFT fraction of a window, to either side: part of the wake word is in
-    it, and no hard label says whether that is enough. The teacher's soft target is the label.
+    Each window is shifted off its clip by a random STRADDLE_SHIFT fraction of a window, to either side, and the gap
+    is filled with a random window of context [W >= 1, N] (long audio): part of the wake word is in it, and no hard
+    label says whether that is enough. The teacher's soft target is the label.
     """
     n_positives, n = positives.shape
-    if len(context) < 2 or context.shape[1] != n:
-        raise ValueError(f"context must be [W >= 2, {n}] windows of long audio, got shape {tuple(context.shape)}")
+    if len(context) < 1 or context.shape[1] != n:
+        raise ValueError(f"context must be [W >= 1, {n}] windows of long audio, got shape {tuple(context.shape)}")
     g = torch.Generator().manual_seed(seed)
     count = n_positives * per_positive
-    before = torch.randint(0, len(context) - 1, (count,), generator=g)  # [M] context window heard before the clip
+    heard = torch.randint(0, len(context), (count,), generator=g)  # [M] the context window that fills the gap
     low, high = STRADDLE_SHIFT
     shift = ((low + (high - low) * torch.rand(count, generator=g)) * n).long()  # [M] samples, in [low, high) * n
     shift = torch.where(torch.rand(count, generator=g) < 0.5, -shift, shift)  # [M] < 0: the window starts early
     out = torch.empty(count, n)
     for m in range(count):
-        clip, s = positives[m // per_positive], int(shift[m])
-        out[m] = torch.cat([context[before[m]][n + s:], clip[:n + s]] if s < 0 else
-                           [clip[s:], context[before[m] + 1][:s]])
+        clip, gap, s = positives[m // per_positive], context[heard[m]], int(shift[m])
+        out[m] = torch.cat([gap[n + s:], clip[:n + s]] if s < 0 else [clip[s:], gap[:s]])
     return out
 
 

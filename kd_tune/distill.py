@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_tune.config import ALPHA_SCHEDULES, TEACHER_COMBINATIONS, TEMPERATURE_SCHEDULES  # noqa: F401 (re-exported)
+from kd_tune.data import UNLABELLED
 
 
 class LossParts(NamedTuple):
@@ -29,8 +30,8 @@ def distillation_loss(
 
     alpha is the weight of the distillation term (alpha=1: teacher only). torchdistill's KDLoss uses the opposite
     convention (its alpha weighs the hard-label term). sample_weight [B] weighs the cross-entropy only; the KD term is
-    a plain batch mean, over unlabelled clips (label < 0) too: the teacher is their only label. Everything is computed
-    in float32, so fp16/bf16 logits are safe; the teacher gets no gradient.
+    a plain batch mean, over clips labelled UNLABELLED too: the teacher is their only label. Everything is computed in
+    float32, so fp16/bf16 logits are safe; the teacher gets no gradient.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -56,10 +57,11 @@ def distillation_loss(
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-    """Cross-entropy [B, C] x [B] -> scalar, as sum(w_i * ce_i) / sum(w_i) over the labelled clips (label >= 0); a
-    plain mean over them without weights, and 0 for a batch with none."""
-    labelled = labels >= 0  # [B]
-    cross_entropy = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")  # [B]
+    """Cross-entropy [B, C] x [B] -> scalar, as sum(w_i * ce_i) / sum(w_i) over the labelled clips (label not
+    UNLABELLED); a plain mean over them without weights, and 0 for a batch with none."""
+    labelled = labels != UNLABELLED  # [B]
+    # any other label out of range still fails in cross_entropy
+    cross_entropy = F.cross_entropy(logits.float(), labels.masked_fill(~labelled, 0), reduction="none")  # [B]
     if sample_weight is not None and sample_weight.shape != cross_entropy.shape:
         raise ValueError(f"sample_weight must be [B] = {tuple(cross_entropy.shape)}, got {tuple(sample_weight.shape)}")
     weight = labelled.float() if sample_weight is None else sample_weight.float() * labelled  # [B]

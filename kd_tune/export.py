@@ -211,7 +211,7 @@ def validation_set(config: Config, student: nn.Module, log_mel: LogMel,
     t = config.training
     return Validation(clips.numpy(), val.labels.numpy(), stream.float().numpy(), reference, SAMPLE_RATE,
                       round(t.eval_hop_ms * SAMPLE_RATE / 1000), t.target_fa_per_hour, t.refractory_seconds,
-                      {"root": str(data.root), "manifest_sha256": data.manifest_sha256})
+                      {"root": str(data.root), "manifest_sha256": data.labelled_sha256})
 
 
 def max_abs_diff(reference, candidate) -> float:

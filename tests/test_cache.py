@@ -1,5 +1,6 @@
 """The teacher-output cache: same losses as live teachers, keyed, verified, resumable, built the same on Ray."""
 
+import dataclasses
 import shutil
 import tempfile
 import threading
@@ -11,7 +12,7 @@ import torch
 from kd_tune import cache
 from kd_tune.checkpoint import MANIFEST_NAME, CheckpointError, load_checkpoint
 from kd_tune.config import validate
-from kd_tune.data import load_dataset
+from kd_tune.data import STRADDLE_KIND, UNLABELLED, Split, load_dataset
 from kd_tune.features import front_end, render_view
 from kd_tune.teachers import load_teacher
 from kd_tune.train import fit, fit_teacher
@@ -104,6 +105,29 @@ def test_cached_logits_are_the_teacher_on_the_rendered_view(config, data):
         audio = data.train.audio if view is None else render_view(data.train.audio, augment, view=view, seed=0)
         expected = cache.teacher_logits(teacher, audio[index], log_mel, batch_size=32, device=torch.device("cpu"))
         assert torch.allclose(teachers({"waveform": audio[index]}, view=view, index=index), expected, atol=1e-6)
+
+
+def test_straddle_windows_are_cached_under_their_own_key_and_distilled_on(config, data):
+    # Rule: the straddle windows change the cache key (the set without them keeps its own) and get cache rows of the
+    # teacher's logits like any clip; distilling from them alone at alpha = 1 trains on the KD term only.
+    straddled = load_dataset(data.root, straddles_per_positive=2)
+    teacher = config.teacher("cnn")
+    assert cache.cache_key(config, teacher, straddled) != cache.cache_key(config, teacher, data)
+    cache.build_cache(config, ["cnn"], data=straddled)
+    teachers = cache.CachedTeachers.load(config, straddled)
+    assert teachers.logits.shape[2] == len(straddled.train.labels)
+    index = torch.arange(len(straddled.train.labels) - 3, len(straddled.train.labels))  # the last straddle windows
+    expected = cache.teacher_logits(load_teacher(config, teacher), straddled.train.audio[index],
+                                    front_end(config, data.train.of_kind("background"), torch.device("cpu"))[0],
+                                    batch_size=32, device=torch.device("cpu"))
+    assert torch.allclose(teachers({"waveform": straddled.train.audio[index]}, view=None, index=index), expected,
+                          atol=1e-6)
+    mask = straddled.train.labels == UNLABELLED
+    only = dataclasses.replace(straddled, train=Split(straddled.train.audio[mask], straddled.train.labels[mask],
+                                                      [STRADDLE_KIND] * int(mask.sum())))
+    (losses,) = fit_losses(make_config(data.root, config.storage.root,
+                                       distillation={"alpha_start": 1.0, "alpha_end": 1.0}), only)
+    assert losses["student_loss"] == 0.0 and losses["distillation_loss"] > 0
 
 
 @pytest.mark.parametrize("change", [{"augment": {"views": 2, "gain_db": 3.0}}, {"training": {"seed": 1}}],

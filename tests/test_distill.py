@@ -82,6 +82,9 @@ def test_unlabelled_clips_add_to_the_kd_term_alone():
     assert not torch.allclose(parts.distillation_loss, labelled_only.distillation_loss)
     none = distillation_loss(student, teacher, torch.full((8,), -1), alpha=0.5, temperature=2.0)
     assert none.student_loss.item() == 0.0 and torch.isfinite(none.total)
+    unlabelled[1] = -2  # only UNLABELLED is skipped: any other label out of range is still an error
+    with pytest.raises(IndexError, match="-2"):
+        distillation_loss(student, teacher, unlabelled, alpha=0.5, temperature=2.0)
 
 
 def test_t_squared_keeps_gradient_scale_for_large_temperature():
