@@ -361,11 +361,12 @@ def appended(split: Split, windows: Tensor, *, kind: str, label: int) -> Split:
 
 
 def straddle_windows(positives: Tensor, context: Tensor, *, per_positive: int, seed: int = STRADDLE_SEED) -> Tensor:
-    """Windows [P * per_positive, N] that cut each positive clip of positives [P, N] as a streaming detector hears it.
+    """Windows [min(P * per_positive, W), N] that cut the positive clips [P, N] as a streaming detector hears them.
 
     Each window is shifted off its clip by a random STRADDLE_SHIFT fraction of a window, to either side, and the gap
     is filled with a random window of context [W >= 1, N] (long audio): part of the wake word is in it, and no hard
-    label says whether that is enough. The teacher's soft target is the label.
+    label says whether that is enough. The teacher's soft target is the label. At most W windows, a seeded choice:
+    a few seconds of long audio would otherwise fill every gap with the same sounds.
     """
     n_positives, n = positives.shape
     if len(context) < 1 or context.shape[1] != n:
@@ -376,10 +377,12 @@ def straddle_windows(positives: Tensor, context: Tensor, *, per_positive: int, s
     low, high = STRADDLE_SHIFT
     shift = ((low + (high - low) * torch.rand(count, generator=g)) * n).long()  # [M] samples, in [low, high) * n
     shift = torch.where(torch.rand(count, generator=g) < 0.5, -shift, shift)  # [M] < 0: the window starts early
-    out = torch.empty(count, n)
-    for m in range(count):
+    kept = torch.randperm(count, generator=g)[:len(context)].sort().values.tolist() if count > len(context) else \
+        range(count)
+    out = torch.empty(len(kept), n)
+    for row, m in enumerate(kept):
         clip, gap, s = positives[m // per_positive], context[heard[m]], int(shift[m])
-        out[m] = torch.cat([gap[n + s:], clip[:n + s]] if s < 0 else [clip[s:], gap[:s]])
+        out[row] = torch.cat([gap[n + s:], clip[:n + s]] if s < 0 else [clip[s:], gap[:s]])
     return out
 
 

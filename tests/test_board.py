@@ -207,8 +207,7 @@ def test_a_real_sweep_shows_in_hparams_what_the_leaderboard_shows(small_dataset,
     # Rule: after a real sweep (`kd-tune sweep` on a real Ray cluster, 2 trials of 2 epochs), each trial's folder
     # names its teacher and schedule and gives the leaderboard's trial id back; every trial holds the same HParams
     # experiment and a value for every searched hyperparameter; its trial_best/* scalars equal its leaderboard row.
-    # Ray orchestration under test: the cheapest training, without straddle windows (tests of data, cache, train)
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small", "straddles_per_positive": 0},
+    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1}],
            "training": {"epochs": 2, "batch_size": 32},
            "tune": {"num_samples": 2, "max_concurrent_trials": 1, "asha_grace_period": 2},

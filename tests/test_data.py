@@ -590,10 +590,10 @@ def test_long_train_recordings_are_trained_on_as_negative_windows(tmp_path):
 def test_straddle_windows_cut_each_positive_with_long_audio_on_one_side():
     # Rule: a straddle window is its positive clip shifted by 10-70% of a window to either side, the gap filled by
     # one window of long audio; per_positive windows per clip, in clip order, and the same windows for the same seed
-    # (the teacher cache is keyed on them); even one window of long audio is enough.
+    # (the teacher cache is keyed on them); never more windows than the long audio holds, and one is enough.
     n = 1000
     positives = torch.arange(1, 4, dtype=torch.float32)[:, None].expand(-1, n).clone()  # clip p holds p
-    context = -torch.arange(1, 6, dtype=torch.float32)[:, None].expand(-1, n).clone()  # long window w holds -(w + 1)
+    context = -torch.arange(1, 13, dtype=torch.float32)[:, None].expand(-1, n).clone()  # long window w holds -(w + 1)
     windows = straddle_windows(positives, context, per_positive=4, seed=5)
     assert windows.shape == (12, n)
     low, high = data_module.STRADDLE_SHIFT
@@ -611,7 +611,9 @@ def test_straddle_windows_cut_each_positive_with_long_audio_on_one_side():
     assert sides == {True, False}
     assert torch.equal(straddle_windows(positives, context, per_positive=4, seed=5), windows)
     assert not torch.equal(straddle_windows(positives, context, per_positive=4, seed=6), windows)
-    assert straddle_windows(positives, context[:1], per_positive=1).lt(0).any(dim=1).all()
+    capped = straddle_windows(positives, context[:5], per_positive=4)
+    assert capped.shape == (5, n) and capped.lt(0).any(dim=1).all() and capped.gt(0).any(dim=1).all()
+    assert straddle_windows(positives, context[:1], per_positive=1).shape == (1, n)
     with pytest.raises(ValueError, match=r"\[W >= 1"):
         straddle_windows(positives, context[:0], per_positive=1)
 
@@ -627,7 +629,7 @@ def test_straddle_windows_join_training_unlabelled_and_leave_the_teachers_hash_a
             sf.write(root / name / f"{speaker}_{i}.wav", tone(0.8, 16000, amplitude=0.3 + 0.1 * i), 16000)
     assert load_dataset(root, straddles_per_positive=2).train.kinds.count(STRADDLE_KIND) == 0
     (root / LONG_FOLDER / "train").mkdir(parents=True)
-    sf.write(root / LONG_FOLDER / "train" / "000.wav", noise(3.0, 16000, seed=3), 16000)
+    sf.write(root / LONG_FOLDER / "train" / "000.wav", noise(5.0, 16000, seed=3), 16000)  # room for 4 windows
     plain, straddled = load_dataset(root), load_dataset(root, straddles_per_positive=2)
     positives = int((plain.train.labels == 1).sum())
     assert positives == 2

@@ -34,8 +34,7 @@ def cluster():
 def fault_config(small_dataset, tmp_path_factory):
     """Sweeps of one trial at a time, EPOCHS epochs each, that ASHA never stops early."""
     work = tmp_path_factory.mktemp("faults")
-    # Ray orchestration under test: the cheapest training, without straddle windows (tests of data, cache, train)
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small", "straddles_per_positive": 0},
+    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1},
                         {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
            "training": {"epochs": EPOCHS, "batch_size": 32},

@@ -40,8 +40,7 @@ def bucket_config(small_dataset, moto_s3, tmp_path_factory):
         bucket = "kd-multinode"
         pafs.S3FileSystem(endpoint_override=moto_s3.split("://")[1], scheme="http", region="us-east-1",
                           allow_bucket_creation=True).create_dir(bucket)
-        # Ray orchestration under test: the cheapest training, without straddle windows (tests of data, cache, train)
-        raw = {"data": {"root": str(small_dataset), "synth_size": "small", "straddles_per_positive": 0},
+        raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
                "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1},
                             {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
                "training": {"epochs": 4, "batch_size": 32},

@@ -91,8 +91,7 @@ def sweep_config(small_dataset, bucket, moto_s3, tmp_path_factory):
     from kd_tune.data import load_dataset
     from kd_tune.train import fit_teacher
 
-    # Ray orchestration under test: the cheapest training, without straddle windows (tests of data, cache, train)
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small", "straddles_per_positive": 0},
+    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 2},
                         {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
            "training": {"epochs": 3, "batch_size": 32},

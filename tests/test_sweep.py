@@ -201,8 +201,7 @@ def cluster():
 def sweep_config(small_dataset, tmp_path_factory):
     """A config for fast sweeps over two tiny, already fine-tuned teachers."""
     work = tmp_path_factory.mktemp("sweep")
-    # Ray orchestration under test: the cheapest training, without straddle windows (tests of data, cache, train)
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small", "straddles_per_positive": 0},
+    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 2},
                         {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
            "training": {"epochs": 3, "batch_size": 32},
