@@ -342,7 +342,7 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_
     labelled = digest
     if straddles_per_positive and len(windows):
         straddles = straddle_windows(splits["train"].audio[splits["train"].labels == 1], windows,
-                                     per_positive=straddles_per_positive)  # [P * per_positive, n_samples]
+                                     per_positive=straddles_per_positive)  # [min(P * per_positive, W), n_samples]
         splits["train"] = appended(splits["train"], straddles, kind=STRADDLE_KIND, label=UNLABELLED)
         digest = fold_in(digest, straddles)
     return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest, labelled_sha256=labelled)
@@ -377,8 +377,8 @@ def straddle_windows(positives: Tensor, context: Tensor, *, per_positive: int, s
     low, high = STRADDLE_SHIFT
     shift = ((low + (high - low) * torch.rand(count, generator=g)) * n).long()  # [M] samples, in [low, high) * n
     shift = torch.where(torch.rand(count, generator=g) < 0.5, -shift, shift)  # [M] < 0: the window starts early
-    kept = torch.randperm(count, generator=g)[:len(context)].sort().values.tolist() if count > len(context) else \
-        range(count)
+    # drawn last, so the cap never changes the other draws; with count <= W it keeps every window, in order
+    kept = torch.randperm(count, generator=g)[:len(context)].sort().values.tolist()  # [min(M, W)]
     out = torch.empty(len(kept), n)
     for row, m in enumerate(kept):
         clip, gap, s = positives[m // per_positive], context[heard[m]], int(shift[m])
