@@ -171,16 +171,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from kd_tune.compare import compare, table
-    from kd_tune.config import validate
+    from kd_tune.config import apply_overrides, validate
     from kd_tune.export import locate_source
 
     if not 1 <= args.seeds <= 100:
         print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
         return EXIT_INVALID
     config = _config(args, check_paths=not args.best_of)  # --best-of: only its storage settings are used
-    if args.best_of:  # that trial's whole setting: schedules, temperature, student, learning rate
+    if args.best_of:  # that trial's whole setting (schedules, temperature, student), then --set on top of it
         manifest = locate_source(args.best_of, config).load().manifest
-        config = validate(manifest["config"], source=f"{args.best_of}'s best trial")
+        config = validate(apply_overrides(manifest["config"], args.set), source=f"{args.best_of}'s best trial")
     teachers = args.teachers or [t.name for t in config.teachers]
     out = Path(args.out)
     rows = compare(config, teachers, seeds=args.seeds, name=args.name, out=out)

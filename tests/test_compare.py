@@ -35,7 +35,8 @@ def test_the_table_gives_mean_and_spread_over_seeds():
 def test_compare_trains_exports_and_evaluates_every_arm_at_every_seed(tmp_path, small_dataset, monkeypatch):
     # Rule: `kd-tune compare` runs each arm at each seed at equal budget (same epochs, data, student), exports its
     # best epoch and measures it on the test split; the rows, the table and each run's saved config agree. With
-    # --best-of it takes a trained run's whole setting and needs nothing of the embedded default (no data.root).
+    # --best-of it takes a trained run's whole setting, needs nothing of the embedded default (no data.root), and
+    # --set changes that setting (a lever measured on the best trial), never silently ignored.
     config = load_config(None, overrides=[
         f"data.root={small_dataset}", f"storage.root={tmp_path / 'runs'}",
         "teachers=[{name: cnn, arch: cnn, source: tiny, epochs: 1}]", "training.epochs=2", "training.batch_size=8",
@@ -59,8 +60,9 @@ def test_compare_trains_exports_and_evaluates_every_arm_at_every_seed(tmp_path, 
     assert f"| {NO_KD} | 2 | {statistics.fmean(no_kd):.3f} ± {statistics.stdev(no_kd):.3f} |" in markdown
     monkeypatch.chdir(tmp_path)  # the default's data/hey_nova does not exist here
     best = tmp_path / "runs" / "compare" / "KD_cnn_seed0" / "checkpoints" / f"epoch_{rows[1]['best_epoch']:04d}"
-    assert main(["compare", "--best-of", str(best), "--seeds", "1", "--name", "again", "--out", "again"]) == 0
+    assert main(["compare", "--best-of", str(best), "--seeds", "1", "--name", "again", "--out", "again",
+                 "--set", "training.epochs=1"]) == 0
     again = json.loads((tmp_path / "again" / "compare.json").read_text())
     assert [r["arm"] for r in again] == [NO_KD, "KD cnn"]
     saved = yaml.safe_load((tmp_path / "runs" / "again" / "KD_cnn_seed0" / "config.yaml").read_text())
-    assert saved["distillation"]["alpha_start"] == 0.7 and saved["training"]["epochs"] == 2
+    assert saved["distillation"]["alpha_start"] == 0.7 and saved["training"]["epochs"] == 1
