@@ -27,6 +27,7 @@ from kd_tune.storage import Storage
 
 LEGACY_SUFFIXES = (".pt", ".pth")
 TEACHER_KIND = "teacher"
+TEACHER_RECIPE = ("features", "augment")  # config sections a teacher's fine-tuning reads besides its own
 WEIGHTS_ONLY = "allowed: safetensors weights, or a plain state dict that torch's weights-only loader reads"
 
 
@@ -138,7 +139,8 @@ def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
 
 
 def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordData) -> bool:
-    """True when the stored teacher was fine-tuned with these settings on this exact data (and verifies)."""
+    """True when the stored teacher was fine-tuned with these settings (its own, the front end's and the
+    augmentation's) on this exact data, and verifies."""
     try:
         manifest = verify_checkpoint(teacher_store(config), teacher.name, expect=teacher_identity(teacher))
     except (CheckpointError, FileNotFoundError):
@@ -147,6 +149,10 @@ def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordDat
     if not isinstance(extra, dict) or extra.get("teacher") != teacher.model_dump():
         return False
     if extra.get("data_sha256") != data.labelled_sha256:  # straddle windows carry no label: a teacher never sees them
+        return False
+    # The same teacher settings with another front end or augmentation are another recipe, so another teacher.
+    trained_with, now = manifest.get("config") or {}, config.to_dict()
+    if any(trained_with.get(section) != now[section] for section in TEACHER_RECIPE):
         return False
     # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
     built = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,

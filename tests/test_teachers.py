@@ -30,7 +30,8 @@ def test_a_pt_source_with_a_pickle_payload_is_refused(tmp_path):
 
 def test_a_saved_teacher_loads_back_and_is_current(small_dataset, tmp_path):
     # Rule: save_teacher stores what load_teacher reads back and what teacher_is_current compares; another data
-    # set or other settings make it stale, the straddle windows do not (a teacher never trains on them).
+    # set, other teacher settings or another augmentation make it stale, the straddle windows and the student's
+    # settings do not (a teacher never trains on them).
     from kd_tune.data import load_dataset
 
     config = load_config(None, overrides=[f"data.root={small_dataset}", f"storage.root={tmp_path}",
@@ -45,3 +46,5 @@ def test_a_saved_teacher_loads_back_and_is_current(small_dataset, tmp_path):
     assert straddled.manifest_sha256 != data.manifest_sha256 and teacher_is_current(config, teacher, straddled)
     changed = config.replace({"teachers": [{**teacher.model_dump(), "epochs": teacher.epochs + 1}]})
     assert not teacher_is_current(changed, changed.teacher("cnn"), data)
+    assert not teacher_is_current(config.replace({"augment.enabled": not config.augment.enabled}), teacher, data)
+    assert teacher_is_current(config.replace({"student.width": 0.5, "training.epochs": 1}), teacher, data)
