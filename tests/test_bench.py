@@ -41,7 +41,7 @@ def check_figures(report: dict, parts: dict) -> None:
 def test_bench_reports_every_figure(small_dataset, tmp_path):
     # Rule: the bench reports every figure of its parts, numbers finite and positive, in its table too, and the
     # cached and live teachers' losses are equal.
-    config = validate({"data": {"root": str(small_dataset)}, "augment": {"views": 2},
+    config = validate({"data": {"root": str(small_dataset)}, "augment": {"enabled": True, "views": 2},
                        "training": {"batch_size": 16, "device": "cpu"}, "storage": {"root": str(tmp_path)}})
     report = run_bench(config, clips=32, teacher_source="tiny", with_ray=False)
     parts = {part: fields for part, fields in FIELDS.items() if part != "ray_vs_plain"}
@@ -56,8 +56,8 @@ def test_bench_json_with_ray_is_clean_json_on_stdout(small_dataset, tmp_path):
     # the trial's workers print (Ray forwards worker output to the driver's stdout unless told not to).
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "kd_tune", "bench", "--json", "--clips", "32", "--teacher-source",
-                          "tiny", "--set", f"data.root={small_dataset}", "--set", "augment.views=2", "--set",
-                          "training.batch_size=16", "--set", "training.device=cpu", "--set",
+                          "tiny", "--set", f"data.root={small_dataset}", "--set", "augment.enabled=true", "--set",
+                          "augment.views=2", "--set", "training.batch_size=16", "--set", "training.device=cpu", "--set",
                           f"storage.root={tmp_path}"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]
     check_figures(json.loads(out.stdout), FIELDS)

@@ -25,7 +25,7 @@ def make_config(data_root, storage_root, **sections):
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1},
                         {"name": "w2v", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
            "distillation": {"teachers": ["cnn"]},
-           "augment": {"views": 2},
+           "augment": {"enabled": True, "views": 2},  # views exist only with augmentation on
            "training": {"epochs": 1, "batch_size": 32, "device": "cpu"},
            "storage": {"root": str(storage_root)}}
     for section, values in sections.items():

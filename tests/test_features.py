@@ -354,7 +354,7 @@ def test_noise_without_any_kind_is_refused():
 
 def test_front_end_builds_augment_from_the_config():
     # Rule: front_end's Augment carries the config's augment settings; augment.enabled=false gives none.
-    config = validate({"augment": {"eq_prob": 0.7, "bits_min": 9}})
+    config = validate({"augment": {"enabled": True, "eq_prob": 0.7, "bits_min": 9}})
     _, augment, _ = front_end(config, torch.zeros(0, N_SAMPLES), torch.device("cpu"))
     assert augment.settings == config.augment
     off = validate({"augment": {"enabled": False}})

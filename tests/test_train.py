@@ -153,7 +153,7 @@ def test_a_split_or_batch_too_small_to_train_is_refused_before_training(small_da
 
 def test_render_view_is_a_pure_function_of_seed_and_view(small_dataset, data, tmp_path):
     # rule: the same (seed, view) gives the same audio, another view other audio, no augmentation the audio itself
-    config = tiny_config(small_dataset, tmp_path)
+    config = tiny_config(small_dataset, tmp_path, "augment.enabled=true")
     _, augment, _ = front_end(config, data.train.of_kind("background"), CPU)
     audio = data.train.audio[:8]  # [8, N_SAMPLES]
     first = render_view(audio, augment, view=1, seed=0)
