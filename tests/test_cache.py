@@ -246,4 +246,7 @@ def test_ray_build_makes_the_same_shards_as_the_in_process_build(config, data, t
             assert a.manifest["extra"] == b.manifest["extra"]
             for stem in a.tensors:
                 for tensor, other in zip(a.tensors[stem].values(), b.tensors[stem].values()):
-                    assert torch.allclose(tensor, other, atol=1e-6), (name, shard)
+                    # Equal to float32 rounding, not bit for bit: a Ray task runs with OMP_NUM_THREADS=1, the
+                    # driver with every core, and oneDNN sums a convolution in another order by thread count (logits
+                    # 5.7e-6 apart on an AVX-512 Xeon, identical on other machines).
+                    torch.testing.assert_close(tensor, other, rtol=1e-4, atol=1e-5, msg=f"{name}/{shard}")
