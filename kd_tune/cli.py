@@ -177,10 +177,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not 1 <= args.seeds <= 100:
         print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
         return EXIT_INVALID
-    config = _config(args, check_paths=not args.best_of)  # --best-of: only its storage settings are used
-    if args.best_of:  # that trial's whole setting (schedules, temperature, student), then --set on top of it
-        manifest = locate_source(args.best_of, config).load().manifest
-        config = validate(apply_overrides(manifest["config"], args.set), source=f"{args.best_of}'s best trial")
+    if args.best_of:  # that trial's whole setting (schedules, temperature, student), then --set on top of it;
+        # the config only locates the trial, so a bad --set is named as the trial's, not the config's
+        storage = [item for item in args.set if item.startswith("storage.")]
+        trial = locate_source(args.best_of, load_config(args.config, overrides=storage, check_paths=False))
+        config = validate(apply_overrides(trial.load().manifest["config"], args.set),
+                          source=f"{args.best_of}'s best trial")
+    else:
+        config = _config(args)
     teachers = args.teachers or [t.name for t in config.teachers]
     out = Path(args.out)
     rows = compare(config, teachers, seeds=args.seeds, name=args.name, out=out)

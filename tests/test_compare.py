@@ -32,7 +32,8 @@ def test_the_table_gives_mean_and_spread_over_seeds():
 
 
 @pytest.mark.slow
-def test_compare_trains_exports_and_evaluates_every_arm_at_every_seed(tmp_path, small_dataset, monkeypatch):
+def test_compare_trains_exports_and_evaluates_every_arm_at_every_seed(tmp_path, small_dataset, monkeypatch,
+                                                                         capsys):
     # Rule: `kd-tune compare` runs each arm at each seed at equal budget (same epochs, data, student), exports its
     # best epoch and measures it on the test split; the rows, the table and each run's saved config agree. With
     # --best-of it takes a trained run's whole setting, needs nothing of the embedded default (no data.root), and
@@ -66,3 +67,8 @@ def test_compare_trains_exports_and_evaluates_every_arm_at_every_seed(tmp_path, 
     assert [r["arm"] for r in again] == [NO_KD, "KD cnn"]
     saved = yaml.safe_load((tmp_path / "runs" / "again" / "KD_cnn_seed0" / "config.yaml").read_text())
     assert saved["distillation"]["alpha_start"] == 0.7 and saved["training"]["epochs"] == 1
+    # A --set the trial's setting refuses is the trial's error (exit 2, one line), not the embedded default's.
+    capsys.readouterr()
+    assert main(["compare", "--best-of", str(best), "--set", "training.epochs=0"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"{best}'s best trial" in error and "training.epochs" in error
