@@ -4,14 +4,13 @@ The driver loads the data set once, puts it in Ray's object store, builds the te
 runs a Tuner over `run_trial`. TensorBoard gets one run per trial with readable tags (kd_tune.metrics.METRICS).
 
 A sweep never waits on what cannot come: a trial larger than the cluster is refused before it starts, and the
-placement groups that dead drivers left behind (they hold CPUs forever) are removed when a sweep starts and ends.
+placement groups nobody will remove (kd_tune.placement) are removed when it starts, while it runs and when it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -35,9 +34,7 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
-from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from ray.util.state import list_actors, list_jobs, list_placement_groups
 
 from kd_tune.board import TensorBoardCallback
 from kd_tune.cache import Job, build_cache, build_shard
@@ -47,6 +44,7 @@ from kd_tune.console import SweepProgress, ray_output_to
 from kd_tune.data import WakewordData, load_data
 from kd_tune.errors import KdTuneError
 from kd_tune.leaderboard import leaderboard, write_leaderboard
+from kd_tune.placement import remove_orphans, removing_lost
 from kd_tune.space import SearchSpace, SpaceSampler
 from kd_tune.storage import Storage, write_text
 from kd_tune.teachers import teacher_store
@@ -64,8 +62,6 @@ CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURI
 RAY_SETTINGS = {"TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-STATE_LIST_LIMIT = 10_000  # the State API lists 100 entries unless told otherwise, and 10,000 at most
-ENDED_JOB_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # written by Ray's monitor (autoscaler v1)
 AUTOSCALER_V2_KEY = ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY
 AUTOSCALER_NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
@@ -162,38 +158,6 @@ def check_trial_fits(config: Config) -> float:
     raise SweepError(f"{field}: a trial needs {c.workers_per_trial} Train worker(s) of {worker}, more than the "
                      f"cluster holds (largest node: {largest}); allowed: workers_per_trial x cpus_per_worker "
                      "(and a GPU each with use_gpu) that the cluster's nodes fit")
-
-
-def orphans(groups: list[dict], *, ended_jobs: set[str], own_job: str | None = None,
-            occupied: set[str] = frozenset()) -> list[dict]:
-    """The placement groups nobody will remove: CREATED, not detached, made by a job that has ended, or with
-    own_job (a sweep whose trials are all over) by this driver's job and holding no live actor."""
-    return [g for g in groups if g["state"] == "CREATED" and not g.get("is_detached") and (
-        g["creator_job_id"] in ended_jobs
-        or (g["creator_job_id"] == own_job and g["placement_group_id"] not in occupied))]
-
-
-def remove_orphan_placement_groups(*, own_job: bool = False) -> list[str]:
-    """Remove the placement groups of `orphans` (Train's can outlive their creator and hold CPUs forever, so
-    later trials wait for them); logs and returns their ids. Never fails a sweep: a State API error is logged."""
-    try:
-        # This cluster's State API, found through its GCS (RAY_API_SERVER_ADDRESS or RAY_ADDRESS first, as Ray does)
-        where = {"address": ray.get_runtime_context().gcs_address, "limit": STATE_LIST_LIMIT}
-        groups = [dataclasses.asdict(g) for g in list_placement_groups(filters=[("state", "=", "CREATED")],
-                                                                       detail=True, **where)]
-        ended = {j.job_id for j in list_jobs(**where) if j.job_id and j.status in ENDED_JOB_STATES}
-        occupied = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True,
-                                                              **where)} if own_job else set()
-        mine = ray.get_runtime_context().get_job_id() if own_job else None
-        found = orphans(groups, ended_jobs=ended, own_job=mine, occupied=occupied)
-        for group in found:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group["placement_group_id"])))
-            log.warning("removed placement group %s (bundles %s) left by job %s", group["placement_group_id"],
-                        [b["unit_resources"] for b in group.get("bundles") or []], group["creator_job_id"])
-    except Exception as e:  # noqa: BLE001 - cleaning up after others must never stop a sweep
-        log.warning("could not look for leftover placement groups: %s", e)
-        return []
-    return [g["placement_group_id"] for g in found]
 
 
 # ---------------------------------------------------------------- the sweep driver
@@ -342,7 +306,7 @@ def run_tuner(config: Config, space: SearchSpace, store: Storage, *, name: str, 
     keep_credentials_out_of_runtime_env()
     concurrency = concurrent_trials(config, check_trial_fits(config))
     check_storage_shared(store)
-    remove_orphan_placement_groups()
+    remove_orphans()
     data_ref = ray.put(data)
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
         started = time.perf_counter()
@@ -358,9 +322,10 @@ def run_tuner(config: Config, space: SearchSpace, store: Storage, *, name: str, 
         write_text(store, f"{name}/search_space.yaml", yaml.safe_dump(space.model_dump(), sort_keys=False))
         tuner = build_tuner(config, space, name=name, data_ref=data_ref, concurrency=concurrency, progress=progress)
     try:
-        return tuner.fit()
+        with removing_lost():
+            return tuner.fit()
     finally:
-        remove_orphan_placement_groups(own_job=True)
+        remove_orphans(own_job=True)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from kd_tune.space import TARGETS, SearchSpace
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_tune"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__main__"}
-RAY_LAYER = {"trial", "board", "console", "sweep", "bench"}
+RAY_LAYER = {"trial", "board", "console", "placement", "sweep", "bench"}
 MAX_LINES = 450
 
 

@@ -20,7 +20,7 @@ from kd_tune.checkpoint import load_checkpoint
 from kd_tune.config import ConfigError, load_config
 from kd_tune.leaderboard import leaderboard
 from kd_tune.space import SearchSpace, SpaceSampler, builtin_spaces, load_search_space, trial_config
-from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points, orphans, trials_that_fit
+from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points, trials_that_fit
 from kd_tune.trial import TRAIN_START_RETRIES, trial_dirname
 
 TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha", "schedule/temperature",
@@ -145,20 +145,6 @@ def test_trials_that_fit_count_whole_workers_per_node():
     assert trials_that_fit([({"CPU": 4.0, "GPU": 1.0}, 2)], {"CPU": 1.0, "GPU": 1.0}, 2) == 1
     assert trials_that_fit([({"CPU": 0.0}, 1), ({"CPU": 8.0}, math.inf)], {"CPU": 8.0}, 1) == math.inf
     assert trials_that_fit([({"CPU": 8.0}, math.inf)], {"CPU": 1.0, "GPU": 1.0}, 1) == 0
-
-
-def test_orphans_are_created_groups_of_ended_jobs_or_of_this_finished_sweep():
-    # Rule: only CREATED, non-detached groups are removed: those of ended jobs, and with own_job those of this
-    # driver's job that hold no live actor; a live job's, a pending or a detached group is never touched.
-    def group(pg_id, job, state="CREATED", detached=False):
-        return {"placement_group_id": pg_id, "creator_job_id": job, "state": state, "is_detached": detached}
-
-    groups = [group("dead", "01"), group("live", "02"), group("pending", "01", state="PENDING"),
-              group("detached", "01", detached=True), group("mine_idle", "03"), group("mine_busy", "03")]
-    start = orphans(groups, ended_jobs={"01"})
-    end = orphans(groups, ended_jobs={"01"}, own_job="03", occupied={"mine_busy"})
-    assert [g["placement_group_id"] for g in start] == ["dead"]
-    assert [g["placement_group_id"] for g in end] == ["dead", "mine_idle"]
 
 
 def fake_result(tmp_path: Path, name: str, rows: list[dict], *, error: Exception | None = None):
