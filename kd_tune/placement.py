@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 from ray._private.state import state as gcs_state
@@ -45,43 +45,46 @@ def lost(rows: list[PlacementGroupTableData], *, own_job: str) -> list[str]:
             and not r.is_detached and r.state != PlacementGroupTableData.REMOVED]
 
 
-def remove(ids: list[str], why: str) -> None:
-    for group in ids:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
-        log.warning("removed placement group %s: %s", group, why)
+def remove(find: Callable[[], list[str]], why: str) -> list[str]:
+    """Remove the placement groups whose ids `find` returns, logging each with `why`; returns their ids. Never
+    fails a sweep: a failed look (State API, GCS) is logged."""
+    try:
+        found = find()
+        for group in found:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
+            log.warning("removed placement group %s: %s", group, why)
+    except Exception as e:  # noqa: BLE001 - cleaning up after others must never stop a sweep
+        log.warning("could not look for placement groups %s: %s", why, e)
+        return []
+    return found
+
+
+def find_orphans(*, own_job: bool) -> list[str]:
+    """Ids of the `orphans`, from this cluster's State API."""
+    # This cluster's State API, found through its GCS (RAY_API_SERVER_ADDRESS or RAY_ADDRESS first, as Ray does)
+    where = {"address": ray.get_runtime_context().gcs_address, "limit": STATE_LIST_LIMIT}
+    groups = [dataclasses.asdict(g) for g in list_placement_groups(filters=[("state", "=", "CREATED")],
+                                                                   detail=True, **where)]
+    ended = {j.job_id for j in list_jobs(**where) if j.job_id and j.status in ENDED_JOB_STATES}
+    occupied = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True,
+                                                          **where)} if own_job else set()
+    mine = ray.get_runtime_context().get_job_id() if own_job else None
+    return [g["placement_group_id"] for g in orphans(groups, ended_jobs=ended, own_job=mine, occupied=occupied)]
+
+
+def find_lost() -> list[str]:
+    """Ids of this job's `lost` placement groups, from the GCS table."""
+    table = gcs_state._connect_and_get_accessor().get_placement_group_table()
+    return lost([PlacementGroupTableData.FromString(row) for row in table],
+                own_job=ray.get_runtime_context().get_job_id())
 
 
 def remove_orphans(*, own_job: bool = False) -> list[str]:
-    """Remove the placement groups of `orphans`; returns their ids. Never fails a sweep: a State API error is
-    logged."""
-    try:
-        # This cluster's State API, found through its GCS (RAY_API_SERVER_ADDRESS or RAY_ADDRESS first, as Ray does)
-        where = {"address": ray.get_runtime_context().gcs_address, "limit": STATE_LIST_LIMIT}
-        groups = [dataclasses.asdict(g) for g in list_placement_groups(filters=[("state", "=", "CREATED")],
-                                                                       detail=True, **where)]
-        ended = {j.job_id for j in list_jobs(**where) if j.job_id and j.status in ENDED_JOB_STATES}
-        occupied = {a.placement_group_id for a in list_actors(filters=[("state", "!=", "DEAD")], detail=True,
-                                                              **where)} if own_job else set()
-        mine = ray.get_runtime_context().get_job_id() if own_job else None
-        found = [g["placement_group_id"] for g in orphans(groups, ended_jobs=ended, own_job=mine, occupied=occupied)]
-        remove(found, "left by a job that has ended, or by this sweep's finished trials")
-    except Exception as e:  # noqa: BLE001 - cleaning up after others must never stop a sweep
-        log.warning("could not look for leftover placement groups: %s", e)
-        return []
-    return found
+    return remove(lambda: find_orphans(own_job=own_job), "left by an ended job, or by this sweep's finished trials")
 
 
 def remove_lost() -> list[str]:
-    """Remove this job's `lost` placement groups; returns their ids. Never fails a sweep."""
-    try:
-        table = gcs_state._connect_and_get_accessor().get_placement_group_table()
-        found = lost([PlacementGroupTableData.FromString(row) for row in table],
-                     own_job=ray.get_runtime_context().get_job_id())
-        remove(found, "its Train controller is dead (its node was lost)")
-    except Exception as e:  # noqa: BLE001 - a private GCS read that fails must never stop a sweep
-        log.warning("could not look for lost placement groups: %s", e)
-        return []
-    return found
+    return remove(find_lost, "its Train controller is dead (its node was lost)")
 
 
 @contextlib.contextmanager
