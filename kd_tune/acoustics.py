@@ -256,6 +256,11 @@ def clip(wave: Tensor, level: Tensor, hard: Tensor) -> Tensor:
     return torch.where(hard[:, None], wave.clamp(-ceiling, ceiling), ceiling * torch.tanh(wave / ceiling))
 
 
+def at_peak(wave: Tensor, peak_dbfs: Tensor) -> Tensor:
+    """wave [B, N] scaled so that row b peaks at peak_dbfs[b] dB below full scale; silent rows stay silent."""
+    return wave * (db_to_gain(peak_dbfs)[:, None] / wave.abs().amax(-1, keepdim=True).clamp_min(TINY))
+
+
 def quantize(wave: Tensor, bits: Tensor) -> Tensor:
     """wave [B, N] rounded to 2^bits[b] levels over the row's peak: a converter whose full scale is the clip's peak."""
     half = torch.ones_like(bits[:, None]).bitwise_left_shift(bits[:, None] - 1).float()  # -half .. half - 1 levels

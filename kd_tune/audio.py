@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch import Tensor
 
 from kd_tune.errors import DataError
 from kd_tune.features import SAMPLE_RATE
+from kd_tune.signing import SpecialFileError, open_regular
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 # `check` thresholds; files with an UNUSABLE problem are skipped by `load_dataset`, the others only reported
@@ -69,15 +68,6 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
     return problems
 
 
-def open_regular(path: Path) -> io.BufferedReader:
-    """path opened for reading; a FIFO or device is refused without blocking (O_NONBLOCK, then fstat)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"not a regular file: {path}")
-    return os.fdopen(fd, "rb")
-
-
 def read_bounded(path: Path) -> bytes | None:
     """A regular file's bytes, or None past MAX_FILE_BYTES."""
     with open_regular(path) as f:
@@ -111,6 +101,8 @@ class AudioFile:
         """The file read once (the bytes hashed are the bytes decoded); its header checked before decoding."""
         try:
             data = read_bounded(path)
+        except SpecialFileError as error:  # a FIFO, device or folder named like a clip: refused unopened
+            return AudioFile(path, None, 0, [("unreadable", f"not a regular file ({error.kind})")], "unreadable")
         except (OSError, ValueError) as error:  # ValueError: a NUL in the path
             return AudioFile(path, None, 0, [("unreadable", str(error))], "unreadable")
         if data is None:
@@ -144,12 +136,15 @@ def resample(audio: Tensor, orig_hz: int, new_hz: int) -> Tensor:
 
 def read_recording(path: Path, *, max_samples: int) -> Tensor:
     """Mono float32 [T] at 16 kHz from a long recording, refused (DataError) when bad or over max_samples."""
-    try:
-        with sf.SoundFile(path) as f:
+    try:  # opened here, not by libsndfile: a FIFO or device is refused before any open that could block
+        with open_regular(path) as raw, sf.SoundFile(raw) as f:
             check_header(path, f.samplerate, f.channels, round(f.frames * SAMPLE_RATE / f.samplerate), max_samples)
             return resample_blocks(f, path)
+    except SpecialFileError as error:
+        raise DataError(f"{path}: not a regular file ({error.kind}); allowed: a WAV or FLAC file") from None
     except (sf.SoundFileError, RuntimeError, OSError) as error:
-        raise DataError(f"{path}: cannot read audio ({error}); allowed: a WAV or FLAC file") from None
+        detail = getattr(error, "error_string", "") or getattr(error, "strerror", "") or str(error)
+        raise DataError(f"{path}: cannot read audio ({detail}); allowed: a WAV or FLAC file") from None
 
 
 def check_header(path: Path, rate: int, channels: int, n_samples: int, max_samples: int) -> None:

@@ -1,11 +1,11 @@
 """TensorBoard for a sweep: one run per trial (its folder name), every metric under its METRICS tag, and one HParams
 experiment that answers "which teacher, alpha and temperature win".
 
-Every trial writes the same experiment record: every hyperparameter the search space searches, with its domain,
-and the metrics, validation first. Each trial's session holds the values its config ran with, set for every trial:
-alpha_end = alpha_start for a constant schedule, temperature_end = temperature for a constant temperature schedule,
-and alpha_step_point the config's first step point where the schedule has no step (unused there, but a trial
-without a value drops out of the parallel-coordinates view).
+Every trial writes the same experiment record: every hyperparameter the search space searches, with the space's
+own domain, and the metrics, validation first, each described with its meaning and which way is better (none that
+is constant by construction). Each trial's session holds the values of the hyperparameters its schedules use, and
+no value for one they do not (alpha_end of a constant schedule, alpha_step_point of a schedule without a step,
+temperature_end of a constant temperature): see APPLIES for what that costs in TensorBoard.
 
 HParams shows each trial's BEST epoch by the sweep metric (tune.metric), as the leaderboard does: every epoch also
 logs `trial_best/<metric>` scalars holding the leaderboard's metrics at the best epoch so far (ties go to the later
@@ -28,15 +28,29 @@ from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
 
 from kd_tune.config import Config
 from kd_tune.metrics import METRICS
+from kd_tune.plots import metric_label
 from kd_tune.space import TARGETS, Choice, SearchSpace, trial_config
 
 log = logging.getLogger("kd_tune.board")
 # TensorBoard's HParams tab ticks its first five hyperparameters, sorted `differs` first and then by name, and its
-# first five metrics in the record's order: these are flagged `differs` (where they vary) so they are the ticked ones.
-TICKED_HPARAMS = ("teacher", "alpha_schedule", "alpha_start", "alpha_end", "temperature")
-FIRST_METRICS = ("frr_at_target_fa", "auc", "fa_per_hour", "accuracy", "eer")  # after the sweep metric itself
-# A conditional hyperparameter's value where the trial samples none: that of another one, or (None) the base config's.
-UNSAMPLED_FROM = {"alpha_end": "alpha_start", "temperature_end": "temperature", "alpha_step_point": None}
+# first five metrics in the record's order: the first five of TICK_ORDER that the space searches are flagged
+# `differs` (where they vary) so they are the ticked ones. None of them is conditional (see APPLIES).
+TICK_ORDER = ("teacher", "alpha_schedule", "alpha_start", "temperature", "temperature_schedule", "student_width",
+              "lr", "weight_decay")
+TICKED = 5
+FIRST_METRICS = ("frr_at_target_fa", "auc", "accuracy", "eer")  # after the sweep metric itself
+# fa_per_hour is measured at the threshold chosen to meet the target, so it reads the target (2.0) in every trial:
+# a column and an axis that tell nothing. It stays a scalar and a leaderboard column.
+CONSTANT_METRICS = ("fa_per_hour",)
+# Whether a trial's schedules use a conditional hyperparameter (as kd_tune.space.SpaceSampler samples it). Where
+# they do not, the session sets no value: any value would be made up (a constant schedule never reads alpha_end, and
+# a constant temperature of 8 is no temperature_end in the space's 1-4). The cost, measured in TensorBoard 2.21: a
+# trial without a value for a ticked column drops out of the parallel-coordinates and scatter views (its table row
+# stays), so no conditional parameter is ticked by default, and ticking one shows the trials it applies to. Only a
+# space searching fewer than five unconditional ones (`smoke`) gets one ticked anyway, TensorBoard's fifth by name.
+APPLIES = {"alpha_end": lambda d: d.alpha_schedule != "constant",
+           "alpha_step_point": lambda d: d.alpha_schedule == "step",
+           "temperature_end": lambda d: d.temperature_schedule != "constant"}
 # TensorBoard sorts chart groups by name and opens the first two: the best-epoch charts, there for HParams, go last.
 BEST_GROUP = "trial_best"
 MAX_HISTORY_BYTES = 16 * 2**20  # a resumed trial's result.json read back to restore its best epoch; ~1 KB per epoch
@@ -48,12 +62,23 @@ def best_tag(name: str) -> str:
 
 
 def hparams_metrics(metric: str) -> list[str]:
-    """The metrics HParams lists: the sweep metric, the validation figures, then the leaderboard's other columns."""
-    return list(dict.fromkeys([metric, *FIRST_METRICS, *(n for n, m in METRICS.items() if m.column)]))
+    """The metrics HParams lists: the sweep metric, the validation figures, then the leaderboard's other columns;
+    none that is constant by construction."""
+    names = dict.fromkeys([metric, *FIRST_METRICS, *(n for n, m in METRICS.items() if m.column)])
+    return [n for n in names if n not in CONSTANT_METRICS]
 
 
 def searched(space: SearchSpace) -> list[str]:
     return [name for name in SearchSpace.model_fields if getattr(space, name) is not None]
+
+
+def ticked(space: SearchSpace) -> list[str]:
+    """The hyperparameters TensorBoard shows ticked: the first TICKED of TICK_ORDER that the space varies (a choice
+    of one, such as a single teacher, would not be flagged `differs`, and TensorBoard would tick another by name)."""
+    def varies(domain) -> bool:
+        return domain is not None and (not isinstance(domain, Choice) or len(set(domain.choices)) > 1)
+
+    return [name for name in TICK_ORDER if varies(getattr(space, name))][:TICKED]
 
 
 def config_value(config: Config, name: str) -> str | float:
@@ -64,40 +89,42 @@ def config_value(config: Config, name: str) -> str | float:
 
 
 def trial_hparams(base: Config, space: SearchSpace, params: dict) -> dict[str, str | float]:
-    """Every searched hyperparameter as the trial's config holds it, sampled or not."""
+    """Every searched hyperparameter the trial's schedules use (see APPLIES), as the trial's config holds it."""
     config = trial_config(base, params)
-    return {name: config_value(config, name) for name in searched(space)}
+    return {name: config_value(config, name) for name in searched(space)
+            if APPLIES.get(name, lambda _: True)(config.distillation)}
 
 
 # ---------------------------------------------------------------- the HParams records
 
 
-def hparam_info(space: SearchSpace, base: Config, name: str) -> api_pb2.HParamInfo:
-    """One hyperparameter: a Choice as its categorical values, a range as the interval its values may take."""
-    domain = getattr(space, name)
+def hparam_info(space: SearchSpace, name: str) -> api_pb2.HParamInfo:
+    """One hyperparameter with the space's domain: a Choice as its categorical values, a range as its interval."""
+    domain, tick = getattr(space, name), name in ticked(space)
     if isinstance(domain, Choice):
         numeric = all(isinstance(c, (int, float)) for c in domain.choices)
         values = struct_pb2.ListValue()
         values.extend([float(c) if numeric else str(c) for c in domain.choices])
         return api_pb2.HParamInfo(name=name, type=api_pb2.DATA_TYPE_FLOAT64 if numeric else api_pb2.DATA_TYPE_STRING,
-                                  domain_discrete=values,
-                                  differs=name in TICKED_HPARAMS and len(set(domain.choices)) > 1)
-    bounds = [domain.low, domain.high]
-    if name in UNSAMPLED_FROM:
-        source = UNSAMPLED_FROM[name]
-        bounds += [getattr(space, source).low, getattr(space, source).high] if source else [config_value(base, name)]
-    return api_pb2.HParamInfo(name=name, type=api_pb2.DATA_TYPE_FLOAT64, differs=name in TICKED_HPARAMS,
-                              domain_interval=api_pb2.Interval(min_value=min(bounds), max_value=max(bounds)))
+                                  domain_discrete=values, differs=tick)
+    return api_pb2.HParamInfo(name=name, type=api_pb2.DATA_TYPE_FLOAT64, differs=tick,
+                              domain_interval=api_pb2.Interval(min_value=domain.low, max_value=domain.high))
+
+
+def metric_description(name: str, base: Config) -> str:
+    """What a metric means and which way is better, and which epoch's value HParams shows."""
+    label = metric_label(name, target_fa_per_hour=base.training.target_fa_per_hour)
+    return f"{label}; at the trial's best epoch by {base.tune.metric}, as in the leaderboard"
 
 
 def experiment_summary(space: SearchSpace, base: Config) -> tbx_summary_pb2.Summary:
-    """The experiment record, the same for every trial of the sweep."""
-    metric = base.tune.metric
-    about = f"at the trial's best epoch by {metric} ({base.tune.mode}), as in the leaderboard"
+    """The experiment record, the same for every trial of the sweep. TensorBoard's table puts the hyperparameter
+    columns before the metric columns whatever the record's order; the metrics here start with the sweep metric."""
     experiment = api_pb2.Experiment(
-        hparam_infos=[hparam_info(space, base, name) for name in searched(space)],
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=best_tag(n)), description=about)
-                      for n in hparams_metrics(metric)])
+        hparam_infos=[hparam_info(space, name) for name in searched(space)],
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=best_tag(n)),
+                                         description=metric_description(n, base))
+                      for n in hparams_metrics(base.tune.metric)])
     return hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment)
 
 

@@ -104,7 +104,7 @@ def build_shard(config: Config, teacher_name: str, shard: str, key: str, *,
                                                               seed=config.training.seed)  # [N, N_SAMPLES]
     teacher = config.teacher(teacher_name)
     on_gpu = torch.cuda.is_available() and config.distillation.teacher_device != "cpu"
-    logits = teacher_logits(load_teacher(config, teacher), audio, log_mel, batch_size=teacher.batch_size,
+    logits = teacher_logits(load_teacher(config, teacher, data), audio, log_mel, batch_size=teacher.batch_size,
                             device=torch.device("cuda") if on_gpu else cpu)  # [N, 2]
     store = Storage.from_config(config.storage)
     return save_checkpoint(store, f"{cache_dir(teacher_name, key)}/{shard}", {"logits": {"logits": logits}},

@@ -1,12 +1,11 @@
 """The one checkpoint format kd_tune reads and writes: safetensors files plus a hashed, signed manifest.
 
 A checkpoint is a directory of `<stem>.safetensors` files plus `manifest.json`, written last (a directory without
-one is never taken for a checkpoint). The manifest holds every file's SHA-256 and size, the checkpoint's kind and
-name (a teacher's name, a run or trial id) and, when pinned, its place under the storage root; with a key set an
-HMAC covers all of it and is required by default (kd_tune.signing: KD_TUNE_SIGNING_KEY, KD_TUNE_SIGNING_KEY_FILE,
-KD_TUNE_REQUIRE_SIGNATURE). Loading checks sizes against caps, then everything else, before building any tensor; a
-caller states what it expects (`Identity`). Nothing here unpickles. Retention (`prune_checkpoints`) and the newest
-checkpoint of a run (`latest_checkpoint`) are here too.
+one is never taken for a checkpoint); it replaces only a checkpoint. The manifest holds every file's SHA-256 and size,
+the kind and name (a teacher's name, a run or trial id) and, when pinned, its place under the storage root; with a
+key set an HMAC covers all of it and is required by default (kd_tune.signing). Loading checks sizes against caps,
+then everything else, before building any tensor; a caller states what it expects (`Identity`). Nothing here
+unpickles. Retention (`prune_checkpoints`) and the newest checkpoint of a run (`latest_checkpoint`) are here too.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from safetensors import SafetensorError
 
 from kd_tune import __version__
 from kd_tune.errors import InputError, shown
-from kd_tune.signing import canonical_json, parse_json, signed, verify_signature
+from kd_tune.signing import SpecialFileError, canonical_json, parse_json, signed, verify_signature
 from kd_tune.storage import PUBLISHED_DIR_MODE, PathEscapeError, Storage, as_storage, pretty_json, remove_local
 
 FORMAT = "kd_tune.checkpoint/1"
@@ -95,10 +94,10 @@ def save_checkpoint(storage: Storage | str | os.PathLike, rel_dir: str,
 def _checked_stems(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> Mapping:
     if not isinstance(tensors, Mapping) or not tensors:
         raise ValueError("tensors must be a non-empty dict of file stem -> state dict")
-    for stem in tensors:
-        if not isinstance(stem, str) or not _STEM_RE.fullmatch(stem):
-            raise ValueError(f"tensor file stem {stem!r} is not allowed (allowed: letters, digits, '_', '.', '-', "
-                             "starting with a letter or digit)")
+    bad = [stem for stem in tensors if not isinstance(stem, str) or not _STEM_RE.fullmatch(stem)]
+    if bad:
+        raise ValueError(f"tensor file stem {bad[0]!r} is not allowed (allowed: letters, digits, '_', '.', '-', "
+                         "starting with a letter or digit)")
     return tensors
 
 
@@ -142,8 +141,7 @@ def _manifest(files: dict[str, bytes], *, kind: str, config: dict, name: str | N
 
 
 def _json_metrics(metrics: Mapping[str, Any] | None) -> dict:
-    if metrics is None:
-        return {}
+    metrics = {} if metrics is None else metrics
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
     out = {str(k): None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
@@ -162,12 +160,25 @@ def _check_json(field: str, value: Any) -> None:
 def _write_checkpoint_dir(storage: Storage, rel_dir: str, files: dict[str, bytes], manifest: bytes) -> None:
     if storage.path(rel_dir) == storage.root:
         raise PathEscapeError(f"a checkpoint needs its own directory under the storage root {storage.uri}")
+    _check_replaceable(storage, rel_dir)
     if storage.is_local:
         _write_local_dir(storage, rel_dir, files, manifest)
     else:
         if storage.exists(rel_dir):
             storage.delete_dir(rel_dir)  # stale files of an older checkpoint would fail the file-set check
         _write_files(storage, rel_dir, files, manifest)
+
+
+def _check_replaceable(storage: Storage, rel_dir: str) -> None:
+    """A checkpoint replaces only a checkpoint: a directory holding anything else (an experiment where a teacher of
+    its name is saved) is refused, so that no save deletes what no save wrote."""
+    found = storage.filesystem.get_file_info(storage.path(rel_dir)).type
+    names = storage.listdir(rel_dir) if found == pafs.FileType.Directory else []
+    foreign = [n for n in names if n != MANIFEST_NAME and not (_FILE_RE.fullmatch(n) or _STAGING_RE.fullmatch(n))]
+    foreign += ["(it is a file)"] if found == pafs.FileType.File else []
+    if foreign:
+        raise CheckpointError(f"{_where(storage, rel_dir)}: holds {shown(foreign[0])}, which is no part of a "
+                              "checkpoint; allowed: saving where nothing is, or over a checkpoint")
 
 
 def _write_files(storage: Storage, rel_dir: str, files: dict[str, bytes], manifest: bytes) -> None:
@@ -270,7 +281,10 @@ def _list_checkpoint(storage: Storage, rel_dir: str, where: str) -> list[str]:
 
 
 def _read_manifest(storage: Storage, rel: str, where: str) -> dict:
-    data = storage.read_head(rel, MAX_MANIFEST_BYTES + 1)  # never more than the cap, however large the file
+    try:
+        data = storage.read_head(rel, MAX_MANIFEST_BYTES + 1)  # never more than the cap, however large the file
+    except SpecialFileError as error:  # a FIFO would block the read forever
+        raise CheckpointError(f"{where}: {MANIFEST_NAME} is not a regular file ({error.kind})") from None
     if len(data) > MAX_MANIFEST_BYTES:
         raise CheckpointError(f"{where}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes; allowed: at most "
                               f"{MAX_MANIFEST_BYTES} (kd_tune writes a few KB)")
@@ -302,17 +316,15 @@ def _check_identity(manifest: dict, expect: Identity | None, location: str, wher
     """The kind and name the caller expects, and for a pinned checkpoint the place it was saved for."""
     kind, name, pinned_to = manifest.get("kind"), manifest.get("name"), manifest.get("location")
     if expect is not None and (kind != expect.kind or (expect.name is not None and name != expect.name)):
-        raise CheckpointError(f"{where}: holds {_describe(kind, name)}, expected {_describe(expect.kind, expect.name)}"
-                              "; allowed: a checkpoint saved as what is loaded (copying one to another's place "
-                              "does not rename it: save or train it under this name)")
+        held, wanted = (f"{shown(k)} checkpoint" + ("" if n is None else f" named {shown(n)}")
+                        for k, n in ((kind, name), (expect.kind, expect.name)))
+        raise CheckpointError(f"{where}: holds {held}, expected {wanted}; allowed: a checkpoint saved as what is "
+                              "loaded (copying one to another's place does not rename it: save or train it under "
+                              "this name)")
     if pinned_to is not None and pinned_to != location:
         raise CheckpointError(f"{where}: saved for {shown(pinned_to)} under its storage root, found at "
                               f"{location!r}; allowed: a pinned checkpoint (teacher, cache) loads only from its own "
                               "place (move it back, or save it again here)")
-
-
-def _describe(kind: Any, name: Any) -> str:
-    return f"{shown(kind)} checkpoint" + ("" if name is None else f" named {shown(name)}")
 
 
 def _read_checked(storage: Storage, rel: str, entry: dict, where: str) -> bytes:
@@ -354,10 +366,8 @@ def prune_checkpoints(storage: Storage | str | os.PathLike, rel_parent: str, *, 
     Half-written directories (no manifest) older than the newest complete checkpoint are deleted too; a directory
     whose manifest is unreadable is left alone (with a warning). Returns the deleted names.
     """
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-    if type(keep_best) is not int or keep_best < 0:
-        raise ValueError(f"keep_best must be a non-negative int, got {keep_best!r}")
+    if mode not in ("min", "max") or type(keep_best) is not int or keep_best < 0:
+        raise ValueError(f"mode must be 'min' or 'max' and keep_best a non-negative int, got {mode!r}, {keep_best!r}")
     storage = as_storage(storage)
     entries = _scan(storage, rel_parent)
     complete = [e for e in entries if e.manifest is not None]
@@ -381,17 +391,10 @@ def latest_checkpoint(storage: Storage | str | os.PathLike, rel_parent: str) -> 
 
 
 def _scan(storage: Storage, rel_parent: str) -> list[_Entry]:
-    if not storage.exists(rel_parent):
-        return []
-    entries = []
-    for name in storage.listdir(rel_parent):
-        rel = posixpath.join(rel_parent, name)
-        if storage.filesystem.get_file_info(storage.path(rel)).type != pafs.FileType.Directory:
-            continue
-        entry = _entry(storage, rel, name)
-        if entry is not None:
-            entries.append(entry)
-    return entries
+    names = storage.listdir(rel_parent) if storage.exists(rel_parent) else []
+    folders = [name for name in names if storage.filesystem.get_file_info(
+        storage.path(rel_parent, name)).type == pafs.FileType.Directory]
+    return [e for e in (_entry(storage, posixpath.join(rel_parent, n), n) for n in folders) if e is not None]
 
 
 def _entry(storage: Storage, rel: str, name: str) -> _Entry | None:

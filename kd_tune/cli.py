@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from kd_tune.config import dump_config, load_config
-from kd_tune.errors import KdTuneError
-from kd_tune.metrics import METRICS
+from kd_tune.errors import InputError, KdTuneError
+from kd_tune.metrics import echo_line
 
 EXIT_INVALID = 2
 MAX_MESSAGE_CHARS = 2000  # a refusal is one line; a longer message is cut rather than flood the terminal
-DEMO_SIZES = {  # `kd-tune demo --size`: overrides of the embedded default (a --set given too wins)
-    "small": ["data.synth_size=small", "training.epochs=3", "tune.num_samples=4"],
-    "default": [],
-    "large": ["data.synth_size=large", "training.epochs=12", "tune.num_samples=24"],
-}
 
 
 def _config(args: argparse.Namespace, *, check_paths: bool = True):
@@ -44,8 +38,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from kd_tune.synth import synthesize
 
     manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size,
-                          new_speakers=not args.no_new_speakers)
+                          new_speakers=not args.no_new_speakers, voices=args.voice)
     print(f"data set ready: {manifest}")
+    return 0
+
+
+def cmd_data_add(args: argparse.Namespace) -> int:
+    from kd_tune.userdata import add_recordings
+
+    print(add_recordings(args.source, args.to).format())
     return 0
 
 
@@ -59,9 +60,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
     from kd_tune.data import load_data
+    from kd_tune.demo import train_teachers
+    from kd_tune.teachers import check_teacher_store, configured_teachers
 
     config = _config(args)
-    _train_teachers(config, load_data(config.data), args.only)
+    configured_teachers(config, args.only)  # a wrong name or store is refused before the data is read
+    check_teacher_store(config)
+    train_teachers(config, load_data(config.data), args.only)
     return 0
 
 
@@ -69,7 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kd_tune.record import run_training
 
     config = _config(args)
-    run = run_training(config, name=args.name, resume=args.resume, echo=_print_epoch("train"))
+    run = run_training(config, name=args.name, resume=args.resume, overwrite=args.overwrite,
+                       echo=_print_epoch("train"))
     print(f"run written to {run}\nTensorBoard: tensorboard --logdir {run}")
     return 0
 
@@ -126,10 +132,15 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from kd_tune import export
+    from kd_tune.errors import InputError
 
+    out = Path(args.out)
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):  # found now, not after a minute of work
+        raise InputError(f"--out {out}: {'a directory' if out.is_dir() else 'its folder is a file'}; allowed: the "
+                         ".onnx file to write, in a folder that exists or can be made")
     config = _config(args, check_paths=False)  # only its storage settings (S3 endpoint, region) reach the source
     source = export.locate_source(args.source, config)
-    card = export.export_student(source.load(), Path(args.out), data=args.data, int8=args.int8,
+    card = export.export_student(source.load(), out, data=args.data, int8=args.int8,
                                  source=source.describe())  # a ParityError's message carries the figure
     print(export.summary(card))
     return 0
@@ -164,9 +175,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model.with_name(f"{model.stem}.eval")
-    report = evaluate_model(model, Path(args.data), out_dir=out)
-    print(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}")
+    if args.conditions:  # refused before the minutes of work below, not after them
+        from kd_tune.conditions import NOISE_TYPES, parse_grid
+
+        folders = [_name_and_folder(item)[0] for item in args.noise]
+        parse_grid(args.conditions, (*NOISE_TYPES, *folders, "background"))
+    report = evaluate_model(model, Path(args.data), out_dir=out, engine=args.engine)
+    print(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}", flush=True)
+    if args.conditions:
+        from kd_tune.robustness import run_grid
+
+        grid = run_grid(model, Path(args.data), out, grid=args.conditions, baseline=args.baseline,
+                        noise=dict(_name_and_folder(item) for item in args.noise),
+                        stream_minutes=args.stream_minutes, engine=args.engine)
+        print(f"{grid['summary']}\ntable: {grid['md']}\nplot: {grid['png']}\nfigures: {out / 'conditions.json'}")
     return 0
+
+
+def _name_and_folder(item: str) -> tuple[str, Path]:
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not Path(folder).is_dir():
+        raise InputError(f"--noise {item!r}: not NAME=FOLDER with an existing folder; allowed: NAME=FOLDER, a folder "
+                         "of noise recordings")
+    return name, Path(folder)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -187,7 +218,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config = _config(args)
     teachers = args.teachers or [t.name for t in config.teachers]
     out = Path(args.out)
-    rows = compare(config, teachers, seeds=args.seeds, name=args.name, out=out)
+    rows = compare(config, teachers, seeds=args.seeds, name=args.name, out=out, conditions=args.conditions)
     (out / "compare.md").write_text(table(rows) + "\n")
     print(f"{table(rows)}\nfigures: {out / 'compare.json'}, table: {out / 'compare.md'}")
     return 0
@@ -207,64 +238,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Synthesize the data (cached), fine-tune the teachers (cached), sweep, print the leaderboard."""
-    from kd_tune import evaluation, export
-    from kd_tune.data import STRADDLE_KIND, WINDOW_KIND, load_data
-    from kd_tune.space import load_search_space
-    from kd_tune.sweep import sweep
-    from kd_tune.synth import synthesize
+    from kd_tune.demo import run_demo
 
     out = Path(args.out or ("runs/demo" if args.size == "default" else f"runs/demo_{args.size}")).resolve()
-    # The teacher-output cache: the sweep pays for each teacher's forward passes once, not once per trial-epoch.
-    config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}",
-                                          "distillation.teacher_mode=cache", *DEMO_SIZES[args.size], *args.set],
-                         check_paths=False)
-    d, space = config.data, load_search_space(args.search_space)
-    synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size, new_speakers=d.synth_new_speakers)
-    data = load_data(d)
-    windows, straddles = data.train.kinds.count(WINDOW_KIND), data.train.kinds.count(STRADDLE_KIND)
-    clips = len(data.train.labels) - windows - straddles
-    print(f"data: {clips + len(data.val.labels) + len(data.test.labels)} clips in {d.root} (train {clips}, val "
-          f"{len(data.val.labels)}, test {len(data.test.labels)}: held-out voices); for training also {windows} "
-          f"windows of long/train/ as negatives and {straddles} windows that cut a wake word, for the teacher to "
-          "label", flush=True)
-    _train_teachers(config, data)
-    rows, errors = sweep(config, space, name="sweep", data=data, verbose=args.verbose)
+    config, space, rows, errors, made = run_demo(out, size=args.size, search_space=args.search_space,
+                                                 overrides=args.set, verbose=args.verbose)
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
-    made = ()
-    if any(r["status"] == "OK" for r in rows):
-        source = export.locate_source(str(out / "sweep"), config)
-        card = export.export_student(source.load(), out / "model.onnx", source=source.describe())
-        report = evaluation.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
-        made = (export.summary(card), "on the test split (voices never heard in training):",
-                evaluation.summary(report), f"DET curve: {report['det_png']}")
     _results(config, space, "sweep", rows, log=not args.verbose, extra=made)
     return 1 if errors else 0
 
 
-def _train_teachers(config, data, names=None) -> None:
-    from kd_tune.teachers import teacher_is_current
-    from kd_tune.train import fit_teacher
-
-    for teacher in [config.teacher(n) for n in names or [t.name for t in config.teachers]]:
-        if teacher_is_current(config, teacher, data):
-            print(f"teacher {teacher.name}: up to date, not retrained")
-            continue
-        started = time.perf_counter()
-        metrics = fit_teacher(config, teacher, data=data)  # a progress bar on a terminal, nothing without one
-        print(f"teacher {teacher.name}: {teacher.epochs} epochs in {time.perf_counter() - started:.0f} s, "
-              + _format_metrics(metrics), flush=True)
-
-
-def _format_metrics(metrics: dict) -> str:
-    return " ".join(f"{k}={metrics[k]:.4f}" for k, m in METRICS.items() if m.echo and k in metrics)
-
-
 def _print_epoch(prefix: str):
     def echo(metrics: dict, _checkpoint=None) -> None:
-        print(f"{prefix} epoch {int(metrics.get('epoch', 0))}: {_format_metrics(metrics)}", flush=True)
+        print(f"{prefix} epoch {int(metrics.get('epoch', 0))}: {echo_line(metrics)}", flush=True)
     return echo
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"got {text}; allowed: a number > 0")
+    return value
 
 
 def one_line(message: str) -> str:
@@ -301,7 +296,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--size", choices=("small", "default", "large"), default="default")
     q.add_argument("--no-new-speakers", action="store_true", help="keep the voices as the engines speak them (no "
                    "pitch, formant or speed changes)")
+    q.add_argument("--voice", action="append", default=[], metavar="PATH", help="a piper voice model (.onnx, its "
+                   ".onnx.json beside it) to speak with too; a multi-speaker model speaks as random speakers "
+                   "(repeatable)")
     q.set_defaults(func=cmd_data_synth)
+    q = data.add_parser("add", help="copy your recordings (positive/, negative/, hard_negative/, background/, "
+                        "long/<split>/) into a data set with a manifest")
+    q.add_argument("source", help="a folder laid out like a folder data set")
+    q.add_argument("--to", required=True, metavar="DATASET", help="the data set (its manifest.jsonl) to add them to")
+    q.set_defaults(func=cmd_data_add)
     q = data.add_parser("check", help="list unreadable, silent, clipped, too short or too long files")
     q.add_argument("dir")
     q.set_defaults(func=cmd_data_check)
@@ -316,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     with_config(q)
     q.add_argument("--name", default="train", help="run name under storage.root (default: train)")
     q.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    q.add_argument("--overwrite", action="store_true", help="start a run of another config over under this name "
+                   "(its checkpoints and TensorBoard events are deleted)")
     q.set_defaults(func=cmd_train)
 
     q = sub.add_parser("sweep", help="search alpha schedule, temperature and teacher with Ray Tune + Optuna")
@@ -357,6 +362,17 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("data", help="a folder with positive/, negative/ and long/ (long negative recordings), or a "
                    "kd_tune data set (its test split)")
     q.add_argument("--out", help="folder for eval.json and det.png (default: <model>.eval beside the model)")
+    q.add_argument("--engine", choices=("piper", "espeak", "user"), help="a data set's speech of this engine alone, "
+                   "from every split: for a model trained with data.exclude_engines=[ENGINE]")
+    q.add_argument("--conditions", metavar="GRID", help="also measure under a grid of acoustic conditions: default "
+                   "(noise types x SNR, rooms, levels, microphones), clean, or comma-separated condition names; "
+                   "writes conditions.md, .json and .png")
+    q.add_argument("--baseline", choices=("pocketsphinx",), help="with --conditions, also score a spotter that was "
+                   "never trained (needs pip install 'kd-tune[baseline]')")
+    q.add_argument("--noise", action="append", default=[], metavar="NAME=FOLDER", help="with --conditions, one more "
+                   "noise type from a folder of your recordings (repeatable)")
+    q.add_argument("--stream-minutes", type=_positive_float, metavar="MINUTES", help="with --conditions, score at "
+                   "most this much long audio per condition (default: all of it)")
     q.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("compare", help="what KD is worth: alpha = 0 against KD from each teacher, over seeds, "
@@ -365,6 +381,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--teachers", nargs="+", metavar="NAME", help="teachers or '+'-joined ensembles to distil from "
                    "(default: every configured teacher)")
     q.add_argument("--seeds", type=int, default=3, help="seeds per arm (default: 3)")
+    q.add_argument("--conditions", metavar="GRID", help="also measure every run under this condition grid (see "
+                   "`kd-tune eval --conditions`), 20 minutes of the test stream per condition")
     q.add_argument("--best-of", metavar="EXPERIMENT", help="start from the config of this sweep's best trial")
     q.add_argument("--name", default="compare", help="runs go to <storage.root>/NAME (default: compare)")
     q.add_argument("--out", default="runs/compare", help="exported models, figures and the table (default: "
@@ -381,9 +399,9 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("demo", help="the whole job on the embedded default")
-    q.add_argument("--size", choices=tuple(DEMO_SIZES), default="default",
-                   help="small: a smoke run (~1 min, figures meaningless); default: the README's figures (~11 min on "
-                        "2 cores); large: a real run (hours)")
+    q.add_argument("--size", choices=("small", "default", "large"), default="default",
+                   help="small: a smoke run (a few minutes, figures meaningless); default: the README's figures "
+                        "(~15-20 min on 2 cores, measured); large: a real run (hours)")
     q.add_argument("--out", help="default: runs/demo, or runs/demo_<size> for another size")
     q.add_argument("--search-space", default="default", help="a YAML search space, or a built-in one by name")
     q.add_argument("--verbose", action="store_true", help="show Ray's own tables and actor logs on the console "

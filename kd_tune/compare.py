@@ -18,6 +18,7 @@ from kd_tune.config import Config
 from kd_tune.evaluation import evaluate_model
 from kd_tune.export import Source, export_student
 from kd_tune.record import run_training
+from kd_tune.robustness import group_means, run_grid
 from kd_tune.space import ENSEMBLE_JOIN
 from kd_tune.storage import Storage
 
@@ -26,6 +27,10 @@ NO_KD = "alpha=0"
 COLUMNS = (("test FRR @ 1 FA/h", "test_frr_at_1"), ("test FRR @ 2 FA/h", "test_frr_at_2"),
            ("test FRR @ threshold", "test_frr"), ("test FA/h @ threshold", "test_fa_per_hour"),
            ("test AUC", "test_auc"), ("val FRR @ target", "val_frr"))
+# with --conditions: the mean FRR at 1 FA/h over the whole grid and over its groups (kd_tune.robustness)
+GRID_COLUMNS = (("grid FRR @ 1 FA/h", "grid"), ("clean", "clean"), ("noise 10 dB", "noise 10 dB"),
+                ("noise 0 dB", "noise 0 dB"), ("rooms", "room"), ("levels", "level"), ("mics", "mic"))
+GRID_STREAM_MINUTES = 20.0  # of the test stream per condition: FA/h under every noise on all of it costs an hour
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,7 @@ class BestEpoch:
             self.epoch, self.value = int(metrics["epoch"]), value
 
 
-def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path) -> dict:
+def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, conditions: str | None = None) -> dict:
     """Train one arm at one seed as run `name/<arm>_seed<seed>` on the configured storage (its teachers and teacher
     cache are shared), export its best epoch to `out` and evaluate it there; the figures of COLUMNS."""
     run, local = f"{name}/{arm.slug}_seed{seed}", out / f"{arm.slug}_seed{seed}"
@@ -70,20 +75,26 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path) -> dic
     source = Source(Storage.from_config(cfg.storage), f"{run}/checkpoints/epoch_{best.epoch:04d}", trial=run)
     card = export_student(source.load(), local / "model.onnx", source=source.describe())
     report = evaluate_model(local / "model.onnx", Path(cfg.data.root), out_dir=local / "eval")
-    return {"arm": arm.name, "seed": seed, "best_epoch": best.epoch, "val_frr": card["validation"]["frr"],
+    grid = {}
+    if conditions:
+        rows = run_grid(local / "model.onnx", Path(cfg.data.root), local / "eval", grid=conditions,
+                        stream_minutes=GRID_STREAM_MINUTES)["scorers"]["model"]
+        grid = {key: group_means(rows).get(key) for _, key in GRID_COLUMNS}
+    return grid | {"arm": arm.name, "seed": seed, "best_epoch": best.epoch, "val_frr": card["validation"]["frr"],
             "test_frr": report["frr"], "test_fa_per_hour": report["fa_per_hour"], "test_auc": report["auc"],
             "test_frr_at_1": report["frr_at_fa_per_hour"]["1"], "test_frr_at_2": report["frr_at_fa_per_hour"]["2"],
             "test_hours": report["negative_hours"]}
 
 
-def compare(config: Config, teachers: list[str], *, seeds: int, name: str, out: Path, echo=print) -> list[dict]:
+def compare(config: Config, teachers: list[str], *, seeds: int, name: str, out: Path, echo=print,
+            conditions: str | None = None) -> list[dict]:
     """Every arm at seeds 0..seeds-1 (seed-major, so a stopped comparison has whole seeds); rows written to
     out/compare.json as they come."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in range(seeds):
         for arm in arms_of(config, teachers):
-            rows.append(run_arm(config, arm, seed, name=name, out=out))
+            rows.append(run_arm(config, arm, seed, name=name, out=out, conditions=conditions))
             echo(f"{arm.name} seed {seed}: " + ", ".join(f"{c} {cell(rows[-1][k])}" for c, k in COLUMNS))
             partial = out / ".compare.json.partial"
             partial.write_text(json.dumps(rows, indent=2) + "\n")
@@ -107,9 +118,10 @@ def spread(values: list) -> str:
 def table(rows: list[dict]) -> str:
     """A Markdown table: one line per arm, each figure as mean ± spread over its seeds."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    lines = ["| arm | seeds | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    columns = COLUMNS + tuple(c for c in GRID_COLUMNS if any(c[1] in r for r in rows))
+    lines = ["| arm | seeds | " + " | ".join(c for c, _ in columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
-        lines.append(f"| {arm} | {len(mine)} | " + " | ".join(spread([r[k] for r in mine]) for _, k in COLUMNS)
+        lines.append(f"| {arm} | {len(mine)} | " + " | ".join(spread([r.get(k) for r in mine]) for _, k in columns)
                      + " |")
     return "\n".join(lines)

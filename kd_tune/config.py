@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, \
+    model_validator
 from pydantic_core import PydanticCustomError
 
 from kd_tune.errors import SHOWN_CHARS, ConfigError, shown
@@ -58,6 +59,19 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _voice_file(path: str, info: ValidationInfo) -> str:
+    """A piper voice model's path (data.voices.N): its name ends in .onnx; when paths are checked, it exists with its
+    .onnx.json beside it (synthesis checks the files' contents)."""
+    allowed = "allowed: a piper voice model NAME.onnx with its config NAME.onnx.json beside it"
+    if not path.endswith(".onnx"):
+        raise ValueError(f"not a piper voice model, its name does not end in .onnx ({allowed})")
+    if (info.context or {}).get("check_paths"):
+        missing = [p for p in (path, f"{path}.json") if not os.path.isfile(p)]  # isfile never raises
+        if missing:
+            raise ValueError(f"{shown(missing[0])} is not a file ({allowed})")
+    return path
+
+
 class DataConfig(Section):
     root: PathText = "data/hey_nova"
     wakeword: str = Field("hey nova", min_length=2, max_length=64)
@@ -67,6 +81,10 @@ class DataConfig(Section):
     hard_negative_weight: Positive = 2.0
     # windows cutting each training positive inside long/train/ audio, labelled by the teacher alone (kd_tune.data)
     straddles_per_positive: int = Field(2, ge=0, le=8)
+    # engines whose clips (manifest voice `<engine>:...`) are left out of every split: leave-one-engine-out runs
+    exclude_engines: Annotated[tuple[Literal["piper", "espeak", "user"], ...], Field(strict=False)] = ()
+    # piper voice models a user has (.onnx with .onnx.json beside it): synthesis shares piper's part among them and joe
+    voices: list[Annotated[PathText, AfterValidator(_voice_file)]] = Field(default_factory=list)
 
     @field_validator("root")
     @classmethod
@@ -109,6 +127,9 @@ class AugmentConfig(Section):
     bit_depth_prob: Fraction = 0.1
     bits_min: int = Field(8, ge=2, le=16)
     bits_max: int = Field(12, ge=2, le=16)
+    level_prob: Fraction = 0.0  # clips moved to a random peak level: a near or far, loud or soft talker
+    level_dbfs_min: float = Field(-50.0, ge=-90, le=0)
+    level_dbfs_max: float = Field(-1.0, ge=-90, le=0)
     freq_mask_bins: int = Field(5, ge=0, le=128)  # at most every mel band (n_mels <= 128)
     time_mask_frames: int = Field(10, ge=0, le=1000)  # at most the frames of a 1 s clip at a 1 ms hop
     views: int = Field(4, ge=1, le=MAX_VIEWS)  # seeded augmentation views per clip served from the teacher-output cache
@@ -116,7 +137,8 @@ class AugmentConfig(Section):
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
         for low, high in [("snr_db_min", "snr_db_max"), ("lowpass_hz_min", "lowpass_hz_max"),
-                          ("highpass_hz_min", "highpass_hz_max"), ("bits_min", "bits_max")]:
+                          ("highpass_hz_min", "highpass_hz_max"), ("bits_min", "bits_max"),
+                          ("level_dbfs_min", "level_dbfs_max")]:
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"{low} {getattr(self, low)} > {high} {getattr(self, high)} (allowed: min <= max)")
         weights = [self.noise_bank_weight, self.noise_coloured_weight, self.noise_tones_weight,
@@ -201,7 +223,7 @@ class TrainingConfig(Section):
 
 class TuneConfig(Section):
     num_samples: int = Field(6, ge=1, le=MAX_TRIALS)
-    metric: Literal[RANKABLE] = "frr_at_target_fa"
+    metric: Literal[RANKABLE] = "frr_conditions"
     max_concurrent_trials: Workers = 2
     workers_per_trial: Workers = 1
     cpus_per_worker: float = Field(1.0, gt=0, le=MAX_WORKERS)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, open_regular, read_recording, \
-    resample
+from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, read_recording, resample
 from kd_tune.config import DataConfig
 from kd_tune.errors import DataError, KdTuneError, shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.signing import open_regular
 
-FORMAT_VERSION = 4  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
+FORMAT_VERSION = 5  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
 KINDS = ("positive", "hard_negative", "negative", "background")
 LABEL_OF_KIND = {"positive": 1, "hard_negative": 0, "negative": 0, "background": 0}
 WINDOW_KIND = "long"  # a window of the training split's long recordings, a negative
@@ -101,7 +102,8 @@ def folder_files(root: Path, kind: str) -> list[Path]:
 def read_manifest(root: Path) -> list[ClipInfo]:
     manifest = root / "manifest.jsonl"
     lines = read_text_within(manifest, MAX_MANIFEST_BYTES).splitlines()
-    return [manifest_entry(root, line, where=f"{manifest}:{number}")
+    real_root = os.path.realpath(root)
+    return [manifest_entry(root, line, where=f"{manifest}:{number}", real_root=real_root)
             for number, line in enumerate(lines, start=1) if line.strip()]
 
 
@@ -111,7 +113,7 @@ def read_text_within(path: Path, max_bytes: int) -> str:
         with open_regular(path) as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise DataError(f"{path}: larger than {max_bytes // 2**20} MiB; allowed: up to that size")
+            raise DataError(f"{path}: larger than {max_bytes} bytes; allowed: up to that size")
         return data.decode("utf-8")
     except OSError as error:
         raise DataError(f"{path}: cannot read it ({error.strerror or error}); allowed: a readable file") from None
@@ -119,8 +121,9 @@ def read_text_within(path: Path, max_bytes: int) -> str:
         raise DataError(f"{path}: not UTF-8 (byte offset {error.start}); allowed: UTF-8 JSON lines") from None
 
 
-def manifest_entry(root: Path, line: str, *, where: str) -> ClipInfo:
-    """One manifest line as a clip; `where` (`manifest.jsonl:N`) starts every refusal."""
+def manifest_entry(root: Path, line: str, *, where: str, real_root: str | None = None) -> ClipInfo:
+    """One manifest line as a clip; `where` (`manifest.jsonl:N`) starts every refusal. real_root: root with every
+    link resolved, when the caller has it already."""
     expected = "allowed: a JSON object with path, label, kind, split (and optional text, voice)"
     try:
         entry = json.loads(line)
@@ -134,9 +137,11 @@ def manifest_entry(root: Path, line: str, *, where: str) -> ClipInfo:
         raise DataError(f"{where}: path {shown(path)}, text {shown(text)}, voice {shown(voice)}; allowed: path and "
                         "voice strings, text a string or null")
     relative = PurePosixPath(path)
-    if not path or "\0" in path or relative.is_absolute() or ".." in relative.parts:
+    # realpath resolves every link on the way, so a folder linked out of the set is caught like `..`
+    if (not path or "\0" in path or relative.is_absolute() or ".." in relative.parts
+            or not Path(os.path.realpath(root / relative)).is_relative_to(real_root or os.path.realpath(root))):
         raise DataError(f"{where}: path {shown(path)} leaves the data set; allowed: a path relative to the "
-                        "manifest's folder")
+                        "manifest's folder that stays inside it (no `..`, no link out of it)")
     if kind not in KINDS or split not in SPLITS or type(label) is not int or label != LABEL_OF_KIND[kind]:
         raise DataError(f"{where}: kind {shown(kind)}, split {shown(split)}, label {shown(label)}; allowed: kind in "
                         f"{KINDS}, split in {SPLITS}, label {LABEL_OF_KIND}")
@@ -152,7 +157,7 @@ def scan(root: str | Path) -> list[ClipInfo]:
     root = Path(root)
     if not root.is_dir():
         raise MissingDataError(f"{root}: no such data directory; allowed: {EXPECTED_LAYOUT}")
-    if (root / "manifest.jsonl").is_file():
+    if os.path.lexists(root / "manifest.jsonl"):  # a FIFO or folder there is refused, not taken for no manifest
         return read_manifest(root)
     missing = [f"{root / name}/" for name in REQUIRED_FOLDERS if not (root / name).is_dir()]
     if missing:
@@ -308,20 +313,28 @@ def describe_gaps(missing: list[tuple[str, int]]) -> str:
 
 def load_data(data: DataConfig) -> WakewordData:
     """The configured data set, with its configured straddle windows."""
-    return load_dataset(data.root, straddles_per_positive=data.straddles_per_positive)
+    return load_dataset(data.root, straddles_per_positive=data.straddles_per_positive,
+                        exclude_engines=data.exclude_engines)
 
 
-def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_per_positive: int = 0) -> WakewordData:
+def engine_of(voice: str) -> str:
+    """The engine of a manifest voice: `espeak:en+m1` -> espeak; a class-folder clip's speaker id -> user."""
+    engine, sep, _ = voice.partition(":")
+    return engine if sep else "user"
+
+
+def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_per_positive: int = 0,
+                 exclude_engines: tuple[str, ...] = ()) -> WakewordData:
     """Read every clip as mono at sample_rate, fitted (centred) to one clip length, grouped by split.
 
-    Unusable files (see UNUSABLE) are skipped and counted; clipped or short files load as they are. A split without
+    Clips of exclude_engines are left out. Unusable files (see UNUSABLE) are skipped and counted. A split without
     usable positives or negatives is refused (DataError) before any clip is resampled. With long training recordings,
     the training split ends with their windows (negatives), then straddles_per_positive straddle windows per positive.
     """
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be > 0 Hz, got {sample_rate!r}")
     root = Path(root)
-    clips = scan(root)
+    clips = [c for c in scan(root) if engine_of(c.voice) not in exclude_engines]
     n_samples = N_SAMPLES * sample_rate // SAMPLE_RATE
     files = read_all([c.path for c in clips])
     require_both_classes(root, clips, files)

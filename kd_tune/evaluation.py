@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_tune import plots
-from kd_tune.data import AUDIO_SUFFIXES, LONG_FOLDER, scan
+from kd_tune.data import AUDIO_SUFFIXES, LONG_FOLDER, engine_of, scan
 from kd_tune.detect import Detector
 from kd_tune.errors import KdTuneError
 from kd_tune.metrics import audio_hours, count_activations, roc_auc, threshold_for_fa_rate
@@ -45,21 +45,31 @@ class EvalAudio:
     joinable: list[bool]  # per negative: may join the stream when there are no long recordings (not a hard negative)
     long: list[np.ndarray]
     source: str  # "folder" or "test split"
+    kinds: tuple[str, ...] = ()  # per negative: negative, hard_negative or background
+
+    def of_kind(self, kind: str) -> list[np.ndarray]:
+        return [a for a, k in zip(self.negatives, self.kinds, strict=True) if k == kind]
 
 
-def read_eval_audio(root: Path, detector: Detector) -> EvalAudio:
+def read_eval_audio(root: Path, detector: Detector, *, engine: str | None = None) -> EvalAudio:
+    """A folder's clips and long/ recordings, or a data set's test split and long/test/. With `engine`, the speech
+    of that engine alone, from every split of the data set: a leave-one-engine-out model never heard any of it."""
     if not root.is_dir():
         raise EvalError(f"{root}: not a directory; allowed: a folder with positive/ and negative/ (and long/), or a "
                         "kd_tune data set")
     is_data_set = (root / "manifest.jsonl").is_file()
-    clips = [c for c in scan(root) if not is_data_set or c.split == TEST_SPLIT]
+    clips = [c for c in scan(root) if not is_data_set or c.split == TEST_SPLIT or engine]
+    if engine:
+        clips = [c for c in clips if c.kind == "background" or engine_of(c.voice) == engine]
     long_dir = root / LONG_FOLDER / TEST_SPLIT if is_data_set else root / LONG_FOLDER
     long = sorted(p for p in long_dir.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if long_dir.is_dir() else []
     negatives = [c for c in clips if c.label == 0]
     audio = EvalAudio(positives=[detector.read(c.path) for c in clips if c.label == 1],
                       negatives=[detector.read(c.path) for c in negatives],
                       joinable=[c.kind != "hard_negative" for c in negatives],
-                      long=[detector.read(p) for p in long], source="test split" if is_data_set else "folder")
+                      long=[detector.read(p) for p in long],
+                      source=f"{engine} speech" if engine else "test split" if is_data_set else "folder",
+                      kinds=tuple(c.kind for c in negatives))
     if not audio.positives or not (audio.negatives or audio.long):
         raise EvalError(f"{root}: found {len(audio.positives)} positive and {len(audio.negatives)} negative clips and "
                         f"{len(audio.long)} long recordings; allowed: at least one positive clip and some negative "
@@ -79,15 +89,44 @@ def false_activations(streams: list[np.ndarray], threshold: float, *, hop_second
 
 
 def det_points(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours: float, hop_seconds: float,
-               refractory_seconds: float) -> list[dict]:
-    """(threshold, FRR, FA/h) at DET_THRESHOLDS quantiles of every observed score, plus one above them all."""
-    observed = np.concatenate([positive_scores, *streams])
-    thresholds = np.unique(np.quantile(observed, np.linspace(0, 1, DET_THRESHOLDS)))
-    thresholds = np.append(thresholds, np.nextafter(np.float32(observed.max()), np.float32(np.inf)))
+               refractory_seconds: float, threshold: float | None = None) -> list[dict]:
+    """(threshold, FRR, FA/h) over thresholds that cover both axes: quantiles of the positives' scores (FRR in even
+    steps), the streams' peaks ranked from the top (FA/h), exactly the model's `threshold` and the ones
+    frr_at_targets picks (so the operating point and the printed FRR at each target lie on the curve), and one
+    above every score."""
+    # Quantiles of all scores together put nearly every threshold below 0.001, where an hour of quiet audio sits,
+    # and none near the operating point: each axis gets its own half of the budget instead.
+    half = DET_THRESHOLDS // 2
+    exact = [*det_target_thresholds(streams, hours=hours, hop_seconds=hop_seconds,
+                                    refractory_seconds=refractory_seconds), *([] if threshold is None else [threshold])]
+    top = max(float(positive_scores.max()), *(float(s.max()) for s in streams))
+    thresholds = np.unique(np.r_[np.quantile(positive_scores, np.linspace(0, 1, half)), peak_grid(streams, half),
+                                 exact, np.nextafter(np.float32(top), np.float32(np.inf))])
     return [{"threshold": float(t), "frr": float(np.mean(positive_scores < t)),
              "fa_per_hour": false_activations(streams, t, hop_seconds=hop_seconds,
                                               refractory_seconds=refractory_seconds) / hours}
             for t in thresholds]
+
+
+def peak_grid(streams: list[np.ndarray], count: int) -> np.ndarray:
+    """Up to `count` of the streams' local peak scores, ranked from the highest on a log scale: a threshold at the
+    k-th highest peak lets about k activations through, so every count up to about a dozen is on the curve, and
+    beyond that the points thin out as the FA/h axis's log scale does."""
+    peaks = []
+    for s in streams:
+        padded = np.r_[-np.inf, s, -np.inf]
+        peaks.append(s[(s >= padded[:-2]) & (s >= padded[2:])])
+    ranked = np.unique(np.concatenate(peaks))[::-1]
+    return ranked[np.unique(np.geomspace(1, len(ranked), count).round().astype(int)) - 1]
+
+
+def det_target_thresholds(streams: list[np.ndarray], *, hours: float, hop_seconds: float,
+                          refractory_seconds: float) -> list[float]:
+    """The thresholds frr_at_targets measures FRR at, one per FA_TARGETS_PER_HOUR, found the same way."""
+    stream = np.concatenate(streams)
+    return [threshold_for_fa_rate(stream, target_fa_per_hour=target, hop_seconds=hop_seconds,
+                                  refractory_seconds=refractory_seconds, hours=hours)
+            for target in FA_TARGETS_PER_HOUR]
 
 
 def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours: float, hop_seconds: float,
@@ -100,10 +139,10 @@ def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, ho
         hours=hours))) for target in FA_TARGETS_PER_HOUR}
 
 
-def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> dict:
+def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engine: str | None = None) -> dict:
     """Every figure of the evaluation; with out_dir, also eval.json and det.png there."""
     detector = Detector(model)
-    audio = read_eval_audio(data, detector)
+    audio = read_eval_audio(data, detector, engine=engine)
     hop_seconds = detector.hop_samples / detector.sample_rate
     joined = [a for a, ok in zip(audio.negatives, audio.joinable, strict=True) if ok] or audio.negatives
     recordings = audio.long or [np.concatenate(joined)]
@@ -121,7 +160,7 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> d
               "frr_at_fa_per_hour": frr_at_targets(positives, streams, hours=hours, hop_seconds=hop_seconds,
                                                    refractory_seconds=detector.refractory_seconds),
               "det": det_points(positives, streams, hours=hours, hop_seconds=hop_seconds,
-                                refractory_seconds=detector.refractory_seconds)}
+                                refractory_seconds=detector.refractory_seconds, threshold=detector.threshold)}
     if out_dir is not None:
         write_report(report, out_dir)
     return report
@@ -130,7 +169,11 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None) -> d
 def write_report(report: dict, out_dir: Path) -> None:
     """det.png, then eval.json (which names it), each written whole or not at all."""
     point = {k: report[k] for k in ("threshold", "frr", "fa_per_hour")}
+    # the target the model's threshold was calibrated for, where the report carries it (the model card has it);
+    # else the training config's default
+    target = report.get("target_fa_per_hour") or 2.0
     report["det_png"] = str(plots.det_curve(report["det"], out_dir / "det.png", operating_point=point,
+                                            target_fa_per_hour=target,
                                             title=f"{Path(report['model']).name}: {report['source']} of "
                                                   f"{Path(report['data']).name}"))
     partial = out_dir / ".eval.json.partial"

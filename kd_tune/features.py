@@ -18,6 +18,7 @@ from kd_tune.acoustics import (
     EQ_HZ,
     SAMPLE_RATE,
     TINY,
+    at_peak,
     channel_gain_db,
     clip,
     coloured_table,
@@ -124,7 +125,7 @@ HARD_CLIP_PROB = 0.5  # otherwise soft (tanh) saturation
 
 
 class Augment(nn.Module):
-    """Random time shift, room, background noise, microphone channel and gain on waveforms [B, N].
+    """Random time shift, room, background noise, microphone channel, gain and level on waveforms [B, N].
 
     Noise at a random SNR comes from noise_bank [K, L] (L >= N: the training set's background clips, cropped at
     random), coloured noise, generated melodies or generated transients. Rooms are synthetic impulse responses
@@ -193,7 +194,8 @@ class Augment(nn.Module):
                 "eq_db": u(-s.eq_db, s.eq_db, len(EQ_HZ)), "eq_octaves": u(*EQ_OCTAVES, len(EQ_HZ)),
                 "clip": u() < s.clip_prob, "clip_db": u(0, s.clip_db), "hard_clip": u() < HARD_CLIP_PROB,
                 "quantize": u() < s.bit_depth_prob, "bits": integers(s.bits_min, s.bits_max + 1),
-                "gain_db": u(-s.gain_db, s.gain_db)}
+                "gain_db": u(-s.gain_db, s.gain_db),
+                "level": u() < s.level_prob, "peak_dbfs": u(s.level_dbfs_min, s.level_dbfs_max)}
 
     def apply(self, wave: Tensor, d: dict[str, Tensor]) -> Tensor:
         """wave [B, N] through the shift, room, noise, channel and gain that the draws d [B, ...] name; each effect
@@ -205,7 +207,9 @@ class Augment(nn.Module):
         on_rows(wave, d["band_limit"] | d["eq"], lambda w, r: filter_rows(w, self.response_db(pick(d, r))))
         on_rows(wave, d["clip"], lambda w, r: clip(w, db_to_gain(-d["clip_db"][r]), d["hard_clip"][r]))
         on_rows(wave, d["quantize"], lambda w, r: quantize(w, d["bits"][r]))
-        return wave.mul_(db_to_gain(d["gain_db"][:, None]))
+        wave.mul_(db_to_gain(d["gain_db"][:, None]))
+        on_rows(wave, d["level"], lambda w, r: at_peak(w, d["peak_dbfs"][r]))  # a near or far, loud or soft talker
+        return wave
 
     def room_spectra(self, n_fft: int) -> Tensor:
         """[R, n_fft // 2 + 1] rfft of every room, computed once per size and device."""

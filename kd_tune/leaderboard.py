@@ -20,7 +20,7 @@ from pyarrow.fs import FileType
 from kd_tune.config import Config, validate
 from kd_tune.metrics import METRICS
 from kd_tune.space import SearchSpace
-from kd_tune.storage import Storage, read_text, write_text
+from kd_tune.storage import Storage, check_plain_uri, read_text, write_text
 
 LEADERBOARD_NAME = "leaderboard.json"
 TRIAL_COLUMNS = ("trial", "status", "teacher", "alpha_schedule", "alpha_start", "alpha_end", "temperature",
@@ -118,6 +118,7 @@ def load_experiment(experiment: str, base: Config) -> tuple[Config, SearchSpace,
 
 def experiment_storage(experiment: str, config: Config) -> tuple[Storage, str]:
     """Split `PATH_OR_URI/NAME` into the storage root and the experiment name."""
+    check_plain_uri(experiment, "EXPERIMENT")  # `?secret_key=...` would reach the name, then every message
     root, _, name = experiment.rstrip("/").rpartition("/")
     return Storage.from_config(config.replace({"storage.root": root or "."}).storage), name
 

@@ -34,7 +34,16 @@ class Metric:
 # Every metric `fit` reports besides "epoch" and "step" (the cuda_* ones on CUDA only), in display order. The loop,
 # TensorBoard, the leaderboard, the console, bench and the config's `tune.metric` all read this table.
 METRICS = {
+    # the mean of frr_at_target_fa (clean) and the frr_<condition> figures: what a sweep selects on by default
+    "frr_conditions": Metric("eval/frr_conditions", "min", column=True, shown=True, echo=True),
     "frr_at_target_fa": Metric("eval/frr_at_target_fa", "min", column=True, shown=True, echo=True),
+    # the validation positives under a fixed, seeded mix of acoustic conditions (kd_tune.scoring.VALIDATION_MIX), at
+    # the clean stream's threshold for the target FA/h
+    "frr_snr10": Metric("eval/frr_snr10", "min", column=True),
+    "frr_snr0": Metric("eval/frr_snr0", "min", column=True),
+    "frr_room": Metric("eval/frr_room", "min", column=True),
+    "frr_level": Metric("eval/frr_level", "min", column=True),
+    "frr_mic": Metric("eval/frr_mic", "min", column=True),
     "fa_per_hour": Metric("eval/fa_per_hour", "min", column=True, shown=True, echo=True),
     "accuracy": Metric("eval/accuracy", "max", column=True, shown=True, echo=True),
     "auc": Metric("eval/auc", "max", column=True, shown=True, echo=True),
@@ -53,6 +62,11 @@ METRICS = {
     "cuda_max_reserved_mib": Metric("system/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak
 }
 RANKABLE = tuple(name for name, m in METRICS.items() if m.goal)
+
+
+def echo_line(metrics: dict) -> str:
+    """The metrics a console shows after an epoch, as `name=value` pairs in table order."""
+    return " ".join(f"{k}={metrics[k]:.4f}" for k, m in METRICS.items() if m.echo and k in metrics)
 LOSSES = tuple(name for name, m in METRICS.items() if m.tag.startswith("loss/"))
 
 
@@ -175,7 +189,7 @@ def threshold_for_fa_rate(
     stream_probabilities, *, target_fa_per_hour: float, hop_seconds: float, refractory_seconds: float = 1.0,
     hours: float | None = None,
 ) -> float:
-    """Lowest threshold from which on the stream's FA/h stays <= target_fa_per_hour.
+    """Lowest threshold (in float32) from which on the stream's FA/h stays <= target_fa_per_hour.
 
     FA/h is not monotone in the threshold (a higher one can split a sustained activation into several), so a lone
     dip below the target is not trusted: up to MAX_THRESHOLD_CANDIDATES quantiles of the unique probabilities are
@@ -212,7 +226,9 @@ def threshold_for_fa_rate(
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if meets_target(values[middle]) else (middle, high)
-    return float(values[high])
+    # No window scores strictly between values[low] and values[high], so every threshold above values[low] fires on
+    # the same windows as values[high] does: the lowest of them (the next float32 up) misses the fewest positives.
+    return float(np.nextafter(np.float32(values[low]), np.float32(np.inf)))
 
 
 def clip_metrics(clip_probabilities, clip_labels) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """A model's validation figures: wake-word probabilities of clips and of every window of a negative stream, then
-accuracy, AUC, EER and FRR at the target false activations per hour.
+accuracy, AUC, EER and FRR at the target false activations per hour, clean and under a fixed mix of acoustic
+conditions (`VALIDATION_MIX`, rendered once per run by `validation_conditions`).
 
 `window_inputs` serves a stream's 1 s windows, or their log-mels, batch by batch. The log-mels come from one pass over
 the stream instead of one per window (windows overlap ten-fold at a 100 ms hop), and equal the per-window ones: only
@@ -11,9 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kd_tune.conditions import MICROPHONES, NOISE_TYPES, Condition, Conditioner, noise_condition
 from kd_tune.config import Config
 from kd_tune.data import Split
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
@@ -23,6 +26,27 @@ from kd_tune.metrics import audio_hours, clip_metrics, sliding_windows, wakeword
 # ran ~17% slower than in a main thread (glibc serves a thread's large allocations from bounded heaps, most likely
 # mapped and unmapped again); with 64 it ran as fast as in the main thread, and faster in both. Measured on CPU.
 EVAL_BATCH = 64
+# metric -> the conditions cycled over the validation positives (positive i gets conditions[i % len]). The evaluation
+# grid's generator with its own seed: selection looks at conditions like the grid's, never at the grid's own excerpts.
+VALIDATION_MIX = {
+    "frr_snr10": [noise_condition(n, 10.0) for n in NOISE_TYPES],
+    "frr_snr0": [noise_condition(n, snr) for n in NOISE_TYPES for snr in (0.0, 5.0)],
+    "frr_room": [Condition(f"room_rt{rt:g}_{d}", "room", rt60_s=rt, distance=d)
+                 for rt, d in ((0.6, "far"), (0.3, "far"), (0.9, "near"))],
+    "frr_level": [Condition(f"level_{db:g}dBFS", "level", peak_dbfs=db) for db in (-45.0, -40.0, -35.0)],
+    "frr_mic": [Condition(f"mic_{m}", "mic", microphone=m) for m in MICROPHONES],
+}
+VALIDATION_SEED = 17
+
+
+def validation_conditions(split: Split) -> dict[str, Tensor]:
+    """{metric: the split's positives [P, N_SAMPLES] under that metric's conditions}, the same every run."""
+    positives = split.audio[split.labels == 1].numpy()
+    speech = [clip for clip in split.of_kind("negative").numpy()] or list(split.audio[split.labels == 0].numpy())
+    conditioner = Conditioner(speech=speech, seed=VALIDATION_SEED)
+    return {metric: torch.from_numpy(np.stack([conditioner.clip(clip, mix[i % len(mix)], i)
+                                               for i, clip in enumerate(positives)]))
+            for metric, mix in VALIDATION_MIX.items()}
 
 
 @torch.no_grad()
@@ -38,8 +62,10 @@ def predict(model: nn.Module, audio: Tensor, log_mel: LogMel | None) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Config, log_mel: LogMel | None) -> dict:
-    """Clip metrics of the split and, given a negative stream, the operating point for the target FA/h on it."""
+def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Config, log_mel: LogMel | None,
+             conditions: dict[str, Tensor] | None = None) -> dict:
+    """Clip metrics of the split and, given a negative stream, the operating point for the target FA/h on it, and
+    the FRR there of each conditions entry (see validation_conditions) with their mean over clean and all."""
     clips = predict(model, split.audio, log_mel)
     if stream is None:
         return clip_metrics(clips, split.labels)
@@ -48,9 +74,14 @@ def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Conf
     device = next(model.parameters()).device
     windows = [model(x).float().softmax(-1)[:, 1].cpu() for x in window_inputs(
         stream, hop_samples=hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)]  # [B] each
-    return wakeword_metrics(clips, split.labels, torch.cat(windows), hop_seconds=hop_samples / SAMPLE_RATE,
-                            target_fa_per_hour=t.target_fa_per_hour, refractory_seconds=t.refractory_seconds,
-                            hours=audio_hours(len(stream), SAMPLE_RATE))
+    metrics = wakeword_metrics(clips, split.labels, torch.cat(windows), hop_seconds=hop_samples / SAMPLE_RATE,
+                               target_fa_per_hour=t.target_fa_per_hour, refractory_seconds=t.refractory_seconds,
+                               hours=audio_hours(len(stream), SAMPLE_RATE))
+    if not conditions:
+        return metrics
+    frr = {name: float((predict(model, audio, log_mel) < metrics["threshold"]).float().mean())
+           for name, audio in conditions.items()}
+    return metrics | frr | {"frr_conditions": float(np.mean([metrics["frr_at_target_fa"], *frr.values()]))}
 
 
 def window_inputs(stream: Tensor, *, hop_samples: int, batch: int, log_mel: LogMel | None = None,

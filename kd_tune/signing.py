@@ -5,8 +5,9 @@ that a model card verifies where only onnxruntime is installed.
 A signature is an HMAC-SHA256 over the canonical JSON of the whole document except its `signature` field.
 
 Environment:
-    KD_TUNE_SIGNING_KEY        the HMAC key itself (not empty)
-    KD_TUNE_SIGNING_KEY_FILE   or a file holding it (surrounding whitespace stripped); set at most one of the two
+    KD_TUNE_SIGNING_KEY        the HMAC key itself
+    KD_TUNE_SIGNING_KEY_FILE   or a file holding it, writable by its owner only; set at most one of the two. Either
+                               way surrounding whitespace is stripped and an empty key is refused
     KD_TUNE_REQUIRE_SIGNATURE  unset: a valid signature is required exactly when a key is set;
                                1: always required (without a key nothing verifies, so everything is refused);
                                0: not required (explicit opt-out, logged); signatures present are still checked
@@ -20,11 +21,11 @@ import json
 import logging
 import os
 import stat
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from kd_tune.errors import InputError, KdTuneError
+from kd_tune.errors import InputError, KdTuneError, shown
 
 ALG = "HMAC-SHA256"
 ENV_SIGNING_KEY = "KD_TUNE_SIGNING_KEY"
@@ -43,6 +44,40 @@ class SigningError(InputError):
     """A signing setting that is malformed, ambiguous or points at an unusable key."""
 
 
+class SpecialFileError(InputError):
+    """A FIFO, device, socket or directory where a file to read belongs."""
+
+    def __init__(self, path: str | os.PathLike, kind: str, allowed: str = "a regular file"):
+        self.path, self.kind = os.fspath(path), kind
+        super().__init__(f"{self.path}: not a regular file ({kind}); allowed: {allowed}")
+
+
+def special_kind(mode: int) -> str | None:
+    """What a file of this st_mode is when it is not a regular file (None when it is)."""
+    for test, kind in ((stat.S_ISREG, None), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for reading once one os.stat shows a regular file; SpecialFileError without opening otherwise.
+
+    Opening a FIFO without a writer blocks forever and a device may never end; the stat refuses both before any
+    open, and O_NONBLOCK with an fstat of the open file closes the race of a file swapped in between.
+    """
+    kind = special_kind(os.stat(path).st_mode)
+    if kind is not None:
+        raise SpecialFileError(path, kind)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    kind = special_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise SpecialFileError(path, kind)
+    return os.fdopen(fd, "rb")
+
+
 # ---------------------------------------------------------------- settings
 
 
@@ -52,30 +87,38 @@ def signing_key() -> bytes | None:
     if key is not None and key_file is not None:
         raise SigningError(f"{ENV_SIGNING_KEY} and {ENV_SIGNING_KEY_FILE}: both are set; allowed: at most one")
     if key_file is not None:
-        return _read_key_file(key_file)
+        where = f"{ENV_SIGNING_KEY_FILE}={key_file!r}" if key_file else ENV_SIGNING_KEY_FILE
+        return _checked_key(_read_key_file(key_file, where), where, "the file holds no key")
     if key is None:
         return None
-    if not key:  # an empty value must not silently turn signing off
-        raise SigningError(f"{ENV_SIGNING_KEY}: set but empty; allowed: a non-empty key, or unset the variable to "
-                           "work without signatures")
-    return key.encode()
+    # An empty value must not silently turn signing off; a key is read the same from either source.
+    return _checked_key(key.encode(), ENV_SIGNING_KEY, "set but empty")
 
 
-def _read_key_file(path: str) -> bytes:
-    where = f"{ENV_SIGNING_KEY_FILE}={path!r}" if path else ENV_SIGNING_KEY_FILE
+def _checked_key(secret: bytes, where: str, empty: str) -> bytes:
+    """The key without surrounding whitespace (an editor's newline is no part of it); nothing left is refused."""
+    if not secret.strip():
+        raise SigningError(f"{where}: {empty} (empty or whitespace only); allowed: a non-empty key, or unset the "
+                           "variable to work without signatures")
+    return secret.strip()
+
+
+def _read_key_file(path: str, where: str) -> bytes:
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device could block or never end
-            raise SigningError(f"{where}: not a regular file; allowed: a file holding the key")
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & (stat.S_IWGRP | stat.S_IWOTH):  # whoever can write the key can sign anything
+                raise SigningError(f"{where}: writable by group or others (mode {stat.S_IMODE(mode):04o}); allowed: "
+                                   "a key file only its owner can write (chmod 600)")
             secret = f.read(MAX_KEY_FILE_BYTES + 1)
+    except SpecialFileError as error:
+        raise SigningError(f"{where}: not a regular file ({error.kind}); allowed: a file holding the key") from None
     except OSError as error:
         raise SigningError(f"{where}: cannot read the key file ({error.strerror or error}); allowed: a readable "
                            "file holding the key") from None
     if len(secret) > MAX_KEY_FILE_BYTES:
         raise SigningError(f"{where}: larger than {MAX_KEY_FILE_BYTES} bytes; allowed: a file holding only the key")
-    if not secret.strip():
-        raise SigningError(f"{where}: the file holds no key (empty or whitespace only); allowed: a non-empty key")
-    return secret.strip()
+    return secret
 
 
 def signature_required(override: bool | None = None) -> bool:
@@ -171,8 +214,20 @@ def parse_json(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     depth = json_depth(data)
     if depth > max_depth:
         raise ValueError(f"nested {depth} levels deep (allowed: at most {max_depth})")
-    return json.loads(data, parse_constant=_refuse_constant)  # UnicodeDecodeError and JSONDecodeError: ValueErrors
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors too
+    return json.loads(data, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
 
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # A signature covers the parsed document: with a key twice, Python keeps the last value and another reader the
+    # first, so a signed file could mean one thing here and another elsewhere.
+    document: dict = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"key {shown(key)} appears more than once (allowed: each key once per object)")
+        document[key] = value
+    return document

@@ -72,6 +72,9 @@ class SearchSpace(Section):
             raise ValueError(f"temperature.low {self.temperature.low} must be > 0")
         if "step" in self.alpha_schedule.choices and not self.alpha_step_point:
             raise ValueError("alpha_step_point: required when alpha_schedule may be 'step'")
+        if self.temperature_schedule and set(self.temperature_schedule.choices) - {"constant"} and \
+                not self.temperature_end:
+            raise ValueError("temperature_end: required when temperature_schedule may be other than 'constant'")
         return self
 
     def check_teachers(self, config: Config, *, source: str) -> None:

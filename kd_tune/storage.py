@@ -23,7 +23,7 @@ from urllib.parse import SplitResult, urlsplit
 import pyarrow.fs as pafs
 
 from kd_tune.errors import InputError, KdTuneError
-from kd_tune.signing import parse_json
+from kd_tune.signing import SpecialFileError, parse_json, special_kind
 
 DEFAULT_REGION = "us-east-1"
 PUBLISHED_MODE = 0o644  # mkstemp/mkdtemp make 0600/0700: other users of a shared NFS root could not read results
@@ -31,10 +31,15 @@ PUBLISHED_DIR_MODE = 0o755
 FIRST_CHUNK_BYTES, READ_CHUNK_BYTES = 2**16, 16 * 2**20  # bounded reads: the first and the largest step
 # The largest JSON kd_tune reads whole is a leaderboard: ~1 KB a trial, so 64 MiB holds tens of thousands of trials.
 MAX_JSON_BYTES = 64 * 2**20
+CACHE_DIR = "cache"  # the teacher cache's folder under storage.root (kd_tune.cache.CACHE_ROOT)
 
 
 class PathEscapeError(KdTuneError, ValueError):
     """A path that would leave its storage root."""
+
+
+class StorageLayoutError(InputError):
+    """Storage roots or names that overlap, so that writing one could replace another's files."""
 
 
 # ---------------------------------------------------------------- storage roots
@@ -103,7 +108,7 @@ class Storage:
         path = self.path(rel)
         if not self.is_local:
             return self.filesystem.open_input_stream(path, compression=None)
-        fd = _open_nofollow(self.root, rel)
+        fd = _open_nofollow(self.root, rel, regular=True)
         try:
             return os.fdopen(fd, "rb")
         except BaseException:
@@ -183,9 +188,25 @@ class Storage:
             self.filesystem.delete_dir(path)
 
 
+def redact_uri(uri: str) -> str:
+    """A URI as messages may show it: without user info, query string or fragment, where keys could hide."""
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def check_plain_uri(uri: str, where: str) -> None:
+    """Refuse a URI carrying user info, a query string or a fragment, showing it redacted."""
+    parts = urlsplit(uri) if "://" in uri else None
+    if parts is not None and (parts.query or parts.fragment or "@" in parts.netloc):
+        raise InputError(f"{where}: {redact_uri(uri)!r} carries user info, a query string or a fragment (not shown); "
+                         "allowed: PATH or scheme://bucket/path, with credentials from the environment or ~/.aws")
+
+
 def _s3_storage(parts: SplitResult, *, endpoint_override: str | None, region: str | None) -> Storage:
     bucket = parts.netloc.rpartition("@")[2]
-    shown = f"s3://{bucket}{parts.path}"  # never echo user info or query strings: they may hold keys
+    shown = redact_uri(parts.geturl())  # never echo user info or query strings: they may hold keys
     if parts.query or parts.fragment or "@" in parts.netloc or not bucket:
         raise ValueError(f"storage URI {shown!r} must be s3://bucket/prefix and nothing more: credentials come from "
                          "the environment or ~/.aws, the endpoint and region from endpoint_override/region or "
@@ -222,25 +243,36 @@ def _is_within(path: str, root: str) -> bool:
     return posixpath.commonpath([root, path]) == root
 
 
-def _open_nofollow(root: str, rel: str) -> int:
+def _open_nofollow(root: str, rel: str, *, regular: bool = False) -> int:
     """A read-only fd for `rel` under `root`, opened one component at a time without following any symlink.
 
     A path check followed by open() can be raced by swapping in a link; opening each component relative to its
-    parent's fd with O_NOFOLLOW cannot.
+    parent's fd with O_NOFOLLOW cannot. regular: `rel` must be a regular file; anything else (a FIFO whose open
+    would block, a device, a directory) is refused by a stat before the open, and by an fstat after it.
     """
     components = _components(rel, root)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for i, name in enumerate(components):
             is_last = i == len(components) - 1
-            flags = os.O_RDONLY | os.O_NOFOLLOW | (0 if is_last else os.O_DIRECTORY)
+            if is_last and regular:
+                _refuse_special(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode, rel, root)
+            flags = os.O_RDONLY | os.O_NOFOLLOW | (os.O_NONBLOCK if is_last else os.O_DIRECTORY)
             child = _open_child(fd, name, flags, rel, root)
             os.close(fd)
             fd = child
+        if regular:
+            _refuse_special(os.fstat(fd).st_mode, rel, root)
         return fd
     except BaseException:
         os.close(fd)
         raise
+
+
+def _refuse_special(mode: int, rel: str, root: str) -> None:
+    kind = None if stat.S_ISLNK(mode) else special_kind(mode)  # a link is _open_child's to refuse
+    if kind is not None:
+        raise SpecialFileError(posixpath.join(root, rel), kind)
 
 
 def _open_child(dir_fd: int, name: str, flags: int, rel: str, root: str) -> int:
@@ -265,6 +297,41 @@ def as_storage(storage: Storage | str | os.PathLike) -> Storage:
     if isinstance(storage, (str, os.PathLike)):
         return Storage.from_uri(storage)
     raise TypeError(f"expected a Storage or a directory path, got {type(storage).__name__}")
+
+
+# ---------------------------------------------------------------- roots that must not overlap
+
+
+def place_under(inner: Storage, outer: Storage) -> str | None:
+    """inner's root relative to outer's ("." when they are one place), or None when it lies elsewhere."""
+    if inner.is_local != outer.is_local or not _is_within(inner.root, outer.root):
+        return None
+    return posixpath.relpath(inner.root, outer.root)
+
+
+def check_layout(root: Storage, teachers: Storage, *, run: str | None = None) -> None:
+    """Refuse an experiment root and teacher store that overlap so that one could replace the other's files, and a
+    run or experiment name (`run`) that is the teacher store's or the teacher cache's folder.
+
+    Teachers are saved as <teachers>/<name>/, experiments and runs as <root>/<name>/ and the cache as
+    <root>/cache/...: with teachers == root, a teacher named `sweep` would replace the experiment `sweep`.
+    """
+    if place_under(root, teachers) is not None:
+        how = "is the same place as" if root.root == teachers.root else "holds"
+        raise StorageLayoutError(f"storage.teachers: {teachers.uri} {how} storage.root {root.uri}, so a teacher "
+                                 "named like an experiment would replace it; allowed: a teacher store inside the "
+                                 "root (the default <storage.root>/teachers) or apart from it")
+    inside = place_under(teachers, root)
+    taken = {inside.split("/")[0]: "the teacher store"} if inside else {}
+    if CACHE_DIR in taken:
+        raise StorageLayoutError(f"storage.teachers: {teachers.uri} lies in the teacher cache {root.uri}/{CACHE_DIR}; "
+                                 f"allowed: a folder other than {CACHE_DIR}/, such as the default <storage.root>/"
+                                 "teachers")
+    taken[CACHE_DIR] = "the teacher cache"
+    first = run.strip("/").split("/")[0] if run is not None else None
+    if first in taken:
+        raise StorageLayoutError(f"--name {run}: {root.uri}/{first} is {taken[first]}; allowed: a name other than "
+                                 f"{' and '.join(sorted(taken))}")
 
 
 # ---------------------------------------------------------------- JSON and plain files

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from kd_tune.data import DataError
 from kd_tune.errors import shown
 from kd_tune.features import SAMPLE_RATE
-from kd_tune.voices import Utterance, draw_utterance, one_torch_thread, speak_all, speech_16k
+from kd_tune.userdata import USER_PREFIX
+from kd_tune.voices import Utterance, VoiceFile, draw_utterance, one_torch_thread, speak_all, speech_16k
 
 EVERYDAY_PHRASES = (
     "hello", "yes", "no", "okay", "thank you", "good morning", "good night", "see you later", "what time is it",
@@ -314,16 +315,16 @@ class StreamPlan:
         return f"long/{self.split}/{index:03d}.wav"
 
 
-def plan_streams(wakeword: str, *, seed: int, size: str) -> list[StreamPlan]:
-    """The training, validation and test streams of a synthetic set: voices not held out for the first two, held-out
-    families only for the test stream."""
-    return [plan_stream(wakeword, split, seed=seed, size=size) for split in STREAM_SPLITS]
+def plan_streams(wakeword: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = ()) -> list[StreamPlan]:
+    """The training, validation and test streams of a synthetic set: voices not held out (the user's voice files
+    among them) for the first two, held-out families only for the test stream."""
+    return [plan_stream(wakeword, split, seed=seed, size=size, voices=voices) for split in STREAM_SPLITS]
 
 
-def plan_stream(wakeword: str, split: str, *, seed: int, size: str) -> StreamPlan:
+def plan_stream(wakeword: str, split: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = ()) -> StreamPlan:
     rng = np.random.default_rng([seed, STREAM_SEED_SALT, STREAM_SPLITS.index(split)])
     total_s = (TRAIN_STREAM_S if split == "train" else STREAM_S)[size]
-    pool = tuple(draw_utterance(rng, general_text(rng, wakeword), held_out=split == "test")
+    pool = tuple(draw_utterance(rng, general_text(rng, wakeword), held_out=split == "test", files=voices)
                  for _ in range(math.ceil(total_s / STREAM_S_PER_UTTERANCE)))
     whole_files, rest_s = divmod(total_s, STREAM_FILE_S)
     file_s = (STREAM_FILE_S,) * int(whole_files) + ((rest_s,) if rest_s else ())
@@ -418,11 +419,12 @@ def write_streams(out_dir: Path, plans: list[StreamPlan], *, seed: int, progress
 
 def remove_unplanned(out_dir: Path, plan: StreamPlan) -> None:
     """Delete what the plan will not write in its split's folder: files of a set of another size rendered here before,
-    partial files of an interrupted run."""
+    partial files of an interrupted run; never the recordings `kd-tune data add` put there."""
     folder = out_dir / "long" / plan.split
     folder.mkdir(parents=True, exist_ok=True)
     planned = {out_dir / plan.path(i) for i in range(len(plan.files))}
-    for path in {*folder.glob("*.wav"), *folder.glob("*.partial")} - planned:
+    ours = {p for p in {*folder.glob("*.wav"), *folder.glob("*.partial")} if not p.name.startswith(USER_PREFIX)}
+    for path in ours - planned:
         path.unlink()
 
 

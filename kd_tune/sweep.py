@@ -46,7 +46,7 @@ from kd_tune.errors import KdTuneError
 from kd_tune.leaderboard import leaderboard, write_leaderboard
 from kd_tune.placement import remove_orphans, removing_lost
 from kd_tune.space import SearchSpace, SpaceSampler
-from kd_tune.storage import Storage, write_text
+from kd_tune.storage import Storage, check_layout, write_text
 from kd_tune.teachers import teacher_store
 from kd_tune.train import check_batching
 from kd_tune.trial import TRIAL_DRIVER_RESOURCES, run_trial, trial_dirname
@@ -282,6 +282,7 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
     """
     apply_ray_settings()
     store = Storage.from_config(config.storage)
+    check_layout(store, teacher_store(config), run=name)  # an experiment never lands on the teachers or the cache
     check_teachers_ready(config, space)
     data = data or load_data(config.data)  # once per sweep; every trial gets it from the object store
     check_batching(len(data.train.labels), workers=config.tune.workers_per_trial)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,14 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, split_for
+from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, read_text_within, split_for
 from kd_tune.errors import shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.signing import parse_json
 from kd_tune.streams import STREAM_S, TRAIN_STREAM_S, general_text, make_sound, plan_streams, with_level, words_of, \
     write_streams
-from kd_tune.voices import Utterance, draw_utterance, one_torch_thread, speak_all, speech_16k
+from kd_tune.userdata import file_sha256, user_lines
+from kd_tune.voices import Utterance, VoiceFile, draw_utterance, one_torch_thread, speak_all, speech_16k
 
 SYNTH_SIZES = {
     "small": {"positive": 60, "hard_negative": 60, "negative": 60, "background": 30},
@@ -45,6 +48,10 @@ SILENCE_PEAK_DB = (-70.0, -60.0)  # near-silence that still passes `check` (peak
 BACKGROUND_TYPES = ("white", "pink", "brown", "hum", "babble", "silence", "music", "transient")
 OTHER_OPENERS = ("hi", "a", "okay", "say", "they", "hello")  # not "hay": a homophone of "hey" is no negative
 VOWELS = "aeiou"
+MAX_VOICE_CONFIG_BYTES = 4 * 2**20  # a piper voice config: ~5 KB, ~50 KB with a thousand speaker names
+VOICE_RATES_HZ = (8000, 48000)  # piper's voices are 16 or 22.05 kHz; each is resampled to TTS_SAMPLE_RATE
+OFFLINE_PHONEME_TYPES = ("espeak", "text")  # piper's other phonemizers fetch models from the network on first use
+VOICE_FILE_ALLOWED = "allowed: a piper voice model NAME.onnx with its config NAME.onnx.json beside it"
 SOUND_ALIKE_CONSONANTS = {"b": "pdv", "d": "tbg", "f": "vs", "g": "kd", "k": "gt", "l": "rn", "m": "nb", "n": "ml",
                           "p": "bt", "r": "lw", "s": "zf", "t": "dk", "v": "bfr", "w": "rv", "z": "sv"}
 
@@ -103,8 +110,9 @@ class SynthClip:
     placement: str = "whole"  # of speech in the window: whole, squeeze, crop or cut (see place_speech)
 
 
-def plan_dataset(wakeword: str, *, seed: int, size: str) -> list[SynthClip]:
-    """Every clip of a synthetic set, drawn from one seeded generator (rendering draws per clip, see clip_rng)."""
+def plan_dataset(wakeword: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = ()) -> list[SynthClip]:
+    """Every clip of a synthetic set, drawn from one seeded generator (rendering draws per clip, see clip_rng); voices
+    are the user's piper voice files (read_voice_files), which share piper's part with joe."""
     if size not in SYNTH_SIZES or seed < 0:
         raise DataError(f"size {shown(size)}, seed {shown(seed)}; allowed: size in {sorted(SYNTH_SIZES)}, seed >= 0")
     rng = np.random.default_rng(seed)
@@ -112,7 +120,7 @@ def plan_dataset(wakeword: str, *, seed: int, size: str) -> list[SynthClip]:
     for kind in ("positive", "hard_negative", "negative"):
         for i in range(SYNTH_SIZES[size][kind]):
             text, placement = clip_text(rng, kind, wakeword)
-            utterance = draw_utterance(rng, text)
+            utterance = draw_utterance(rng, text, files=voices)
             clips.append(SynthClip(kind, f"{kind}/{i:05d}.wav", speech_split(utterance), utterance.voice_id,
                                    text + " [cut]" if placement == "cut" else text, utterance, placement=placement))
     for i in range(SYNTH_SIZES[size]["background"]):
@@ -238,40 +246,112 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0, size: str = "default",
-               new_speakers: bool = True, progress: bool = True) -> Path:
+               new_speakers: bool = True, voices: Sequence[str | os.PathLike] = (), progress: bool = True) -> Path:
     """Build a synthetic speech data set under out_dir and return its manifest.jsonl path.
 
     Positives are the wake word, hard negatives its `confusables` and the wake word cut at the window's edge,
     negatives 1 s of general speech, all spoken by piper (one natural voice, several accents) and espeak-ng (many
     robotic voices), as new speakers unless new_speakers is False; background is noise, hum, babble, music,
     transients and near-silence; long/train, long/val and long/test hold the long negative streams (kd_tune.streams).
+    voices: paths of piper voice models (.onnx, each with its .onnx.json beside it) that share piper's part with joe.
     The same arguments always give the same bytes; a complete set with the same arguments is reused.
     """
     out_dir = Path(out_dir)
-    clips = plan_dataset(wakeword, seed=seed, size=size)
+    files = read_voice_files(voices)
+    clips = plan_dataset(wakeword, seed=seed, size=size, voices=files)
     meta = {"format_version": FORMAT_VERSION, "wakeword": wakeword, "seed": seed, "size": size,
             "new_speakers": new_speakers, "clips": len(clips), "long_s": STREAM_S[size],
             "long_train_s": TRAIN_STREAM_S[size]}
+    if files:  # only then: a set made without voice files keeps the dataset.json it had, and is reused
+        meta["voices"] = [{"path": f.model, "sha256": f.sha256, "speakers": f.speakers, "language": f.language}
+                          for f in files]
     manifest = out_dir / "manifest.jsonl"
-    if (out_dir / "dataset.json").is_file():
-        found = json.loads((out_dir / "dataset.json").read_text())
+    if os.path.lexists(out_dir / "dataset.json"):
+        found = read_dataset_json(out_dir / "dataset.json")
         if found == meta:
             return manifest
-        # The same set made by an older kd_tune (other audio or splits): rendered again in place, as it was asked.
+        # The same set made by an older kd_tune (other audio or splits) or with other voice files: rendered again in
+        # place, as it was asked.
         if not same_arguments(found, meta):
             raise DataError(f"{out_dir}: holds another synthetic data set ({shown(found)}), not {meta}; allowed: "
                             "another directory, or delete this one")
         (out_dir / "dataset.json").unlink()  # until the new set is complete, the folder holds no complete set
+    kept = user_lines(out_dir)  # clips `kd-tune data add` put in the set stay listed when it is rendered again
     for kind in KINDS:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(clips), desc="synthesizing", unit="clip", disable=None if progress else True) as bar:
         render(clips, out_dir, seed=seed, new_speakers=new_speakers, bar=bar)
-    write_streams(out_dir, plan_streams(wakeword, seed=seed, size=size), seed=seed, progress=progress)
+    write_streams(out_dir, plan_streams(wakeword, seed=seed, size=size, voices=files), seed=seed, progress=progress)
     lines = [json.dumps({"path": c.path, "label": LABEL_OF_KIND[c.kind], "kind": c.kind, "text": c.text,
                          "voice": c.voice, "split": c.split}) for c in clips]
+    lines += kept
     write_atomically(manifest, "\n".join(lines) + "\n")
     write_atomically(out_dir / "dataset.json", json.dumps(meta, indent=2) + "\n")  # last: marks the set complete
     return manifest
+
+
+MAX_DATASET_JSON_BYTES = 64 * 1024  # the file holds a few arguments (~200 bytes)
+
+
+def read_dataset_json(path: Path) -> object:
+    """A data set's dataset.json, read within MAX_DATASET_JSON_BYTES: a FIFO, device or folder there is refused
+    unopened (kd_tune.signing.open_regular), broken JSON is a DataError."""
+    text = read_text_within(path, MAX_DATASET_JSON_BYTES)
+    try:
+        return parse_json(text.encode())
+    except ValueError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); allowed: the dataset.json `kd-tune data synth` writes, "
+                        "or delete the folder") from None
+
+
+def read_voice_files(paths: Sequence[str | os.PathLike]) -> tuple[VoiceFile, ...]:
+    """The user's piper voice files, each checked and its model hashed: read once, here, so that plans stay pure."""
+    files, names = [], {}
+    for model in map(os.path.abspath, paths):
+        name = Path(model).stem
+        if name in names:  # the manifest names a voice by its file name
+            raise DataError(f"{model}: a voice named {shown(name)} is given already ({names[name]}); allowed: voice "
+                            "files of distinct names")
+        names[name] = model
+        files.append(read_voice_file(model))
+    return tuple(files)
+
+
+def read_voice_file(model: str) -> VoiceFile:
+    if not model.endswith(".onnx"):
+        raise DataError(f"{model}: not a piper voice model (no .onnx suffix); {VOICE_FILE_ALLOWED}")
+    for path in (model, f"{model}.json"):
+        if not os.path.exists(path):  # a folder or FIFO there is refused when read
+            raise DataError(f"{path}: no such file; {VOICE_FILE_ALLOWED}")
+    text = read_text_within(Path(f"{model}.json"), MAX_VOICE_CONFIG_BYTES)
+    try:
+        config = parse_json(text.encode())
+    except ValueError as error:
+        raise DataError(f"{model}.json: not valid JSON ({error}); {VOICE_FILE_ALLOWED}") from None
+    problems = voice_config_problems(config)
+    if problems:
+        raise DataError(f"{model}.json: {', '.join(problems)}; allowed: a piper voice config with num_speakers >= 1, "
+                        f"audio.sample_rate {VOICE_RATES_HZ[0]}-{VOICE_RATES_HZ[1]} Hz, espeak.voice, num_symbols, "
+                        f"phoneme_id_map and phoneme_type {' or '.join(OFFLINE_PHONEME_TYPES)}")
+    return VoiceFile(model, config["num_speakers"], config["espeak"]["voice"], file_sha256(Path(model)))
+
+
+def voice_config_problems(config: object) -> list[str]:
+    """What keeps a parsed .onnx.json from configuring a piper voice that speaks offline."""
+    if not isinstance(config, dict):
+        return [f"{shown(config)} is not a JSON object"]
+    audio, espeak = config.get("audio"), config.get("espeak")
+    rate = audio.get("sample_rate") if isinstance(audio, dict) else None
+    language = espeak.get("voice") if isinstance(espeak, dict) else None
+    speakers, phonemes = config.get("num_speakers"), config.get("phoneme_type", "espeak")
+    checks = [(type(speakers) is int and speakers >= 1, f"num_speakers {shown(speakers)}"),
+              (type(rate) is int and VOICE_RATES_HZ[0] <= rate <= VOICE_RATES_HZ[1],
+               f"audio.sample_rate {shown(rate)}"),
+              (isinstance(language, str) and bool(language), f"espeak.voice {shown(language)}"),
+              (type(config.get("num_symbols")) is int, f"num_symbols {shown(config.get('num_symbols'))}"),
+              (isinstance(config.get("phoneme_id_map"), dict), "phoneme_id_map missing"),
+              (phonemes in OFFLINE_PHONEME_TYPES, f"phoneme_type {shown(phonemes)}")]
+    return [what for ok, what in checks if not ok]
 
 
 def same_arguments(found: object, meta: dict) -> bool:

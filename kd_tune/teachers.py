@@ -22,13 +22,18 @@ from kd_tune.checkpoint import (CheckpointError, Identity, load_checkpoint, load
 from kd_tune.config import Config, TeacherConfig
 from kd_tune.data import WakewordData
 from kd_tune.distill import combine_teachers
+from kd_tune.errors import InputError, shown
 from kd_tune.models import build_teacher, count_parameters, hf_config, teacher_input_kind
-from kd_tune.storage import Storage
+from kd_tune.storage import Storage, check_layout
 
 LEGACY_SUFFIXES = (".pt", ".pth")
 TEACHER_KIND = "teacher"
 TEACHER_RECIPE = ("features", "augment")  # config sections a teacher's fine-tuning reads besides its own
 WEIGHTS_ONLY = "allowed: safetensors weights, or a plain state dict that torch's weights-only loader reads"
+
+
+class StaleTeacherError(CheckpointError):
+    """A stored teacher that verifies but was fine-tuned with another recipe or on other data."""
 
 
 class Teachers(Protocol):
@@ -88,6 +93,20 @@ def teacher_store(config: Config) -> Storage:
     return Storage.from_uri(s.teachers_uri, endpoint_override=s.endpoint_override, region=s.region)
 
 
+def configured_teachers(config: Config, names: list[str] | None = None) -> list[TeacherConfig]:
+    """The teachers named (every configured one when None); a name the config does not define is refused."""
+    configured = [t.name for t in config.teachers]
+    unknown = [name for name in names or [] if name not in configured]
+    if unknown:
+        raise InputError(f"--only {shown(unknown[0])}: not a configured teacher; allowed: {', '.join(configured)}")
+    return [config.teacher(name) for name in names or configured]
+
+
+def check_teacher_store(config: Config) -> None:
+    """Refuse a teacher store that overlaps storage.root, where a teacher could replace an experiment."""
+    check_layout(Storage.from_config(config.storage), teacher_store(config))
+
+
 def teacher_identity(teacher: TeacherConfig) -> Identity:
     """What a stored teacher must be: a teacher checkpoint saved under this teacher's name."""
     return Identity(TEACHER_KIND, teacher.name)
@@ -113,6 +132,7 @@ def initial_teacher(teacher: TeacherConfig, *, n_mels: int) -> nn.Module:
 def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data: WakewordData, *, epoch: int = 0,
                  step: int = 0, metrics: dict | None = None) -> None:
     """Store a teacher where `load_teacher` finds it, with what `teacher_is_current` compares."""
+    check_teacher_store(config)
     save_checkpoint(teacher_store(config), teacher.name,
                     {"model": model.state_dict()}, kind=TEACHER_KIND, name=teacher.name, pinned=True,
                     config=config.to_dict(), epoch=epoch, step=step, metrics=metrics or {},
@@ -120,21 +140,33 @@ def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data:
                            "parameters": count_parameters(model), "data_sha256": data.labelled_sha256})
 
 
-def load_teacher(config: Config, teacher: TeacherConfig) -> nn.Module:
-    """A fine-tuned teacher from the storage root, verified before any weight is used."""
-    ckpt = load_checkpoint(teacher_store(config), teacher.name,
-                           expect=teacher_identity(teacher))
+def load_teacher(config: Config, teacher: TeacherConfig, data: WakewordData | None = None) -> nn.Module:
+    """A fine-tuned teacher from the teacher store, verified, and refused (StaleTeacherError) when it was trained
+    with another recipe, or, given `data`, on other data, before any weight is used."""
+    store = teacher_store(config)
+    ckpt = load_checkpoint(store, teacher.name, expect=teacher_identity(teacher))
     model = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
                           hf_config=ckpt.manifest["extra"].get("hf_config"))
+    why = stale_reason(ckpt.manifest, config, teacher, data, model)
+    if why is not None:
+        raise StaleTeacherError(f"teacher {teacher.name} ({store.uri.rstrip('/')}/{teacher.name}): {why}; allowed: a "
+                                f"teacher fine-tuned with this config: retrain it with `kd-tune teacher train CONFIG "
+                                f"--only {teacher.name}`")
     load_state_dict_strict(model, ckpt.tensors["model"])
     return model
 
 
-def teacher_ensemble(config: Config, device: torch.device) -> TeacherEnsemble:
+def require_current_teachers(config: Config, data: WakewordData) -> None:
+    """Refuse, before a run starts, any teacher it distils from that is missing or stale (see load_teacher)."""
+    for teacher in config.distill_teachers:
+        load_teacher(config, teacher, data)
+
+
+def teacher_ensemble(config: Config, device: torch.device, data: WakewordData | None = None) -> TeacherEnsemble:
     d = config.distillation
     on = torch.device("cpu") if d.teacher_device == "cpu" else device
     dtype = getattr(torch, d.teacher_dtype) if on.type == "cuda" else torch.float32  # half precision only pays on CUDA
-    teachers = {t.name: load_teacher(config, t) for t in config.distill_teachers}
+    teachers = {t.name: load_teacher(config, t, data) for t in config.distill_teachers}
     return TeacherEnsemble(teachers, combine=d.combine, device=on, dtype=dtype)
 
 
@@ -146,18 +178,29 @@ def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordDat
     except (CheckpointError, FileNotFoundError):
         return False
     extra = manifest.get("extra")
+    built = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
+                          hf_config=extra.get("hf_config") if isinstance(extra, dict) else None)
+    return stale_reason(manifest, config, teacher, data, built) is None
+
+
+def stale_reason(manifest: dict, config: Config, teacher: TeacherConfig, data: WakewordData | None,
+                 built: nn.Module) -> str | None:
+    """Why a verified teacher checkpoint is not this config's teacher (None: it is); data None: not compared."""
+    extra = manifest.get("extra")
     if not isinstance(extra, dict) or extra.get("teacher") != teacher.model_dump():
-        return False
-    if extra.get("data_sha256") != data.labelled_sha256:  # straddle windows carry no label: a teacher never sees them
-        return False
+        return "trained with other teacher settings"
+    # straddle windows carry no label: a teacher never sees them, so the labelled hash is the one to compare
+    if data is not None and extra.get("data_sha256") != data.labelled_sha256:
+        return f"trained on other data than {data.root}"
     # The same teacher settings with another front end or augmentation are another recipe, so another teacher.
     trained_with, now = manifest.get("config") or {}, config.to_dict()
-    if any(trained_with.get(section) != now[section] for section in TEACHER_RECIPE):
-        return False
+    changed = [section for section in TEACHER_RECIPE if trained_with.get(section) != now[section]]
+    if changed:
+        return f"trained with other {changed[0]} settings"
     # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
-    built = build_teacher(teacher.arch, source=architecture_source(teacher), n_mels=config.features.n_mels,
-                          hf_config=extra.get("hf_config"))
-    return extra.get("parameters") == count_parameters(built)
+    if extra.get("parameters") != count_parameters(built):
+        return f"holds {extra.get('parameters')} parameters, this version builds {count_parameters(built)}"
+    return None
 
 
 def load_legacy_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:

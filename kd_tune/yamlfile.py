@@ -6,12 +6,14 @@ A config is ~3 KB and 4 levels deep, a search space smaller; the limits leave ro
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kd_tune.errors import SHOWN_CHARS, ConfigError
+from kd_tune.signing import SpecialFileError, open_regular
 
 MAX_YAML_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 16  # nested mappings and lists
@@ -21,10 +23,12 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when pres
 
 def read_yaml(path: Path, *, source: str) -> Any:
     """A YAML file's value, read within MAX_YAML_BYTES; OSError (a missing file) is left to the caller."""
-    if isinstance(path, Path) and path.exists() and not path.is_file():  # a FIFO or device would block or never end
-        raise ConfigError(source, ["not a regular file; allowed: a YAML file"])
-    with path.open("rb") as f:
-        data = f.read(MAX_YAML_BYTES + 1)
+    try:  # a FIFO or device would block or never end: refused before it is opened (a packaged built-in may be
+        # no file of its own)
+        with open_regular(path) if isinstance(path, (str, os.PathLike)) else path.open("rb") as f:
+            data = f.read(MAX_YAML_BYTES + 1)
+    except SpecialFileError as error:
+        raise ConfigError(source, [f"not a regular file ({error.kind}); allowed: a YAML file"]) from None
     if len(data) > MAX_YAML_BYTES:
         raise ConfigError(source, [f"larger than {MAX_YAML_BYTES // 1024} KiB; allowed: a YAML file up to that size"])
     try:

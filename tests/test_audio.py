@@ -1,4 +1,6 @@
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,9 +9,10 @@ import torch
 import torchaudio.functional as AF
 
 import kd_tune.audio as audio_module
-from kd_tune.audio import read_recording, resample
+from kd_tune.audio import AudioFile, read_recording, resample
 from kd_tune.errors import DataError
 from kd_tune.features import SAMPLE_RATE
+from kd_tune.signing import SpecialFileError, open_regular
 from test_data import TONE_HZ, noise, peak_hz, tone
 
 
@@ -51,3 +54,21 @@ def test_a_bad_recording_is_refused_naming_the_file(tmp_path, audio, rate, messa
     with pytest.raises(DataError, match=message) as refused:
         read_recording(tmp_path / "bad.wav", max_samples=SAMPLE_RATE)
     assert "bad.wav" in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["FIFO", "directory", "device"])
+def test_a_recording_that_is_no_file_is_refused_without_blocking(tmp_path, kind):
+    # Rule: a FIFO (libsndfile's open would wait for a writer forever), a folder or a device among the long
+    # recordings is refused by a stat before any open, in one line naming it; a clip of that kind is unreadable.
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "long.wav"
+    if kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    with pytest.raises(DataError, match=f"^{path}: not a regular file \\(a {kind}\\); allowed: a WAV or FLAC file$"):
+        read_recording(path, max_samples=SAMPLE_RATE)
+    clip = AudioFile.read(path)
+    assert not clip.usable and clip.problems == [("unreadable", f"not a regular file (a {kind})")]
+    with pytest.raises(SpecialFileError):
+        open_regular(path)

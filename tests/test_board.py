@@ -1,5 +1,6 @@
-"""The sweep's TensorBoard (kd_tune.board): one identical HParams experiment in every trial, each trial's effective
-hyperparameters, best-epoch scalars that agree with the leaderboard, and trial folders that name teacher and schedule.
+"""The sweep's TensorBoard (kd_tune.board): one identical HParams experiment in every trial with the space's domains,
+each trial's hyperparameters where its schedules use them, best-epoch scalars that agree with the leaderboard, and
+trial folders that name teacher and schedule.
 
 The callback is driven with Ray Tune's own Trial objects and writes real event files, read back with TensorBoard's
 EventAccumulator; no Ray cluster is needed for that.
@@ -20,18 +21,19 @@ from ray_cluster import config_with_trained_teachers, kd_tune, start_cluster
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 
-from kd_tune.board import BEST_GROUP, TICKED_HPARAMS, BestEpoch, TensorBoardCallback, best_tag, hparams_metrics
-from kd_tune.config import load_config
+from kd_tune.board import (APPLIES, BEST_GROUP, CONSTANT_METRICS, BestEpoch, TensorBoardCallback, best_tag,
+                           hparams_metrics, ticked)
+from kd_tune.config import TuneConfig, load_config
 from kd_tune.leaderboard import METRIC_COLUMNS, best_epoch
 from kd_tune.metrics import METRICS
-from kd_tune.space import SearchSpace, load_search_space
+from kd_tune.space import Choice, SearchSpace, load_search_space
 from kd_tune.trial import trial_dirname
 
 TICKED_BY_TENSORBOARD = 5  # its HParams tab ticks the first five hyperparameters and the first five metrics
 TRIAL_PARAMS = {  # one trial per alpha schedule of the default space; only `step` samples alpha_step_point
     "constant": {"teacher": "cnn", "alpha_schedule": "constant", "alpha_start": 0.3, "temperature": 4.0,
                  "temperature_schedule": "constant", "lr": 0.003, "weight_decay": 0.01, "student_width": 0.5},
-    "linear": {"teacher": "wav2vec2", "alpha_schedule": "linear", "alpha_start": 0.9, "alpha_end": 0.1,
+    "linear": {"teacher": "cnn", "alpha_schedule": "linear", "alpha_start": 0.9, "alpha_end": 0.1,
                "temperature": 8.0, "temperature_schedule": "cosine", "temperature_end": 2.0, "lr": 0.002,
                "weight_decay": 0.001, "student_width": 1.0},
     "step": {"teacher": "cnn", "alpha_schedule": "step", "alpha_start": 0.2, "alpha_end": 0.7,
@@ -60,9 +62,11 @@ def make_trial(tmp_path: Path, trial_id: str, params: dict) -> Trial:
 
 
 def epoch_result(epoch: int, frr: float, auc: float) -> dict:
-    """One epoch as a trial reports it: every metric of the table, some varied by epoch."""
+    """One epoch as a trial reports it: every metric of the table, some varied by epoch; `frr` is both
+    frr_at_target_fa and the default sweep metric."""
     result = {name: 0.01 * epoch + i for i, name in enumerate(METRICS)}
-    return result | {"frr_at_target_fa": frr, "auc": auc, "epoch": epoch, "training_iteration": epoch}
+    return result | {"frr_at_target_fa": frr, TuneConfig().metric: frr, "auc": auc, "epoch": epoch,
+                     "training_iteration": epoch}
 
 
 def hparams_records(trial_dir: Path) -> dict[str, bytes]:
@@ -96,10 +100,21 @@ def run_trials(tmp_path: Path, base, space: SearchSpace, epochs: list[dict], *, 
     return {name: Path(trial.local_path) for name, trial in trials.items()}
 
 
+def sessions_of(dirs: dict[str, Path]) -> dict[str, dict]:
+    """Each trial's session as HParams reads it: {hyperparameter: value}."""
+    sessions = {}
+    for name, directory in dirs.items():
+        start = metadata.parse_session_start_info_plugin_data(
+            hparams_records(directory)[metadata.SESSION_START_INFO_TAG])
+        sessions[name] = {k: v.string_value or v.number_value for k, v in start.hparams.items()}
+    return sessions
+
+
 def test_every_trial_writes_the_same_experiment_with_every_searched_hyperparameter(tmp_path, base):
     # Rule: HParams gets one experiment record, byte-identical in every trial, listing every hyperparameter the space
-    # searches (categorical ones with their choices) and the metrics with the validation ones first; the five that
-    # TensorBoard ticks are teacher, alpha schedule, alpha start and end, and temperature.
+    # searches with the space's own domain (temperature_end 1-4, not widened to the temperature's 1-20); the five
+    # that TensorBoard ticks are parameters every trial has: alpha schedule, alpha start, temperature, and the teacher
+    # where the space offers more than one.
     space = load_search_space("default")
     dirs = run_trials(tmp_path, base, space, [epoch_result(1, 0.5, 0.8)])
     records = [hparams_records(d)[metadata.EXPERIMENT_TAG] for d in dirs.values()]
@@ -107,37 +122,59 @@ def test_every_trial_writes_the_same_experiment_with_every_searched_hyperparamet
     experiment = metadata.parse_experiment_plugin_data(records[0])
     infos = {h.name: h for h in experiment.hparam_infos}
     assert list(infos) == [name for name in SearchSpace.model_fields if getattr(space, name) is not None]
-    assert [v.string_value for v in infos["teacher"].domain_discrete.values] == space.teacher.choices
-    assert [v.string_value for v in infos["alpha_schedule"].domain_discrete.values] == space.alpha_schedule.choices
-    assert [v.number_value for v in infos["student_width"].domain_discrete.values] == space.student_width.choices
+    for name, info in infos.items():
+        domain = getattr(space, name)
+        if isinstance(domain, Choice):
+            assert [v.string_value or v.number_value for v in info.domain_discrete.values] == domain.choices, name
+        else:
+            assert (info.domain_interval.min_value, info.domain_interval.max_value) == (domain.low, domain.high), name
+    end = infos["temperature_end"].domain_interval  # not widened to hold a constant schedule's temperature
+    assert (end.min_value, end.max_value) != (space.temperature.low, space.temperature.high)
     shown = sorted(infos.values(), key=lambda h: (not h.differs, h.name))[:TICKED_BY_TENSORBOARD]  # TB's own order
-    assert {h.name for h in shown} == set(TICKED_HPARAMS)
-    tags = [m.name.tag for m in experiment.metric_infos]
-    assert tags[:TICKED_BY_TENSORBOARD] == [best_tag(n) for n in ("frr_at_target_fa", "auc", "fa_per_hour",
-                                                                 "accuracy", "eer")]
-    assert set(tags) >= {best_tag(n) for n in METRIC_COLUMNS}
+    assert {h.name for h in shown} == set(ticked(space)) and len(shown) == TICKED_BY_TENSORBOARD
+    assert {"alpha_schedule", "alpha_start", "temperature"} <= set(ticked(space))
+    assert not set(ticked(space)) & set(APPLIES)  # every trial has a value for every ticked column
 
 
-def test_each_session_holds_the_effective_value_of_every_hyperparameter(tmp_path, base):
-    # Rule: every trial's session sets every searched hyperparameter to the value its config ran with: alpha_end =
-    # alpha_start for a constant schedule, temperature_end = temperature for a constant temperature schedule, and
-    # alpha_step_point the config's own where the schedule has no step; a failed trial's session ends as a failure.
+def test_metrics_come_sweep_metric_first_with_their_direction_and_none_constant(tmp_path, base):
+    # Rule: the HParams metrics start with the sweep metric and the validation figures, each described with its
+    # meaning at the config's target and which way is better; fa_per_hour, which reads the target in every trial,
+    # is not among them.
+    dirs = run_trials(tmp_path, base, load_search_space("default"), [epoch_result(1, 0.5, 0.8)])
+    experiment = metadata.parse_experiment_plugin_data(hparams_records(dirs["step"])[metadata.EXPERIMENT_TAG])
+    described = {m.name.tag: m.description for m in experiment.metric_infos}
+    first = dict.fromkeys([base.tune.metric, "frr_at_target_fa", "auc", "accuracy", "eer"])
+    assert list(described)[:len(first)] == [best_tag(n) for n in first]
+    assert set(described) == {best_tag(n) for n in METRIC_COLUMNS if n not in CONSTANT_METRICS}
+    assert best_tag("fa_per_hour") not in described
+    target = f"{base.training.target_fa_per_hour:g}"
+    assert described[best_tag("frr_at_target_fa")].startswith(f"FRR at {target} FA/h (frr_at_target_fa), lower is")
+    for name in ("frr_at_target_fa", "auc", "accuracy", "eer", "student_loss"):
+        better = "lower is better" if METRICS[name].goal == "min" else "higher is better"
+        assert better in described[best_tag(name)], name
+
+
+def test_each_session_holds_only_the_hyperparameters_its_schedules_use(tmp_path, base):
+    # Rule: a trial's session sets the hyperparameters its schedules use, at the values its config ran with, and no
+    # made-up value for one they do not: no alpha_end for a constant alpha, no alpha_step_point without a step, no
+    # temperature_end for a constant temperature; every value lies in its domain. A failed trial's session ends as a
+    # failure.
     space = load_search_space("default")
     dirs = run_trials(tmp_path, base, space, [epoch_result(1, 0.5, 0.8)], failed="linear")
-    sessions = {}
     for name, directory in dirs.items():
-        records = hparams_records(directory)
-        start = metadata.parse_session_start_info_plugin_data(records[metadata.SESSION_START_INFO_TAG])
-        sessions[name] = {k: v.string_value or v.number_value for k, v in start.hparams.items()}
-        status = metadata.parse_session_end_info_plugin_data(records[metadata.SESSION_END_INFO_TAG]).status
+        status = metadata.parse_session_end_info_plugin_data(
+            hparams_records(directory)[metadata.SESSION_END_INFO_TAG]).status
         assert status == (api_pb2.STATUS_FAILURE if name == "linear" else api_pb2.STATUS_SUCCESS), name
-    expected_names = {name for name in SearchSpace.model_fields if getattr(space, name) is not None}
-    assert all(set(values) == expected_names for values in sessions.values())
-    constant, linear, step = sessions["constant"], sessions["linear"], sessions["step"]
-    assert constant["alpha_end"] == constant["alpha_start"] == 0.3
-    assert constant["temperature_end"] == constant["temperature"] == 4.0
-    assert constant["alpha_step_point"] == linear["alpha_step_point"] == base.distillation.alpha_step_points[0]
-    assert step["alpha_step_point"] == 0.4 and linear["temperature_end"] == 2.0 and linear["teacher"] == "wav2vec2"
+    sessions = sessions_of(dirs)
+    everything = {name for name in SearchSpace.model_fields if getattr(space, name) is not None}
+    assert set(sessions["constant"]) == everything - {"alpha_end", "alpha_step_point", "temperature_end"}
+    assert set(sessions["linear"]) == everything - {"alpha_step_point"}
+    assert set(sessions["step"]) == everything - {"temperature_end"}
+    for name, values in sessions.items():
+        assert values == pytest.approx(TRIAL_PARAMS[name]), name
+        for key, value in values.items():
+            domain = getattr(space, key)
+            assert value in domain.choices if isinstance(domain, Choice) else domain.low <= value <= domain.high
 
 
 def test_best_scalars_hold_the_epoch_the_leaderboard_picks(tmp_path, base):
@@ -206,7 +243,8 @@ def test_chart_groups_open_with_validation_then_loss_then_schedule():
 def test_a_real_sweep_shows_in_hparams_what_the_leaderboard_shows(small_dataset, tmp_path):
     # Rule: after a real sweep (`kd-tune sweep` on a real Ray cluster, 2 trials of 2 epochs), each trial's folder
     # names its teacher and schedule and gives the leaderboard's trial id back; every trial holds the same HParams
-    # experiment and a value for every searched hyperparameter; its trial_best/* scalars equal its leaderboard row.
+    # experiment and a value for every searched hyperparameter its schedule uses; its trial_best/* scalars equal its
+    # leaderboard row.
     raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1}],
            "training": {"epochs": 2, "batch_size": 32},
@@ -234,7 +272,8 @@ def test_a_real_sweep_shows_in_hparams_what_the_leaderboard_shows(small_dataset,
         content = hparams_records(trial_dir)
         records.add(content[metadata.EXPERIMENT_TAG])
         start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
-        assert set(start.hparams) == searched, trial_dir.name
-        scalars = last_scalars(trial_dir)
-        assert {m: scalars[best_tag(m)] for m in METRIC_COLUMNS} == pytest.approx({m: row[m] for m in METRIC_COLUMNS})
+        used = searched - ({"alpha_end"} if row["alpha_schedule"] == "constant" else set())
+        assert set(start.hparams) == used, trial_dir.name
+        scalars, shown = last_scalars(trial_dir), [m for m in METRIC_COLUMNS if m not in CONSTANT_METRICS]
+        assert {m: scalars[best_tag(m)] for m in shown} == pytest.approx({m: row[m] for m in shown})
     assert len(records) == 1

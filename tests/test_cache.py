@@ -132,11 +132,16 @@ def test_straddle_windows_are_cached_under_their_own_key_and_distilled_on(config
 
 @pytest.mark.parametrize("change", [{"augment": {"views": 2, "gain_db": 3.0}}, {"training": {"seed": 1}}],
                          ids=["augment", "seed"])
-def test_changed_augment_or_seed_gets_a_new_key_and_a_rebuild(config, data, count_builds, change):
+def test_changed_augment_or_seed_gets_a_new_key_and_a_rebuild(config, data, count_builds, change, tmp_path):
     # Rule: a change to the augmentation or the seed gives another key, so another directory and a full rebuild;
     # a shard built for another key is refused on load and rebuilt, never served.
     cache.build_cache(config, ["cnn"], data=data)
     changed = make_config(data.root, config.storage.root, **change)
+    if "augment" in change:  # another augmentation is another teacher recipe: a teacher of its own (the cache's root)
+        changed = make_config(data.root, config.storage.root,
+                              storage={"root": config.storage.root, "teachers": str(tmp_path / "teachers_b")},
+                              **change)
+        fit_teacher(changed, changed.teacher("cnn"), data=data)
     old_key = cache.cache_key(config, config.teacher("cnn"), data)
     new_key = cache.cache_key(changed, changed.teacher("cnn"), data)
     assert new_key != old_key

@@ -545,3 +545,51 @@ def test_s3_retention(moto_s3, s3_bucket):
     _save_series(store, [0.5, 0.1, 0.4])
     assert prune_checkpoints(store, "ckpts", metric="val_loss", keep_best=1) == ["epoch_0000"]
     assert store.listdir("ckpts") == ["epoch_0001", "epoch_0002"]
+
+
+# ---------------------------------------------------------------- strict manifests, special files, no data loss
+
+
+def test_a_manifest_with_a_key_twice_is_refused(tmp_path, monkeypatch):
+    # rule: a signed manifest with a second "kind" put in front is refused, not read with the value one parser keeps
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
+    _save(tmp_path)
+    manifest = tmp_path / "ckpt" / "manifest.json"
+    manifest.write_text('{"kind": "teacher", ' + manifest.read_text().lstrip()[1:])
+    with pytest.raises(CheckpointError, match="manifest.json is not valid JSON: key 'kind' appears more than once"):
+        load_checkpoint(tmp_path, "ckpt")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["FIFO", "directory"])
+def test_a_manifest_that_is_no_file_is_refused_without_blocking(tmp_path, kind):
+    # rule: a manifest.json that is a FIFO (an open would wait for a writer forever) or a directory is a one-line
+    # CheckpointError in load and verify, and retention skips it
+    _save(tmp_path, "ckpts/a")
+    manifest = tmp_path / "ckpts" / "a" / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest) if kind == "FIFO" else manifest.mkdir()
+    with pytest.raises(CheckpointError, match=f"manifest.json is not a regular file \\(a {kind}\\)"):
+        verify_checkpoint(tmp_path, "ckpts/a")
+    assert latest_checkpoint(tmp_path, "ckpts") is None
+
+
+def tree(root) -> dict:
+    """Every file under root with its bytes: what a command must leave as it was."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("intruder", ["leaderboard.json", "trial_1/train/checkpoint_000001/manifest.json"])
+def test_a_save_never_replaces_a_directory_that_is_not_a_checkpoint(tmp_path, intruder):
+    # rule: a checkpoint replaces only a checkpoint: saved where an experiment is (a teacher named `sweep` in a
+    # store that is the experiments' root), it is refused and not one file of the experiment goes
+    (tmp_path / "sweep" / intruder).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "sweep" / intruder).write_text("[]")
+    before = tree(tmp_path / "sweep")
+    with pytest.raises(CheckpointError, match=f"sweep: holds '{intruder.split('/')[0]}', which is no part of a "
+                                              "checkpoint"):
+        _save(tmp_path, "sweep")
+    assert tree(tmp_path / "sweep") == before
+    _save(tmp_path, "ckpt")
+    _save(tmp_path, "ckpt", epoch=3)  # over a checkpoint: replaced
+    assert load_checkpoint(tmp_path, "ckpt").manifest["epoch"] == 3

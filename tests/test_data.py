@@ -22,6 +22,7 @@ import kd_tune.synth as synth
 from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, SPLITS, DataError, Split, WakewordData, check, \
     STRADDLE_KIND, UNLABELLED, load_dataset, negative_stream, sample_weights, scan, split_for, straddle_windows
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.signing import SpecialFileError
 from kd_tune.synth import confusables, synthesize
 
 TONE_HZ = 440.0
@@ -641,3 +642,167 @@ def test_straddle_windows_join_training_unlabelled_and_leave_the_teachers_hash_a
     labelled = straddled.train.labelled()
     assert torch.equal(labelled.audio, plain.train.audio) and torch.equal(labelled.labels, plain.train.labels)
     assert labelled.kinds == plain.train.kinds
+
+
+def test_a_manifest_path_through_a_folder_linked_out_of_the_set_is_refused(tmp_path):
+    # Rule: manifest paths are confined like `..` after every link is resolved: `outdir/tone.wav` with outdir a link
+    # to a folder outside the data set is refused; a link that stays inside the set is followed.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    sf.write(outside / "tone.wav", tone(0.8, 16000), 16000)
+    root = tmp_path / "set"
+    write_manifest(root, [json.dumps({"path": "outdir/tone.wav", "label": 1, "kind": "positive", "split": "train"})])
+    (root / "outdir").symlink_to(outside)
+    with pytest.raises(DataError, match="manifest.jsonl:1: path 'outdir/tone.wav' leaves the data set"):
+        scan(root)
+    (root / "inside").mkdir()
+    sf.write(root / "inside" / "tone.wav", tone(0.8, 16000), 16000)
+    (root / "outdir").unlink()
+    (root / "outdir").symlink_to(root / "inside")
+    assert [c.path for c in scan(root)] == [root / "outdir" / "tone.wav"]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["FIFO", "directory"])
+def test_a_manifest_that_is_no_file_is_refused_without_blocking(tmp_path, kind):
+    # Rule: a manifest.jsonl (read by `data check`, `eval`, training) that is a FIFO or a folder is refused by a
+    # stat before any open, in one line, not waited on nor taken for a set without a manifest.
+    os.mkfifo(tmp_path / "manifest.jsonl") if kind == "FIFO" else (tmp_path / "manifest.jsonl").mkdir()
+    for read in (check, scan, lambda root: data_module.read_text_within(root / "manifest.jsonl", 100)):
+        with pytest.raises(SpecialFileError, match=f"manifest.jsonl: not a regular file \\(a {kind}\\); allowed"):
+            read(tmp_path)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("content", ["FIFO", "{", "[" * 100_000, "x" * (synth.MAX_DATASET_JSON_BYTES + 1)])
+def test_a_dataset_json_that_is_no_marker_is_refused_in_one_line(tmp_path, content):
+    # Rule: `kd-tune data synth` reads an existing dataset.json within bounds: a FIFO is refused without blocking,
+    # broken, deep or huge JSON is one DataError naming the file, never a traceback or a hang.
+    marker = tmp_path / "dataset.json"
+    os.mkfifo(marker) if content == "FIFO" else marker.write_text(content)
+    with pytest.raises((DataError, SpecialFileError), match="dataset.json: (not a regular file|not valid JSON|larger)"):
+        synthesize(tmp_path, size="small", progress=False)
+
+
+@pytest.mark.slow
+def test_an_excluded_engine_leaves_every_split(small_dataset):
+    # Rule: data.exclude_engines drops that engine's clips from every split (leave-one-engine-out training), and
+    # nothing else; the data hash changes, so no teacher of the full set is taken for current.
+    from kd_tune.data import engine_of
+
+    full, without = load_dataset(small_dataset), load_dataset(small_dataset, exclude_engines=("espeak",))
+    entries = manifest_of(small_dataset)
+    for split in SPLITS:
+        kept = [e for e in entries if e["split"] == split and engine_of(e["voice"]) != "espeak"]
+        assert getattr(without, split).kinds[:len(kept)] == [e["kind"] for e in kept]
+    assert len(without.train.labels) < len(full.train.labels)
+    assert without.manifest_sha256 != full.manifest_sha256
+    assert engine_of("espeak:en+m1") == "espeak" and engine_of("noise:pink") == "noise" and engine_of("s01") == "user"
+
+
+# ------------------------------------------------------------------------------------ a user's recordings added
+
+
+def manifest_set(root: Path) -> Path:
+    """A data set with a manifest: one 16 kHz positive and negative tone per split."""
+    lines = []
+    for split in SPLITS:
+        for kind, amplitude in (("positive", 0.5), ("negative", 0.3)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            sf.write(root / kind / f"{split}.wav", tone(0.9, 16000, amplitude=amplitude), 16000)
+            lines.append(json.dumps({"path": f"{kind}/{split}.wav", "label": LABEL_OF_KIND[kind], "kind": kind,
+                                     "text": None, "voice": "piper:joe/en-us", "split": split}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def recordings(root: Path) -> dict[str, str]:
+    """A user's folder: clips at other rates (one stereo FLAC, one in a subfolder, one without a speaker id), a note,
+    and long recordings for train and val; {path under root: the split kd_tune.data would give it}."""
+    train, val, test = speakers_in("train", 1)[0], speakers_in("val", 1)[0], speakers_in("test", 1)[0]
+    files = {f"positive/{train}_1.wav": (44_100, 1), f"positive/{val}_1.wav": (8_000, 1),
+             f"positive/{test}_1.flac": (22_050, 2), f"negative/{train}_2.wav": (48_000, 1),
+             "negative/nospeaker.wav": (16_000, 1), "background/hum.wav": (32_000, 1),
+             f"hard_negative/kitchen/{train}_3.wav": (11_025, 1)}
+    for name, (rate, channels) in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        audio = tone(0.8, rate, amplitude=0.4)
+        sf.write(root / name, np.stack([audio] * channels, axis=1) if channels > 1 else audio, rate)
+    (root / "positive/notes.txt").write_text("recorded in the kitchen")
+    for split, seconds, rate in (("train", 3.5, 22_050), ("val", 2.0, 48_000)):
+        (root / LONG_FOLDER / split).mkdir(parents=True)
+        sf.write(root / LONG_FOLDER / split / "room.wav", noise(seconds, rate, seed=5), rate, subtype="FLOAT")
+    return {name: split_for(data_module.speaker_of(name) or name) for name in files}
+
+
+def test_data_add_copies_a_users_recordings_into_their_splits(tmp_path, capsys):
+    # Rule: `kd-tune data add SOURCE --to DATASET` copies clips (any rate, any channels) byte for byte to
+    # DATASET/user/<kind>/, lists them in manifest.jsonl with the split a folder data set would give them (speaker id
+    # prefix, else the path) and voice user:<speaker>; long recordings go to long/<split>/user_<name>; loading then
+    # holds every added clip in its split, trains on the long/train windows, counts false activations on long/val,
+    # and the data hash changes.
+    from kd_tune.config import DataConfig
+    from kd_tune.cli import main
+    from kd_tune.data import load_data
+
+    dataset, source = manifest_set(tmp_path / "set"), tmp_path / "mine"
+    splits = recordings(source)
+    before = load_dataset(dataset)
+    assert main(["data", "add", str(source), "--to", str(dataset)]) == 0
+    out = capsys.readouterr().out
+    assert f"added 7 clips to {dataset / 'manifest.jsonl'} under user/: positive 3 (" in out
+    assert f"added a long recording: {dataset / 'long/train/user_room.wav'} (3.5 s)" in out
+    assert "ignored: 1 files that are not .wav or .flac" in out
+    added = {e["path"]: e for e in manifest_of(dataset)[len(SPLITS) * 2:]}
+    assert set(added) == {f"user/{name}" for name in splits}
+    for name, split in splits.items():
+        entry = added[f"user/{name}"]
+        assert (entry["split"], entry["kind"]) == (split, name.split("/")[0])
+        assert entry["voice"] == ("user" if name.startswith(("negative/nospeaker", "background")) else
+                                  f"user:{data_module.speaker_of(name)}")
+        assert (dataset / "user" / name).read_bytes() == (source / name).read_bytes()
+    after = load_data(DataConfig(root=str(dataset), straddles_per_positive=0))
+    for split in SPLITS:
+        part, was = getattr(after, split), getattr(before, split)
+        clips = [k for k in part.kinds if k != "long"]
+        assert len(clips) == len(was.kinds) + sum(s == split for s in splits.values())
+        assert int((part.labels == 1).sum()) == int((was.labels == 1).sum()) + sum(
+            s == split for n, s in splits.items() if n.startswith("positive"))
+    assert after.train.kinds.count("long") == 3 and before.train.kinds.count("long") == 0
+    assert len(negative_stream(after, "val")) == 2 * SAMPLE_RATE
+    assert after.manifest_sha256 != before.manifest_sha256
+
+
+def test_data_add_refuses_unusable_files_and_overwrites_nothing(tmp_path, capsys):
+    # Rule: an unusable file (as `kd-tune data check` calls it) refuses the whole addition in one line and nothing is
+    # copied or listed; a target holding other bytes is never overwritten; adding the same folder again adds
+    # nothing, and a clip copied by a run stopped before its manifest is listed then; a data set without a
+    # manifest is refused.
+    from kd_tune.cli import main
+
+    dataset, source = manifest_set(tmp_path / "set"), tmp_path / "mine"
+    listed = (dataset / "manifest.jsonl").read_bytes()
+    (source / "positive").mkdir(parents=True)
+    sf.write(source / "positive/s1_good.wav", tone(0.8, 44_100), 44_100)
+    sf.write(source / "positive/s1_silent.wav", np.zeros(16_000, np.float32), 16_000)
+    assert main(["data", "add", str(source), "--to", str(dataset)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kd-tune: {source / 'positive/s1_silent.wav'}: silent (") and err.count("\n") == 1
+    assert "nothing was added" in err
+    assert (dataset / "manifest.jsonl").read_bytes() == listed and not (dataset / "user").exists()
+    (source / "positive/s1_silent.wav").unlink()
+    assert main(["data", "add", str(source), "--to", str(dataset)]) == 0
+    grown = (dataset / "manifest.jsonl").read_bytes()
+    assert main(["data", "add", str(source), "--to", str(dataset)]) == 0
+    assert "already in the data set, left as they are: 1 files" in capsys.readouterr().out
+    assert (dataset / "manifest.jsonl").read_bytes() == grown
+    (dataset / "manifest.jsonl").write_bytes(listed)  # as if the first run had stopped before its manifest
+    assert main(["data", "add", str(source), "--to", str(dataset)]) == 0
+    assert (dataset / "manifest.jsonl").read_bytes() == grown
+    copied = (dataset / "user/positive/s1_good.wav").read_bytes()
+    sf.write(source / "positive/s1_good.wav", tone(0.8, 44_100, amplitude=0.2), 44_100)
+    with pytest.raises(DataError, match=r"s1_good.wav: holds another file than .* \(never overwritten\)"):
+        main(["--debug", "data", "add", str(source), "--to", str(dataset)])
+    assert (dataset / "user/positive/s1_good.wav").read_bytes() == copied
+    with pytest.raises(DataError, match="no manifest.jsonl; allowed"):
+        main(["--debug", "data", "add", str(source), "--to", str(clean_folder(tmp_path / "folder_set"))])

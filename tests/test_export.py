@@ -22,6 +22,7 @@ from kd_tune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 from kd_tune.cli import main
 from kd_tune.config import load_config
 from kd_tune.data import Split, WakewordData, load_dataset, negative_stream
+from kd_tune.errors import InputError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.models import STUDENTS, build_student, build_teacher
 from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
@@ -46,13 +47,14 @@ def config_for(data_root, storage_root=".", *overrides):
                        check_paths=False)
 
 
-def random_checkpoint(parent: Path, name: str, data_root, *, width: float = 1.0, run: str | None = None) -> Path:
-    """A randomly initialised student saved the way training saves it (for run or trial `run`)."""
+def random_checkpoint(parent: Path, name: str, data_root, *, width: float = 1.0, run: str | None = None,
+                      metrics: dict | None = None, overrides: tuple = ()) -> Path:
+    """A randomly initialised student saved the way training saves it (for run or trial `run`, with `metrics`)."""
     torch.manual_seed(0)
     student = build_student(name, width=width)
-    config = config_for(data_root, parent, f"student.name={name}", f"student.width={width}")
+    config = config_for(data_root, parent, f"student.name={name}", f"student.width={width}", *overrides)
     return save_training_checkpoint(parent, student, torch.optim.AdamW(student.parameters()), TrainState(), config,
-                                    {}, name=run)
+                                    metrics or {}, name=run)
 
 
 @pytest.fixture(scope="session")
@@ -291,18 +293,27 @@ def write_experiment(root: Path, trials: dict[str, Path]) -> Path:
     experiment = root / "sweep"
     rows = []
     for trial, source in trials.items():
-        path = copy_checkpoint(source, root, f"sweep/trial_{trial}/train/checkpoint_000001")
+        path = copy_checkpoint(source, root, f"sweep/trial_{trial}_cnn_linear/train/checkpoint_000001")
         rows.append({"trial": trial, "status": "OK", "frr_at_target_fa": 0.1 * len(rows), "checkpoint": path})
     storage.write_json(root, "sweep/leaderboard.json", rows)
     return experiment
+
+
+def trial_checkpoint(tmp_path: Path, data_root, trial: str, frr: float, *overrides: str) -> Path:
+    """A trial's student whose signed manifest reports `frr` as its frr_at_target_fa, the sweep's tune.metric."""
+    return random_checkpoint(tmp_path / trial, "ds_cnn", data_root, width=0.25, run=trial,
+                             metrics={"epoch": 1, "frr_at_target_fa": frr},
+                             overrides=("tune.metric=frr_at_target_fa", *overrides))
 
 
 @pytest.mark.slow
 def test_cli_exports_the_best_trial_of_an_experiment(small_dataset, tmp_path, capsys):
     # Rule: an experiment source exports its best leaderboard row's checkpoint and records experiment and trial;
     # the command prints size, parameters, parity, threshold and latency.
-    best = random_checkpoint(tmp_path / "a", "tc_resnet", small_dataset, width=0.25, run="best")
-    other = random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25, run="other")
+    best = random_checkpoint(tmp_path / "a", "tc_resnet", small_dataset, width=0.25, run="best",
+                             metrics={"frr_at_target_fa": 0.1}, overrides=("tune.metric=frr_at_target_fa",))
+    other = random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25, run="other",
+                              metrics={"frr_at_target_fa": 0.2}, overrides=("tune.metric=frr_at_target_fa",))
     experiment = write_experiment(tmp_path / "runs", {"best": best, "other": other})
     out = tmp_path / "export" / "model.onnx"
     assert main(["export", str(experiment), "--out", str(out), "--data", str(small_dataset)]) == 0
@@ -315,20 +326,60 @@ def test_cli_exports_the_best_trial_of_an_experiment(small_dataset, tmp_path, ca
 
 
 def test_leaderboard_checkpoint_outside_the_experiment_is_refused(small_dataset, tmp_path):
-    # Rule: a leaderboard is data; a checkpoint path outside the experiment directory is not followed.
-    experiment = write_experiment(tmp_path / "runs",
-                                  {"t": random_checkpoint(tmp_path / "a", "ds_cnn", small_dataset, width=0.25,
-                                                          run="t")})
-    elsewhere = copy_checkpoint(random_checkpoint(tmp_path / "b", "ds_cnn", small_dataset, width=0.25),
-                                tmp_path / "elsewhere", "checkpoint")
-    storage.write_json(experiment.parent, "sweep/leaderboard.json", [{"trial": "t", "checkpoint": elsewhere}])
-    with pytest.raises(storage.PathEscapeError, match="outside the experiment"):
+    # Rule: a leaderboard is data; a row whose checkpoint lies outside the experiment directory (here another
+    # experiment's student, signed with the same key) is refused, wherever the row stands.
+    experiment = write_experiment(tmp_path / "runs", {"t": trial_checkpoint(tmp_path, small_dataset, "t", 0.5)})
+    elsewhere = copy_checkpoint(trial_checkpoint(tmp_path, small_dataset, "u", 0.0), tmp_path / "runs",
+                                "other/trial_u/train/checkpoint_000001")
+    rows = json.loads((experiment / "leaderboard.json").read_text())
+    for board in ([{"trial": "u", "checkpoint": elsewhere}, *rows], [*rows, {"trial": "u", "checkpoint": elsewhere}]):
+        storage.write_json(experiment.parent, "sweep/leaderboard.json", board)
+        with pytest.raises(storage.PathEscapeError, match="other/trial_u.* lies outside the experiment directory"):
+            export.locate_source(str(experiment), load_config(None, check_paths=False))
+
+
+def test_the_verified_manifests_choose_the_best_trial_not_the_leaderboard(small_dataset, tmp_path, monkeypatch,
+                                                                          caplog):
+    # Rule: export ranks the experiment's trials by the metric their signed manifests hold; reordering the unsigned
+    # leaderboard's rows changes nothing but a warning.
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
+    trials = {t: trial_checkpoint(tmp_path, small_dataset, t, frr) for t, frr in (("aa", 0.4), ("bb", 0.1),
+                                                                                  ("cc", 0.7))}
+    experiment = write_experiment(tmp_path / "runs", trials)
+    config = load_config(None, check_paths=False)
+    assert export.locate_source(str(experiment), config).trial == "bb"
+    rows = json.loads((experiment / "leaderboard.json").read_text())
+    storage.write_json(experiment.parent, "sweep/leaderboard.json", sorted(rows, key=lambda r: r["trial"] != "cc"))
+    located = export.locate_source(str(experiment), config)
+    assert located.trial == "bb" and located.rel_dir.startswith("sweep/trial_bb_")
+    assert "names" in caplog.text and "trial_cc" in caplog.text
+
+
+def test_a_trial_of_another_experiment_copied_in_is_refused(small_dataset, tmp_path, monkeypatch):
+    # Rule: a signed student of another sweep (another wake word) copied into this experiment's trials, however good
+    # its figures, is refused: every trial of one sweep shares its data, features and tune settings.
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
+    ours = trial_checkpoint(tmp_path, small_dataset, "aa", 0.3)
+    theirs = trial_checkpoint(tmp_path, small_dataset, "zz", 0.0, "data.wakeword=hey jarvis")
+    experiment = write_experiment(tmp_path / "runs", {"aa": ours, "zz": theirs})
+    with pytest.raises(InputError, match="trial_zz.* was trained with other data settings"):
         export.locate_source(str(experiment), load_config(None, check_paths=False))
+
+
+def test_a_checkpoint_in_another_trials_folder_is_skipped(small_dataset, tmp_path, monkeypatch, caplog):
+    # Rule: a checkpoint verifies only as the student of the trial whose folder holds it: trial bb's best student
+    # renamed into trial aa's folder does not count for either.
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
+    experiment = write_experiment(tmp_path / "runs", {"aa": trial_checkpoint(tmp_path, small_dataset, "aa", 0.5)})
+    copy_checkpoint(trial_checkpoint(tmp_path, small_dataset, "bb", 0.0), experiment.parent,
+                    "sweep/trial_aa_cnn_linear/train/checkpoint_000002")
+    assert export.locate_source(str(experiment), load_config(None, check_paths=False)).rel_dir.endswith("_000001")
+    assert "named 'bb', expected 'student' checkpoint named 'aa'" in caplog.text
 
 
 def test_locate_source_reads_checkpoints_and_experiments_on_s3(small_dataset, tmp_path, s3_bucket, moto_s3):
     # Rule: s3:// sources go through the same Storage API: a checkpoint directory and an experiment's best trial.
-    local = random_checkpoint(tmp_path, "ds_cnn", small_dataset, width=0.25, run="x")
+    local = trial_checkpoint(tmp_path, small_dataset, "x", 0.2)
     store = storage.Storage.from_uri(f"s3://{s3_bucket}/runs", endpoint_override=moto_s3)
     copy_checkpoint(local, store, "checkpoint")
     path = copy_checkpoint(local, store, "sweep/trial_x/train/checkpoint_000001")
@@ -339,8 +390,7 @@ def test_locate_source_reads_checkpoints_and_experiments_on_s3(small_dataset, tm
     located = export.locate_source(f"s3://{s3_bucket}/runs/sweep", config)
     assert located.trial == "x" and located.load().manifest == expected
     storage.write_json(store, "sweep/leaderboard.json", [{"trial": "y", "checkpoint": path}])
-    with pytest.raises(CheckpointError, match="named 'y'"):  # trial x's checkpoint is not trial y's
-        export.locate_source(f"s3://{s3_bucket}/runs/sweep", config).load()
+    assert export.locate_source(f"s3://{s3_bucket}/runs/sweep", config).trial == "x"  # its folder names it, no row
 
 
 # ---------------------------------------------------------------- detection

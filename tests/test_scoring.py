@@ -48,3 +48,25 @@ def test_evaluate_scores_the_stream_like_the_per_window_model_and_without_one_th
     assert got.keys() == expected.keys()
     assert all(got[k] == pytest.approx(expected[k], abs=1e-4) for k in got)
     assert set(evaluate(model, split, None, config, log_mel)) == {"accuracy", "auc", "eer"}
+
+
+def test_validation_conditions_are_the_positives_under_a_fixed_mix_and_their_frr_is_reported():
+    # Rule: validation scores the positives under a fixed, seeded mix of conditions (noise at 10 and 0-5 dB, a room,
+    # a level, a microphone) at the clean stream's threshold; frr_conditions is the mean of clean and all of them.
+    from kd_tune.scoring import VALIDATION_MIX, validation_conditions
+
+    torch.manual_seed(0)
+    labels = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])
+    split = Split(torch.stack([noise(1, seed=i) for i in range(8)]), labels, ["positive", "negative"] * 4)
+    conditions = validation_conditions(split)
+    assert set(conditions) == set(VALIDATION_MIX)
+    assert all(audio.shape == (4, N_SAMPLES) and audio.dtype == torch.float32 for audio in conditions.values())
+    assert all(torch.equal(conditions[k], validation_conditions(split)[k]) for k in conditions)  # seeded
+    assert not torch.equal(conditions["frr_snr10"], split.audio[labels == 1])
+    model, log_mel = build_student("tc_resnet").eval(), LogMel()
+    config = load_config(None, overrides=["training.target_fa_per_hour=1000"], check_paths=False)
+    got = evaluate(model, split, noise(30, seed=9), config, log_mel, conditions)
+    for name, audio in conditions.items():
+        assert got[name] == pytest.approx(float((predict(model, audio, log_mel) < got["threshold"]).float().mean()))
+    parts = [got["frr_at_target_fa"], *(got[name] for name in conditions)]
+    assert got["frr_conditions"] == pytest.approx(float(np.mean(parts)))

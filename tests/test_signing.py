@@ -89,6 +89,28 @@ def test_a_key_file_that_is_no_key_is_refused_without_blocking(tmp_path, monkeyp
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("value", ["", " ", " \t\n"])
+def test_a_whitespace_key_is_refused_from_the_variable_as_from_a_file(tmp_path, monkeypatch, value):
+    # Rule: a key from KD_TUNE_SIGNING_KEY follows a key file's rules: whitespace alone is no key, and surrounding
+    # whitespace is no part of one.
+    monkeypatch.setenv(ENV_SIGNING_KEY, value)
+    one_line_error(signing_key, f"^{ENV_SIGNING_KEY}: set but empty .empty or whitespace only")
+    monkeypatch.setenv(ENV_SIGNING_KEY, f" {KEY}\n")
+    assert signing_key() == KEY.encode()
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_key_file_others_can_write_is_refused(tmp_path, monkeypatch, mode):
+    # Rule: a key file writable by group or others is refused: whoever can write the key can sign anything.
+    path = tmp_path / "key"
+    path.write_text(KEY)
+    path.chmod(mode)
+    monkeypatch.setenv(ENV_SIGNING_KEY_FILE, str(path))
+    assert f"mode 0{mode:o}" in one_line_error(signing_key, f"^{ENV_SIGNING_KEY_FILE}=.*writable by group or others")
+    path.chmod(0o600)
+    assert signing_key() == KEY.encode()
+
+
 def test_both_key_variables_set_is_an_error(tmp_path, monkeypatch):
     # Rule: an ambiguous key source is a one-line refusal naming both variables, never a guess.
     monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
@@ -202,3 +224,24 @@ def test_non_json_is_a_value_error(text):
     # Rule: NaN, Infinity, bytes that are not UTF-8 and broken JSON are ValueErrors (callers name the file).
     with pytest.raises(ValueError):
         parse_json(text)
+
+
+@pytest.mark.parametrize("text", [b'{"threshold": 0.0, "threshold": 0.9}', b'[{"a": 1, "b": {"c": 2, "c": 2}}]'])
+def test_a_key_twice_in_one_object_is_refused(text):
+    # Rule: strict JSON has each key once per object, at any depth: Python keeps the last of two values, other
+    # readers the first, so a signed document must not hold both.
+    with pytest.raises(ValueError, match="key '(threshold|c)' appears more than once"):
+        parse_json(text)
+    assert parse_json(b'{"a": {"c": 1}, "b": {"c": 1}}') == {"a": {"c": 1}, "b": {"c": 1}}
+
+
+def test_a_signed_card_with_a_duplicate_threshold_is_refused(tmp_path, monkeypatch):
+    # Rule: a signed model card with a second "threshold" put in front is refused by the reader that detect and
+    # eval use, not read with whichever value its parser keeps.
+    from kd_tune.detect import DetectError, read_card
+
+    monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
+    card = json.dumps(signed({"threshold": 0.9, "format": "x"}))
+    (tmp_path / "model.json").write_text('{"threshold": 0.0, ' + card[1:])
+    with pytest.raises(DetectError, match="model.json: not valid JSON: key 'threshold' appears more than once"):
+        read_card(tmp_path / "model.onnx")

@@ -8,6 +8,7 @@ import pytest
 
 from kd_tune import storage
 from kd_tune.errors import InputError
+from kd_tune.signing import SpecialFileError
 from kd_tune.storage import PathEscapeError, Storage
 
 # ---------------------------------------------------------------- path confinement
@@ -141,3 +142,83 @@ def test_read_json_refuses_bad_json_in_one_line_naming_the_file(tmp_path, conten
     message = str(error.value)
     assert message.startswith(f"{tmp_path}/x.json: ") and "\n" not in message and len(message) < 400
     assert time.monotonic() - started < 5
+
+
+# ---------------------------------------------------------------- special files
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["FIFO", "directory", "device"])
+def test_reading_a_special_file_is_refused_without_opening_it(tmp_path, kind):
+    # rule: a FIFO (whose open would block with no writer), a directory or a device where a file belongs is refused
+    # by a stat before any open, through open_input and everything built on it (read_head, read_json)
+    if kind == "FIFO":
+        os.mkfifo(tmp_path / "manifest.json")
+    elif kind == "directory":
+        (tmp_path / "manifest.json").mkdir()
+    store, name = (Storage.from_uri("/dev"), "zero") if kind == "device" else (Storage.from_uri(tmp_path),
+                                                                                "manifest.json")
+    with pytest.raises(SpecialFileError, match=f"{name}: not a regular file \\(a {kind}\\); allowed"):
+        store.read_head(name, 100)
+    with pytest.raises(SpecialFileError, match=f"{name}: not a regular file"):
+        storage.read_json(store, name)
+
+
+# ---------------------------------------------------------------- roots that must not overlap
+
+
+def layout(tmp_path, root: str, teachers: str) -> tuple[Storage, Storage]:
+    return Storage.from_uri(tmp_path / root), Storage.from_uri(tmp_path / teachers)
+
+
+@pytest.mark.parametrize("root, teachers, needle", [
+    ("runs", "runs", "is the same place as storage.root"),  # a teacher `sweep` would replace experiment `sweep`
+    ("runs/a", "runs", "holds storage.root"),  # a teacher `a` would replace the whole root
+    ("runs/a/b", "runs", "holds storage.root"),
+    ("runs", "runs/cache", "lies in the teacher cache"),  # a cache rebuild would replace teachers
+    ("runs", "runs/cache/t", "lies in the teacher cache"),
+])
+def test_overlapping_roots_are_refused(tmp_path, root, teachers, needle):
+    # rule: storage.root and storage.teachers may not overlap so that writing one replaces the other's files
+    with pytest.raises(storage.StorageLayoutError, match=f"^storage.teachers: .*{needle}") as error:
+        storage.check_layout(*layout(tmp_path, root, teachers))
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("root, teachers", [("runs", "runs/teachers"), ("runs", "teachers"), ("a/runs", "a/t"),
+                                            ("runs", "runs/deep/teachers")])
+def test_roots_apart_or_teachers_inside_are_accepted(tmp_path, root, teachers):
+    # rule: the default (teachers inside the root, in their own folder) and separate roots are fine
+    storage.check_layout(*layout(tmp_path, root, teachers))
+
+
+@pytest.mark.parametrize("teachers, run, needle", [
+    ("runs/teachers", "teachers", "is the teacher store"),
+    ("runs/deep/teachers", "deep", "is the teacher store"),
+    ("runs/teachers", "cache", "is the teacher cache"),
+    ("elsewhere", "cache/x", "is the teacher cache"),
+])
+def test_a_run_named_like_the_teacher_store_or_cache_is_refused(tmp_path, teachers, run, needle):
+    # rule: an experiment or run is never written into the teacher store's or the cache's folder
+    with pytest.raises(storage.StorageLayoutError, match=f"^--name {run}: .* {needle}"):
+        storage.check_layout(*layout(tmp_path, "runs", teachers), run=run)
+    storage.check_layout(*layout(tmp_path, "runs", teachers), run="sweep")
+
+
+def test_the_cache_folder_is_the_one_the_cache_uses():
+    # rule: the reserved name is the teacher cache's real folder
+    from kd_tune.cache import CACHE_ROOT
+
+    assert storage.CACHE_DIR == CACHE_ROOT
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/exp?secret_key=s3cr3t", "s3://AKIA:s3cr3t@bucket/exp",
+                                 "s3://bucket/exp#s3cr3t"])
+def test_uris_with_secrets_are_refused_redacted(uri):
+    # rule: a URI carrying user info, a query string or a fragment is refused, and the message never shows them
+    assert storage.redact_uri(uri) == "s3://bucket/exp"
+    with pytest.raises(InputError) as error:
+        storage.check_plain_uri(uri, "EXPERIMENT")
+    assert "s3cr3t" not in str(error.value) and "s3://bucket/exp" in str(error.value)
+    storage.check_plain_uri("s3://bucket/exp", "EXPERIMENT")
+    storage.check_plain_uri("runs/what?not=a-uri", "EXPERIMENT")  # a local path may hold anything

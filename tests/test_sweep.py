@@ -30,11 +30,18 @@ TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha
 # ---------------------------------------------------------------- search spaces (fast)
 
 
+# The embedded default holds the teachers that earned a place (cnn alone); the smoke space and these tests also
+# exercise the transformers path with a tiny wav2vec2.
+TWO_TEACHERS = ["teachers=[{name: cnn, arch: cnn}, {name: wav2vec2, arch: wav2vec2, source: tiny, epochs: 1}]"]
+
+
 @pytest.mark.parametrize("name", builtin_spaces())
 def test_every_builtin_search_space_is_valid(name):
-    # Rule: every built-in space resolves by name, validates and names only configured teachers of the default.
+    # Rule: every built-in space resolves by name and validates; the default space names only configured teachers
+    # of the embedded default, the smoke space those of a two-teacher config.
     space = load_search_space(name)
-    space.check_teachers(load_config(None, check_paths=False), source=name)
+    space.check_teachers(load_config(None, overrides=TWO_TEACHERS if name == "smoke" else [], check_paths=False),
+                         source=name)
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -44,6 +51,7 @@ def test_every_builtin_search_space_is_valid(name):
     (lambda s: s.update(learning_rate={"low": 1e-3, "high": 1e-2}), "learning_rate"),
     (lambda s: s.pop("teacher"), "teacher"),
     (lambda s: s["lr"].update(low=0.1, high=0.01), "lr"),
+    (lambda s: s.pop("temperature_end"), "temperature_end: required"),  # was an AttributeError in the sampler
 ])
 def test_invalid_search_space_names_the_key(tmp_path, edit, needle):
     # Rule: an invalid space is a clear error naming the key.
@@ -84,7 +92,7 @@ def test_define_by_run_samples_conditional_parameters_only_where_used():
 
 def test_trial_config_maps_parameters_onto_the_config():
     # Rule: each searched parameter lands in its config field; a constant schedule keeps alpha_end = alpha_start.
-    base = load_config(None, check_paths=False)
+    base = load_config(None, overrides=TWO_TEACHERS, check_paths=False)
     config = trial_config(base, {"teacher": "wav2vec2", "alpha_schedule": "constant", "alpha_start": 0.3,
                                  "temperature": 7.5, "student_width": 0.5})
     d = config.distillation
@@ -100,7 +108,7 @@ def test_a_teacher_choice_joined_by_plus_is_an_ensemble():
     # and its trial folder carries "-" instead of "+" (some S3 clients read "+" in a key as a space).
     from kd_tune.trial import trial_dirname
 
-    base = load_config(None, check_paths=False)
+    base = load_config(None, overrides=TWO_TEACHERS, check_paths=False)
     config = trial_config(base, {"teacher": "cnn+wav2vec2", "alpha_schedule": "constant", "alpha_start": 0.5,
                                  "temperature": 2.0})
     assert config.distillation.teachers == ["cnn", "wav2vec2"]

