@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from kd_tune.detect import check_samples, load_audio
+from kd_tune.detect import check_samples, detection_times, load_audio, window_count
 from kd_tune.errors import InputError, MissingExtraError, shown
-from kd_tune.metrics import activation_indices, refractory_window_count
 
 BASELINE_EXTRA_HINT = ("the PocketSphinx baseline needs the optional `baseline` extra (BSD): "
                        "pip install 'kd-tune[baseline]'")
@@ -104,11 +103,6 @@ def margin_of_posterior(posterior: float) -> int:
 
 
 DEFAULT_THRESHOLD = score_of_margin(margin_of_kws_threshold(DEFAULT_KWS_THRESHOLD))
-
-
-def window_count(n_samples: int, *, window_samples: int, hop_samples: int) -> int:
-    """How many windows kd_tune.detect.frames cuts from n_samples (the tail zero-padded to a whole window)."""
-    return 1 + math.ceil(max(n_samples - window_samples, 0) / hop_samples)
 
 
 def first_window_holding(end_sample: int, *, window_samples: int, hop_samples: int, n_windows: int) -> int:
@@ -220,7 +214,6 @@ class PocketSphinxSpotter:
 
     def detect(self, audio: np.ndarray) -> list[float]:
         """Times (s) of the detections in mono audio [T] at `threshold`: window centres, as `Detector.detect`."""
-        fired = activation_indices(self.probabilities(audio), threshold=self.threshold,
-                                   refractory_windows=refractory_window_count(self.refractory_seconds,
-                                                                              self.hop_samples / self.sample_rate))
-        return [(i * self.hop_samples + self.window_samples / 2) / self.sample_rate for i in fired]
+        return detection_times(self.probabilities(audio), threshold=self.threshold, sample_rate=self.sample_rate,
+                               window_samples=self.window_samples, hop_samples=self.hop_samples,
+                               refractory_seconds=self.refractory_seconds)

@@ -106,27 +106,32 @@ def with_storage(config, root: str):
     return config.replace({"storage.root": root, "storage.teachers": config.storage.teachers_uri}, source="--storage")
 
 
-def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tuple[str, ...] = ()) -> None:
-    """Last on the console: the leaderboard, what else was made, the plots, the logs and the TensorBoard command."""
-    from kd_tune.leaderboard import format_leaderboard
-    from kd_tune.plots import sweep_plots
+def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tuple[str, ...] = (), plots: bool = True,
+             wide: bool = False, model: str | None = None) -> None:
+    """The leaderboard, what else was made, the plots and the log; last, the result block."""
+    from kd_tune.leaderboard import LOG_NAME, format_leaderboard, result_block
     from kd_tune.storage import Storage
-    from kd_tune.sweep import LOG_NAME
 
     store = Storage.from_config(config.storage)
-    plots = sweep_plots(store, name, rows, space, metric=config.tune.metric, mode=config.tune.mode)
+    written = []
+    if plots:  # Optuna and matplotlib cost seconds, and `results` writes into an experiment only when asked
+        from kd_tune.plots import sweep_plots
+
+        written = sweep_plots(store, name, rows, space, metric=config.tune.metric, mode=config.tune.mode)
     experiment = store.path(name)
-    print(format_leaderboard(rows, metric=config.tune.metric))
-    print("\n".join(["", *extra, *(f"plot: {p}" for p in plots),
-                     *([f"Ray's log: {experiment}/{LOG_NAME}"] if log else []), f"experiment: {experiment}",
-                     f"TensorBoard: tensorboard --logdir {experiment}"]))
+    made = [*extra, *(f"plot: {p}" for p in written), *([f"Ray's log: {experiment}/{LOG_NAME}"] if log else [])]
+    print(format_leaderboard(rows, config, experiment=experiment, wide=wide))
+    if made:
+        print("\n".join(["", *made]))
+    print(result_block(rows, config, experiment=experiment, model=model))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     from kd_tune.leaderboard import load_experiment, read_leaderboard
 
     config, space, name = load_experiment(args.experiment, _config(args, check_paths=False))
-    _results(config, space, name, read_leaderboard(args.experiment, config), log=False)
+    _results(config, space, name, read_leaderboard(args.experiment, config), log=False, plots=args.plots,
+             wide=args.wide)
     return 0
 
 
@@ -175,10 +180,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model.with_name(f"{model.stem}.eval")
+    grid_only = [name for name, given in (("--baseline", args.baseline), ("--noise", args.noise),
+                                          ("--stream-minutes", args.stream_minutes)) if given]
+    if grid_only and not args.conditions:
+        raise InputError(f"{grid_only[0]}: given without --conditions; allowed: {grid_only[0]} with --conditions GRID")
     if args.conditions:  # refused before the minutes of work below, not after them
-        from kd_tune.conditions import NOISE_TYPES, parse_grid
+        from kd_tune.conditions import NOISE_TYPES, noise_folder, parse_grid
 
-        folders = [_name_and_folder(item)[0] for item in args.noise]
+        folders = [noise_folder(item)[0] for item in args.noise]
         parse_grid(args.conditions, (*NOISE_TYPES, *folders, "background"))
     report = evaluate_model(model, Path(args.data), out_dir=out, engine=args.engine)
     print(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}", flush=True)
@@ -186,18 +195,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from kd_tune.robustness import run_grid
 
         grid = run_grid(model, Path(args.data), out, grid=args.conditions, baseline=args.baseline,
-                        noise=dict(_name_and_folder(item) for item in args.noise),
+                        noise=dict(noise_folder(item) for item in args.noise),
                         stream_minutes=args.stream_minutes, engine=args.engine)
         print(f"{grid['summary']}\ntable: {grid['md']}\nplot: {grid['png']}\nfigures: {out / 'conditions.json'}")
     return 0
-
-
-def _name_and_folder(item: str) -> tuple[str, Path]:
-    name, sep, folder = item.partition("=")
-    if not sep or not name or not Path(folder).is_dir():
-        raise InputError(f"--noise {item!r}: not NAME=FOLDER with an existing folder; allowed: NAME=FOLDER, a folder "
-                         "of noise recordings")
-    return name, Path(folder)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -208,6 +209,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not 1 <= args.seeds <= 100:
         print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
         return EXIT_INVALID
+    if args.conditions:  # refused now, not after the first arm has trained
+        from kd_tune.conditions import NOISE_TYPES, parse_grid
+
+        parse_grid(args.conditions, (*NOISE_TYPES, "background"))
     if args.best_of:  # that trial's whole setting (schedules, temperature, student), then --set on top of it;
         # the config only locates the trial, so a bad --set is named as the trial's, not the config's
         storage = [item for item in args.set if item.startswith("storage.")]
@@ -245,7 +250,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                  overrides=args.set, verbose=args.verbose)
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
-    _results(config, space, "sweep", rows, log=not args.verbose, extra=made)
+    _results(config, space, "sweep", rows, log=not args.verbose, extra=made,
+             model=str(out / "model.onnx") if made else None)
     return 1 if errors else 0
 
 
@@ -336,9 +342,11 @@ def parser() -> argparse.ArgumentParser:
                    "(default: in the experiment's sweep.log)")
     q.set_defaults(func=cmd_sweep)
 
-    q = sub.add_parser("results", help="print an experiment's leaderboard")
+    q = sub.add_parser("results", help="print an experiment's leaderboard and result (read-only)")
     q.add_argument("experiment", help="PATH_OR_URI/NAME")
     with_config(q)
+    q.add_argument("--wide", action="store_true", help="every shown metric and the checkpoint paths, at any width")
+    q.add_argument("--plots", action="store_true", help="also (re)write the experiment's plots/*.png")
     q.set_defaults(func=cmd_results)
 
     q = sub.add_parser("export", help="export a trained student to ONNX (front end inside) with its model.json")

@@ -18,9 +18,9 @@ from kd_tune.config import Config
 from kd_tune.evaluation import evaluate_model
 from kd_tune.export import Source, export_student
 from kd_tune.record import run_training
-from kd_tune.robustness import group_means, run_grid
+from kd_tune.robustness import SHORT_STREAM_MINUTES, group_means, run_grid
 from kd_tune.space import ENSEMBLE_JOIN
-from kd_tune.storage import Storage
+from kd_tune.storage import Storage, write_text
 
 NO_KD = "alpha=0"
 # (column, figure of a run) in table order; "test" is the held-out voice families, "val" the validation split
@@ -30,7 +30,6 @@ COLUMNS = (("test FRR @ 1 FA/h", "test_frr_at_1"), ("test FRR @ 2 FA/h", "test_f
 # with --conditions: the mean FRR at 1 FA/h over the whole grid and over its groups (kd_tune.robustness)
 GRID_COLUMNS = (("grid FRR @ 1 FA/h", "grid"), ("clean", "clean"), ("noise 10 dB", "noise 10 dB"),
                 ("noise 0 dB", "noise 0 dB"), ("rooms", "room"), ("levels", "level"), ("mics", "mic"))
-GRID_STREAM_MINUTES = 20.0  # of the test stream per condition: FA/h under every noise on all of it costs an hour
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, condit
     grid = {}
     if conditions:
         rows = run_grid(local / "model.onnx", Path(cfg.data.root), local / "eval", grid=conditions,
-                        stream_minutes=GRID_STREAM_MINUTES)["scorers"]["model"]
+                        stream_minutes=SHORT_STREAM_MINUTES)["scorers"]["model"]
         grid = {key: group_means(rows).get(key) for _, key in GRID_COLUMNS}
     return grid | {"arm": arm.name, "seed": seed, "best_epoch": best.epoch, "val_frr": card["validation"]["frr"],
             "test_frr": report["frr"], "test_fa_per_hour": report["fa_per_hour"], "test_auc": report["auc"],
@@ -96,9 +95,7 @@ def compare(config: Config, teachers: list[str], *, seeds: int, name: str, out: 
         for arm in arms_of(config, teachers):
             rows.append(run_arm(config, arm, seed, name=name, out=out, conditions=conditions))
             echo(f"{arm.name} seed {seed}: " + ", ".join(f"{c} {cell(rows[-1][k])}" for c, k in COLUMNS))
-            partial = out / ".compare.json.partial"
-            partial.write_text(json.dumps(rows, indent=2) + "\n")
-            partial.replace(out / "compare.json")
+            write_text(out, "compare.json", json.dumps(rows, indent=2) + "\n")
     return rows
 
 

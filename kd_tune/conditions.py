@@ -11,6 +11,7 @@ light as detection. Every condition is seeded: the same condition and key give t
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,32 @@ SAMPLE_RATE = 16000  # Hz
 NOISE_TYPES = ("white", "pink", "brown", "babble", "music", "transients", "hum")
 SNRS_DB = (20.0, 10.0, 5.0, 0.0)
 ROOM_RT60_S = (0.3, 0.6, 0.9)
-# Image-source rooms overshoot Sabine's formula: these Sabine inputs give measured RT60s (Schroeder, -5 to -35 dB)
-# within 6% of the nominal ones in ROOM_DIMS_M (tests/test_conditions.py checks it).
-SABINE_INPUT_S = {0.3: 0.257, 0.6: 0.4418, 0.9: 0.6219}
-ROOM_DIMS_M = (6.0, 4.5, 2.8)  # a living room
-SOURCE_M = (1.5, 2.2, 1.6)  # a standing talker
-DISTANCES_M = {"near": 1.0, "far": 3.5}  # from the talker to a device on a table
+DISTANCES_M = {"near": 1.0, "far": 3.5}  # from the talker's mouth to the device
+
+
+@dataclass(frozen=True)
+class Room:
+    """A shoebox room, a standing talker and the direction (on the floor plan) in which the device lies."""
+
+    dims_m: tuple[float, float, float]
+    source_m: tuple[float, float, float]
+    direction: tuple[float, float]  # unit vector
+    device_height_m: float
+    # Image-source rooms overshoot Sabine's formula: these Sabine inputs give the nominal RT60s, measured on the
+    # response as pyroomacoustics does (Schroeder's backward integral, extrapolated to -60 dB), within 6% at 1 m and
+    # 3.5 m (tests/test_conditions.py checks it).
+    sabine_input_s: dict[float, float]
+
+
+ROOMS = {
+    "living": Room((6.0, 4.5, 2.8), (1.5, 2.2, 1.6), (0.848, 0.530), 1.1, {0.3: 0.2488, 0.6: 0.4306, 0.9: 0.6072}),
+    # validation's own: another room, talker and device, so that selection never sees the grid's responses
+    "bedroom": Room((4.0, 3.5, 2.6), (0.6, 3.0, 1.5), (0.8, -0.6), 1.0, {0.3: 0.2701, 0.6: 0.4863, 0.9: 0.7029}),
+}
 LEVELS_DBFS = (-45.0, -35.0, -25.0, -12.0, -3.0)  # peak
 MICROPHONES = ("telephone", "mems")
-BLOCK_S = 10.0  # long audio is levelled and mixed block by block: speech comes and goes
 NOISE_BUFFER_S = 30  # each noise type is rendered once this long and cropped per clip
+MAX_NOISE_FOLDER_S = 600  # of a user's noise folder
 BABBLE_TALKERS = (4, 7)
 TINY = 1e-12
 GRID_SEED = 20261206  # the evaluation grid's; validation uses its own (kd_tune.scoring)
@@ -52,6 +69,7 @@ class Condition:
     snr_db: float | None = None
     rt60_s: float | None = None
     distance: str | None = None
+    room: str = "living"
     peak_dbfs: float | None = None
     microphone: str | None = None
 
@@ -79,7 +97,8 @@ GRIDS = {"default": default_grid, "clean": lambda noise_types=(): [CLEAN]}
 
 
 def coloured(rng: np.random.Generator, n: int, colour: str) -> np.ndarray:
-    """White noise, or white through a pink (-3 dB/octave, Kellet's IIR) or brown (leaky integrator) filter."""
+    """White noise, or white through a pink (-3 dB/octave: J. O. Smith's four-pole fit) or brown (a leaky
+    integrator) filter."""
     white = rng.standard_normal(n)
     if colour == "pink":
         return signal.lfilter([0.049922035, -0.095993537, 0.050612699, -0.004408786],
@@ -91,7 +110,7 @@ def coloured(rng: np.random.Generator, n: int, colour: str) -> np.ndarray:
 
 
 def hum(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Mains hum, 50 or 60 Hz, with odd-heavy harmonics up to 1 kHz and a little buzz."""
+    """Mains hum, 50 or 60 Hz, with odd-heavy harmonics up to 1 kHz."""
     mains = 50.0 if rng.random() < 0.5 else 60.0
     t = np.arange(n) / SAMPLE_RATE
     harmonics = np.arange(1, int(1000 // mains) + 1)
@@ -134,13 +153,16 @@ def transients(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def babble(rng: np.random.Generator, n: int, speech: list[np.ndarray]) -> np.ndarray:
-    """4-7 overlapping talkers drawn from `speech` (clips of other talkers), each looped and shifted."""
-    if not speech:
+    """4-7 overlapping talkers drawn from `speech` (clips of other talkers, of any length), each shifted."""
+    if not speech or not any(len(clip) for clip in speech):
         raise ConditionError("babble: no speech to make babble from; allowed: audio with negative speech clips")
     out = np.zeros(n)
     for _ in range(int(rng.integers(*BABBLE_TALKERS, endpoint=True))):
-        talker = np.concatenate([speech[i] for i in rng.integers(len(speech), size=-(-n // SAMPLE_RATE) + 1)])
-        out += np.roll(talker[:n], int(rng.integers(n))) * rng.uniform(0.5, 1.0)
+        said, length = [], 0
+        while length < n:
+            said.append(speech[int(rng.integers(len(speech)))])
+            length += len(said[-1])
+        out += np.roll(np.concatenate(said)[:n], int(rng.integers(n))) * rng.uniform(0.5, 1.0)
     return out
 
 
@@ -161,21 +183,32 @@ def rms(audio: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(audio, dtype=np.float64)))) if len(audio) else 0.0
 
 
+def active_rms(audio: np.ndarray) -> float:
+    """The RMS of the louder half of a recording's 100 ms frames: its level while someone talks (pauses left out,
+    after the idea of ITU-T P.56's active speech level)."""
+    frame = SAMPLE_RATE // 10
+    frames = audio[:len(audio) // frame * frame].reshape(-1, frame) if len(audio) >= frame else audio[None]
+    power = np.sort(np.mean(np.square(frames, dtype=np.float64), axis=1))
+    return float(np.sqrt(np.mean(power[len(power) // 2:])))
+
+
 # ---------------------------------------------------------------- rooms and microphones
 
 
 @functools.lru_cache(maxsize=None)
-def room_response(rt60_s: float, distance: str) -> np.ndarray:
-    """The image-source impulse response [L] of the living room at this RT60, talker to device at `distance`."""
+def room_response(rt60_s: float, distance: str, room: str = "living") -> np.ndarray:
+    """The image-source impulse response [L] of a room of ROOMS at this RT60, mouth to device at `distance`."""
     import pyroomacoustics as pra  # ~0.5 s to import: only where a room is used
 
-    absorption, max_order = pra.inverse_sabine(SABINE_INPUT_S[rt60_s], list(ROOM_DIMS_M))
-    room = pra.ShoeBox(list(ROOM_DIMS_M), fs=SAMPLE_RATE, materials=pra.Material(absorption), max_order=max_order)
-    metres = DISTANCES_M[distance]
-    room.add_source(list(SOURCE_M))
-    room.add_microphone([SOURCE_M[0] + 0.8 * metres, SOURCE_M[1] + 0.5 * metres, 1.1])
-    room.compute_rir()
-    return np.asarray(room.rir[0][0], np.float32)
+    r = ROOMS[room]
+    absorption, max_order = pra.inverse_sabine(r.sabine_input_s[rt60_s], list(r.dims_m))
+    shoebox = pra.ShoeBox(list(r.dims_m), fs=SAMPLE_RATE, materials=pra.Material(absorption), max_order=max_order)
+    across = np.sqrt(DISTANCES_M[distance] ** 2 - (r.source_m[2] - r.device_height_m) ** 2)  # on the floor plan
+    shoebox.add_source(list(r.source_m))
+    shoebox.add_microphone([r.source_m[0] + across * r.direction[0], r.source_m[1] + across * r.direction[1],
+                            r.device_height_m])
+    shoebox.compute_rir()
+    return np.asarray(shoebox.rir[0][0], np.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,17 +276,18 @@ class Conditioner:
         return self.channel(audio, condition, key)
 
     def add_noise(self, audio: np.ndarray, condition: Condition, rng: np.random.Generator) -> np.ndarray:
-        """audio + noise at condition.snr_db, the powers measured over the whole of `audio`."""
+        """audio + an excerpt of the noise at condition.snr_db: the clip's power over the noise's long-term power
+        (the buffer's, 1), so a quiet stretch of a knock or a pause in the music stays quiet, as it would be."""
         buffer = self.noise(condition.noise)
         start = int(rng.integers(0, max(len(buffer) - len(audio), 0) + 1))
         noise = np.resize(buffer[start:], len(audio))
-        gain = rms(audio) / max(rms(noise), TINY) * 10 ** (-condition.snr_db / 20)
-        return (audio + gain * noise).astype(np.float32)
+        return (audio + rms(audio) * 10 ** (-condition.snr_db / 20) * noise).astype(np.float32)
 
     def channel(self, audio: np.ndarray, condition: Condition, key: int) -> np.ndarray:
         """A room (RMS kept, so that a room is not also a level) or a microphone."""
         if condition.group == "room":
-            wet = signal.oaconvolve(audio, room_response(condition.rt60_s, condition.distance))[:len(audio)]
+            response = room_response(condition.rt60_s, condition.distance, condition.room)
+            wet = signal.oaconvolve(audio, response)[:len(audio)]
             return (wet * rms(audio) / max(rms(wet), TINY)).astype(np.float32)
         if condition.group == "mic":
             out = signal.sosfilt(microphone_filter(condition.microphone), audio)
@@ -265,24 +299,42 @@ class Conditioner:
                              "noise, room, level, mic")
 
     def recording(self, audio: np.ndarray, condition: Condition, key: int) -> np.ndarray:
-        """A long recording [T] under the condition: noise and level block by block (BLOCK_S), as speech comes and
-        goes; rooms and microphones over the whole."""
-        if condition.group in ("clean", "room", "mic"):
+        """A long recording [T] under the condition. Noise plays on without a break (a fan does not stop when
+        nobody talks), at condition.snr_db below the recording's active speech level; a level moves the whole
+        recording's peak; rooms and microphones act on the whole."""
+        if condition.group != "noise":
             return self.clip(audio, condition, key)
-        block = int(BLOCK_S * SAMPLE_RATE)
-        return np.concatenate([self.clip(audio[start:start + block], condition, key * 100_003 + start // block)
-                               for start in range(0, len(audio), block)])
+        rng = np.random.default_rng([self.seed, key, *condition.name.encode()])
+        noise = noise_buffer(condition.noise, rng, len(audio), speech=self.speech, recordings=self.recordings)
+        return (audio + active_rms(audio) * 10 ** (-condition.snr_db / 20) * noise).astype(np.float32)
 
 
 def read_noise_folders(folders: dict[str, Path], read) -> dict[str, list[np.ndarray]]:
-    """{name: clips} from the user's noise folders (each a folder of audio files; `read` decodes one to mono)."""
+    """{name: clips} from the user's noise folders (each a folder of audio files; `read` decodes one to mono), at
+    most MAX_NOISE_FOLDER_S of each: longer long audio loops it."""
     out = {}
     for name, folder in folders.items():
         files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".wav", ".flac", ".ogg"))
         if not files:
             raise ConditionError(f"{folder}: no .wav, .flac or .ogg files; allowed: a folder of noise recordings")
-        out[name] = [read(p) for p in files]
+        out[name], budget = [], MAX_NOISE_FOLDER_S * SAMPLE_RATE
+        for path in files:
+            if budget <= 0:
+                break
+            out[name].append(read(path)[:budget])
+            budget -= len(out[name][-1])
     return out
+
+
+def noise_folder(option: str) -> tuple[str, Path]:
+    """`--noise NAME=FOLDER` as (name, folder): a new noise type's name and an existing folder."""
+    name, sep, folder = option.partition("=")
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9]{0,31}", name) or name in (*NOISE_TYPES, "background") \
+            or not Path(folder).is_dir():
+        raise ConditionError(f"--noise {option!r}: not NAME=FOLDER with a new name and an existing folder; allowed: "
+                             f"NAME=FOLDER, NAME lower-case letters and digits other than {', '.join(NOISE_TYPES)}, "
+                             "background")
+    return name, Path(folder)
 
 
 def parse_grid(name: str, noise_types: tuple[str, ...]) -> list[Condition]:

@@ -55,14 +55,22 @@ def ray_output_to(log_path: Path | None) -> Iterator[TextIO]:
 
 
 class SweepProgress(tune.Callback):
-    """sweep: 3/6 trials done, 2 running, best frr_at_target_fa 0.7574 (cnn, constant)"""
+    """sweep: 3/6 trials done, 2 running, best frr_conditions 0.7574 (trial 6f5920b5: cnn, constant)
+
+    The best is over finished trials only: a running trial's value may still be beaten by its own later epochs and
+    is not what the leaderboard will rank, so a line naming it could name another winner than the result block."""
 
     def __init__(self, *, total: int, metric: str, mode: str):
         self.total, self.metric, self.mode = total, metric, mode
         self.running: set[str] = set()
         self.done = self.errors = 0
         self.best: tuple[float, str] | None = None
+        self.running_best: dict[str, tuple[float, str]] = {}  # per running trial, folded into best when it ends
         self.drawn_at = 0.0
+
+    def __setstate__(self, state: dict) -> None:
+        # Tune pickles its callbacks into tuner.pkl: a sweep started by an older kd_tune resumes with this class
+        self.__dict__.update({"running_best": {}, **state})
 
     def line(self) -> str:
         best = "" if self.best is None else f", best {self.metric} {self.best[0]:.4g} ({self.best[1]})"
@@ -87,21 +95,31 @@ class SweepProgress(tune.Callback):
         self.running.add(trial.trial_id)
         self.show(ended=False)
 
+    def better(self, value: float, than: tuple[float, str] | None) -> bool:
+        return than is None or (value < than[0] if self.mode == "min" else value > than[0])
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and (self.best is None or (value < self.best[0]) == (self.mode == "min")):
+        if isinstance(value, (int, float)) and self.better(value, self.running_best.get(trial.trial_id)):
             config = trial.config or {}
-            self.best = (float(value), f"{config.get('teacher')}, {config.get('alpha_schedule')}")
+            self.running_best[trial.trial_id] = (
+                float(value), f"trial {trial.trial_id}: {config.get('teacher')}, {config.get('alpha_schedule')}")
         self.show(ended=False)
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def ended(self, trial) -> None:
         self.running.discard(trial.trial_id)
         self.done += 1
+        mine = self.running_best.pop(trial.trial_id, None)
+        if mine is not None and self.better(mine[0], self.best):
+            self.best = mine
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended(trial)
         self.show(ended=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.running.discard(trial.trial_id)
-        self.done, self.errors = self.done + 1, self.errors + 1
+        self.ended(trial)
+        self.errors += 1
         self.show(ended=True)
 
     def on_experiment_end(self, trials, **info) -> None:

@@ -7,6 +7,7 @@ The command line only prints what it returns.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -25,12 +26,12 @@ DEMO_SIZES = {  # `kd-tune demo --size`: overrides of the embedded default (a --
     "default": [],
     "large": ["data.synth_size=large", "training.epochs=12", "tune.num_samples=24"],
 }
-# The condition grid scores this much of the test stream per condition: FA/h under every noise on all of it would
-# take longer than the sweep.
-DEMO_GRID_STREAM_MINUTES = 20.0
 
 
-def train_teachers(config: Config, data: WakewordData, names: list[str] | None = None, *, echo=print) -> None:
+ECHO = functools.partial(print, flush=True)  # a phase line shows when the phase ends, also in a log
+
+
+def train_teachers(config: Config, data: WakewordData, names: list[str] | None = None, *, echo=ECHO) -> None:
     """Fine-tune the configured teachers (or `names`) that are not current; a line each."""
     check_teacher_store(config)  # before any training: a teacher must never replace an experiment
     for teacher in configured_teachers(config, names):
@@ -52,8 +53,8 @@ def data_line(data: WakewordData, root: str) -> str:
             "label")
 
 
-def run_demo(out: Path, *, size: str = "default", search_space: str = "default", overrides: list[str] = (),
-             verbose: bool = False, echo=print) -> tuple[Config, SearchSpace, list[dict], list[str], tuple[str, ...]]:
+def run_demo(out: Path, *, size: str = "default", search_space: str = "default", overrides: tuple[str, ...] = (),
+             verbose: bool = False, echo=ECHO) -> tuple[Config, SearchSpace, list[dict], list[str], tuple[str, ...]]:
     """(config, space, leaderboard rows, trial errors, lines on the exported model) of the whole demo under `out`."""
     # The teacher-output cache: the sweep pays for each teacher's forward passes once, not once per trial-epoch.
     config = load_config(None, overrides=[f"data.root={out / 'data'}", f"storage.root={out}",
@@ -72,7 +73,7 @@ def run_demo(out: Path, *, size: str = "default", search_space: str = "default",
     card = export.export_student(source.load(), out / "model.onnx", source=source.describe())
     report = evaluation.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
     grid = robustness.run_grid(out / "model.onnx", Path(d.root), out / "eval", grid="default",
-                               stream_minutes=DEMO_GRID_STREAM_MINUTES)
+                               stream_minutes=robustness.SHORT_STREAM_MINUTES)
     return config, space, rows, errors, (
         export.summary(card), "on the test split (voices never heard in training):", evaluation.summary(report),
         f"DET curve: {report['det_png']}", "under the condition grid (noise, rooms, levels, microphones):",

@@ -161,10 +161,25 @@ def frames(audio: np.ndarray, *, window_samples: int, hop_samples: int) -> np.nd
 
     The windows of kd_tune.metrics.sliding_windows, as strided views (no copy of the audio per window).
     """
-    n_windows = 1 + math.ceil(max(len(audio) - window_samples, 0) / hop_samples)
+    n_windows = window_count(len(audio), window_samples=window_samples, hop_samples=hop_samples)
     padded = np.zeros((n_windows - 1) * hop_samples + window_samples, np.float32)
     padded[:len(audio)] = audio
     return np.lib.stride_tricks.sliding_window_view(padded, window_samples)[::hop_samples]
+
+
+def window_count(n_samples: int, *, window_samples: int, hop_samples: int) -> int:
+    """How many windows `frames` cuts from n_samples (the tail zero-padded to a whole window)."""
+    return 1 + math.ceil(max(n_samples - window_samples, 0) / hop_samples)
+
+
+def detection_times(scores: np.ndarray, *, threshold: float, sample_rate: int, window_samples: int,
+                    hop_samples: int, refractory_seconds: float) -> list[float]:
+    """Times (s) where per-window scores [W] fire: the centres of the windows where an activation rises (the wake
+    word lies inside that window, and a window centred on it scores highest)."""
+    hop_seconds = hop_samples / sample_rate
+    fired = activation_indices(scores, threshold=threshold,
+                               refractory_windows=refractory_window_count(refractory_seconds, hop_seconds))
+    return [(i * hop_samples + window_samples / 2) / sample_rate for i in fired]
 
 
 def stream_probabilities(session: ort.InferenceSession, audio: np.ndarray, *, window_samples: int,
@@ -303,7 +318,6 @@ class Detector:
 
     def detect(self, audio: np.ndarray) -> list[float]:
         """Times (s) of the detections in mono audio [T]: the centres of the windows where they fire."""
-        hop_seconds = self.hop_samples / self.sample_rate
-        fired = activation_indices(self.probabilities(audio), threshold=self.threshold,
-                                   refractory_windows=refractory_window_count(self.refractory_seconds, hop_seconds))
-        return [(i * self.hop_samples + self.window_samples / 2) / self.sample_rate for i in fired]
+        return detection_times(self.probabilities(audio), threshold=self.threshold, sample_rate=self.sample_rate,
+                               window_samples=self.window_samples, hop_samples=self.hop_samples,
+                               refractory_seconds=self.refractory_seconds)

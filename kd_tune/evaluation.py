@@ -26,6 +26,7 @@ from kd_tune.data import AUDIO_SUFFIXES, LONG_FOLDER, engine_of, scan
 from kd_tune.detect import Detector
 from kd_tune.errors import KdTuneError
 from kd_tune.metrics import audio_hours, count_activations, roc_auc, threshold_for_fa_rate
+from kd_tune.storage import write_text
 
 FA_TARGETS_PER_HOUR = (0.5, 1.0, 2.0, 5.0)
 DET_THRESHOLDS = 256  # quantiles of the observed scores: enough for a smooth curve, bounded cost per hour of audio
@@ -49,6 +50,13 @@ class EvalAudio:
 
     def of_kind(self, kind: str) -> list[np.ndarray]:
         return [a for a, k in zip(self.negatives, self.kinds, strict=True) if k == kind]
+
+    def recordings(self) -> list[np.ndarray]:
+        """The audio false activations are counted on: the long recordings, or else the negatives joined end to
+        end, never the hard negatives ("hey" then "nova" would join into the wake word) unless there is nothing
+        else."""
+        joined = [a for a, ok in zip(self.negatives, self.joinable, strict=True) if ok] or self.negatives
+        return self.long or [np.concatenate(joined)]
 
 
 def read_eval_audio(root: Path, detector: Detector, *, engine: str | None = None) -> EvalAudio:
@@ -144,8 +152,7 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engi
     detector = Detector(model)
     audio = read_eval_audio(data, detector, engine=engine)
     hop_seconds = detector.hop_samples / detector.sample_rate
-    joined = [a for a, ok in zip(audio.negatives, audio.joinable, strict=True) if ok] or audio.negatives
-    recordings = audio.long or [np.concatenate(joined)]
+    recordings = audio.recordings()
     streams = [detector.probabilities(r) for r in recordings]
     hours = audio_hours(sum(len(r) for r in recordings), detector.sample_rate)  # of audio, not of windows
     positives, negatives = clip_scores(detector, audio.positives), clip_scores(detector, audio.negatives)
@@ -154,6 +161,7 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engi
     fa = false_activations(streams, detector.threshold, hop_seconds=hop_seconds,
                            refractory_seconds=detector.refractory_seconds)
     report = {"model": str(model), "data": str(data), "source": audio.source, "threshold": detector.threshold,
+              "target_fa_per_hour": detector.card.model_extra.get("target_fa_per_hour"),
               "positives": len(positives), "negatives": len(negatives), "long_recordings": len(audio.long),
               "negative_hours": hours, "frr": float(np.mean(positives < detector.threshold)),
               "false_activations": fa, "fa_per_hour": fa / hours, "auc": None if math.isnan(auc) else auc,
@@ -176,9 +184,7 @@ def write_report(report: dict, out_dir: Path) -> None:
                                             target_fa_per_hour=target,
                                             title=f"{Path(report['model']).name}: {report['source']} of "
                                                   f"{Path(report['data']).name}"))
-    partial = out_dir / ".eval.json.partial"
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(out_dir / "eval.json")
+    write_text(out_dir, "eval.json", json.dumps(report, indent=2) + "\n")
 
 
 def summary(report: dict) -> str:

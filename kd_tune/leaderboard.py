@@ -5,6 +5,10 @@ by `kd-tune results` and `kd-tune export`, and the experiment's saved config and
 epochs are the epochs `fit` reported (a resumed trial restarts Tune's training_iteration, not its epoch), and its
 status says whether it ran to its end: OK (its last epoch, or stopped by ASHA), INCOMPLETE (stopped before that,
 e.g. by `ray job stop`), NOT_STARTED (no epoch reported) or ERROR.
+
+What the console prints of a sweep is here too, Ray-free so that `kd-tune results` never loads Ray: the leaderboard
+within CONSOLE_COLUMNS (an OK trial that ASHA stopped early shows as `OK (ASHA, 2/6)`) and the result block that ends
+every sweep and demo.
 """
 
 from __future__ import annotations
@@ -17,17 +21,32 @@ from pathlib import Path
 import yaml
 from pyarrow.fs import FileType
 
+from kd_tune.checkpoint import Identity, verify_checkpoint
 from kd_tune.config import Config, validate
+from kd_tune.detect import read_card
+from kd_tune.errors import KdTuneError
 from kd_tune.metrics import METRICS
 from kd_tune.space import SearchSpace
 from kd_tune.storage import Storage, check_plain_uri, read_text, write_text
+from kd_tune.teachers import TEACHER_KIND, teacher_store
 
 LEADERBOARD_NAME = "leaderboard.json"
+LOG_NAME = "sweep.log"  # Ray's tables and actor logs, inside the experiment (unless --verbose)
 TRIAL_COLUMNS = ("trial", "status", "teacher", "alpha_schedule", "alpha_start", "alpha_end", "temperature",
-                 "temperature_schedule", "lr", "student_width", "epochs")
+                 "temperature_schedule", "temperature_end", "lr", "student_width", "epochs")
 METRIC_COLUMNS = tuple(name for name, m in METRICS.items() if m.column)
 LEADERBOARD_COLUMNS = (*TRIAL_COLUMNS, *METRIC_COLUMNS, "node", "checkpoint")
 STATUSES = ("OK", "INCOMPLETE", "NOT_STARTED", "ERROR")
+CONSOLE_COLUMNS = 120  # the terminal width the console's leaderboard and result block stay within
+LEAD_CELLS = ("trial", "status", "teacher", "schedule", "alpha", "T")  # the console's setting columns, shortened
+MAX_TEACHER_CHARS = 12
+# The shown metric columns the console gives up first when its leaderboard is too wide: the files keep every
+# column, and the result block shows the winner's fa_per_hour against its target.
+DROP_FIRST = ("accuracy", "fa_per_hour")
+WEAK_TEACHER_AUC = 0.8  # a teacher below this validation AUC is flagged in the result block
+# What frr_conditions averages besides clean: the validation positives under kd_tune.scoring.VALIDATION_MIX
+CONDITION_METRICS = tuple(n for n in METRICS if n.startswith("frr_")
+                          and n not in ("frr_conditions", "frr_at_target_fa"))
 
 def leaderboard(grid, config: Config) -> list[dict]:
     """One row per trial at its best epoch that still has a checkpoint (retention may have pruned others)."""
@@ -44,6 +63,7 @@ def leaderboard(grid, config: Config) -> list[dict]:
                "alpha_end": params.get("alpha_end", params.get("alpha_start")),
                "temperature": params.get("temperature"),
                "temperature_schedule": params.get("temperature_schedule", "constant"),
+               "temperature_end": params.get("temperature_end"),  # sampled only for a decaying temperature
                "lr": params.get("lr", config.training.lr),
                "student_width": params.get("student_width", config.student.width)}
         best = best_epoch(df, metric, mode, filesystem)
@@ -123,15 +143,175 @@ def experiment_storage(experiment: str, config: Config) -> tuple[Storage, str]:
     return Storage.from_config(config.replace({"storage.root": root or "."}).storage), name
 
 
-def format_leaderboard(rows: list[dict], *, metric: str) -> str:
-    shown = (name for name, m in METRICS.items() if m.shown)
-    cols = tuple(dict.fromkeys((*TRIAL_COLUMNS[:7], metric, *shown, "epochs", "checkpoint")))
-    table = [cols] + [tuple(cell(r.get(c)) for c in cols) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table)
+# ---------------------------------------------------------------- what the console prints
+
+
+def format_leaderboard(rows: list[dict], config: Config, *, experiment: str, wide: bool = False) -> str:
+    """The leaderboard as the console prints it, best first: the metric columns METRICS marks shown, within
+    CONSOLE_COLUMNS (DROP_FIRST goes first, then the last shown ones, never the sweep's metric). `wide` keeps every
+    shown metric and adds the checkpoint paths, under `experiment` wherever the sweep wrote them."""
+    metric = config.tune.metric
+    metrics = list(dict.fromkeys((metric, *(n for n, m in METRICS.items() if m.shown))))
+    cells = [console_cells(r, metrics, epochs=config.training.epochs, experiment=experiment, wide=wide) for r in rows]
+    if wide:
+        return table(cells, [*LEAD_CELLS, *metrics, "epochs", "checkpoint"])
+    droppable = [m for m in dict.fromkeys((*DROP_FIRST, *reversed(metrics))) if m in metrics and m != metric]
+    while True:
+        text = table(cells, [*LEAD_CELLS, *metrics, "epochs"])
+        if not droppable or max(map(len, text.splitlines())) <= CONSOLE_COLUMNS:
+            return text
+        metrics.remove(droppable.pop(0))
+
+
+def console_cells(row: dict, metrics: list[str], *, epochs: int, experiment: str, wide: bool) -> dict[str, str]:
+    teacher = cell(row.get("teacher"))
+    if not wide and len(teacher) > MAX_TEACHER_CHARS:  # names may run to 40 characters; the result block has it whole
+        teacher = teacher[:MAX_TEACHER_CHARS - 1] + "~"
+    return {"trial": cell(row.get("trial")), "status": shown_status(row, epochs), "teacher": teacher,
+            "schedule": cell(row.get("alpha_schedule")),
+            "alpha": span(row.get("alpha_start"), row.get("alpha_end"), "{:.2f}"),
+            "T": span(row.get("temperature"), row.get("temperature_end"), "{:.3g}"),
+            **{m: cell(row.get(m)) for m in metrics}, "epochs": cell(row.get("epochs")),
+            "checkpoint": cell(checkpoint_in(experiment, row))}
+
+
+def table(cells: list[dict[str, str]], cols: list[str]) -> str:
+    lines = [cols] + [[c[col] for col in cols] for c in cells]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def shown_status(row: dict, epochs: int) -> str:
+    """The status the console shows: a trial that is OK before training.epochs was stopped by ASHA (the only early
+    end trial_status calls OK), and says so with how far it got."""
+    last = row.get("epochs") or 0
+    if row.get("status") == "OK" and last < epochs:
+        return f"OK (ASHA, {last}/{epochs})"
+    return cell(row.get("status"))
+
+
+def checkpoint_in(experiment: str, row: dict) -> str | None:
+    """The row's checkpoint under `experiment` as given: a moved or copied experiment names its own trials, not the
+    folder the sweep wrote them to (leaderboard.json keeps that one)."""
+    path, trial = row.get("checkpoint"), row.get("trial")
+    parts = str(path or "").split("/")
+    for i, part in enumerate(parts):
+        if part == f"trial_{trial}" or part.startswith(f"trial_{trial}_"):  # kd_tune.trial.trial_dirname
+            return "/".join([experiment.rstrip("/"), *parts[i:]])
+    return path
+
+
+def span(start, end, form: str, arrow: str = "->") -> str:
+    """One value, or how a schedule moves it: 0.90->0.10."""
+    if not isinstance(start, (int, float)):
+        return cell(start)
+    if not isinstance(end, (int, float)) or end == start:
+        return form.format(start)
+    return f"{form.format(start)}{arrow}{form.format(end)}"
 
 
 def cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def result_block(rows: list[dict], config: Config, *, experiment: str, model: str | None = None) -> str:
+    """The console's last lines after a sweep, a demo or `kd-tune results`: the winning trial, its setting in one
+    line, its validation figures against their targets (flagged when missed), weak teachers, the exported model and
+    what to run next; every line within CONSOLE_COLUMNS but for a path longer than that."""
+    lines = [*winner(rows, config), *weak_teachers(rows, config), *model_lines(model, rows),
+             *next_steps(config, experiment=experiment, model=model)]
+    return "\n".join(["", *lines])
+
+
+def winner(rows: list[dict], config: Config) -> list[str]:
+    metric, epochs = config.tune.metric, config.training.epochs
+    best = rows[0] if rows else {}
+    if not isinstance(best.get(metric), (int, float)):
+        return [f"result: no trial reported {metric}"]
+    ties = sum(1 for r in rows[1:] if r.get(metric) == best[metric])
+    stopped = sum(1 for r in rows if shown_status(r, epochs).startswith("OK (ASHA"))
+    head = (f"result: trial {best['trial']} is best by {metric} of {len(rows)} trials"
+            + (f", tied with {ties} other{'s' * (ties > 1)}" if ties else "")
+            + (f"; {stopped} stopped early by ASHA" if stopped else "")
+            + ("" if best.get("status") == "OK" else f"; its status: {shown_status(best, epochs)}"))
+    return [head, "  setting: " + setting(best), "  validation:",
+            *figures(best, config.training.target_fa_per_hour)]
+
+
+def setting(row: dict) -> str:
+    temperature = span(row.get("temperature"), row.get("temperature_end"), "{:.3g}", " -> ")
+    if row.get("temperature_schedule") not in (None, "constant"):
+        temperature += f" ({row['temperature_schedule']})"
+    return (f"teacher {cell(row.get('teacher'))}, alpha {cell(row.get('alpha_schedule'))} "
+            f"{span(row.get('alpha_start'), row.get('alpha_end'), '{:.2f}', ' -> ')}, temperature {temperature}, "
+            f"lr {cell(row.get('lr'))}, width {cell(row.get('student_width'))}")
+
+
+def figures(row: dict, target: float) -> list[str]:
+    """The winner's validation figures, each with what it means and its target; MISSED where it is not met."""
+    at = f"FRR at {target:g} FA/h"
+    meaning = {"frr_conditions": (f"{at}, mean of clean and {len(CONDITION_METRICS)} conditions; lower is better",
+                                  lambda v: v >= 1, "no wake word caught"),
+               "frr_at_target_fa": (f"{at}, clean; lower is better", lambda v: v >= 1, "no wake word caught"),
+               "fa_per_hour": (f"false activations per hour; target <= {target:g}", lambda v: v > target,
+                               "above the target")}
+    lines = []
+    for name, (text, missed, why) in meaning.items():
+        value = row.get(name)
+        known = isinstance(value, (int, float))
+        flag = f"  MISSED: {why}" if known and missed(value) else ""
+        lines.append(f"    {name:<16}  {cell(value) if known else '-':<7}  {text}{flag}")
+    return lines
+
+
+def weak_teachers(rows: list[dict], config: Config) -> list[str]:
+    """A line per teacher of the rows whose validation AUC, from its verified manifest, is below WEAK_TEACHER_AUC,
+    or whose manifest cannot be read."""
+    used: dict[str, int] = {}
+    for row in rows:
+        for name in str(row.get("teacher") or "").split("+"):  # an ensemble counts for each of its teachers
+            if name:
+                used[name] = used.get(name, 0) + 1
+    lines = []
+    for name, count in sorted(used.items(), key=lambda item: -item[1]):
+        auc = teacher_auc(config, name)
+        if isinstance(auc, str):
+            lines.append(f"  teacher {name}: validation AUC not read: {auc}"[:CONSOLE_COLUMNS])
+        elif auc is not None and auc < WEAK_TEACHER_AUC:
+            lines.append(f"  WEAK TEACHER {name}: validation AUC {auc:.3f} < {WEAK_TEACHER_AUC:g}, used by {count} of "
+                         f"{len(rows)} trials")
+    return lines
+
+
+def teacher_auc(config: Config, name: str) -> float | str | None:
+    """A teacher's validation AUC from its manifest, verified (hashes, signature, identity) as every load does;
+    the reason, as text, when it cannot be read; None when the manifest holds none."""
+    try:
+        manifest = verify_checkpoint(teacher_store(config), name, expect=Identity(TEACHER_KIND, name))
+    except (KdTuneError, OSError) as error:
+        return " ".join(str(error).split())
+    auc = (manifest.get("metrics") or {}).get("auc")
+    return float(auc) if isinstance(auc, (int, float)) else None
+
+
+def model_lines(model: str | None, rows: list[dict]) -> list[str]:
+    """The exported model and the trial it holds (its signed card says; export ranks the verified checkpoints, so
+    on a tie it may be another trial than the leaderboard's first)."""
+    if model is None:
+        return []
+    try:
+        source = read_card(Path(model)).model_extra.get("source") or {}
+    except KdTuneError as error:
+        return [f"  model: {model}", f"    its card cannot be read: {' '.join(str(error).split())}"[:CONSOLE_COLUMNS]]
+    trial, first = source.get("trial"), rows[0].get("trial") if rows else None
+    other = "" if trial == first else f" (not {first}: export ranks the verified checkpoints)"
+    return [f"  model: {model}", f"    exported from trial {trial}{other}"]
+
+
+def next_steps(config: Config, *, experiment: str, model: str | None) -> list[str]:
+    onnx = model or "model.onnx"
+    export = [] if model else [f"  kd-tune export {experiment} --out model.onnx"]
+    return ["next:", *export, f"  kd-tune eval {onnx} {config.data.root} --conditions default",
+            f"  kd-tune detect {onnx} FILE.wav", f"  tensorboard --logdir {experiment}"]

@@ -11,9 +11,11 @@ The table goes to conditions.md and conditions.json, and FRR against SNR per noi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,12 @@ from kd_tune.conditions import SAMPLE_RATE, Condition, ConditionError, Condition
 from kd_tune.detect import Detector
 from kd_tune.evaluation import EvalAudio, clip_scores, false_activations, read_eval_audio
 from kd_tune.metrics import audio_hours, roc_auc, threshold_for_fa_rate
+from kd_tune.storage import write_text
 
 TARGET_FA_PER_HOUR = 1.0
+# What the demo and `kd-tune compare` score of the test stream per condition: FA/h under every noise on a whole hour
+# is ~40 hours of audio for the model.
+SHORT_STREAM_MINUTES = 20.0
 NEGATIVE_KEY = 1_000_003  # keeps the noise excerpts of negatives apart from the positives'
 STREAM_KEY = 2_000_003
 
@@ -43,23 +49,39 @@ def capped_stream(recordings: list[np.ndarray], seconds: float | None) -> list[n
     return out
 
 
-def measure(scorer, audio: EvalAudio, stream: list[np.ndarray], condition: Condition,
-            conditioner: Conditioner) -> dict:
+@dataclass(frozen=True)
+class Conditioned:
+    """The audio of an evaluation under one condition."""
+
+    condition: Condition
+    positives: list[np.ndarray]
+    negatives: list[np.ndarray]
+    recordings: list[np.ndarray]
+
+
+def condition_audio(audio: EvalAudio, stream: list[np.ndarray], condition: Condition,
+                    conditioner: Conditioner) -> Conditioned:
+    """Positives, negatives and long audio under one condition: once, whatever the number of scorers."""
+    return Conditioned(condition, [conditioner.clip(c, condition, i) for i, c in enumerate(audio.positives)],
+                       [conditioner.clip(c, condition, NEGATIVE_KEY + i) for i, c in enumerate(audio.negatives)],
+                       [conditioner.recording(r, condition, STREAM_KEY + i) for i, r in enumerate(stream)])
+
+
+def measure(scorer, heard: Conditioned) -> dict:
     """One row of the table: the scorer's figures under one condition."""
     started = time.perf_counter()
-    positives = clip_scores(scorer, [conditioner.clip(c, condition, i) for i, c in enumerate(audio.positives)])
-    negatives = clip_scores(scorer, [conditioner.clip(c, condition, NEGATIVE_KEY + i)
-                                     for i, c in enumerate(audio.negatives)])
-    streams = [scorer.probabilities(conditioner.recording(r, condition, STREAM_KEY + i)) for i, r in enumerate(stream)]
-    hours = audio_hours(sum(len(r) for r in stream), SAMPLE_RATE)
+    positives, negatives = clip_scores(scorer, heard.positives), clip_scores(scorer, heard.negatives)
+    streams = [scorer.probabilities(r) for r in heard.recordings]
+    hours = audio_hours(sum(len(r) for r in heard.recordings), SAMPLE_RATE)
     hop_seconds, refractory = scorer.hop_samples / scorer.sample_rate, scorer.refractory_seconds
     best = threshold_for_fa_rate(np.concatenate(streams), target_fa_per_hour=TARGET_FA_PER_HOUR,
                                  hop_seconds=hop_seconds, refractory_seconds=refractory, hours=hours)
     fa = false_activations(streams, scorer.threshold, hop_seconds=hop_seconds, refractory_seconds=refractory)
     auc = roc_auc(np.r_[positives, negatives], np.r_[np.ones(len(positives)), np.zeros(len(negatives))]) \
         if len(negatives) else math.nan
-    return {"condition": condition.name, "group": condition.group, "noise": condition.noise,
-            "snr_db": condition.snr_db, "frr": float(np.mean(positives < scorer.threshold)), "fa_per_hour": fa / hours,
+    c = heard.condition
+    return {"condition": c.name, "group": c.group, "noise": c.noise, "snr_db": c.snr_db,
+            "frr": float(np.mean(positives < scorer.threshold)), "fa_per_hour": fa / hours,
             "frr_at_target": float(np.mean(positives < best)), "threshold_at_target": best,
             "auc": None if math.isnan(auc) else auc, "seconds": time.perf_counter() - started}
 
@@ -68,11 +90,12 @@ def evaluate_grid(scorers: dict[str, object], audio: EvalAudio, *, grid: str, co
                   stream_seconds: float | None = None, progress=None) -> dict:
     """{"conditions": [...], "scorers": {name: [row per condition]}, ...} for every scorer on the same audio."""
     conditions = parse_grid(grid, conditioner.noise_types)
-    stream = capped_stream(audio.long or [np.concatenate(audio.negatives)], stream_seconds)
+    stream = capped_stream(audio.recordings(), stream_seconds)
     rows: dict[str, list[dict]] = {name: [] for name in scorers}
     for number, condition in enumerate(conditions, start=1):
+        heard = condition_audio(audio, stream, condition, conditioner)
         for name, scorer in scorers.items():
-            rows[name].append(measure(scorer, audio, stream, condition, conditioner))
+            rows[name].append(measure(scorer, heard))
             if progress:
                 progress(f"conditions: {number}/{len(conditions)} {condition.name} ({name}): FRR at "
                          f"{TARGET_FA_PER_HOUR:g} FA/h {rows[name][-1]['frr_at_target']:.3f}")
@@ -111,11 +134,9 @@ def write_grid(report: dict, out_dir: Path) -> dict:
     """conditions.png, conditions.md, then conditions.json (which names both), each written whole."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report["png"] = str(plots.condition_curves(report, out_dir / "conditions.png"))
-    (out_dir / "conditions.md").write_text(markdown(report) + "\n")
+    write_text(out_dir, "conditions.md", markdown(report) + "\n")
     report["md"] = str(out_dir / "conditions.md")
-    partial = out_dir / ".conditions.json.partial"
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(out_dir / "conditions.json")
+    write_text(out_dir, "conditions.json", json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -131,6 +152,9 @@ def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | N
     """The exported model (and a baseline) under every condition of the grid, on DATA as `kd-tune eval` reads it;
     the table, plot and figures written to `out`."""
     detector = Detector(model)
+    if detector.sample_rate != SAMPLE_RATE:
+        raise ConditionError(f"{model}: a model of {detector.sample_rate} Hz; allowed: {SAMPLE_RATE} Hz models, "
+                             "which the conditions are built for")
     scorers = {"model": detector}
     if baseline:  # built first: a missing extra or a word outside its dictionary is refused before any work
         wakeword = detector.card.model_extra.get("wakeword")
@@ -143,6 +167,7 @@ def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | N
     if audio.of_kind("background"):  # the data set's own background recordings are one more noise type
         recordings.setdefault("background", audio.of_kind("background"))
     conditioner = Conditioner(speech=audio.of_kind("negative") or audio.negatives, recordings=recordings)
-    report = evaluate_grid(scorers, audio, grid=grid, conditioner=conditioner, progress=print,
+    report = evaluate_grid(scorers, audio, grid=grid, conditioner=conditioner,
+                           progress=functools.partial(print, flush=True),
                            stream_seconds=None if stream_minutes is None else stream_minutes * 60)
     return write_grid(report, out) | {"summary": summary(report)}

@@ -27,11 +27,12 @@ from kd_tune.metrics import audio_hours, clip_metrics, sliding_windows, wakeword
 # mapped and unmapped again); with 64 it ran as fast as in the main thread, and faster in both. Measured on CPU.
 EVAL_BATCH = 64
 # metric -> the conditions cycled over the validation positives (positive i gets conditions[i % len]). The evaluation
-# grid's generator with its own seed: selection looks at conditions like the grid's, never at the grid's own excerpts.
+# grid's generator with its own seed and its own room: selection looks at conditions like the grid's, never at the
+# grid's own noise excerpts or room responses.
 VALIDATION_MIX = {
     "frr_snr10": [noise_condition(n, 10.0) for n in NOISE_TYPES],
     "frr_snr0": [noise_condition(n, snr) for n in NOISE_TYPES for snr in (0.0, 5.0)],
-    "frr_room": [Condition(f"room_rt{rt:g}_{d}", "room", rt60_s=rt, distance=d)
+    "frr_room": [Condition(f"bedroom_rt{rt:g}_{d}", "room", rt60_s=rt, distance=d, room="bedroom")
                  for rt, d in ((0.6, "far"), (0.3, "far"), (0.9, "near"))],
     "frr_level": [Condition(f"level_{db:g}dBFS", "level", peak_dbfs=db) for db in (-45.0, -40.0, -35.0)],
     "frr_mic": [Condition(f"mic_{m}", "mic", microphone=m) for m in MICROPHONES],

@@ -43,7 +43,7 @@ from kd_tune.config import Config
 from kd_tune.console import SweepProgress, ray_output_to
 from kd_tune.data import WakewordData, load_data
 from kd_tune.errors import KdTuneError
-from kd_tune.leaderboard import leaderboard, write_leaderboard
+from kd_tune.leaderboard import LOG_NAME, leaderboard, write_leaderboard
 from kd_tune.placement import remove_orphans, removing_lost
 from kd_tune.space import SearchSpace, SpaceSampler
 from kd_tune.storage import Storage, check_layout, write_text
@@ -52,7 +52,6 @@ from kd_tune.train import check_batching
 from kd_tune.trial import TRIAL_DRIVER_RESOURCES, run_trial, trial_dirname
 
 log = logging.getLogger("kd_tune.sweep")
-LOG_NAME = "sweep.log"  # Ray's tables and actor logs, inside the experiment (unless --verbose)
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 # Environment that Ray reads, set for a sweep unless the user set it. Tune uploads the experiment state every 5 s
 # (its default waits up to 300 s), so a killed driver loses little. Train's controller polls its workers every

@@ -24,6 +24,7 @@ from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError
 from kd_tune.errors import shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.signing import parse_json
+from kd_tune.storage import write_text
 from kd_tune.streams import STREAM_S, TRAIN_STREAM_S, general_text, make_sound, plan_streams, with_level, words_of, \
     write_streams
 from kd_tune.userdata import file_sha256, user_lines
@@ -240,9 +241,7 @@ def render(clips: list[SynthClip], out_dir: Path, *, seed: int, new_speakers: bo
 
 
 def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    write_text(path.parent, path.name, text)
 
 
 def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0, size: str = "default",

@@ -24,6 +24,7 @@ from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, MAX_MANIFEST_BYTES, 
     read_all, read_text_within, recording_paths, speaker_of, split_for
 from kd_tune.features import SAMPLE_RATE
 from kd_tune.signing import SpecialFileError, open_regular
+from kd_tune.storage import write_text
 
 USER_FOLDER = "user"  # clips go to DATASET/user/<kind>/
 USER_PREFIX = "user_"  # long recordings go to DATASET/long/<split>/user_<name>; synthesis never deletes them
@@ -229,9 +230,7 @@ def append_to_manifest(dataset: Path, entries: list[dict]) -> None:
     if len(text.encode()) > MAX_MANIFEST_BYTES:
         raise DataError(f"{manifest}: would pass {MAX_MANIFEST_BYTES} bytes with {len(entries)} more clips; allowed: "
                         "a manifest within that size")
-    partial = manifest.with_name(manifest.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, manifest)
+    write_text(manifest.parent, manifest.name, text)
 
 
 def user_lines(dataset: Path) -> list[str]:

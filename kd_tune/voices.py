@@ -59,6 +59,8 @@ SPEAKER_PROFILES = {  # name: (probability, median F0 range in Hz or None for th
     "child": (0.2, (250.0, 340.0), (1.2, 1.32)),
 }
 PITCH_FACTORS = (0.5, 3.5)  # the phase vocoder's range: beyond it the result stops sounding like speech
+FEMALE_F0_HZ = 165.0  # a source voice at least this high is taken for a woman's ...
+FEMALE_FORMANT_RATIO = 1.15  # ... whose formants lie this much above a man's (Peterson & Barney)
 F0_RANGE_HZ = (60.0, 500.0)  # what median_f0 looks for
 F0_FRAME_S = 0.04
 VOICED_SHARE = 0.3  # of the loudest frame's energy: quieter frames are not searched for a pitch
@@ -168,11 +170,13 @@ def draw_speaker(rng: np.random.Generator, source_f0_hz: float | None = None) ->
     odds = np.array([SPEAKER_PROFILES[n][0] for n in names])
     _, f0_range, formants = SPEAKER_PROFILES[names[int(np.searchsorted(np.cumsum(odds) / odds.sum(), rng.random()))]]
     where, formant = rng.random(2)
-    pitch = 1.0
-    if f0_range is not None and source_f0_hz:
-        target = float(np.exp(np.log(f0_range[0]) + where * np.log(f0_range[1] / f0_range[0])))
-        pitch = float(np.clip(target / source_f0_hz, *PITCH_FACTORS))
-    return Speaker(round(pitch, 3), round(float(formants[0] + formant * (formants[1] - formants[0])), 3))
+    if f0_range is None or not source_f0_hz:  # the voice itself: a child's formants on a man's pitch are no speaker
+        return Speaker()
+    target = float(np.exp(np.log(f0_range[0]) + where * np.log(f0_range[1] / f0_range[0])))
+    # the profiles' formant factors take a man's vocal tract as the source; a woman's is ~15% shorter already
+    source_tract = FEMALE_FORMANT_RATIO if source_f0_hz >= FEMALE_F0_HZ else 1.0
+    return Speaker(round(float(np.clip(target / source_f0_hz, *PITCH_FACTORS)), 3),
+                   round(float(formants[0] + formant * (formants[1] - formants[0])) / source_tract, 3))
 
 
 def median_f0(audio: np.ndarray, rate: int) -> float | None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     # at the end), exports the leaderboard's best trial as an ONNX model that onnxruntime runs, and measures it on the
     # held-out test split. Without a terminal its console is a line per phase, no Ray tables or actor lines and no progress
     # bars (those go to the experiment's sweep.log); it ends with the leaderboard, the exported model and its
-    # held-out figures, the plots, the log's path and, last, the TensorBoard command. The plots are valid PNGs.
+    # held-out figures, the plots, the log's path and, last, the result block: the winner, the model it became
+    # and what to run next (TensorBoard last), within 120 columns. The plots are valid PNGs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "kd_tune", "demo", "--out", str(tmp_path), "--search-space", "smoke",
                           "--size", "small", "--set", "tune.num_samples=2", "--set",
@@ -28,13 +30,14 @@ def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     console = (out.stdout + out.stderr).splitlines()
     assert not [line for line in console if any(ray in line for ray in RAY_OUTPUT)], console
-    assert len(console) < 40 and max(map(len, console)) < 400, console
+    assert len(console) < 60 and max(map(len, console)) < 400, console
     stdout = out.stdout.splitlines()
-    assert stdout[-1] == f"TensorBoard: tensorboard --logdir {tmp_path / 'sweep'}"
+    assert stdout[-1] == f"  tensorboard --logdir {tmp_path / 'sweep'}"
     order = [next(i for i, line in enumerate(stdout) if line.startswith(start)) for start in
              ("data:", "teacher cnn:", "sweep: 2/2 trials done", "trial ", "model.onnx:", "at the model's threshold",
-              "plot:", "Ray's log:")]
+              "plot:", "Ray's log:", "result: trial ", f"  model: {tmp_path / 'model.onnx'}", "next:")]
     assert order == sorted(order), stdout
+    assert max(map(len, stdout[order[-3]:])) <= 120, stdout
     plots = [line.removeprefix("plot: ") for line in stdout if line.startswith("plot: ")]
     assert len(plots) >= 2 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in plots)
     assert (tmp_path / "eval" / "det.png").is_file() and (tmp_path / "sweep" / "sweep.log").stat().st_size > 0
@@ -66,3 +69,58 @@ def test_storage_moves_the_experiment_but_not_the_teachers(tmp_path):
     assert moved.storage.root == str(tmp_path / "elsewhere")
     assert teacher_store(moved).uri == teacher_store(config).uri == str(tmp_path / "runs" / "teachers")
     check_teachers_ready(moved, load_search_space("default"))  # raises when a teacher is missing
+
+
+# `kd-tune results` in a fresh interpreter, reporting whether it loaded Ray; the exit code is the command's.
+RESULTS_PROBE = ("import sys; from kd_tune.cli import main; code = main(sys.argv[1:]); "
+                 "print('ray loaded:', 'ray' in sys.modules); sys.exit(code)")
+
+
+def kd_tune_results(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RESULTS_PROBE, "results", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def files_of(folder) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_results_is_read_only_loads_no_ray_and_ends_with_the_result_block(tmp_path):
+    # Rule: `kd-tune results EXPERIMENT` reads: it writes nothing into the experiment (no plots/ unless --plots),
+    # never imports Ray, prints the leaderboard and then the result block within 120 columns, TensorBoard last.
+    from test_leaderboard import demo_rows, experiment
+
+    path, _ = experiment(tmp_path, demo_rows())
+    before = files_of(path)
+    out = kd_tune_results(str(path))
+    assert out.returncode == 0, out.stderr
+    stdout = out.stdout.splitlines()
+    assert stdout[-1] == "ray loaded: False" and files_of(path) == before, out.stdout
+    printed = stdout[:-1]
+    assert max(map(len, printed)) <= 120 and printed[0].startswith("trial ") and "plot:" not in out.stdout
+    assert "result: trial 00ab59af is best by frr_conditions" in out.stdout
+    assert printed[-1] == f"  tensorboard --logdir {path}"
+
+
+def test_results_of_a_copied_experiment_names_the_copy(tmp_path):
+    # Rule: `kd-tune results --wide` on a copy of an experiment prints checkpoint paths and commands under the copy,
+    # never the folder the sweep wrote.
+    from test_leaderboard import demo_rows, experiment
+
+    original, _ = experiment(tmp_path / "runs", demo_rows())
+    copy = tmp_path / "moved" / "sweep"
+    shutil.copytree(original, copy)
+    out = kd_tune_results(str(copy), "--wide")
+    assert out.returncode == 0, out.stderr
+    assert str(original) not in out.stdout and out.stdout.count(f"{copy}/trial_") == 6, out.stdout
+
+
+def test_results_writes_the_plots_when_asked(tmp_path):
+    # Rule: `kd-tune results --plots` (re)writes the experiment's plots and prints their paths.
+    from test_leaderboard import demo_rows, experiment
+
+    path, _ = experiment(tmp_path, demo_rows())
+    out = kd_tune_results(str(path), "--plots")
+    assert out.returncode == 0, out.stderr
+    plots = [line.removeprefix("plot: ") for line in out.stdout.splitlines() if line.startswith("plot: ")]
+    assert plots and all(p.startswith(f"{path}/plots/") and os.path.isfile(p) for p in plots), out.stdout

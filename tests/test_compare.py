@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kd_tune.cli import main
-from kd_tune.compare import COLUMNS, NO_KD, arms_of, spread, table
+from kd_tune.compare import COLUMNS, GRID_COLUMNS, NO_KD, arms_of, spread, table
 from kd_tune.config import dump_config, load_config
 
 
@@ -29,6 +29,17 @@ def test_the_table_gives_mean_and_spread_over_seeds():
     assert len(lines) == 4 and lines[2].startswith(f"| {NO_KD} | 3 | 0.600 ± 0.100 |")
     assert lines[3].startswith("| KD cnn | 3 | 0.300 ± 0.100 |")
     assert spread([0.25]) == "0.250" and spread([None]) == "n/a"
+
+
+def test_with_conditions_the_table_adds_the_grids_group_means():
+    # Rule: with --conditions every run is also measured on the grid, and the table adds its mean FRR at 1 FA/h over
+    # the grid and per group, as mean ± spread; without, the table is as it was.
+    grid = {key: 0.1 for _, key in GRID_COLUMNS}
+    rows = [{"arm": NO_KD, "seed": s, **{key: 0.5 for _, key in COLUMNS}, **grid} for s in range(2)]
+    head = table(rows).splitlines()[0]
+    assert head.endswith("| grid FRR @ 1 FA/h | clean | noise 10 dB | noise 0 dB | rooms | levels | mics |")
+    assert table(rows).splitlines()[2].endswith("| 0.100 ± 0.000 |")
+    assert "grid" not in table([{k: v for k, v in r.items() if k not in grid} for r in rows])
 
 
 @pytest.mark.slow

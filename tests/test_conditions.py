@@ -8,9 +8,9 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
-from kd_tune.conditions import (CLEAN, DISTANCES_M, NOISE_TYPES, ROOM_RT60_S, SAMPLE_RATE, Condition, ConditionError,
-                                Conditioner, default_grid, noise_condition, parse_grid, read_noise_folders,
-                                room_response)
+from kd_tune.conditions import (CLEAN, DISTANCES_M, NOISE_TYPES, ROOM_RT60_S, ROOMS, SAMPLE_RATE, Condition,
+                                ConditionError, Conditioner, active_rms, default_grid, noise_condition, parse_grid,
+                                read_noise_folders, room_response)
 
 
 def tone(hz: float, peak: float = 0.3, seconds: float = 1.0) -> np.ndarray:
@@ -30,12 +30,17 @@ def power_db(audio: np.ndarray) -> float:
 
 @pytest.mark.parametrize("noise", NOISE_TYPES)
 @pytest.mark.parametrize("snr_db", [20.0, 0.0])
-def test_noise_is_mixed_at_the_named_snr_over_the_whole_clip(conditioner, noise, snr_db):
-    # Rule: an SNR condition means 10 log10(P_speech / P_noise) over the whole 1 s clip, for every noise type.
+def test_noise_is_mixed_at_the_named_snr_against_its_long_term_power(conditioner, noise, snr_db):
+    # Rule: an SNR condition is the clip's power over the noise's long-term power: over many clips the noise added
+    # averages out at the named SNR for every noise type, and stationary noise holds it clip by clip.
     clean = tone(440.0)
-    noisy = conditioner.clip(clean, noise_condition(noise, snr_db), key=3)
-    assert noisy.dtype == np.float32 and noisy.shape == clean.shape
-    assert power_db(clean) - power_db(noisy - clean) == pytest.approx(snr_db, abs=0.01)
+    added = [conditioner.clip(clean, noise_condition(noise, snr_db), key=k) - clean for k in range(200)]
+    assert all(a.dtype == np.float32 and a.shape == clean.shape for a in added)
+    # transients are sparse: 200 one-second excerpts of 30 s of knocks average within 2 dB of their power
+    assert power_db(clean) - power_db(np.concatenate(added)) == pytest.approx(snr_db,
+                                                                             abs=2.0 if noise == "transients" else 1.0)
+    if noise in ("white", "pink", "hum"):
+        assert power_db(clean) - power_db(added[0]) == pytest.approx(snr_db, abs=1.0)
 
 
 def test_a_condition_is_the_same_every_time_and_keys_pick_other_excerpts(conditioner):
@@ -65,12 +70,19 @@ def test_the_telephone_band_removes_the_bass_and_keeps_the_voice_band(conditione
 @pytest.mark.slow
 @pytest.mark.parametrize("rt60_s", ROOM_RT60_S)
 @pytest.mark.parametrize("distance", list(DISTANCES_M))
-def test_image_source_rooms_reverberate_for_their_nominal_rt60(rt60_s, distance):
-    # Rule: a room condition's RT60, measured on its impulse response (Schroeder), is the nominal one within 10%.
+@pytest.mark.parametrize("room", list(ROOMS))
+def test_image_source_rooms_reverberate_for_their_nominal_rt60(rt60_s, distance, room):
+    # Rule: a room condition's RT60, measured on its impulse response (Schroeder's integral, extrapolated to -60 dB,
+    # as pyroomacoustics measures it), is the nominal one within 6%, in the grid's room and in validation's.
     import pyroomacoustics as pra
 
-    measured = pra.experimental.measure_rt60(room_response(rt60_s, distance), fs=SAMPLE_RATE)
-    assert measured == pytest.approx(rt60_s, rel=0.10)
+    measured = pra.experimental.measure_rt60(room_response(rt60_s, distance, room), fs=SAMPLE_RATE)
+    assert measured == pytest.approx(rt60_s, rel=0.06)
+
+
+def test_validation_and_the_grid_never_share_a_room_response():
+    # Rule: selection (validation) never sees the evaluation grid's own room responses.
+    assert not np.array_equal(room_response(0.3, "far", "living")[:2000], room_response(0.3, "far", "bedroom")[:2000])
 
 
 def test_a_room_keeps_the_level_and_smears_the_sound(conditioner):
@@ -82,13 +94,29 @@ def test_a_room_keeps_the_level_and_smears_the_sound(conditioner):
     assert np.count_nonzero(np.abs(wet) > 1e-3) > 500  # the click rings on
 
 
-def test_long_audio_gets_the_snr_block_by_block(conditioner):
-    # Rule: in long audio the SNR holds for every block, so speech that comes and goes is not drowned or spared.
-    speech = np.concatenate([tone(300.0, peak=0.5, seconds=10), tone(300.0, peak=0.05, seconds=10)])
-    noisy = conditioner.recording(speech, noise_condition("pink", 10.0), key=0)
-    for start in (0, 10 * SAMPLE_RATE):
-        block = slice(start, start + 10 * SAMPLE_RATE)
-        assert power_db(speech[block]) - power_db((noisy - speech)[block]) == pytest.approx(10.0, abs=0.01)
+def test_noise_in_long_audio_plays_on_through_the_pauses(conditioner):
+    # Rule: in long audio the noise is continuous (a fan does not stop when nobody talks), at the named SNR below the
+    # recording's active speech level (the louder half of its 100 ms frames).
+    speech = np.concatenate([tone(300.0, peak=0.5, seconds=10), np.zeros(10 * SAMPLE_RATE, np.float32)])
+    added = conditioner.recording(speech, noise_condition("pink", 10.0), key=0) - speech
+    talking, pause = added[:10 * SAMPLE_RATE], added[10 * SAMPLE_RATE:]
+    assert power_db(pause) == pytest.approx(power_db(talking), abs=0.5)
+    assert power_db(speech[:10 * SAMPLE_RATE]) - power_db(added) == pytest.approx(10.0, abs=0.5)
+    assert active_rms(speech) == pytest.approx(np.sqrt(np.mean(np.square(speech[:10 * SAMPLE_RATE]))), rel=1e-3)
+
+
+def test_a_level_moves_the_whole_recordings_peak(conditioner):
+    # Rule: a level condition on long audio is one gain for the whole recording, so its quiet stretches stay quiet.
+    speech = np.concatenate([tone(300.0, peak=0.5, seconds=2), tone(300.0, peak=0.05, seconds=2)])
+    out = conditioner.recording(speech, Condition("level", "level", peak_dbfs=-20.0), key=0)
+    np.testing.assert_allclose(out, speech * (0.1 / 0.5), rtol=1e-5, atol=1e-7)
+
+
+def test_babble_is_made_from_clips_of_any_length():
+    # Rule: babble takes the negatives as they come, shorter than a second or longer.
+    speech = [np.full(8000, 0.1, np.float32), np.full(24000, 0.2, np.float32)]
+    noisy = Conditioner(speech=speech).clip(tone(440.0), noise_condition("babble", 5.0), key=0)
+    assert noisy.shape == (SAMPLE_RATE,) and np.isfinite(noisy).all()
 
 
 def test_the_default_grid_holds_every_kind_of_condition():

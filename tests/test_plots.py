@@ -10,11 +10,17 @@ from PIL import Image
 
 from kd_tune import plots
 from kd_tune.config import load_config
-from kd_tune.space import SearchSpace, load_search_space
+from kd_tune.space import SearchSpace
 from kd_tune.storage import Storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRIC = "frr_at_target_fa"
+
+# The smoke space's shape with two teachers: plots that group by teacher need more than one.
+TWO_TEACHER_SPACE = SearchSpace.model_validate({
+    "teacher": {"choices": ["cnn", "wav2vec2"]}, "alpha_schedule": {"choices": ["constant", "linear"]},
+    "alpha_start": {"low": 0.2, "high": 0.8}, "alpha_end": {"low": 0.2, "high": 0.8},
+    "temperature": {"low": 1.0, "high": 20.0, "log": True}})
 
 
 def rows(n: int) -> list[dict]:
@@ -68,7 +74,7 @@ def experiment(tmp_path, starts: dict[str, float], params: dict[str, dict], *, t
 def test_study_from_rows_holds_one_trial_per_row_with_effective_values():
     # Rule: the rebuilt study has every row with a metric as a finished trial, its effective alpha_end included
     # (a constant schedule's alpha_end equals alpha_start, inside the widened range), its trial id kept.
-    study = plots.study_from_rows(rows(6) + [{"trial": "x", "teacher": "cnn"}], load_search_space("smoke"),
+    study = plots.study_from_rows(rows(6) + [{"trial": "x", "teacher": "cnn"}], TWO_TEACHER_SPACE,
                                   metric=METRIC, mode="min")
     assert len(study.trials) == 6 and study.best_value == 0.0
     assert {t.params["alpha_end"] for t in study.trials} >= {0.2, 0.8}
@@ -81,13 +87,13 @@ def test_history_adds_trials_in_start_order_not_best_first(tmp_path, drawn):
     # and its direction.
     best_first = rows(6)
     with_times = [r | {"start_time": 100.0 + int(r["trial"][1:])} for r in best_first]
-    study = plots.study_from_rows(with_times, load_search_space("smoke"), metric=METRIC, mode="min")
+    study = plots.study_from_rows(with_times, TWO_TEACHER_SPACE, metric=METRIC, mode="min")
     assert [t.user_attrs["trial_id"] for t in study.trials] == [f"t{i}" for i in range(6)]
     assert [r["trial"] for r in best_first] != [f"t{i}" for i in range(6)]  # the order did change
 
     started = {"t3": 10.0, "t0": 20.0, "t5": 30.0, "t1": 40.0, "t4": 50.0, "t2": 60.0}
     store = experiment(tmp_path, started, {t: {} for t in started})
-    study = plots.study_from_rows(best_first, load_search_space("smoke"), metric=METRIC, mode="min",
+    study = plots.study_from_rows(best_first, TWO_TEACHER_SPACE, metric=METRIC, mode="min",
                                   records=plots.trial_records(store, "sweep"))
     assert [t.user_attrs["trial_id"] for t in study.trials] == list(started)
     path = plots.optimization_history(study, tmp_path / "history.png", metric=METRIC, mode="min",
@@ -101,7 +107,7 @@ def test_history_adds_trials_in_start_order_not_best_first(tmp_path, drawn):
 
 def test_history_without_start_times_keeps_the_given_order_and_says_so(tmp_path, drawn):
     # Rule: with no start time anywhere, the rows keep their order and the axis says the start order is unknown.
-    study = plots.study_from_rows(rows(4), load_search_space("smoke"), metric=METRIC, mode="min")
+    study = plots.study_from_rows(rows(4), TWO_TEACHER_SPACE, metric=METRIC, mode="min")
     assert [t.user_attrs["trial_id"] for t in study.trials] == [r["trial"] for r in rows(4)]
     plots.optimization_history(study, tmp_path / "history.png", metric=METRIC, mode="min")
     assert "start times unknown" in drawn["history.png"][0]["xlabel"]
@@ -156,7 +162,7 @@ def test_importances_rank_every_searched_parameter(tmp_path):
 def test_importances_with_too_few_trials_say_so_instead(tmp_path, n):
     # Rule: under MIN_TRIALS_FOR_IMPORTANCES finished trials no ranking is drawn: importances.png states why (in the
     # picture and its Description), so the plot line on the console leads to the reason, not to noise.
-    study = plots.study_from_rows(rows(n), load_search_space("smoke"), metric=METRIC, mode="min")
+    study = plots.study_from_rows(rows(n), TWO_TEACHER_SPACE, metric=METRIC, mode="min")
     notice = plots.importances_notice(study)
     assert notice and f"{n} finished trials" in notice and str(plots.MIN_TRIALS_FOR_IMPORTANCES) in notice
     path = plots.param_importances(study, tmp_path / "importances.png")
@@ -179,7 +185,7 @@ def test_sweep_plots_read_order_parameters_and_target_from_the_experiment(tmp_pa
     # the trials' first results and the target FA/h from the experiment's saved config (here 3, not the default 2).
     started = {f"t{i}": 60.0 - 10 * i for i in range(6)}  # t5 started first
     store = experiment(tmp_path, started, {t: {} for t in started}, target=3.0)
-    written = plots.sweep_plots(store, "sweep", rows(6), load_search_space("smoke"), metric=METRIC, mode="min")
+    written = plots.sweep_plots(store, "sweep", rows(6), TWO_TEACHER_SPACE, metric=METRIC, mode="min")
     assert [p.rsplit("/", 1)[1] for p in written] == ["history.png", "importances.png", "by_teacher_schedule.png"]
     assert all(is_png(tmp_path / "runs" / "sweep" / "plots" / name)
                for name in ("history.png", "importances.png", "by_teacher_schedule.png"))
