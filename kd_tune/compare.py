@@ -77,7 +77,7 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, condit
     grid = {}
     if conditions:
         rows = run_grid(local / "model.onnx", Path(cfg.data.root), local / "eval", grid=conditions,
-                        stream_minutes=SHORT_STREAM_MINUTES)["scorers"]["model"]
+                        stream_minutes=SHORT_STREAM_MINUTES, progress=None)["scorers"]["model"]
         grid = {key: group_means(rows).get(key) for _, key in GRID_COLUMNS}
     return grid | {"arm": arm.name, "seed": seed, "best_epoch": best.epoch, "val_frr": card["validation"]["frr"],
             "test_frr": report["frr"], "test_fa_per_hour": report["fa_per_hour"], "test_auc": report["auc"],

@@ -73,7 +73,7 @@ def run_demo(out: Path, *, size: str = "default", search_space: str = "default",
     card = export.export_student(source.load(), out / "model.onnx", source=source.describe())
     report = evaluation.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
     grid = robustness.run_grid(out / "model.onnx", Path(d.root), out / "eval", grid="default",
-                               stream_minutes=robustness.SHORT_STREAM_MINUTES)
+                               stream_minutes=robustness.SHORT_STREAM_MINUTES, progress=None)  # a line per group
     return config, space, rows, errors, (
         export.summary(card), "on the test split (voices never heard in training):", evaluation.summary(report),
         f"DET curve: {report['det_png']}", "under the condition grid (noise, rooms, levels, microphones):",

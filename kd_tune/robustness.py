@@ -148,7 +148,7 @@ def summary(report: dict) -> str:
 
 def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | None = None,
              noise: dict[str, Path] | None = None, stream_minutes: float | None = None,
-             engine: str | None = None) -> dict:
+             engine: str | None = None, progress=functools.partial(print, flush=True)) -> dict:
     """The exported model (and a baseline) under every condition of the grid, on DATA as `kd-tune eval` reads it;
     the table, plot and figures written to `out`."""
     detector = Detector(model)
@@ -167,7 +167,6 @@ def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | N
     if audio.of_kind("background"):  # the data set's own background recordings are one more noise type
         recordings.setdefault("background", audio.of_kind("background"))
     conditioner = Conditioner(speech=audio.of_kind("negative") or audio.negatives, recordings=recordings)
-    report = evaluate_grid(scorers, audio, grid=grid, conditioner=conditioner,
-                           progress=functools.partial(print, flush=True),
+    report = evaluate_grid(scorers, audio, grid=grid, conditioner=conditioner, progress=progress,
                            stream_seconds=None if stream_minutes is None else stream_minutes * 60)
     return write_grid(report, out) | {"summary": summary(report)}
