@@ -141,10 +141,10 @@ def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, ho
                    refractory_seconds: float) -> dict[str, float]:
     """{"1": FRR, ...}: FRR at the lowest threshold that keeps the streams (`hours` of audio) within each of
     FA_TARGETS_PER_HOUR."""
-    stream = np.concatenate(streams)
-    return {f"{target:g}": float(np.mean(positive_scores < threshold_for_fa_rate(
-        stream, target_fa_per_hour=target, hop_seconds=hop_seconds, refractory_seconds=refractory_seconds,
-        hours=hours))) for target in FA_TARGETS_PER_HOUR}
+    thresholds = det_target_thresholds(streams, hours=hours, hop_seconds=hop_seconds,
+                                       refractory_seconds=refractory_seconds)
+    return {f"{target:g}": float(np.mean(positive_scores < threshold))
+            for target, threshold in zip(FA_TARGETS_PER_HOUR, thresholds, strict=True)}
 
 
 def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engine: str | None = None) -> dict:
