@@ -116,8 +116,13 @@ def best_trial(store: Storage, name: str, *, experiment: str) -> Source:
     if not scored:
         raise KdTuneError(f"{experiment}: no verified checkpoint reports {metric}; allowed: an experiment whose "
                           "trials finished an epoch")
-    sign = 1 if mode == "min" else -1  # ties go to the later epoch, as the leaderboard breaks them
-    rel, trial, _ = min(scored, key=lambda c: (sign * c[2]["metrics"][metric], -(c[2].get("epoch") or 0), c[0]))
+    sign = 1 if mode == "min" else -1
+    best = min(sign * c[2]["metrics"][metric] for c in scored)
+    tied = [c for c in scored if sign * c[2]["metrics"][metric] == best]
+    # Among equals the leaderboard's order may choose (it cannot promote a worse trial); else the later epoch wins,
+    # as the leaderboard breaks ties within a trial.
+    named = [c for c in tied if leaderboard_paths and store.path(c[0]) == leaderboard_paths[0]]
+    rel, trial, _ = (named or sorted(tied, key=lambda c: (-(c[2].get("epoch") or 0), c[0])))[0]
     if leaderboard_paths and leaderboard_paths[0] != store.path(rel):
         log.warning("%s: %s names %s best, but the verified checkpoints rank %s first by %s; exporting that one",
                     experiment, LEADERBOARD_NAME, leaderboard_paths[0], store.path(rel), metric)
@@ -150,6 +155,8 @@ def verified_trials(store: Storage, name: str, experiment: str) -> list[tuple[st
             continue
         for checkpoint in (c for c in store.listdir(parent) if c.startswith(CHECKPOINT_PREFIX)):
             rel = f"{parent}/{checkpoint}"
+            if store.filesystem.get_file_info(store.path(rel)).type != FileType.Directory:
+                continue  # Ray's checkpoint_manager_snapshot.json sits beside the checkpoints
             try:
                 found.append((rel, trial, verify_checkpoint(store, rel, expect=Identity(STUDENT_KIND, trial))))
             except CheckpointError as error:

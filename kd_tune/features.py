@@ -48,6 +48,15 @@ N_MELS = 40
 N_FRAMES = N_SAMPLES // HOP_LENGTH + 1  # 101 frames per clip with centred windows
 LOG_FLOOR = 1e-6  # fixed floor, not AmplitudeToDB's top_db, so a clip's features never depend on its batch
 MEL_SCALES = ("htk", "slaney")
+# Per-window normalization of the features (features.normalize): "mean" subtracts the window's mean log-mel, so a
+# gain changes nothing; "pcen" is per-channel energy normalization (Wang et al. 2017, librosa's defaults): each band
+# divided by its own smoothed energy, an automatic gain control per band that also flattens stationary noise.
+NORMALIZATIONS = ("none", "mean", "pcen")
+PCEN_TIME_CONSTANT_S = 0.4
+PCEN_GAIN = 0.98  # the exponent of the smoothed energy divided out: 1 would be a pure ratio
+PCEN_BIAS = 2.0
+PCEN_POWER = 0.5  # root compression, in place of the log
+PCEN_EPS = 1e-6
 VIEW_CHUNK = 256  # clips per seeded draw: fixed, so a view is the same whatever the batch size
 
 
@@ -57,20 +66,23 @@ def samples(ms: float) -> int:
 
 
 class LogMel(nn.Module):
-    """Waveform [B, N] -> natural-log mel power spectrogram [B, n_mels, N // hop + 1].
+    """Waveform [B, N] -> natural-log mel power spectrogram [B, n_mels, N // hop + 1], normalized per window.
 
-    Equals torchaudio's MelSpectrogram(center=True, power=2) followed by log(x + 1e-6), but the STFT is a conv1d with
-    a fixed windowed-DFT basis: the legacy ONNX exporter has no STFT, and this way the front end can sit inside an
-    exported model that takes raw audio. mel_scale "slaney" (with Slaney area norm) is the librosa/Whisper filterbank.
+    With normalize "none" it equals torchaudio's MelSpectrogram(center=True, power=2) followed by log(x + 1e-6), but
+    the STFT is a conv1d with a fixed windowed-DFT basis: the legacy ONNX exporter has no STFT, and this way the front
+    end can sit inside an exported model that takes raw audio. mel_scale "slaney" (with Slaney area norm) is the
+    librosa/Whisper filterbank. `frames` is frame-local; `per_window` is the step that needs the whole window.
     """
 
     def __init__(self, *, n_mels: int = N_MELS, window_ms: float = WINDOW_MS, hop_ms: float = HOP_MS,
-                 mel_scale: str = "htk"):
+                 mel_scale: str = "htk", normalize: str = "none"):
         super().__init__()
         if n_mels < 1:
             raise ValueError(f"n_mels must be >= 1, got {n_mels!r}")
         if mel_scale not in MEL_SCALES:
             raise ValueError(f"mel_scale must be one of {MEL_SCALES}, got {mel_scale!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         self.n_fft, self.hop_length = samples(window_ms), samples(hop_ms)
         if self.n_fft < 2 or self.hop_length < 1:
             raise ValueError(f"window_ms {window_ms!r} and hop_ms {hop_ms!r} give {self.n_fft} and {self.hop_length}"
@@ -80,10 +92,13 @@ class LogMel(nn.Module):
         fbank = AF.melscale_fbanks(self.n_fft // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE,
                                    norm="slaney" if mel_scale == "slaney" else None, mel_scale=mel_scale)
         self.register_buffer("mel_fbank", fbank.T.contiguous(), persistent=False)  # [n_mels, n_freq]
+        self.normalize = normalize
+        self.register_buffer("pcen_kernel", pcen_kernel(hop_ms), persistent=False)  # [1, 1, K]
 
     @classmethod
     def from_config(cls, features: FeaturesConfig) -> LogMel:
-        return cls(n_mels=features.n_mels, window_ms=features.window_ms, hop_ms=features.hop_ms)
+        return cls(n_mels=features.n_mels, window_ms=features.window_ms, hop_ms=features.hop_ms,
+                   normalize=features.normalize)
 
     def power(self, wave: Tensor) -> Tensor:
         """Mel power spectrogram [B, n_mels, T] of wave [B, N]."""
@@ -95,8 +110,40 @@ class LogMel(nn.Module):
             real, imag = spec.chunk(2, dim=1)
             return torch.matmul(self.mel_fbank.float(), real.square() + imag.square())  # [B, n_mels, T]
 
+    def frames(self, wave: Tensor) -> Tensor:
+        """The frame-local part [B, n_mels, T]: log mel power, or mel power itself for PCEN."""
+        power = self.power(wave)
+        return power if self.normalize == "pcen" else torch.log(power + LOG_FLOOR)
+
+    def per_window(self, frames: Tensor) -> Tensor:
+        """The window's features [B, n_mels, T] from its frames: the normalization sees one window at a time, so a
+        stream's windows are featurized exactly as the 1 s clips training saw."""
+        with torch.autocast(frames.device.type, enabled=False):
+            if self.normalize == "mean":
+                return frames - frames.mean(dim=(1, 2), keepdim=True)
+            if self.normalize == "pcen":
+                return pcen(frames.float(), self.pcen_kernel.float())
+            return frames
+
     def forward(self, wave: Tensor) -> Tensor:
-        return torch.log(self.power(wave) + LOG_FLOOR)
+        return self.per_window(self.frames(wave))
+
+
+def pcen_kernel(hop_ms: float) -> Tensor:
+    """Weights [1, 1, K] of the first-order smoother with PCEN_TIME_CONSTANT_S, oldest first, summing to 1."""
+    frames = PCEN_TIME_CONSTANT_S * 1000 / hop_ms
+    s = (math.sqrt(1 + 4 * frames ** 2) - 1) / (2 * frames ** 2)  # librosa's smoothing coefficient
+    taps = math.ceil(math.log(0.01) / math.log(1 - s))  # the weights left out sum to under 1%
+    weights = s * (1 - s) ** torch.arange(taps - 1, -1, -1, dtype=torch.float64)
+    return (weights / weights.sum()).float().view(1, 1, -1)
+
+
+def pcen(power: Tensor, kernel: Tensor) -> Tensor:
+    """PCEN [B, n_mels, T] of mel power [B, n_mels, T]; before its first frame a window's energy is its first frame's
+    (replicate padding), so a window's features depend on that window alone."""
+    x = F.pad(power.reshape(-1, 1, power.shape[-1]), (kernel.shape[-1] - 1, 0), mode="replicate")  # [B*M, 1, K-1+T]
+    smooth = F.conv1d(x, kernel).reshape(power.shape)  # [B, n_mels, T]
+    return (power / (PCEN_EPS + smooth) ** PCEN_GAIN + PCEN_BIAS) ** PCEN_POWER - PCEN_BIAS ** PCEN_POWER
 
 
 def dft_basis(n_fft: int) -> Tensor:

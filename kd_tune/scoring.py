@@ -106,12 +106,12 @@ def window_log_mels(log_mel: LogMel, windows: Tensor, *, hop_samples: int) -> Te
     the audio they span; the frames that reach past a window's edge come from the window alone."""
     hop, half = log_mel.hop_length, log_mel.n_fft // 2
     span = torch.cat([windows[:-1, :hop_samples].reshape(-1), windows[-1]])  # [(B - 1) * hop_samples + N]
-    frames = log_mel(span[None])[0]  # [n_mels, M]
+    frames = log_mel.frames(span[None])[0]  # [n_mels, M]
     n_frames = N_SAMPLES // hop + 1
     out = frames.unfold(1, n_frames, hop_samples // hop).permute(1, 0, 2).clone()  # [B, n_mels, frames]
     head = math.ceil(half / hop)  # frames whose left half reaches before the window
     tail = N_SAMPLES // hop - (N_SAMPLES - half) // hop  # ... whose right half reaches past it
-    out[:, :, :head] = log_mel(windows[:, :(head - 1) * hop + half + 1])[:, :, :head]
+    out[:, :, :head] = log_mel.frames(windows[:, :(head - 1) * hop + half + 1])[:, :, :head]
     tail_start = (n_frames - tail - head) * hop  # on the frame grid, left of the tail frames' reach
-    out[:, :, -tail:] = log_mel(windows[:, tail_start:])[:, :, -tail:]
-    return out
+    out[:, :, -tail:] = log_mel.frames(windows[:, tail_start:])[:, :, -tail:]
+    return log_mel.per_window(out)

@@ -207,7 +207,9 @@ def test_int8_model_runs_and_reports_deltas(exported, small_data):
     assert set(q["delta_vs_float"]) == {"accuracy", "frr", "fa_per_hour"}
     accuracy_change = q["validation"]["accuracy"] - card["validation"]["accuracy"]
     assert q["delta_vs_float"]["accuracy"] == pytest.approx(accuracy_change)
-    assert q["parity_max_abs_diff"] < 0.1  # reported, not held to 1e-4; far off would mean a broken model
+    # Parity is reported, not held to 1e-4: one borderline clip may move by 0.2 under int8. A broken model (constant or
+    # scrambled outputs) would move the accuracy, which must stay within 0.1 of float's.
+    assert q["parity_max_abs_diff"] < 0.5 and abs(q["delta_vs_float"]["accuracy"]) <= 0.1
     int8_card = json.loads(out.with_name("model.int8.json").read_text())
     assert int8_card["threshold"] == q["threshold"] and int8_card["quantization"]["float_model"] == "model.onnx"
     ops = {node.op_type for node in onnx.load(int8_path).graph.node}
@@ -353,6 +355,20 @@ def test_the_verified_manifests_choose_the_best_trial_not_the_leaderboard(small_
     located = export.locate_source(str(experiment), config)
     assert located.trial == "bb" and located.rel_dir.startswith("sweep/trial_bb_")
     assert "names" in caplog.text and "trial_cc" in caplog.text
+
+
+def test_a_tie_goes_to_the_leaderboards_pick_and_rays_own_files_are_not_checkpoints(small_dataset, tmp_path, caplog):
+    # Rule: among trials tied on the metric the leaderboard's order decides, silently (it cannot promote a worse one);
+    # Ray's checkpoint_manager_snapshot.json beside the checkpoints is not a checkpoint, so no warning names it.
+    trials = {t: trial_checkpoint(tmp_path, small_dataset, t, 0.3) for t in ("aa", "bb")}
+    experiment = write_experiment(tmp_path / "runs", trials)
+    for trial in trials:
+        (next(experiment.glob(f"trial_{trial}*")) / "train" / "checkpoint_manager_snapshot.json").write_text("{}")
+    rows = json.loads((experiment / "leaderboard.json").read_text())
+    for first in ("aa", "bb"):
+        storage.write_json(experiment.parent, "sweep/leaderboard.json", sorted(rows, key=lambda r: r["trial"] != first))
+        assert export.locate_source(str(experiment), load_config(None, check_paths=False)).trial == first
+    assert "names" not in caplog.text and "snapshot" not in caplog.text
 
 
 def test_a_trial_of_another_experiment_copied_in_is_refused(small_dataset, tmp_path, monkeypatch):

@@ -22,16 +22,20 @@ from kd_tune.config import AugmentConfig, validate
 from kd_tune.errors import ConfigError
 from kd_tune.features import (
     HOP_LENGTH,
+    HOP_MS,
     N_FRAMES,
     N_MELS,
     N_SAMPLES,
     NOISE_KINDS,
+    NORMALIZATIONS,
+    PCEN_TIME_CONSTANT_S,
     SAMPLE_RATE,
     WINDOW_MS,
     Augment,
     LogMel,
     SpecAugment,
     front_end,
+    pcen_kernel,
     render_view,
     samples,
     time_shift,
@@ -121,10 +125,12 @@ def test_log_mel_rejects_bad_options(bad):
         LogMel(**bad)
 
 
-def test_log_mel_onnx_round_trip(tmp_path):
-    # Rule: LogMel exports with the legacy exporter (opset 17, dynamic batch) and onnxruntime matches torch to 1e-4.
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+def test_log_mel_onnx_round_trip(tmp_path, normalize):
+    # Rule: LogMel, with every normalization, exports with the legacy exporter (opset 17, dynamic batch) and
+    # onnxruntime matches torch to 1e-4.
     path = tmp_path / "log_mel.onnx"
-    model = LogMel().eval()
+    model = LogMel(normalize=normalize).eval()
     torch.onnx.export(model, (waves(2),), path, dynamo=False, opset_version=17, input_names=["wave"],
                       output_names=["log_mel"], dynamic_axes={"wave": {0: "batch"}, "log_mel": {0: "batch"}})
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -132,6 +138,33 @@ def test_log_mel_onnx_round_trip(tmp_path):
         wave = waves(batch, seed=batch)
         (got,) = session.run(None, {"wave": wave.numpy()})
         np.testing.assert_allclose(got, model(wave).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("normalize", ["mean", "pcen"])
+def test_normalized_features_barely_change_with_the_level(normalize):
+    # Rule: "mean" makes a gain an exact no-op (but for the log floor); PCEN divides each band by its own smoothed
+    # energy, so 40 dB quieter moves it far less than it moves the plain log-mel.
+    wave = waves(2)
+    plain, normalized = LogMel(), LogMel(normalize=normalize)
+    change = {name: (front(wave * 0.01) - front(wave)).abs().mean() / front(wave).std()
+              for name, front in (("plain", plain), ("normalized", normalized))}
+    assert change["normalized"] < (1e-3 if normalize == "mean" else 0.25) * change["plain"]
+
+
+def test_pcen_kernel_is_a_smoother_of_the_configured_time_constant():
+    # Rule: the PCEN smoother's weights sum to 1, grow towards the newest frame, and a step in energy is followed with
+    # the time constant: after PCEN_TIME_CONSTANT_S the smoothed energy has gone 1 - 1/e of the way (within 5%).
+    kernel = pcen_kernel(HOP_MS)[0, 0]
+    assert kernel.sum() == pytest.approx(1.0) and (kernel.diff() > 0).all()
+    frames = round(PCEN_TIME_CONSTANT_S * 1000 / HOP_MS)
+    reached = kernel[-frames:].sum() / kernel.sum()
+    assert reached == pytest.approx(1 - math.exp(-1), rel=0.05)
+
+
+def test_unknown_normalization_is_refused_with_the_allowed_ones():
+    # Rule: a constructor names the bad value and what is allowed.
+    with pytest.raises(ValueError, match="normalize must be one of .*'pcen'.*got 'cmvn'"):
+        LogMel(normalize="cmvn")
 
 
 def test_augment_is_reproducible_from_the_generator_seed():

@@ -4,7 +4,7 @@ import torch
 
 from kd_tune.config import load_config
 from kd_tune.data import Split
-from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
+from kd_tune.features import N_SAMPLES, NORMALIZATIONS, SAMPLE_RATE, LogMel
 from kd_tune.metrics import sliding_windows
 from kd_tune.models import build_student
 from kd_tune.scoring import evaluate, predict, window_inputs
@@ -15,11 +15,13 @@ def noise(seconds: float, *, seed: int) -> torch.Tensor:
                             .astype(np.float32))
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
 @pytest.mark.parametrize("hop_samples", [1600, 800, 1000])
-def test_window_log_mels_equal_the_log_mels_of_each_window(hop_samples):
+def test_window_log_mels_equal_the_log_mels_of_each_window(hop_samples, normalize):
     # Rule: the stream's log-mels from one shared pass equal log_mel applied to each window (the frames at a window's
-    # edges included), at every hop; a hop off the frame grid falls back to per-window log-mels.
-    log_mel = LogMel()
+    # edges included, the normalization per window), at every hop; a hop off the frame grid falls back to per-window
+    # log-mels.
+    log_mel = LogMel(normalize=normalize)
     stream = noise(7.37, seed=3)
     windows = sliding_windows(stream, window_samples=N_SAMPLES, hop_samples=hop_samples)
     with torch.no_grad():
