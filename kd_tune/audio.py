@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,32 @@ MAX_RESAMPLE_KERNEL = 2**20
 MAX_STREAM_HOURS = 8  # per split: 8 h at 16 kHz is 1.8 GB of float32
 BLOCK_SECONDS = 10  # decoded and resampled at a time
 RESAMPLE_MARGIN_PERIODS = 64  # rate-ratio periods of context on each side of a block: wider than the sinc kernel
+MAX_FOLDER_DEPTH = 32  # levels of folders under a class or long/ folder; a data set nests two or three
+
+
+def files_under(folder: Path, *, max_depth: int = MAX_FOLDER_DEPTH) -> list[Path]:
+    """Every entry under `folder` that is not a folder, sorted, hidden names left out: FIFOs and devices included, for
+    the caller to count (AudioFile.read refuses them unopened). Links to folders are not followed, as in rglob.
+
+    Walked with a stack, not by recursion: 1,500 nested folders cannot reach Python's recursion limit; past
+    max_depth the folder is refused (DataError), since no data set nests that deep.
+    """
+    found, stack = [], [(Path(folder), 0)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except PermissionError:  # rglob skips a folder it may not list: so does this walk
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if depth >= max_depth:
+                    raise DataError(f"{folder}: folders nested deeper than {max_depth} levels; allowed: at most "
+                                    f"{max_depth} levels of folders in a data set")
+                stack.append((Path(entry.path), depth + 1))
+            elif not entry.is_dir() and not entry.name.startswith("."):
+                found.append(Path(entry.path))
+    return sorted(found)
 
 
 def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:

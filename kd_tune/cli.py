@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kd_tune.config import dump_config, load_config
-from kd_tune.errors import InputError, KdTuneError
+from kd_tune.errors import InputError, KdTuneError, printable, s3_refusal
 from kd_tune.metrics import echo_line
 
 EXIT_INVALID = 2
@@ -35,8 +35,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
+    from kd_tune.storage import check_out_path
     from kd_tune.synth import synthesize
 
+    check_out_path(args.out, folder=True, files=("dataset.json", "manifest.jsonl"))
     manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size,
                           new_speakers=not args.no_new_speakers, voices=args.voice)
     print(f"data set ready: {manifest}")
@@ -54,7 +56,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from kd_tune.data import check
 
     report = check(args.dir)
-    print(report.format())
+    print(printable(report.format()))  # file names may hold escape sequences
     return 0 if report.ok else 1
 
 
@@ -120,10 +122,10 @@ def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tu
         written = sweep_plots(store, name, rows, space, metric=config.tune.metric, mode=config.tune.mode)
     experiment = store.path(name)
     made = [*extra, *(f"plot: {p}" for p in written), *([f"Ray's log: {experiment}/{LOG_NAME}"] if log else [])]
-    print(format_leaderboard(rows, config, experiment=experiment, wide=wide))
+    print(printable(format_leaderboard(rows, config, experiment=experiment, wide=wide)))  # names come from a file
     if made:
         print("\n".join(["", *made]))
-    print(result_block(rows, config, experiment=experiment, model=model))
+    print(printable(result_block(rows, config, experiment=experiment, model=model)))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -137,12 +139,10 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from kd_tune import export
-    from kd_tune.errors import InputError
+    from kd_tune.storage import check_out_path
 
     out = Path(args.out)
-    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):  # found now, not after a minute of work
-        raise InputError(f"--out {out}: {'a directory' if out.is_dir() else 'its folder is a file'}; allowed: the "
-                         ".onnx file to write, in a folder that exists or can be made")
+    check_out_path(out, folder=False)  # found now, not after a minute of work
     config = _config(args, check_paths=False)  # only its storage settings (S3 endpoint, region) reach the source
     source = export.locate_source(args.source, config)
     card = export.export_student(source.load(), out, data=args.data, int8=args.int8,
@@ -171,15 +171,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
             exit_code = max(exit_code, getattr(e, "exit_code", 1))
             continue
         found = "wake word at " + ", ".join(f"{t:.2f} s" for t in times) if times else "no wake word"
-        print(f"{file}: {found}", flush=True)
+        print(printable(f"{file}: {found}"), flush=True)
     return exit_code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kd_tune.evaluation import evaluate_model, summary
+    from kd_tune.evaluation import MAX_LONG_HOURS, OUT_FILES, evaluate_model, summary
+    from kd_tune.storage import check_out_path
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model.with_name(f"{model.stem}.eval")
+    check_out_path(out, folder=True, files=OUT_FILES)  # refused now, not after minutes of scoring
+    hours = args.max_hours or MAX_LONG_HOURS
     grid_only = [name for name, given in (("--baseline", args.baseline), ("--noise", args.noise),
                                           ("--stream-minutes", args.stream_minutes)) if given]
     if grid_only and not args.conditions:
@@ -189,14 +192,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         folders = [noise_folder(item)[0] for item in args.noise]
         parse_grid(args.conditions, (*NOISE_TYPES, *folders, "background"))
-    report = evaluate_model(model, Path(args.data), out_dir=out, engine=args.engine)
-    print(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}", flush=True)
+    report = evaluate_model(model, Path(args.data), out_dir=out, engine=args.engine, max_long_hours=hours)
+    print(printable(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}"), flush=True)
     if args.conditions:
         from kd_tune.robustness import run_grid
 
         grid = run_grid(model, Path(args.data), out, grid=args.conditions, baseline=args.baseline,
                         noise=dict(noise_folder(item) for item in args.noise),
-                        stream_minutes=args.stream_minutes, engine=args.engine)
+                        stream_minutes=args.stream_minutes, engine=args.engine, max_long_hours=hours)
         print(f"{grid['summary']}\ntable: {grid['md']}\nplot: {grid['png']}\nfigures: {out / 'conditions.json'}")
     return 0
 
@@ -205,10 +208,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from kd_tune.compare import compare, table
     from kd_tune.config import apply_overrides, validate
     from kd_tune.export import locate_source
+    from kd_tune.storage import check_out_path
 
     if not 1 <= args.seeds <= 100:
         print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
         return EXIT_INVALID
+    check_out_path(args.out, folder=True, files=("compare.json", "compare.md"))
     if args.conditions:  # refused now, not after the first arm has trained
         from kd_tune.conditions import NOISE_TYPES, parse_grid
 
@@ -270,7 +275,7 @@ def _positive_float(text: str) -> float:
 
 def one_line(message: str) -> str:
     """A message as one line of at most MAX_MESSAGE_CHARS: the single line a refusal promises."""
-    flat = " ".join(message.split())
+    flat = printable(" ".join(message.split()))  # a file name's escape sequences never reach the terminal
     return flat if len(flat) <= MAX_MESSAGE_CHARS else flat[:MAX_MESSAGE_CHARS - 3] + "..."
 
 
@@ -381,6 +386,8 @@ def parser() -> argparse.ArgumentParser:
                    "noise type from a folder of your recordings (repeatable)")
     q.add_argument("--stream-minutes", type=_positive_float, metavar="MINUTES", help="with --conditions, score at "
                    "most this much long audio per condition (default: all of it)")
+    q.add_argument("--max-hours", type=_positive_float, metavar="HOURS", help="score at most this much long "
+                   "audio, read a recording at a time, in name order (default: 8)")
     q.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("compare", help="what KD is worth: alpha = 0 against KD from each teacher, over seeds, "
@@ -423,11 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KdTuneError, FileNotFoundError) as e:  # the message says what went wrong and what to do
-        if args.debug:
+    except (KdTuneError, OSError) as e:  # the message says what went wrong and what to do
+        refusal = e if isinstance(e, (KdTuneError, FileNotFoundError)) else s3_refusal(e)  # S3's bare OSErrors
+        if args.debug or refusal is None:
             raise
-        print(f"kd-tune: {one_line(str(e))}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+        print(f"kd-tune: {one_line(str(refusal))}", file=sys.stderr)
+        return getattr(refusal, "exit_code", 1)
     except KeyboardInterrupt:
         print("kd-tune: interrupted", file=sys.stderr)
         return 130

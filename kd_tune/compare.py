@@ -89,10 +89,13 @@ def compare(config: Config, teachers: list[str], *, seeds: int, name: str, out: 
             conditions: str | None = None) -> list[dict]:
     """Every arm at seeds 0..seeds-1 (seed-major, so a stopped comparison has whole seeds); rows written to
     out/compare.json as they come."""
+    arms = arms_of(config, teachers)
+    for arm in arms:  # each arm's config checked now: a teacher that is not configured costs no training first
+        config.replace(arm.changes, source=f"--teachers ({arm.name})")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in range(seeds):
-        for arm in arms_of(config, teachers):
+        for arm in arms:
             rows.append(run_arm(config, arm, seed, name=name, out=out, conditions=conditions))
             echo(f"{arm.name} seed {seed}: " + ", ".join(f"{c} {cell(rows[-1][k])}" for c, k in COLUMNS))
             write_text(out, "compare.json", json.dumps(rows, indent=2) + "\n")

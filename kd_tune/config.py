@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from kd_tune.errors import SHOWN_CHARS, ConfigError, shown
 from kd_tune.metrics import METRICS, RANKABLE
+from kd_tune.uris import endpoint_problem, root_problem
 from kd_tune.yamlfile import parse_yaml, read_yaml
 
 DEFAULT_CONFIG_NAME = "default.yaml"
@@ -212,7 +213,7 @@ class TrainingConfig(Section):
     seed: Seed = 0
     target_fa_per_hour: Positive = 2.0
     refractory_seconds: float = Field(1.0, ge=0)
-    eval_hop_ms: float = Field(100.0, ge=1, le=1000)  # an exported card (kd_tune.detect) needs a hop of >= 1 ms
+    eval_hop_ms: float = Field(100.0, ge=10, le=1000)  # an exported card (kd_tune.detect) needs a hop of >= 10 ms
 
     @field_validator("batch_size")
     @classmethod
@@ -256,6 +257,14 @@ class StorageConfig(Section):
         if uri is not None and has_credentials(uri):  # the error type keeps the secret out of the message
             raise PydanticCustomError(CREDENTIAL_ERROR, "credentials in a URI are refused (allowed: credentials "
                                       "from the environment or the standard AWS config files only)")
+        return uri
+
+    @field_validator("root", "teachers", "endpoint_override")
+    @classmethod
+    def _usable(cls, uri: str | None, info: ValidationInfo) -> str | None:
+        problem = uri and (endpoint_problem if info.field_name == "endpoint_override" else root_problem)(uri)
+        if problem:  # found here, not as a traceback from pyarrow when the first file is written
+            raise ValueError(problem)
         return uri
 
 

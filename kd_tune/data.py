@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, read_recording, resample
+from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, files_under, read_recording, \
+    resample
 from kd_tune.config import DataConfig
 from kd_tune.errors import DataError, KdTuneError, shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
@@ -92,11 +93,9 @@ def speaker_of(file_name: str) -> str | None:
 
 
 def folder_files(root: Path, kind: str) -> list[Path]:
-    """Every non-hidden file under root/kind, sorted."""
-    folder = root / kind
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Every non-hidden entry but folders under root/kind, sorted: a FIFO or device named like a clip is listed, so
+    that reading it counts it as unreadable (kd_tune.audio.AudioFile) instead of its leaving no trace."""
+    return files_under(root / kind) if (root / kind).is_dir() else []
 
 
 def read_manifest(root: Path) -> list[ClipInfo]:
@@ -110,9 +109,9 @@ def read_manifest(root: Path) -> list[ClipInfo]:
 def read_text_within(path: Path, max_bytes: int) -> str:
     """A UTF-8 file's text, refused (DataError) past max_bytes or when unreadable."""
     try:
-        with open_regular(path) as f:
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
+        with open_regular(path) as f:  # the size on record first: a 1 GB sparse file is refused unread
+            data = f.read(max_bytes + 1) if os.fstat(f.fileno()).st_size <= max_bytes else None
+        if data is None or len(data) > max_bytes:
             raise DataError(f"{path}: larger than {max_bytes} bytes; allowed: up to that size")
         return data.decode("utf-8")
     except OSError as error:

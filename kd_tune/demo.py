@@ -39,7 +39,7 @@ def train_teachers(config: Config, data: WakewordData, names: list[str] | None =
             echo(f"teacher {teacher.name}: up to date, not retrained")
             continue
         started = time.perf_counter()
-        metrics = fit_teacher(config, teacher, data=data)  # a progress bar on a terminal, nothing without one
+        metrics = fit_teacher(config, teacher, data=data)  # a bar on a terminal, a line each 30 s without one
         echo(f"teacher {teacher.name}: {teacher.epochs} epochs in {time.perf_counter() - started:.0f} s, "
              + echo_line(metrics))
 

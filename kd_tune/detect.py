@@ -9,6 +9,7 @@ checked from the file's header before anything is decoded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -20,28 +21,38 @@ import numpy as np
 import onnxruntime as ort
 import soundfile as sf
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kd_tune.errors import InputError
+from kd_tune.errors import InputError, shown
 from kd_tune.metrics import activation_indices, refractory_window_count
-from kd_tune.signing import parse_json, verify_signature
+from kd_tune.signing import SpecialFileError, open_regular, parse_json, verify_signature
 
 FORMAT = "kd_tune.onnx/1"
 INPUT_NAME, OUTPUT_NAME = "audio", "probability"
 RUN_BATCH = 256  # windows per onnxruntime call
 RESAMPLE_ZERO_CROSSINGS = 16  # of the windowed sinc, on each side
 RESAMPLE_ROLLOFF = 0.99  # low-pass cut-off as a fraction of the lower Nyquist frequency
-RESAMPLE_TAPS_PER_STEP = 2**22  # output samples x kernel taps per vectorised step: ~50 MB of indices and taps
+RESAMPLE_TAPS_PER_STEP = 2**20  # output samples x kernel taps per vectorised step: ~24 MB of indices and taps
 MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ = 8_000, 192_000  # telephone audio to studio masters
 MAX_CHANNELS = 32
-# An hour of audio is ~230 MB as 16 kHz float32 and at most 2.8 GB at 192 kHz; split longer recordings.
+# Memory of reading a file: its audio at the model's rate, 4 bytes a sample (~230 MB per hour at 16 kHz, whatever
+# the file's own rate: it is decoded READ_BLOCK_FRAMES at a time and resampled as it comes, never held at 192 kHz),
+# plus a fixed working set of ~20 MB for a mono file (a decoded block, 4 bytes per frame and channel, and one step
+# of RESAMPLE_TAPS_PER_STEP taps with their indices). Scoring adds 4 bytes per window and one batch of RUN_BATCH
+# windows (16 MiB for 1 s windows). tests/test_detect.py measures both. Split recordings past MAX_AUDIO_SECONDS.
 MAX_AUDIO_SECONDS = 3600
-READ_BLOCK_FRAMES = 2**20  # frames decoded at a time: channels are averaged block by block
+READ_BLOCK_FRAMES = 2**18  # frames decoded at a time: 1 MiB per channel
 # Full scale is +-1 and float files may exceed it a little; beyond 60 dB over full scale a file is broken or
 # mis-scaled (e.g. 16-bit integer values stored as floats), and the front end's power spectrum would overflow.
 MAX_ABS_SAMPLE = 1e3
 MAX_CARD_BYTES = 2**20  # a card is ~2 KB
-MAX_MODEL_BYTES = 2**31  # protobuf's own limit for one ONNX file; a wake-word model is well under 1 MB
+# A wake-word model is well under 1 MB: 64 MiB leaves room for a student 50x larger, and a larger file (a 2 GB
+# sparse one) is refused from its size before it is read and hashed whole.
+MAX_MODEL_BYTES = 64 * 2**20
+# Every exported model holds the 16 kHz front end (kd_tune.features.SAMPLE_RATE): a card naming another rate would
+# feed it audio resampled to that rate, and its answers would be wrong without a word.
+MODEL_SAMPLE_RATE_HZ = 16_000
+MIN_HOP_SECONDS = 0.01  # windows closer than 10 ms multiply the work (100x at 0.1 ms) without telling anything new
 # A window holds at most ~8 s at 16 kHz: a batch of RUN_BATCH windows is then at most 128 MiB of float32.
 MAX_WINDOW_SAMPLES = 2**17
 MAX_REFRACTORY_SECONDS = MAX_AUDIO_SECONDS
@@ -60,17 +71,24 @@ class ModelCard(BaseModel):
 
     format: Literal["kd_tune.onnx/1"]
     onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    sample_rate: int = Field(ge=MIN_SAMPLE_RATE_HZ, le=MAX_SAMPLE_RATE_HZ)
+    sample_rate: int
     window_samples: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
     hop_samples: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
     threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     refractory_seconds: float = Field(ge=0.0, le=MAX_REFRACTORY_SECONDS, allow_inf_nan=False)
 
+    @field_validator("sample_rate")
+    @classmethod
+    def _the_front_end_rate(cls, rate: int) -> int:
+        if rate != MODEL_SAMPLE_RATE_HZ:
+            raise ValueError(f"{shown(rate)} Hz, but the model's front end runs at {MODEL_SAMPLE_RATE_HZ} Hz")
+        return rate
+
     @model_validator(mode="after")
     def _hop_fits_the_window(self) -> ModelCard:
-        # Windows closer than 1 ms would multiply the work without telling anything new.
-        if not self.sample_rate // 1000 <= self.hop_samples <= self.window_samples:
-            raise ValueError(f"hop_samples {self.hop_samples} is outside {self.sample_rate // 1000} (1 ms) to "
+        least = round(self.sample_rate * MIN_HOP_SECONDS)
+        if not least <= self.hop_samples <= self.window_samples:
+            raise ValueError(f"hop_samples {self.hop_samples} is outside {least} ({MIN_HOP_SECONDS * 1000:g} ms) to "
                              f"window_samples {self.window_samples}")
         return self
 
@@ -184,7 +202,14 @@ def detection_times(scores: np.ndarray, *, threshold: float, sample_rate: int, w
 
 def stream_probabilities(session: ort.InferenceSession, audio: np.ndarray, *, window_samples: int,
                          hop_samples: int) -> np.ndarray:
-    return run(session, frames(audio, window_samples=window_samples, hop_samples=hop_samples))
+    """run() over frames(audio), cut RUN_BATCH windows at a time: no zero-padded copy of the whole audio."""
+    n_windows = window_count(len(audio), window_samples=window_samples, hop_samples=hop_samples)
+    out = []
+    for first in range(0, n_windows, RUN_BATCH):
+        count = min(RUN_BATCH, n_windows - first)
+        piece = audio[first * hop_samples:(first + count - 1) * hop_samples + window_samples]
+        out.append(run(session, frames(piece, window_samples=window_samples, hop_samples=hop_samples)[:count]))
+    return np.concatenate(out)
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -192,58 +217,111 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
     Each output sample sums the input under a Hann-windowed sinc low-pass at RESAMPLE_ROLLOFF times the lower
     Nyquist frequency, RESAMPLE_ZERO_CROSSINGS zero crossings wide on each side, so downsampling does not alias.
-    The rate ratio up/down is exact (integers), so output n sits at input position n * down / up and the kernel
-    takes only `up` distinct phases, computed once.
     """
     if from_rate <= 0 or to_rate <= 0:
         raise ValueError(f"sample rates must be > 0 Hz, got {from_rate!r} and {to_rate!r}")
     audio = np.asarray(audio, np.float32)
     if from_rate == to_rate:
         return audio
-    common = math.gcd(from_rate, to_rate)
-    up, down = to_rate // common, from_rate // common
-    scale = RESAMPLE_ROLLOFF * min(up, down) / down  # cut-off in cycles per input sample, times 2
-    half_width = math.ceil(RESAMPLE_ZERO_CROSSINGS / scale)  # taps on each side, in input samples
-    offsets = np.arange(-half_width + 1, half_width + 1)  # [K] tap positions relative to floor(position)
-    distance = scale * (np.arange(up)[:, None] / up - offsets[None, :])  # [up, K] in zero crossings
-    window = np.cos(np.pi * np.clip(distance, -RESAMPLE_ZERO_CROSSINGS, RESAMPLE_ZERO_CROSSINGS)
-                    / (2 * RESAMPLE_ZERO_CROSSINGS)) ** 2
-    kernels = (scale * np.sinc(distance) * window).astype(np.float32)  # [up, K], one row per phase
-    padded = np.pad(audio, (half_width, half_width + 1))
-    n_out = math.ceil(len(audio) * up / down)
-    out = np.empty(n_out, np.float32)
-    chunk = max(1, RESAMPLE_TAPS_PER_STEP // len(offsets))  # memory per step stays fixed however wide the kernel
-    for start in range(0, n_out, chunk):
-        n = np.arange(start, min(start + chunk, n_out))  # [C] output indices
-        phase = n * down % up
-        taps = padded[(n * down // up + half_width)[:, None] + offsets[None, :]]  # [C, K]
-        out[start:start + len(n)] = np.einsum("ck,ck->c", taps, kernels[phase])
-    return out
+    resampler = Resampler(from_rate, to_rate)
+    return np.concatenate([resampler.push(audio), resampler.finish()])
 
 
-def load_audio(source: Any, *, sample_rate: int) -> np.ndarray:
+class Resampler:
+    """resample() of audio that arrives block by block: push() returns the output its input settles so far,
+    finish() the rest. It holds only the kernel's reach of input, so memory does not grow with the length.
+
+    The rate ratio up/down is exact (integers), so output n sits at input position n * down / up and the kernel
+    takes only `up` distinct phases, computed once. Input outside the audio counts as zeros.
+    """
+
+    def __init__(self, from_rate: int, to_rate: int):
+        common = math.gcd(from_rate, to_rate)
+        self.up, self.down = to_rate // common, from_rate // common
+        scale = RESAMPLE_ROLLOFF * min(self.up, self.down) / self.down  # cut-off in cycles per input sample, x2
+        self.half_width = math.ceil(RESAMPLE_ZERO_CROSSINGS / scale)  # taps on each side, in input samples
+        self.offsets = np.arange(-self.half_width + 1, self.half_width + 1)  # [K] taps relative to floor(position)
+        distance = scale * (np.arange(self.up)[:, None] / self.up - self.offsets[None, :])  # [up, K] zero crossings
+        window = np.cos(np.pi * np.clip(distance, -RESAMPLE_ZERO_CROSSINGS, RESAMPLE_ZERO_CROSSINGS)
+                        / (2 * RESAMPLE_ZERO_CROSSINGS)) ** 2
+        self.kernels = (scale * np.sinc(distance) * window).astype(np.float32)  # [up, K], one row per phase
+        self.held = np.zeros(self.half_width, np.float32)  # input not yet used up; the zeros before the audio
+        self.held_from = -self.half_width  # input index of held[0]
+        self.seen = self.done = 0  # input samples pushed, output samples returned
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        self.held = np.concatenate([self.held, np.asarray(audio, np.float32)])
+        self.seen += len(audio)
+        last = self.held_from + len(self.held) - 1 - self.half_width  # the last position whose taps are all here
+        return self._emit(((last + 1) * self.up - 1) // self.down + 1 if last >= 0 else 0)
+
+    def finish(self) -> np.ndarray:
+        self.held = np.concatenate([self.held, np.zeros(self.half_width + 1, np.float32)])  # the zeros after it
+        return self._emit(math.ceil(self.seen * self.up / self.down))
+
+    def _emit(self, end: int) -> np.ndarray:
+        """Output samples done..end-1, then the input no later output needs is dropped."""
+        out = np.empty(max(end - self.done, 0), np.float32)
+        chunk = max(1, RESAMPLE_TAPS_PER_STEP // len(self.offsets))  # memory per step stays fixed, however wide
+        for start in range(self.done, end, chunk):
+            n = np.arange(start, min(start + chunk, end))  # [C] output indices
+            taps = self.held[(n * self.down // self.up - self.held_from)[:, None] + self.offsets[None, :]]  # [C, K]
+            out[start - self.done:start - self.done + len(n)] = np.einsum("ck,ck->c", taps,
+                                                                           self.kernels[n * self.down % self.up])
+        self.done = max(self.done, end)
+        keep = self.done * self.down // self.up + self.offsets[0] - self.held_from
+        self.held, self.held_from = self.held[max(keep, 0):], self.held_from + max(keep, 0)
+        return out
+
+
+def opened(source: Any):
+    """A path opened once os.stat shows a regular file (a FIFO would block the open forever, a device never end), or
+    a file object as given."""
+    return open_regular(source) if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source)
+
+
+def load_audio(source: Any, *, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 [T] at sample_rate from a file soundfile reads (a path or a file object): the header is checked
-    first, then channels are averaged block by block, samples checked and other rates resampled."""
+    first, then blocks are decoded, their channels averaged, samples checked and other rates resampled as they come.
+    max_seconds: read only the file's first max_seconds."""
     where = name_of(source)
     try:
-        with sf.SoundFile(source) as f:  # opening reads the header only
+        with opened(source) as raw, sf.SoundFile(raw) as f:  # opening reads the header only
             rate = f.samplerate
             check_header(rate, f.channels, f.frames, where=where)
-            mono = np.empty(f.frames, np.float32)  # the header's count, bounded above; filled as decoded
-            done = 0
-            while done < len(mono):
-                block = f.read(min(READ_BLOCK_FRAMES, len(mono) - done), dtype="float32", always_2d=True)  # [t, C]
-                if not len(block):
-                    break
-                check_samples(block, where=where)
-                mono[done:done + len(block)] = block.mean(axis=1)
-                done += len(block)
+            frames = f.frames if max_seconds is None else min(f.frames, math.ceil(max_seconds * rate))
+            return decoded(f, frames, sample_rate, where=where)
+    except SpecialFileError as error:
+        raise DetectError(f"{where}: not a regular file ({error.kind}); allowed: an audio file") from None
     except (sf.SoundFileError, RuntimeError, OSError) as error:
         raise DetectError(f"{where}: cannot read audio ({str(error).replace(repr(source), where)}); allowed: a file "
                           "soundfile reads (WAV, FLAC, OGG, ...)") from None
+
+
+def decoded(f: sf.SoundFile, frames: int, sample_rate: int, *, where: str) -> np.ndarray:
+    """The first `frames` frames of open file f, mono at sample_rate, filled into one array sized from the header."""
+    resampler = Resampler(f.samplerate, sample_rate) if f.samplerate != sample_rate else None
+    out = np.empty(-(-frames * sample_rate // f.samplerate), np.float32)  # the header's count, bounded above
+    done = filled = 0
+    while done < frames:
+        block = f.read(min(READ_BLOCK_FRAMES, frames - done), dtype="float32", always_2d=True)  # [t, C]
+        if not len(block):
+            break
+        check_samples(block, where=where)
+        mono = block.mean(axis=1)
+        done += len(block)
+        filled = fill(out, filled, resampler.push(mono) if resampler else mono)
     if done == 0:
         raise DetectError(f"{where}: holds no samples; allowed: audio of at least one sample")
-    return resample(mono[:done], rate, sample_rate)
+    filled = fill(out, filled, resampler.finish()) if resampler else filled
+    return out[:filled]
+
+
+def fill(out: np.ndarray, filled: int, piece: np.ndarray) -> int:
+    """piece copied into out after its first `filled` samples (a file shorter than its header stops early)."""
+    piece = piece[:len(out) - filled]
+    out[filled:filled + len(piece)] = piece
+    return filled + len(piece)
 
 
 def check_header(rate: int, channels: int, frames: int, *, where: str) -> None:
@@ -299,9 +377,10 @@ class Detector:
             raise DetectError(f"{self.model_path}: takes {inputs}; allowed: one input {INPUT_NAME!r} of shape "
                               f"[batch, {self.window_samples}] (window_samples in {card_name(self.model_path)})")
 
-    def read(self, source: Any) -> np.ndarray:
-        """A file's audio (a path or a file object) as mono float32 [T] at the model's sample rate."""
-        return load_audio(source, sample_rate=self.sample_rate)
+    def read(self, source: Any, *, max_seconds: float | None = None) -> np.ndarray:
+        """A file's audio (a path or a file object) as mono float32 [T] at the model's sample rate; with max_seconds,
+        only its start."""
+        return load_audio(source, sample_rate=self.sample_rate, max_seconds=max_seconds)
 
     def probabilities(self, audio: np.ndarray) -> np.ndarray:
         """P(wake word) [W] of each window of mono audio [T] at the model's sample rate."""

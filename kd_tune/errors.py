@@ -57,3 +57,21 @@ class ConfigError(InputError):
         more = [f"and {len(problems) - MAX_PROBLEMS_SHOWN} more"] if len(problems) > MAX_PROBLEMS_SHOWN else []
         head = f"{source}: " if len(problems) == 1 else f"{source}: {len(problems)} problems: "
         super().__init__(head + " | ".join(lines + more))
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on or hide (ESC, BEL, CR, bidi overrides, bytes that were not
+    UTF-8) written as its escape, e.g. `\\x1b`: a file name cannot move the cursor, recolour or retitle the terminal.
+    Newlines are kept: a report's lines stay lines."""
+    return "\n".join("".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                             for c in line) for line in text.split("\n"))
+
+
+def s3_refusal(error: OSError) -> InputError | None:
+    """pyarrow's failure to reach or use an S3 store (a bare OSError saying "AWS Error") as one line naming
+    storage.root; None for any other OSError."""
+    text = " ".join(str(error).split())
+    if "AWS Error" not in text:
+        return None
+    return InputError(f"storage.root: the S3 store failed ({text[:300]}); allowed: an S3 store that answers at "
+                      "storage.endpoint_override (or AWS_ENDPOINT_URL) with credentials that may use the bucket")

@@ -18,16 +18,16 @@ import io
 import json
 from pathlib import Path
 
-import yaml
 from pyarrow.fs import FileType
 
 from kd_tune.checkpoint import Identity, verify_checkpoint
-from kd_tune.config import Config, validate
+from kd_tune.config import Config, ConfigError, validate
 from kd_tune.detect import read_card
-from kd_tune.errors import KdTuneError
+from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.metrics import METRICS
-from kd_tune.space import SearchSpace
-from kd_tune.storage import Storage, check_plain_uri, read_text, write_text
+from kd_tune.space import SearchSpace, space_from
+from kd_tune.storage import Storage, check_plain_uri, read_json, write_text
+from kd_tune.yamlfile import MAX_YAML_BYTES, yaml_from_bytes
 from kd_tune.teachers import TEACHER_KIND, teacher_store
 
 LEADERBOARD_NAME = "leaderboard.json"
@@ -122,25 +122,42 @@ def write_leaderboard(store: Storage, name: str, rows: list[dict]) -> None:
 
 
 def read_leaderboard(experiment: str, config: Config) -> list[dict]:
+    """The rows `kd-tune sweep` wrote: strict JSON within MAX_JSON_BYTES (refused from its size before it is read)
+    and nested as rows are; it is unsigned and decides nothing, but a broken one is one line, not a traceback."""
     store, name = experiment_storage(experiment, config)
-    return json.loads(read_text(store, f"{name}/{LEADERBOARD_NAME}"))
+    rows = read_json(store, f"{name}/{LEADERBOARD_NAME}")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(
+            isinstance(v, (str, int, float, type(None))) for v in r.values()) for r in rows):
+        raise InputError(f"{experiment}/{LEADERBOARD_NAME}: not a list of rows ({shown(rows)}); allowed: the list "
+                         "of objects of numbers, strings and nulls that `kd-tune sweep` writes")
+    return rows
 
 
 def load_experiment(experiment: str, base: Config) -> tuple[Config, SearchSpace, str]:
-    """The config, search space and name saved by the sweep that wrote `experiment` (storage settings from base)."""
+    """The config, search space and name saved by the sweep that wrote `experiment` (storage settings from base),
+    each read within kd_tune.yamlfile's limits and refused in one line naming the file."""
     store, name = experiment_storage(experiment, base)
     source = f"{experiment}/config.yaml"
-    saved = validate(yaml.safe_load(read_text(store, f"{name}/config.yaml")), source=source)
+    saved = validate(saved_yaml(store, f"{name}/config.yaml", source), source=source)
     config = saved.replace({"storage": {**base.storage.model_dump(), "root": store.uri}}, source=source)
-    space = SearchSpace.model_validate(yaml.safe_load(read_text(store, f"{name}/search_space.yaml")))
-    return config, space, name
+    space_source = f"{experiment}/search_space.yaml"
+    return config, space_from(saved_yaml(store, f"{name}/search_space.yaml", space_source), source=space_source), name
+
+
+def saved_yaml(store: Storage, rel: str, source: str):
+    """A YAML file a sweep saved: a FIFO, a folder, a huge, missing or broken file is one ConfigError naming it."""
+    try:
+        return yaml_from_bytes(store.read_within(rel, MAX_YAML_BYTES), source=source)
+    except FileNotFoundError:
+        raise ConfigError(source, ["missing; allowed: an experiment folder `kd-tune sweep` wrote"]) from None
 
 
 def experiment_storage(experiment: str, config: Config) -> tuple[Storage, str]:
     """Split `PATH_OR_URI/NAME` into the storage root and the experiment name."""
     check_plain_uri(experiment, "EXPERIMENT")  # `?secret_key=...` would reach the name, then every message
-    root, _, name = experiment.rstrip("/").rpartition("/")
-    return Storage.from_config(config.replace({"storage.root": root or "."}).storage), name
+    root, slash, name = experiment.rstrip("/").rpartition("/")
+    root = root or ("/" if slash else ".")  # /NAME lies in /, which is refused as a storage root
+    return Storage.from_config(config.replace({"storage.root": root}, source="EXPERIMENT").storage), name
 
 
 # ---------------------------------------------------------------- what the console prints
@@ -185,7 +202,7 @@ def shown_status(row: dict, epochs: int) -> str:
     """The status the console shows: a trial that is OK before training.epochs was stopped by ASHA (the only early
     end trial_status calls OK), and says so with how far it got."""
     last = row.get("epochs") or 0
-    if row.get("status") == "OK" and last < epochs:
+    if row.get("status") == "OK" and isinstance(last, (int, float)) and last < epochs:
         return f"OK (ASHA, {last}/{epochs})"
     return cell(row.get("status"))
 

@@ -24,8 +24,9 @@ from kd_tune import plots
 from kd_tune.baseline import PocketSphinxSpotter
 from kd_tune.conditions import SAMPLE_RATE, Condition, ConditionError, Conditioner, parse_grid, read_noise_folders
 from kd_tune.detect import Detector
-from kd_tune.evaluation import EvalAudio, clip_scores, false_activations, read_eval_audio
+from kd_tune.evaluation import MAX_LONG_HOURS, EvalAudio, clip_scores, false_activations, read_eval_audio
 from kd_tune.metrics import audio_hours, roc_auc, threshold_for_fa_rate
+from kd_tune.progress import beside_bars, progress_bar
 from kd_tune.storage import write_text
 
 TARGET_FA_PER_HOUR = 1.0
@@ -92,13 +93,17 @@ def evaluate_grid(scorers: dict[str, object], audio: EvalAudio, *, grid: str, co
     conditions = parse_grid(grid, conditioner.noise_types)
     stream = capped_stream(audio.recordings(), stream_seconds)
     rows: dict[str, list[dict]] = {name: [] for name in scorers}
-    for number, condition in enumerate(conditions, start=1):
-        heard = condition_audio(audio, stream, condition, conditioner)
-        for name, scorer in scorers.items():
-            rows[name].append(measure(scorer, heard))
-            if progress:
-                progress(f"conditions: {number}/{len(conditions)} {condition.name} ({name}): FRR at "
-                         f"{TARGET_FA_PER_HOUR:g} FA/h {rows[name][-1]['frr_at_target']:.3f}")
+    # with progress, also a bar with the time left: a condition on hours of audio takes minutes without a line
+    with progress_bar(len(conditions) * len(scorers), "condition grid", "measurement", enabled=bool(progress),
+                      leave=False) as bar:
+        for number, condition in enumerate(conditions, start=1):
+            heard = condition_audio(audio, stream, condition, conditioner)
+            for name, scorer in scorers.items():
+                rows[name].append(measure(scorer, heard))
+                bar.update()
+                if progress:
+                    beside_bars(progress, f"conditions: {number}/{len(conditions)} {condition.name} ({name}): FRR "
+                                          f"at {TARGET_FA_PER_HOUR:g} FA/h {rows[name][-1]['frr_at_target']:.3f}")
     return {"grid": grid, "target_fa_per_hour": TARGET_FA_PER_HOUR, "stream_hours": audio_hours(
         sum(len(r) for r in stream), SAMPLE_RATE), "positives": len(audio.positives),
         "negatives": len(audio.negatives), "conditions": [c.name for c in conditions], "scorers": rows}
@@ -148,9 +153,11 @@ def summary(report: dict) -> str:
 
 def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | None = None,
              noise: dict[str, Path] | None = None, stream_minutes: float | None = None,
-             engine: str | None = None, progress=functools.partial(print, flush=True)) -> dict:
+             engine: str | None = None, progress=functools.partial(print, flush=True),
+             max_long_hours: float = MAX_LONG_HOURS) -> dict:
     """The exported model (and a baseline) under every condition of the grid, on DATA as `kd-tune eval` reads it;
-    the table, plot and figures written to `out`."""
+    the table, plot and figures written to `out`. The grid holds the long audio it conditions (~230 MB per hour):
+    at most stream_minutes of it, and never more than max_long_hours."""
     detector = Detector(model)
     if detector.sample_rate != SAMPLE_RATE:
         raise ConditionError(f"{model}: a model of {detector.sample_rate} Hz; allowed: {SAMPLE_RATE} Hz models, "
@@ -162,7 +169,8 @@ def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | N
             raise ConditionError(f"{model}: its card names no wake word; allowed: a model written by `kd-tune "
                                  "export`, whose card holds the wake word the baseline listens for")
         scorers[baseline] = PocketSphinxSpotter(wakeword)
-    audio = read_eval_audio(data, detector, engine=engine)
+    held = max_long_hours * 3600 if stream_minutes is None else min(max_long_hours * 60, stream_minutes) * 60
+    audio = read_eval_audio(data, detector, engine=engine, hold_long_seconds=held)
     recordings = read_noise_folders(noise or {}, detector.read)
     if audio.of_kind("background"):  # the data set's own background recordings are one more noise type
         recordings.setdefault("background", audio.of_kind("background"))

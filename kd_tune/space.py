@@ -101,10 +101,15 @@ def load_search_space(name_or_path: str | Path) -> SearchSpace:
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(str(name_or_path), [f"cannot read the search space: {e} (allowed: a YAML file, or a "
                                               f"built-in name: {', '.join(builtin_spaces())})"]) from None
+    return space_from(raw, source=str(name_or_path))
+
+
+def space_from(raw: Any, *, source: str) -> SearchSpace:
+    """A search space from its parsed YAML; a ConfigError naming `source` and every field that is wrong."""
     try:
         return SearchSpace.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(str(name_or_path), [format_problem(err) for err in e.errors()]) from None
+        raise ConfigError(source, [format_problem(err) for err in e.errors()]) from None
 
 
 def builtin_spaces() -> list[str]:

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.signing import SpecialFileError, parse_json, special_kind
+from kd_tune.uris import endpoint_problem
 
 DEFAULT_REGION = "us-east-1"
 PUBLISHED_MODE = 0o644  # mkstemp/mkdtemp make 0600/0700: other users of a shared NFS root could not read results
@@ -40,6 +41,14 @@ class PathEscapeError(KdTuneError, ValueError):
 
 class StorageLayoutError(InputError):
     """Storage roots or names that overlap, so that writing one could replace another's files."""
+
+
+class TooLargeError(InputError):
+    """A file to read whole that is larger than its cap, found from its metadata before anything is read."""
+
+    def __init__(self, where: str, size: int, max_bytes: int):
+        self.size, self.max_bytes = size, max_bytes
+        super().__init__(f"{where}: larger than {max_bytes} bytes ({size}); allowed: at most {max_bytes}")
 
 
 # ---------------------------------------------------------------- storage roots
@@ -132,6 +141,18 @@ class Storage:
                 left, step = left - len(chunk), min(2 * step, READ_CHUNK_BYTES)
         return b"".join(chunks)
 
+    def read_within(self, rel: str, max_bytes: int) -> bytes:
+        """All of file `rel`, TooLargeError past max_bytes. The size on record is checked first, so a huge (or
+        sparse) file is refused before any of it is read; the read stays capped for a file that grows meanwhile."""
+        info = self.filesystem.get_file_info(self.path(rel))
+        where = f"{self.uri.rstrip('/')}/{rel}"
+        if info.type == pafs.FileType.File and info.size is not None and info.size > max_bytes:
+            raise TooLargeError(where, info.size, max_bytes)
+        data = self.read_head(rel, max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLargeError(where, len(data), max_bytes)
+        return data
+
     def size(self, rel: str) -> int:
         """The size of file `rel` in bytes, from the filesystem's metadata (nothing is read)."""
         info = self.filesystem.get_file_info(self.path(rel))
@@ -221,9 +242,10 @@ def _s3_filesystem(endpoint_override: str | None, region: str | None) -> pafs.S3
     region = region or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
     if not endpoint:
         return pafs.S3FileSystem(region=region)
+    problem = endpoint_problem(endpoint)
+    if problem:  # the variable escapes the config's check
+        raise InputError(f"{source}: {redact_uri(endpoint)!r}: {problem}")
     url = urlsplit(endpoint)
-    if url.scheme not in ("http", "https") or not url.netloc or "@" in url.netloc or url.path not in ("", "/"):
-        raise ValueError(f"S3 endpoint from {source} must be http(s)://host[:port] with no user info or path")
     return pafs.S3FileSystem(endpoint_override=url.netloc, scheme=url.scheme, region=region)
 
 
@@ -353,10 +375,8 @@ def write_json(storage: Storage | str | os.PathLike, rel: str, obj: Any) -> None
 def read_json(storage: Storage | str | os.PathLike, rel: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Strict JSON of at most max_bytes bytes, nested at most kd_tune.signing.MAX_JSON_DEPTH deep."""
     storage = as_storage(storage)
-    data = storage.read_head(rel, max_bytes + 1)
+    data = storage.read_within(rel, max_bytes)
     where = f"{storage.uri.rstrip('/')}/{rel}"
-    if len(data) > max_bytes:
-        raise InputError(f"{where}: larger than {max_bytes} bytes; allowed: at most {max_bytes}")
     try:
         return parse_json(data)
     except ValueError as error:
@@ -370,6 +390,23 @@ def write_text(storage: Storage | str | os.PathLike, rel: str, text: str) -> Non
 
 def read_text(storage: Storage | str | os.PathLike, rel: str) -> str:
     return as_storage(storage).read_bytes(rel).decode("utf-8")
+
+
+def check_out_path(path: str | os.PathLike, *, folder: bool, files: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, an --out that cannot be written: a folder where a file goes (or a file where a folder
+    goes), a path under a regular file, or a folder where one of `files` (written into the --out folder) goes."""
+    out = Path(path)
+    allowed = (f"allowed: {'a folder to write into' if folder else 'the file to write'}, in a folder that exists or "
+               "can be made")
+    if out.exists() and out.is_dir() != folder:
+        raise InputError(f"--out {out}: {'a file' if folder else 'a directory'}; {allowed}")
+    above = next((p for p in out.parents if p.exists()), None)  # the nearest that exists: it must be a folder
+    if above is not None and not above.is_dir():
+        raise InputError(f"--out {out}: its folder is a file; {allowed} ({above} is a file)")
+    taken = [name for name in files if (out / name).is_dir()]
+    if taken:
+        raise InputError(f"--out {out}: {out / taken[0]} is a directory where a file is written; allowed: a folder "
+                         f"without folders named {', '.join(files)}")
 
 
 def upload_tree(local_dir: str | os.PathLike, storage: Storage | str | os.PathLike, rel_dir: str) -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
 from kd_tune.data import DataError
 from kd_tune.errors import shown
 from kd_tune.features import SAMPLE_RATE
+from kd_tune.progress import progress_bar
 from kd_tune.userdata import USER_PREFIX
 from kd_tune.voices import Utterance, VoiceFile, draw_utterance, one_torch_thread, speak_all, speech_16k
 
@@ -400,8 +400,7 @@ def write_streams(out_dir: Path, plans: list[StreamPlan], *, seed: int, progress
     utterances = [u for plan in plans for u in plan.pool]
     voices: list[np.ndarray] = [np.zeros(0, np.float32)] * len(utterances)
     n_files = sum(len(plan.files) for plan in plans)
-    with one_torch_thread(), tqdm(total=len(utterances) + n_files, desc="streams", unit="part",
-                                  disable=None if progress else True) as bar:
+    with one_torch_thread(), progress_bar(len(utterances) + n_files, "long streams", "part", enabled=progress) as bar:
         def keep(i: int, raw: np.ndarray) -> None:
             voices[i] = raw
             bar.update()

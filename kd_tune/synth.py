@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from tqdm import tqdm
 
 from kd_tune.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, read_text_within, split_for
 from kd_tune.errors import shown
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.progress import Bar, progress_bar
 from kd_tune.signing import parse_json
 from kd_tune.storage import write_text
 from kd_tune.streams import STREAM_S, TRAIN_STREAM_S, general_text, make_sound, plan_streams, with_level, words_of, \
@@ -217,7 +217,7 @@ def finish_speech(raw: np.ndarray, clip: SynthClip, rng: np.random.Generator, *,
     return np.clip(window + floor, -1, 1).astype(np.float32)
 
 
-def render(clips: list[SynthClip], out_dir: Path, *, seed: int, new_speakers: bool, bar: tqdm) -> None:
+def render(clips: list[SynthClip], out_dir: Path, *, seed: int, new_speakers: bool, bar: Bar) -> None:
     """Write every clip's WAV: speech (piper here while espeak-ng runs in its own process), then background."""
     windows: dict[int, np.ndarray] = {}  # negatives only, for babble: every window of a large set is 1.7 GB
 
@@ -278,7 +278,7 @@ def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0
     kept = user_lines(out_dir)  # clips `kd-tune data add` put in the set stay listed when it is rendered again
     for kind in KINDS:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(clips), desc="synthesizing", unit="clip", disable=None if progress else True) as bar:
+    with progress_bar(len(clips), "synthesizing", "clip", enabled=progress) as bar:  # also without a terminal
         render(clips, out_dir, seed=seed, new_speakers=new_speakers, bar=bar)
     write_streams(out_dir, plan_streams(wakeword, seed=seed, size=size, voices=files), seed=seed, progress=progress)
     lines = [json.dumps({"path": c.path, "label": LABEL_OF_KIND[c.kind], "kind": c.kind, "text": c.text,

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from kd_tune.cache import cached_teachers
 from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
@@ -34,6 +33,7 @@ from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighte
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view
 from kd_tune.models import build_student
+from kd_tune.progress import progress_bar
 from kd_tune.scoring import evaluate, validation_conditions
 from kd_tune.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
 
@@ -321,9 +321,8 @@ def train_epoch(s: Setup, stepper: Stepper, state: TrainState, batch_loss: Batch
     wave = render_view(s.audio, s.augment, view=view, seed=seed)  # [N, N_SAMPLES]
     stepper.model.train()
     sums, counted = None, 0
-    bar = tqdm(batches(len(s.labels), batch_size, seed=seed, epoch=state.epoch),
-               total=steps_per_epoch(len(s.labels), batch_size), desc=desc, leave=False,
-               disable=None if rank_and_world()[0] == 0 else True)  # None: no bar without a terminal
+    bar = progress_bar(steps_per_epoch(len(s.labels), batch_size), desc, "step", enabled=rank_and_world()[0] == 0,
+                       iterable=batches(len(s.labels), batch_size, seed=seed, epoch=state.epoch), leave=False)
     for idx in bar:
         generator = torch.Generator(device=s.device).manual_seed(seed * 7919 + state.step)
         parts = batch_loss(wave[idx], idx, view, generator, state.step / stepper.total_steps)

@@ -29,6 +29,11 @@ def read_yaml(path: Path, *, source: str) -> Any:
             data = f.read(MAX_YAML_BYTES + 1)
     except SpecialFileError as error:
         raise ConfigError(source, [f"not a regular file ({error.kind}); allowed: a YAML file"]) from None
+    return yaml_from_bytes(data, source=source)
+
+
+def yaml_from_bytes(data: bytes, *, source: str) -> Any:
+    """The value of a YAML file's bytes: refused past MAX_YAML_BYTES, when not UTF-8, or as parse_yaml refuses."""
     if len(data) > MAX_YAML_BYTES:
         raise ConfigError(source, [f"larger than {MAX_YAML_BYTES // 1024} KiB; allowed: a YAML file up to that size"])
     try:

@@ -17,8 +17,8 @@ from kd_tune.features import N_SAMPLES
 def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     # Rule: `kd-tune demo --size small` synthesizes data, fine-tunes the teachers, sweeps (its own local Ray, stopped
     # at the end), exports the leaderboard's best trial as an ONNX model that onnxruntime runs, and measures it on the
-    # held-out test split. Without a terminal its console is a line per phase, no Ray tables or actor lines and no progress
-    # bars (those go to the experiment's sweep.log); it ends with the leaderboard, the exported model and its
+    # held-out test split. Without a terminal its console is a line per phase (and a plain progress line per 30 s of a
+    # long phase), no Ray tables or actor lines and no progress bars (those go to the experiment's sweep.log); it ends with the leaderboard, the exported model and its
     # held-out figures, the plots, the log's path and, last, the result block: the winner, the model it became
     # and what to run next (TensorBoard last), within 120 columns. The plots are valid PNGs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}

@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -189,20 +190,22 @@ def test_require_signature_refuses_an_unsigned_card_without_a_key(exports, speec
     (lambda c: c.pop("threshold"), "threshold: Field required"),
     (lambda c: c.update(sample_rate="16000"), "sample_rate: Input should be a valid integer"),
     (lambda c: c.update(sample_rate=16000.5), "sample_rate: Input should be a valid integer"),
-    (lambda c: c.update(sample_rate=4000), "sample_rate: Input should be greater than or equal to 8000"),
+    (lambda c: c.update(sample_rate=8000), "sample_rate: Value error, 8000 Hz, but the model's front end runs at"),
     (lambda c: c.update(window_samples=10**9), f"window_samples: Input should be less than or equal to {2**17}"),
     (lambda c: c.update(hop_samples=0), "hop_samples: Input should be greater than or equal to 1"),
-    (lambda c: c.update(hop_samples=20000), "hop_samples 20000 is outside 16 (1 ms) to window_samples 16000"),
+    (lambda c: c.update(hop_samples=20000), "hop_samples 20000 is outside 160 (10 ms) to window_samples 16000"),
+    (lambda c: c.update(hop_samples=16), "hop_samples 16 is outside 160 (10 ms) to window_samples 16000"),
     (lambda c: c.update(threshold=1.5), "threshold: Input should be less than or equal to 1"),
     (lambda c: c.update(threshold=True), "threshold: Input should be a valid number"),
     (lambda c: c.update(refractory_seconds=-1), "refractory_seconds: Input should be greater than or equal to 0"),
     (lambda c: c.update(onnx_sha256=None), "onnx_sha256: Input should be a valid string"),
     (lambda c: c.update(format="other/1"), "format: Input should be 'kd_tune.onnx/1'"),
 ], ids=["missing", "string", "fraction", "low-rate", "huge-window", "zero-hop", "hop-past-window", "threshold",
-        "bool", "refractory", "no-hash", "format"])
+        "bool", "refractory", "no-hash", "format", "1-ms-hop"])
 def test_a_malformed_card_is_one_line_per_field(exports, speech, tmp_path, env, capsys, change, needle):
     # Rule: model.json is validated against a schema before use: a missing or wrong-typed field, or a value out of
-    # range, is one line naming the card and the field (no KeyError, TypeError or ZeroDivisionError), exit 2.
+    # range, is one line naming the card and the field (no KeyError, TypeError or ZeroDivisionError), exit 2. A rate
+    # other than the front end's 16 kHz would give wrong answers silently, a hop under 10 ms 100x the work (1 ms).
     model = copy_pair(exports["unsigned"], tmp_path)
     card_path = edit_card(model, change)
     assert needle in refusal(*detect_cli(capsys, model, speech)[::2], names=card_path)
@@ -230,7 +233,8 @@ def test_a_card_with_a_huge_sample_rate_allocates_nothing(exports, speech, tmp_p
     card_path = edit_card(model, lambda card: card.update(sample_rate=2**31 - 1))
     result = limited_detect(model, speech, env=without_signing_env())
     line = refusal(result.returncode, result.stderr, names=card_path)
-    assert "sample_rate: Input should be less than or equal to 192000" in line and "torch" not in result.stderr
+    assert "sample_rate: Value error, 2147483647 Hz, but the model's front end runs at 16000 Hz" in line
+    assert "torch" not in result.stderr
 
 
 def test_missing_files_are_named(exports, speech, tmp_path, env, capsys):
@@ -378,3 +382,30 @@ def test_resample_removes_what_16k_cannot_hold():
     tone = np.sin(2 * np.pi * 10_000.0 * np.arange(rate) / rate)
     out = detect.resample(tone, rate, SAMPLE_RATE)
     assert np.sqrt(np.mean(out[800:-800] ** 2)) < 1e-2 * np.sqrt(np.mean(tone ** 2))
+
+
+def test_reading_and_scoring_192_khz_audio_costs_what_detect_py_claims(tmp_path):
+    # Rule: detect.py's comment holds: a file costs its audio at 16 kHz (4 bytes a sample, ~230 MB an hour at any
+    # rate) plus ~20 MB to decode and resample it, and scoring adds one batch of windows (16 MiB for 1 s windows):
+    # measured on a minute at 192 kHz (an hour costs 60x its audio share). It used to hold the 192 kHz samples and a
+    # padded copy of them: 5.8 GB an hour, twice the 2.8 GB the comment claimed.
+    from test_evaluation import peak_model
+
+    detector = detect.Detector(peak_model(tmp_path / "model.onnx"))
+    path, rate = tmp_path / "minute.flac", 192_000
+    with sf.SoundFile(path, "w", rate, 1, subtype="PCM_16") as f:
+        for _ in range(60):
+            f.write(0.01 * np.sin(np.arange(rate, dtype=np.float32) / 10))
+    tracemalloc.start()
+    try:
+        audio = detector.read(path)
+        read_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        detector.probabilities(audio)
+        score_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    audio_bytes = 4 * SAMPLE_RATE * 60
+    assert len(audio) == SAMPLE_RATE * 60
+    assert read_peak < audio_bytes + 24 * 2**20, read_peak
+    assert score_peak < audio_bytes + 4 * 2**20 + detect.RUN_BATCH * N_SAMPLES * 4, score_peak

@@ -1,9 +1,12 @@
 """Every user mistake through the command line: one stderr line `kd-tune: <file or field>: ...`, exit code 2."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,8 @@ import pytest
 import soundfile as sf
 from test_config import billion_laughs
 from test_data import HUGE_RATE_HZ, clean_folder, speakers_in, tone, wav_claiming_rate
+from test_evaluation import clip, peak_model
+from test_leaderboard import experiment as saved_experiment
 
 from kd_tune.cli import main
 from kd_tune.config import ConfigError, dump_config, load_config
@@ -58,6 +63,44 @@ def linked_out(root: Path) -> str:
                                                   "split": "train"}))
 
 
+def experiment(root: Path, **files: str | int | None) -> str:
+    """root/sweep as a sweep without trials leaves it (tests/test_leaderboard.py), then `files` written over it:
+    name -> text, a size (a sparse file), None (a folder in the file's place) or "<missing>"."""
+    exp, _ = saved_experiment(root, [])
+    for name, text in files.items():
+        (exp / name).unlink()
+        if text is None:
+            (exp / name).mkdir(parents=True)
+        elif isinstance(text, int):
+            sparse(exp / name, text)
+        elif text != "<missing>":
+            write(exp / name, text)
+    return str(exp)
+
+
+def sparse(path: Path, size: int) -> str:
+    """A file of `size` bytes that takes no disk: reading it costs what it claims, its size nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return str(path)
+
+
+def model_with(root: Path, **card: object) -> str:
+    """The hand-built peak model (tests/test_evaluation.py), its card changed by `card`, unsigned."""
+    root.mkdir(parents=True, exist_ok=True)
+    model = peak_model(root / "model.onnx")
+    path = model.with_suffix(".json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **card}))
+    return str(model)
+
+
+def nested(base: Path, depth: int, *, remove: bool = False) -> None:
+    """`depth` folders nested under base (or removed again), one at a time: os.makedirs and shutil.rmtree recurse."""
+    for level in range(depth, 0, -1) if remove else range(1, depth + 1):
+        (os.rmdir if remove else os.mkdir)(base / "/".join(["d"] * level))
+
+
 # (case name, argv builder given tmp_path, text the one line must contain)
 CASES = [
     ("billion laughs", lambda t: ["config", "check", write(t / "laughs.yaml", billion_laughs())], "laughs.yaml: line"),
@@ -103,13 +146,70 @@ CASES = [
      "manifest.jsonl:2: path 'out/x.wav' leaves the data set"),
     ("corrupt dataset.json", lambda t: ["data", "synth", "--out", str(Path(write(t / "s/dataset.json", "{")).parent)],
      "dataset.json: not valid JSON"),
+    # --out where a folder goes, for every command that writes one, refused before the model or data is read
+    ("eval --out a file", lambda t: ["eval", str(t / "m.onnx"), str(t), "--out", write(t / "f", "")],
+     "/f: a file; allowed: a folder"),
+    ("eval --out under a file", lambda t: ["eval", str(t / "m.onnx"), str(t), "--out", write(t / "f", "") + "/o"],
+     "/f/o: its folder is a file; allowed"),
+    ("eval --out holding a folder eval.json", lambda t: [
+        "eval", str(t / "m.onnx"), str(t), "--out", str(Path(write(t / "o/eval.json/x", "")).parent.parent)],
+     "/o/eval.json is a directory where a file is written; allowed"),
+    ("compare --out a file", lambda t: ["compare", "--out", write(t / "f", ""), *at_root(t)],
+     "/f: a file; allowed: a folder"),
+    ("compare --out under a file", lambda t: ["compare", "--out", write(t / "f", "") + "/a/b", *at_root(t)],
+     "/f/a/b: its folder is a file; allowed"),
+    ("synth --out a file", lambda t: ["data", "synth", "--out", write(t / "f", "")], "/f: a file; allowed: a folder"),
+    ("synth --out under a file", lambda t: ["data", "synth", "--out", write(t / "f", "") + "/s"],
+     "/f/s: its folder is a file; allowed"),
+    # storage roots and endpoints pyarrow cannot use: the field and what is allowed, not pyarrow's traceback
+    ("storage.root s3:// without a bucket", lambda t: ["train", *at_root(t, "storage.root=s3://")],
+     "storage.root: an s3:// URI without a bucket; allowed: a local path other than /, file:///path or s3://"),
+    ("storage.root http://", lambda t: ["train", *at_root(t, "storage.root=http://example.com/runs")],
+     "storage.root: scheme 'http' is not a storage; allowed"),
+    ("storage.root /", lambda t: ["teacher", "train", *at_root(t, "storage.root=/")],
+     "storage.root: the filesystem root; allowed"),
+    ("an experiment in /", lambda t: ["results", "/sweep"], "EXPERIMENT: storage.root: the filesystem root; allowed"),
+    ("ftp:// endpoint", lambda t: ["train", *at_root(t, "storage.root=s3://bucket/runs",
+                                                     "storage.endpoint_override=ftp://127.0.0.1:21")],
+     "storage.endpoint_override: not an S3 endpoint; allowed: http(s)://host[:port]"),
+    # `kd-tune results` on what a sweep did not write
+    ("truncated leaderboard", lambda t: ["results", experiment(t, **{"leaderboard.json": '[{"trial": "1", "st'})],
+     "leaderboard.json: not valid JSON: Unterminated string"),
+    ("deep leaderboard", lambda t: ["results", experiment(t, **{"leaderboard.json": "[" * 10**5 + "]" * 10**5})],
+     "leaderboard.json: not valid JSON: nested 100000 levels deep"),
+    ("all-strings leaderboard", lambda t: ["results", experiment(t, **{"leaderboard.json": '["a", "b"]'})],
+     "leaderboard.json: not a list of rows (['a', 'b']); allowed"),
+    ("1 GB sparse leaderboard", lambda t: ["results", experiment(t, **{"leaderboard.json": 2**30})],
+     f"leaderboard.json: larger than {64 * 2**20} bytes ({2**30}); allowed"),
+    ("invalid search_space.yaml", lambda t: ["results", experiment(t, **{"search_space.yaml": "teacher: 5\n"})],
+     "sweep/search_space.yaml: 4 problems: teacher: Input should be a valid dictionary"),
+    ("deep search_space.yaml", lambda t: ["results", experiment(t, **{"search_space.yaml": "a:\n" + "".join(
+        " " * i + "b:\n" for i in range(1, 40))})], "search_space.yaml: line 17: nested deeper than 16 levels"),
+    ("missing search_space.yaml", lambda t: ["results", experiment(t, **{"search_space.yaml": "<missing>"})],
+     "search_space.yaml: missing; allowed"),
+    ("config.yaml a directory", lambda t: ["results", experiment(t, **{"config.yaml": None})],
+     "sweep/config.yaml: not a regular file (a directory); allowed"),
+    ("broken config.yaml", lambda t: ["results", experiment(t, **{"config.yaml": "training: [\n"})],
+     "sweep/config.yaml: not valid YAML"),
+    # minor ones
+    ("compare --teachers nosuch", lambda t: ["compare", "--teachers", "cnn", "nosuch", "--out", str(t / "c"),
+                                             *at_root(t)],
+     "--teachers (KD nosuch): <root>: distillation.teachers: ['nosuch'] are not configured teachers (allowed"),
+    ("an 8 kHz card", lambda t: ["detect", model_with(t, sample_rate=8000), str(t / "a.wav")],
+     "model.json: sample_rate: Value error, 8000 Hz, but the model's front end runs at 16000 Hz; allowed"),
+    ("a 1 ms hop", lambda t: ["eval", model_with(t, hop_samples=16), str(t)],
+     "model.json: card: Value error, hop_samples 16 is outside 160 (10 ms)"),
+    ("2 GB sparse .onnx", lambda t: ["detect", sparse(Path(model_with(t)), 2**31), str(t / "a.wav")],
+     f"model.onnx: {2**31} bytes; allowed: at most {64 * 2**20} bytes"),
 ]
 
 
 @pytest.mark.parametrize("name,argv,needle", CASES, ids=[c[0] for c in CASES])
 def test_each_user_mistake_is_one_line_and_exit_2(tmp_path, capsys, name, argv, needle):
     # Rule: a user's mistake prints exactly one stderr line `kd-tune: <file or field>: <what is wrong>; <what is
-    # allowed>`, names the file or field, exits 2, and shows no traceback.
+    # allowed>`, names the file or field, exits 2, and shows no traceback: among them every command's --out that
+    # cannot be written and every storage root pyarrow cannot use (found before any work), a broken experiment
+    # under `results`, a file too large to read whole (found from its size), and folders 1,500 levels deep.
     code = main(argv(tmp_path))
     err = capsys.readouterr().err
     lines = err.splitlines()
@@ -118,6 +218,23 @@ def test_each_user_mistake_is_one_line_and_exit_2(tmp_path, capsys, name, argv, 
     assert needle in lines[0] and "Traceback" not in err and "BytesIO" not in err
     assert "allowed" in lines[0] or "expected" in lines[0] or "Input should" in lines[0], lines[0]
     assert len(lines[0]) < 1000
+
+
+def test_folders_1500_levels_deep_are_one_line_not_a_recursion_error(tmp_path, capsys):
+    # Rule: `data check` and `eval` walk folders without recursion and refuse a tree deeper than
+    # kd_tune.audio.MAX_FOLDER_DEPTH in one line, exit 2 (rglob hit Python's recursion limit at 1,500 levels).
+    data = tmp_path / "set"
+    (data / "positive").mkdir(parents=True)
+    (data / "negative").mkdir()
+    nested(data / "negative", 1500)
+    try:
+        for argv in (["data", "check", str(data)], ["eval", model_with(tmp_path), str(data)]):
+            assert main(argv) == EXIT_INVALID, argv
+            err = capsys.readouterr().err
+            assert err == f"kd-tune: {data / 'negative'}: folders nested deeper than 32 levels; allowed: at most 32 " \
+                "levels of folders in a data set\n"
+    finally:
+        nested(data / "negative", 1500, remove=True)  # pytest's own cleanup would recurse
 
 
 def test_the_credentials_never_reach_the_terminal(tmp_path, capsys):
@@ -215,3 +332,93 @@ def test_a_run_of_another_config_is_kept_unless_overwritten(tmp_path):
     assert claim_run(store, "run", config, resume=False, overwrite=True) == ["run/checkpoints", "run/tensorboard"]
     write(tmp_path / "run" / "config.yaml", dump_config(config))
     assert claim_run(store, "run", config, resume=False, overwrite=False) == []  # the same config: a rerun
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_in_bounded_time(tmp_path, capsys, monkeypatch):
+    # Rule: an S3 store that does not answer is one line naming storage.root and what is allowed, exit 2, within
+    # seconds (pyarrow's OSError used to end in a traceback), for the commands that read and write storage.
+    for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    endpoint = f"storage.endpoint_override=http://127.0.0.1:{closed_port()}"
+    for argv in (["results", "s3://bucket/runs/sweep", "--set", endpoint],
+                 ["train", *at_root(tmp_path, "storage.root=s3://bucket/runs", endpoint)]):
+        started = time.monotonic()
+        assert main(argv) == EXIT_INVALID, argv
+        lines = capsys.readouterr().err.splitlines()
+        assert time.monotonic() - started < 60
+        assert len(lines) == 1 and lines[0].startswith("kd-tune: storage.root: the S3 store failed (") and \
+            "; allowed: an S3 store that answers at storage.endpoint_override" in lines[0], lines
+
+
+def test_special_files_in_class_and_long_folders_are_skipped_and_counted(tmp_path):
+    # Rule: a FIFO or device named like a clip in a class folder or long/ is never opened: `data check` lists it as
+    # unreadable (skipped when loading), `eval` skips and counts it, and `detect` refuses it in one line; `eval` and
+    # `detect` used to block forever on a FIFO, and `data check` left it out without a word.
+    data = clean_folder(tmp_path / "set")
+    speaker = speakers_in("train", 1)[0]
+    for kind in ("positive", "negative"):
+        sf.write(data / kind / f"{speaker}_a.wav", clip(0.9 if kind == "positive" else 0.1), 16000)
+    (data / "long").mkdir()
+    for fifo in (data / "negative" / "fifo.wav", data / "long" / "fifo.wav"):
+        os.mkfifo(fifo)
+    (data / "negative" / "zero.wav").symlink_to("/dev/zero")
+    model = peak_model(tmp_path / "model.onnx")
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kd_tune", *argv], capture_output=True, text=True, timeout=120)
+
+    checked = run("data", "check", str(data)).stdout
+    assert f"{data / 'negative' / 'fifo.wav'}: unreadable (not a regular file (a FIFO)), skipped" in checked
+    assert f"{data / 'negative' / 'zero.wav'}: unreadable (not a regular file (a device)), skipped" in checked
+    evaluated = run("eval", str(model), str(data), "--out", str(tmp_path / "out"))
+    assert evaluated.returncode == 0 and "skipped 3 FIFOs, devices or sockets" in evaluated.stdout, evaluated.stderr
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["skipped_special_files"] == 3
+    detected = run("detect", str(model), str(data / "long" / "fifo.wav"))
+    assert detected.returncode == EXIT_INVALID
+    assert detected.stderr == f"kd-tune: {data / 'long' / 'fifo.wav'}: not a regular file (a FIFO); allowed: an " \
+        "audio file\n"
+
+
+def test_control_characters_in_names_never_reach_the_terminal(tmp_path, capsys):
+    # Rule: escape sequences in file names or in an experiment's leaderboard are printed escaped (`\x1b`), in reports
+    # and refusals alike: a name cannot recolour, clear or retitle the terminal. A leaderboard row of strings where
+    # numbers belong is printed, not a TypeError.
+    data = clean_folder(tmp_path / "set")
+    write(data / "negative" / "red\x1b[31m.txt", "x")
+    main(["data", "check", str(data)])
+    assert "red\\x1b[31m.txt: not audio" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "no\x1b]0;pwned\x07where")]) == EXIT_INVALID
+    assert "no\\x1b]0;pwned\\x07where: no such data directory" in capsys.readouterr().err
+    row = {"trial": "1\x1b[2J", "status": "OK", "teacher": "cnn\x1b[31m", "epochs": "x", "frr_conditions": "low"}
+    assert main(["results", experiment(tmp_path, **{"leaderboard.json": json.dumps([row])})]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "cnn\\x1b[31m" in out
+
+
+def test_huge_files_are_refused_from_their_size_unread(tmp_path, capsys):
+    # Rule: a leaderboard, manifest, dataset.json or .onnx far past its cap (sparse here) is refused in one line from
+    # its size on record, before any of it is read: a 1 GB leaderboard cost 2.8 GB, a 2 GB .onnx 2.2 GB, and a 1 GB
+    # manifest.jsonl 64 MiB.
+    cases = [["results", experiment(tmp_path, **{"leaderboard.json": 2**30})],
+             ["data", "check", str(Path(sparse(tmp_path / "set" / "manifest.jsonl", 2**30)).parent)],
+             ["data", "synth", "--out", str(Path(sparse(tmp_path / "syn" / "dataset.json", 2**30)).parent)],
+             ["detect", sparse(Path(model_with(tmp_path / "m")), 2**31), str(tmp_path / "a.wav")]]
+    for argv in cases:
+        main(argv)  # the command's modules imported, so that only the refusal is measured
+        capsys.readouterr()
+        tracemalloc.start()
+        try:
+            assert main(argv) == EXIT_INVALID, argv
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "allowed" in err and peak < 8 * 2**20, (argv, peak, err)

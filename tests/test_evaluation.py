@@ -1,6 +1,7 @@
 """kd_tune.evaluation (`kd-tune eval`): figures with known answers from a hand-built model on a tiny folder."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import onnx
@@ -10,7 +11,7 @@ from onnx import TensorProto, helper
 
 from kd_tune import evaluation
 from kd_tune.cli import main
-from kd_tune.detect import FORMAT, INPUT_NAME, OUTPUT_NAME, card_name, sha256
+from kd_tune.detect import FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, card_name, sha256
 from kd_tune.metrics import SECONDS_PER_HOUR
 
 RATE = 16000
@@ -206,3 +207,25 @@ def test_det_thresholds_cover_the_operating_range_of_a_quiet_hour():
     assert [by_threshold[t]["frr"] for t in targets] == list(printed.values())
     assert all(by_threshold[t]["fa_per_hour"] <= target
                for t, target in zip(targets, evaluation.FA_TARGETS_PER_HOUR, strict=True))
+
+
+def test_long_audio_is_capped_and_streamed_one_recording_at_a_time(tmp_path, folder, capsys):
+    # Rule: `kd-tune eval --max-hours H` scores at most H hours of long audio in name order (the last recording cut,
+    # the rest never opened), and says so; memory holds one recording at a time, not all of them: one 60 s FLAC
+    # linked 20 times used to cost 20 minutes of audio held at once, and a link per hour had no bound at all.
+    for i in range(20):
+        (folder / "long" / f"copy{i:02d}.wav").symlink_to(folder / "long" / "room.wav")
+    model = peak_model(tmp_path / "model.onnx")
+    assert main(["eval", str(model), str(folder), "--out", str(tmp_path / "out"), "--max-hours", "0.025"]) == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["negative_hours"] == pytest.approx(0.025) and report["long_recordings"] == 2
+    assert report["long_hours_cap_reached"] and "the first 0.025 h (--max-hours)" in capsys.readouterr().out
+    recording_bytes = 4 * 60 * RATE
+    tracemalloc.start()
+    try:
+        whole = evaluation.evaluate_model(model, folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert whole["long_recordings"] == 21 and not whole["long_hours_cap_reached"]
+    assert peak < 3 * recording_bytes + RUN_BATCH * WINDOW * 4, peak  # all 21 held: 21 recordings and the batch
