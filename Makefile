@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the whole job on the embedded default) and `make test` (the whole suite).
+# Two entry points: `make demo` (the whole job on the embedded default) and `make test` (ruff, then the whole suite).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/kd-tune demo --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(BIN)/ruff check kd_tune tests
 	$(BIN)/python -m pytest -q
 
 clean:

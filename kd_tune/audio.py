@@ -124,7 +124,7 @@ class AudioFile:
     sha256: str
 
     @staticmethod
-    def read(path: Path) -> "AudioFile":
+    def read(path: Path) -> AudioFile:
         """The file read once (the bytes hashed are the bytes decoded); its header checked before decoding."""
         try:
             data = read_bounded(path)

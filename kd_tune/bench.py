@@ -24,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 from unittest import mock
 
@@ -98,7 +99,7 @@ def timed_fit(config: Config, data: WakewordData) -> dict:
 
 def epoch_wall_s(*runs: list[dict]) -> float:
     """Median wall-clock of an epoch, report to report, over the runs' epochs from the second on."""
-    return statistics.median(b["reported_unix"] - a["reported_unix"] for run in runs for a, b in zip(run, run[1:]))
+    return statistics.median(b["reported_unix"] - a["reported_unix"] for run in runs for a, b in pairwise(run))
 
 
 def epoch_steps_s(*runs: list[dict]) -> float:
@@ -123,7 +124,7 @@ def cache_vs_live(config: Config, data: WakewordData) -> dict:
             "cache_steps_s": cache_steps_s, "steps_speedup": live_steps_s / cache_steps_s, "cache_build_s": build_s,
             "cache_shards": len(shard_names(config)), "break_even_epochs": build_s / max(live_s - cache_s, 1e-9),
             **{f"live_{k}": live[-1][k] for k in LOSSES}, **{f"cache_{k}": cached[-1][k] for k in LOSSES},
-            "max_loss_difference": max(abs(a[k] - b[k]) for a, b in zip(live, cached) for k in LOSSES)}
+            "max_loss_difference": max(abs(a[k] - b[k]) for a, b in zip(live, cached, strict=True) for k in LOSSES)}
 
 
 # ---------------------------------------------------------------- (b) Ray Train trial vs plain process
@@ -256,5 +257,5 @@ def format_report(report: dict) -> str:
     rows = [("part", "measure", "value")] + [(part, key, cell(value)) for part, figures in report.items()
                                              for key, value in figures.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 

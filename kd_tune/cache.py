@@ -23,21 +23,21 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kd_tune.checkpoint import (MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, Identity, load_checkpoint,
+                                save_checkpoint, verify_checkpoint)
 from kd_tune.config import Config, TeacherConfig
 from kd_tune.data import WakewordData, load_data
 from kd_tune.distill import combine_teachers
 from kd_tune.features import LogMel, front_end, render_view
 from kd_tune.models import teacher_input_kind
-from kd_tune.teachers import load_teacher, teacher_store
-from kd_tune.checkpoint import (MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, Identity, load_checkpoint,
-                                save_checkpoint, verify_checkpoint)
 from kd_tune.storage import Storage
+from kd_tune.teachers import load_teacher, teacher_store
 
 log = logging.getLogger("kd_tune.cache")
 CACHE_FORMAT = "kd_tune.teacher_cache/1"

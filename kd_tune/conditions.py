@@ -195,7 +195,7 @@ def active_rms(audio: np.ndarray) -> float:
 # ---------------------------------------------------------------- rooms and microphones
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def room_response(rt60_s: float, distance: str, room: str = "living") -> np.ndarray:
     """The image-source impulse response [L] of a room of ROOMS at this RT60, mouth to device at `distance`."""
     import pyroomacoustics as pra  # ~0.5 s to import: only where a room is used
@@ -211,7 +211,7 @@ def room_response(rt60_s: float, distance: str, room: str = "living") -> np.ndar
     return np.asarray(shoebox.rir[0][0], np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def microphone_filter(microphone: str) -> np.ndarray:
     """Second-order sections of a telephone band (300-3400 Hz) or a cheap MEMS microphone's response (a 200 Hz
     roll-off, a +5 dB presence peak at 4 kHz, a 7 kHz low-pass)."""

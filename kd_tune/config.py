@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
@@ -195,7 +196,7 @@ class DistillationConfig(Section):
     @field_validator("alpha_step_points")
     @classmethod
     def _increasing(cls, points: tuple[float, ...]) -> tuple[float, ...]:
-        if not points or any(a >= b for a, b in zip(points, points[1:])):
+        if not points or any(a >= b for a, b in pairwise(points)):
             raise ValueError(f"alpha_step_points {shown(list(points))} must be a non-empty, strictly increasing "
                              "list of progress fractions in (0, 1)")
         return points

@@ -12,8 +12,9 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from ray import tune
 
@@ -48,7 +49,7 @@ def ray_output_to(log_path: Path | None) -> Iterator[TextIO]:
             _console = sys.stdout
             sys.stdout.flush()
             sys.stderr.flush()
-            for fd, original in zip((1, 2), saved):
+            for fd, original in zip((1, 2), saved, strict=True):
                 os.dup2(original, fd)
                 os.close(original)
             console.close()

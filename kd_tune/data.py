@@ -92,6 +92,12 @@ def speaker_of(file_name: str) -> str | None:
     return (stem.split("_", 1)[0] or None) if "_" in stem else None
 
 
+def split_of_file(path: Path, root: Path) -> str:
+    """The split of a file in root's class folders: a hash of its speaker id (so a speaker never straddles splits),
+    else of its path relative to root. `scan` and `kd-tune data add` split by this one rule."""
+    return split_for(speaker_of(path.name) or path.relative_to(root).as_posix())
+
+
 def folder_files(root: Path, kind: str) -> list[Path]:
     """Every non-hidden entry but folders under root/kind, sorted: a FIFO or device named like a clip is listed, so
     that reading it counts it as unreadable (kd_tune.audio.AudioFile) instead of its leaving no trace."""
@@ -148,11 +154,8 @@ def manifest_entry(root: Path, line: str, *, where: str, real_root: str | None =
 
 
 def scan(root: str | Path) -> list[ClipInfo]:
-    """Every clip of a data set folder (manifest.jsonl or class folders), with its label, kind and split.
-
-    In class folders the split comes from a hash of the speaker id when file names look like
-    `<speaker>_<anything>` (so a speaker never straddles splits), else of the file's path relative to root.
-    """
+    """Every clip of a data set folder (manifest.jsonl or class folders), with its label, kind and split (in class
+    folders, split_of_file's)."""
     root = Path(root)
     if not root.is_dir():
         raise MissingDataError(f"{root}: no such data directory; allowed: {EXPECTED_LAYOUT}")
@@ -165,9 +168,8 @@ def scan(root: str | Path) -> list[ClipInfo]:
     for kind in KINDS:
         for path in folder_files(root, kind):
             if path.suffix.lower() in AUDIO_SUFFIXES:
-                speaker = speaker_of(path.name)
-                key = speaker or path.relative_to(root).as_posix()
-                clips.append(ClipInfo(path, LABEL_OF_KIND[kind], kind, split_for(key), voice=speaker or ""))
+                clips.append(ClipInfo(path, LABEL_OF_KIND[kind], kind, split_of_file(path, root),
+                                      voice=speaker_of(path.name) or ""))
     return clips
 
 
@@ -232,7 +234,8 @@ class Split:
     def labelled(self) -> Split:
         """The split without its straddle windows: what a model trains on with hard labels alone."""
         keep = self.labels != UNLABELLED  # [N]
-        return Split(self.audio[keep], self.labels[keep], [k for k, kept in zip(self.kinds, keep.tolist()) if kept])
+        kinds = [k for k, kept in zip(self.kinds, keep.tolist(), strict=True) if kept]
+        return Split(self.audio[keep], self.labels[keep], kinds)
 
 
 @dataclass(frozen=True)

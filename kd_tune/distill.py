@@ -1,13 +1,14 @@
 """Knowledge-distillation loss, alpha/temperature schedules and teacher ensembling: pure tensor functions."""
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_tune.config import ALPHA_SCHEDULES, TEACHER_COMBINATIONS, TEMPERATURE_SCHEDULES  # noqa: F401 (re-exported)
+from kd_tune.config import ALPHA_SCHEDULES, TEACHER_COMBINATIONS, TEMPERATURE_SCHEDULES
 from kd_tune.data import UNLABELLED
 
 

@@ -1,8 +1,8 @@
 """`kd-tune eval MODEL.onnx DATA`: an exported model measured on held-out audio the way it will run on a device.
 
 DATA is a folder with positive/ and negative/ clips (optionally hard_negative/ and background/) and long negative
-recordings under long/, or a kd_tune data set (manifest.jsonl), of which the test split and long/test/ are used. Every file is read,
-downmixed and resampled like `kd-tune detect` does, and scored by the same streaming detector:
+recordings under long/, or a kd_tune data set (manifest.jsonl), of which the test split and long/test/ are used.
+Every file is read, downmixed and resampled like `kd-tune detect` does, and scored by the same streaming detector:
 
 - a clip's score is its highest window probability, so a positive counts as detected if the detector fires anywhere
   in it; FRR at the model's own threshold, and the clip ROC AUC, come from these scores;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,19 +141,17 @@ def false_activations(streams: list[np.ndarray], threshold: float, *, hop_second
 
 
 def det_points(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours: float, hop_seconds: float,
-               refractory_seconds: float, threshold: float | None = None) -> list[dict]:
+               refractory_seconds: float, exact: Sequence[float] = ()) -> list[dict]:
     """(threshold, FRR, FA/h) over thresholds that cover both axes: quantiles of the positives' scores (FRR in even
-    steps), the streams' peaks ranked from the top (FA/h), exactly the model's `threshold` and the ones
-    frr_at_targets picks (so the operating point and the printed FRR at each target lie on the curve), and one
+    steps), the streams' peaks ranked from the top (FA/h), exactly the `exact` ones (the model's threshold and
+    det_target_thresholds', so the operating point and the printed FRR at each target lie on the curve), and one
     above every score."""
     # Quantiles of all scores together put nearly every threshold below 0.001, where an hour of quiet audio sits,
     # and none near the operating point: each axis gets its own half of the budget instead.
     half = DET_THRESHOLDS // 2
-    exact = [*det_target_thresholds(streams, hours=hours, hop_seconds=hop_seconds,
-                                    refractory_seconds=refractory_seconds), *([] if threshold is None else [threshold])]
     top = max(float(positive_scores.max()), *(float(s.max()) for s in streams))
     thresholds = np.unique(np.r_[np.quantile(positive_scores, np.linspace(0, 1, half)), peak_grid(streams, half),
-                                 exact, np.nextafter(np.float32(top), np.float32(np.inf))])
+                                 list(exact), np.nextafter(np.float32(top), np.float32(np.inf))])
     return [{"threshold": float(t), "frr": float(np.mean(positive_scores < t)),
              "fa_per_hour": false_activations(streams, t, hop_seconds=hop_seconds,
                                               refractory_seconds=refractory_seconds) / hours}
@@ -174,19 +172,16 @@ def peak_grid(streams: list[np.ndarray], count: int) -> np.ndarray:
 
 def det_target_thresholds(streams: list[np.ndarray], *, hours: float, hop_seconds: float,
                           refractory_seconds: float) -> list[float]:
-    """The thresholds frr_at_targets measures FRR at, one per FA_TARGETS_PER_HOUR, found the same way."""
+    """Per FA_TARGETS_PER_HOUR, the lowest threshold that keeps the streams (`hours` of audio) within it: searched
+    once per evaluation, then frr_at_targets measures FRR there and det_points holds them exactly."""
     stream = np.concatenate(streams)
     return [threshold_for_fa_rate(stream, target_fa_per_hour=target, hop_seconds=hop_seconds,
                                   refractory_seconds=refractory_seconds, hours=hours)
             for target in FA_TARGETS_PER_HOUR]
 
 
-def frr_at_targets(positive_scores: np.ndarray, streams: list[np.ndarray], *, hours: float, hop_seconds: float,
-                   refractory_seconds: float) -> dict[str, float]:
-    """{"1": FRR, ...}: FRR at the lowest threshold that keeps the streams (`hours` of audio) within each of
-    FA_TARGETS_PER_HOUR."""
-    thresholds = det_target_thresholds(streams, hours=hours, hop_seconds=hop_seconds,
-                                       refractory_seconds=refractory_seconds)
+def frr_at_targets(positive_scores: np.ndarray, thresholds: Sequence[float]) -> dict[str, float]:
+    """{"1": FRR, ...}: FRR at each of FA_TARGETS_PER_HOUR's thresholds (det_target_thresholds)."""
     return {f"{target:g}": float(np.mean(positive_scores < threshold))
             for target, threshold in zip(FA_TARGETS_PER_HOUR, thresholds, strict=True)}
 
@@ -220,6 +215,8 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engi
     auc = roc_auc(np.r_[positives, negatives], labels) if len(negatives) else math.nan
     fa = false_activations(streams, detector.threshold, hop_seconds=hop_seconds,
                            refractory_seconds=detector.refractory_seconds)
+    figures = {"hours": hours, "hop_seconds": hop_seconds, "refractory_seconds": detector.refractory_seconds}
+    targets = det_target_thresholds(streams, **figures)  # the threshold search, once: FRR at targets and DET share it
     report = {"model": str(model), "data": str(data), "source": audio.source, "threshold": detector.threshold,
               "target_fa_per_hour": detector.card.model_extra.get("target_fa_per_hour"),
               "positives": len(positives), "negatives": len(negatives),
@@ -227,10 +224,8 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engi
               "long_hours_cap_reached": capped, "skipped_special_files": audio.skipped,
               "negative_hours": hours, "frr": float(np.mean(positives < detector.threshold)),
               "false_activations": fa, "fa_per_hour": fa / hours, "auc": None if math.isnan(auc) else auc,
-              "frr_at_fa_per_hour": frr_at_targets(positives, streams, hours=hours, hop_seconds=hop_seconds,
-                                                   refractory_seconds=detector.refractory_seconds),
-              "det": det_points(positives, streams, hours=hours, hop_seconds=hop_seconds,
-                                refractory_seconds=detector.refractory_seconds, threshold=detector.threshold)}
+              "frr_at_fa_per_hour": frr_at_targets(positives, targets),
+              "det": det_points(positives, streams, **figures, exact=[*targets, detector.threshold])}
     if out_dir is not None:
         write_report(report, out_dir)
     return report

@@ -38,9 +38,9 @@ from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
 from kd_tune.leaderboard import LEADERBOARD_NAME, experiment_storage
 from kd_tune.metrics import METRICS, audio_hours, wakeword_metrics
 from kd_tune.models import build_student, count_parameters
+from kd_tune.scoring import predict
 from kd_tune.signing import signed
 from kd_tune.storage import PathEscapeError, Storage, read_json, write_json
-from kd_tune.scoring import predict
 from kd_tune.train import STUDENT_KIND
 
 OPSET = 17

@@ -27,8 +27,8 @@ from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.metrics import METRICS
 from kd_tune.space import SearchSpace, space_from
 from kd_tune.storage import Storage, check_plain_uri, read_json, write_text
-from kd_tune.yamlfile import MAX_YAML_BYTES, yaml_from_bytes
 from kd_tune.teachers import TEACHER_KIND, teacher_store
+from kd_tune.yamlfile import MAX_YAML_BYTES, yaml_from_bytes
 
 LEADERBOARD_NAME = "leaderboard.json"
 LOG_NAME = "sweep.log"  # Ray's tables and actor logs, inside the experiment (unless --verbose)
@@ -195,7 +195,7 @@ def console_cells(row: dict, metrics: list[str], *, epochs: int, experiment: str
 def table(cells: list[dict[str, str]], cols: list[str]) -> str:
     lines = [cols] + [[c[col] for col in cols] for c in cells]
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def shown_status(row: dict, epochs: int) -> str:

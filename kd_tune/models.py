@@ -6,6 +6,7 @@ wide CNN that needs no download, or a transformers speech encoder with a pooled 
 """
 
 from functools import partial
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -81,7 +82,8 @@ class TCResNet(nn.Module):
         self.norm = nn.BatchNorm1d(n_mels)
         self.stem = nn.Conv1d(n_mels, stem, 3, padding=1, bias=False)
         c_ins = [stem, *stages[:-1]]
-        self.blocks = nn.Sequential(*[ResidualBlock(a, b, kernel=9, stride=2, dims=1) for a, b in zip(c_ins, stages)])
+        self.blocks = nn.Sequential(*[ResidualBlock(a, b, kernel=9, stride=2, dims=1)
+                                      for a, b in zip(c_ins, stages, strict=True)])
         self.head = nn.Linear(stages[-1], N_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, n_mels, T]
@@ -172,7 +174,7 @@ class CNNTeacher(nn.Module):
         self.stem = nn.Sequential(nn.Conv1d(n_mels, widths[0], 3, padding=1, bias=False), nn.BatchNorm1d(widths[0]),
                                   nn.ReLU())
         self.blocks = nn.Sequential(*[ResidualBlock(a, b, kernel=9, stride=2, dims=1)
-                                      for a, b in zip(widths, widths[1:])])
+                                      for a, b in pairwise(widths)])
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(widths[-1], N_CLASSES))
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, n_mels, T]

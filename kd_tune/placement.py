@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import ray
 from ray._private.state import state as gcs_state
@@ -53,7 +53,7 @@ def remove(find: Callable[[], list[str]], why: str) -> list[str]:
         for group in found:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group)))
             log.warning("removed placement group %s: %s", group, why)
-    except Exception as e:  # noqa: BLE001 - cleaning up after others must never stop a sweep
+    except Exception as e:  # broad on purpose: cleaning up after others must never stop a sweep
         log.warning("could not look for placement groups %s: %s", why, e)
         return []
     return found

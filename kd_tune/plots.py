@@ -22,16 +22,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import optuna  # noqa: E402
-import yaml  # noqa: E402
-from optuna.distributions import CategoricalDistribution, FloatDistribution  # noqa: E402
+import matplotlib.pyplot as plt
+import optuna
+import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from kd_tune.config import validate  # noqa: E402
-from kd_tune.errors import KdTuneError  # noqa: E402
-from kd_tune.metrics import METRICS  # noqa: E402
-from kd_tune.space import SearchSpace  # noqa: E402
-from kd_tune.storage import Storage, read_text  # noqa: E402
+from kd_tune.config import validate
+from kd_tune.errors import KdTuneError
+from kd_tune.metrics import METRICS
+from kd_tune.space import SearchSpace
+from kd_tune.storage import Storage, read_text
 
 PLOTS_DIR = "plots"
 DPI = 120
@@ -351,7 +351,7 @@ def condition_curves(report: dict, path: Path) -> Path:
         clean = next((r["frr_at_target"] for r in rows if r["group"] == "clean"), None)
         for index, noise in enumerate(dict.fromkeys(r["noise"] for r in rows if r["group"] == "noise")):
             points = sorted((r["snr_db"], r["frr_at_target"]) for r in rows if r["noise"] == noise)
-            noise_axes.plot(*zip(*points), styles[number % 3], marker="o", color=f"C{index}",
+            noise_axes.plot(*zip(*points, strict=True), styles[number % 3], marker="o", color=f"C{index}",
                             label=f"{noise} ({name})" if number == 0 or index == 0 else None)
         if clean is not None:
             noise_axes.axhline(clean, color="black", linestyle=styles[number % 3], linewidth=0.8,

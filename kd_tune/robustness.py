@@ -35,6 +35,7 @@ TARGET_FA_PER_HOUR = 1.0
 SHORT_STREAM_MINUTES = 20.0
 NEGATIVE_KEY = 1_000_003  # keeps the noise excerpts of negatives apart from the positives'
 STREAM_KEY = 2_000_003
+PRINT_NOW = functools.partial(print, flush=True)  # run_grid's default progress: each line shown as it happens
 
 
 def capped_stream(recordings: list[np.ndarray], seconds: float | None) -> list[np.ndarray]:
@@ -153,7 +154,7 @@ def summary(report: dict) -> str:
 
 def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | None = None,
              noise: dict[str, Path] | None = None, stream_minutes: float | None = None,
-             engine: str | None = None, progress=functools.partial(print, flush=True),
+             engine: str | None = None, progress=PRINT_NOW,
              max_long_hours: float = MAX_LONG_HOURS) -> dict:
     """The exported model (and a baseline) under every condition of the grid, on DATA as `kd-tune eval` reads it;
     the table, plot and figures written to `out`. The grid holds the long audio it conditions (~230 MB per hour):

@@ -19,14 +19,13 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.fs
 import ray
 import ray.experimental.internal_kv
 import yaml
-from tqdm import tqdm
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.execution import class_cache
@@ -35,6 +34,7 @@ from ray.tune.result import EXPR_PROGRESS_FILE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm import tqdm
 
 from kd_tune.board import TensorBoardCallback
 from kd_tune.cache import Job, build_cache, build_shard
@@ -86,11 +86,9 @@ class KeepHistory:
         local = Path(trial.local_path, file_name)
         if local.exists():
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):  # a trial's first start
             pyarrow.fs.copy_files(f"{trial.storage.trial_fs_path}/{file_name}", str(local),
                                   source_filesystem=trial.storage.storage_filesystem)
-        except FileNotFoundError:
-            pass  # a trial's first start
 
 
 class HistoryJsonLogger(KeepHistory, JsonLoggerCallback):
@@ -215,7 +213,7 @@ def check_storage_shared(store: Storage) -> None:
                         .remote(store.local_path(marker)) for n in nodes])
     finally:
         store.filesystem.delete_file(store.path(marker))
-    blind = [n["NodeManagerAddress"] + ":" + n["NodeID"][:8] for n, ok in zip(nodes, seen) if not ok]
+    blind = [n["NodeManagerAddress"] + ":" + n["NodeID"][:8] for n, ok in zip(nodes, seen, strict=True) if not ok]
     if blind:
         raise SweepError(f"storage.root {store.uri} is a local path that nodes {blind} cannot see: use s3://... "
                          "or a path on storage mounted at the same place on every node (NFS)")

@@ -56,14 +56,14 @@ class TeacherEnsemble(nn.Module):
         self.combine, self.device, self.dtype = combine, device, dtype
         self.to(device=device, dtype=dtype)
 
-    def train(self, mode: bool = True) -> "TeacherEnsemble":
+    def train(self, mode: bool = True) -> TeacherEnsemble:
         return super().train(False)  # teachers stay in eval mode: no dropout, no BatchNorm statistics updates
 
     @torch.no_grad()
     def forward(self, inputs: dict[str, Tensor], *, view: int | None = None, index: Tensor | None = None) -> Tensor:
         """Combined logits [B, 2] of the live teachers; view and index serve the cached alternative only."""
         logits = []
-        for name, teacher in self.teachers.items():
+        for teacher in self.teachers.values():
             x = inputs[teacher.input_kind].to(self.device, self.dtype)  # [B, N_SAMPLES] or [B, n_mels, T]
             logits.append(teacher(x).float())  # [B, 2]
         out = logits[0] if len(logits) == 1 else combine_teachers(logits, method=self.combine)

@@ -15,10 +15,10 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -192,7 +192,7 @@ def all_reduce_mean(metrics: dict[str, float], *, peak: bool = False) -> dict[st
     keys = sorted(metrics)
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(values, op=dist.ReduceOp.MAX if peak else dist.ReduceOp.SUM)
-    return dict(zip(keys, (values if peak else values / dist.get_world_size()).tolist()))
+    return dict(zip(keys, (values if peak else values / dist.get_world_size()).tolist(), strict=True))
 
 
 def reset_memory_peaks(device: torch.device) -> None:

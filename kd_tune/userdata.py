@@ -21,7 +21,7 @@ import soundfile as sf
 
 from kd_tune.audio import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, read_recording
 from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, MAX_MANIFEST_BYTES, SPLITS, DataError, folder_files, \
-    read_all, read_text_within, recording_paths, speaker_of, split_for
+    read_all, read_text_within, recording_paths, speaker_of, split_of_file
 from kd_tune.features import SAMPLE_RATE
 from kd_tune.signing import SpecialFileError, open_regular
 from kd_tune.storage import write_text
@@ -153,7 +153,7 @@ def clip_copies(source: Path, addition: Addition) -> tuple[list[Copy], list[str]
         target = f"{USER_FOLDER}/{kind}/{path.relative_to(source / kind).as_posix()}"
         entry = {"path": target, "label": LABEL_OF_KIND[kind], "kind": kind, "text": None,
                  "voice": f"user:{speaker}" if speaker else "user",
-                 "split": split_for(speaker or path.relative_to(source).as_posix())}
+                 "split": split_of_file(path, source)}
         copies.append(Copy(path, target, file.sha256, entry))
     return copies, refused
 

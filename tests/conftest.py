@@ -1,7 +1,6 @@
 """Shared fixtures: `small_dataset`, a small synthetic data set; `moto_s3`, a real S3 protocol server (moto) on
-127.0.0.1 for the whole session; `s3_bucket`, a fresh bucket on it."""
+127.0.0.1 for the whole session; `s3_bucket`, a fresh bucket on it; `folder`, a tiny eval folder with known answers."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,10 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+from ray_cluster import free_port
 
 MOTO_START_TIMEOUT_S = 30.0
 MOTO_STOP_TIMEOUT_S = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _moto_command(port: int) -> list[str]:
@@ -47,7 +41,7 @@ def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="session")
 def moto_s3(tmp_path_factory):
     """The endpoint URL (http://127.0.0.1:PORT) of a moto S3 server, stopped by its PID at the end."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto_server.log"
     with open(log, "wb") as out:  # a file, not a pipe: moto logs every request and a full pipe would block it
         proc = subprocess.Popen(_moto_command(port), stdout=out, stderr=subprocess.STDOUT)
@@ -88,6 +82,15 @@ def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_dataset")
     synthesize(root, size="small", seed=0, progress=False)
     return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """test_evaluation's tiny eval folder, whose figures for its peak_model are worked out by hand (eval, condition
+    grid and progress tests)."""
+    from test_evaluation import eval_folder
+
+    return eval_folder(tmp_path)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ Only what these helpers start is stopped, by PID: never `ray stop`, since other 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "TrainStateActor"}
 
 
 def free_port() -> int:
+    """A local TCP port nothing listens on now (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,10 +76,8 @@ class RayNode:
                 pass
         _, alive = psutil.wait_procs(processes, timeout=15)
         for process in alive:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-            except psutil.NoSuchProcess:
-                pass
         self.process.wait()
 
 

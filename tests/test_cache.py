@@ -88,7 +88,7 @@ def test_cache_and_live_teachers_give_the_same_losses(config, data):
     both["distillation"]["teacher_mode"] = "cache"
     cached = fit_losses(make_config(data.root, config.storage.root, **both), data)  # builds the cache on first use
     assert len(live) == len(cached) == 2
-    for live_epoch, cached_epoch in zip(live, cached):
+    for live_epoch, cached_epoch in zip(live, cached, strict=True):
         for name in LOSSES:
             assert cached_epoch[name] == pytest.approx(live_epoch[name], abs=1e-6), name
 
@@ -208,7 +208,7 @@ def test_first_users_at_once_build_each_shard_once(config, data, count_builds):
     def first_use():
         try:
             results.append(cache.cached_teachers(cache_config, data, torch.device("cpu")))
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+        except Exception as error:  # broad on purpose: reported by the assertion below
             errors.append(error)
 
     threads = [threading.Thread(target=first_use) for _ in range(2)]
@@ -250,7 +250,7 @@ def test_ray_build_makes_the_same_shards_as_the_in_process_build(config, data, t
             b = load_checkpoint(on_ray_config.storage.root, rel)
             assert a.manifest["extra"] == b.manifest["extra"]
             for stem in a.tensors:
-                for tensor, other in zip(a.tensors[stem].values(), b.tensors[stem].values()):
+                for tensor, other in zip(a.tensors[stem].values(), b.tensors[stem].values(), strict=True):
                     # Equal to float32 rounding, not bit for bit: a Ray task runs with OMP_NUM_THREADS=1, the
                     # driver with every core, and oneDNN sums a convolution in another order by thread count (logits
                     # 5.7e-6 apart on an AVX-512 Xeon, identical on other machines).

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -18,9 +19,10 @@ def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     # Rule: `kd-tune demo --size small` synthesizes data, fine-tunes the teachers, sweeps (its own local Ray, stopped
     # at the end), exports the leaderboard's best trial as an ONNX model that onnxruntime runs, and measures it on the
     # held-out test split. Without a terminal its console is a line per phase (and a plain progress line per 30 s of a
-    # long phase), no Ray tables or actor lines and no progress bars (those go to the experiment's sweep.log); it ends with the leaderboard, the exported model and its
-    # held-out figures, the plots, the log's path and, last, the result block: the winner, the model it became
-    # and what to run next (TensorBoard last), within 120 columns. The plots are valid PNGs.
+    # long phase), no Ray tables or actor lines and no progress bars (those go to the experiment's sweep.log); it
+    # ends with the leaderboard, the exported model and its held-out figures, the plots, the log's path and, last,
+    # the result block: the winner, the model it became and what to run next (TensorBoard last), within 120 columns.
+    # The plots are valid PNGs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "kd_tune", "demo", "--out", str(tmp_path), "--search-space", "smoke",
                           "--size", "small", "--set", "tune.num_samples=2", "--set",
@@ -39,7 +41,7 @@ def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     # the block fits 120 columns, but for the user's own paths (here pytest's long temporary folder)
     assert max(len(line.replace(str(tmp_path), "OUT")) for line in stdout[order[-3]:]) <= 120, stdout
     plots = [line.removeprefix("plot: ") for line in stdout if line.startswith("plot: ")]
-    assert len(plots) >= 2 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert len(plots) >= 2 and all(Path(p).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in plots)
     assert (tmp_path / "eval" / "det.png").is_file() and (tmp_path / "sweep" / "sweep.log").stat().st_size > 0
     rows = json.loads((tmp_path / "sweep" / "leaderboard.json").read_text())
     assert len(rows) == 2 and all(r["status"] == "OK" for r in rows)

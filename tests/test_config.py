@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 import pytest
 import yaml
@@ -139,7 +140,7 @@ def billion_laughs(levels: int = 9) -> str:
     """The classic alias bomb: 9 aliases per level, 9^levels strings once expanded, ~400 bytes as text."""
     names = "abcdefghijklmnop"[:levels]
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    lines += [f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]" for previous, name in zip(names, names[1:])]
+    lines += [f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]" for previous, name in pairwise(names)]
     return "\n".join(lines) + f"\ntraining:\n  epochs: *{names[-1]}\n"
 
 

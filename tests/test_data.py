@@ -66,6 +66,15 @@ def clean_folder(root: Path) -> Path:
     return root
 
 
+def complete_folder(root: Path) -> Path:
+    """clean_folder with a positive and a negative clip of a train speaker too: every split has both classes."""
+    clean_folder(root)
+    speaker = speakers_in("train", 1)[0]
+    for kind in ("positive", "negative"):
+        sf.write(root / kind / f"{speaker}_a.wav", tone(0.8, 16000), 16000)
+    return root
+
+
 def user_folder(root: Path) -> Path:
     """Good train clips of both classes in several formats, good val and test clips, and one file per problem."""
     speaker_a, speaker_b = speakers_in("train", 2)
@@ -266,10 +275,7 @@ def test_check_reports_every_bad_file_with_a_reason(tmp_path):
 
 def test_check_of_a_clean_folder_is_ok(tmp_path):
     # Rule: .ok is True when no file has a problem.
-    root = clean_folder(tmp_path / "clean")
-    speaker = speakers_in("train", 1)[0]
-    for kind in ("positive", "negative"):
-        sf.write(root / kind / f"{speaker}_a.wav", tone(0.8, 16000), 16000)
+    root = complete_folder(tmp_path / "clean")
     assert check(root).ok and "problems: none" in check(root).format()
 
 

@@ -369,7 +369,10 @@ def test_frames_match_metrics_sliding_windows(length):
 def test_resample_reproduces_a_tone_at_16k(rate):
     # Rule: any input rate is brought to 16 kHz band-limited, without shifting, scaling or stretching the signal.
     seconds = 1.0
-    tone = lambda r: 0.5 * np.sin(2 * np.pi * 440.0 * np.arange(round(seconds * r)) / r)  # noqa: E731
+
+    def tone(r: int) -> np.ndarray:
+        return 0.5 * np.sin(2 * np.pi * 440.0 * np.arange(round(seconds * r)) / r)
+
     out = detect.resample(tone(rate), rate, SAMPLE_RATE)
     assert out.dtype == np.float32 and len(out) == SAMPLE_RATE
     interior = slice(SAMPLE_RATE // 20, -SAMPLE_RATE // 20)  # the edges see the zero padding

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
+from ray_cluster import free_port
 from test_config import billion_laughs
-from test_data import HUGE_RATE_HZ, clean_folder, speakers_in, tone, wav_claiming_rate
-from test_evaluation import clip, peak_model
+from test_data import HUGE_RATE_HZ, clean_folder, complete_folder, speakers_in, wav_claiming_rate
+from test_evaluation import peak_model
 from test_leaderboard import experiment as saved_experiment
 
 from kd_tune.cli import main
@@ -37,12 +36,9 @@ def bad_manifest(root: Path, line: str) -> str:
 
 def no_val_positives(root: Path) -> str:
     """A folder whose val split has negatives only."""
-    clean_folder(root)
+    complete_folder(root)
     for path in (root / "positive").glob(f"{speakers_in('val', 1)[0]}_*"):
         path.unlink()
-    speaker = speakers_in("train", 1)[0]
-    for kind in ("positive", "negative"):
-        sf.write(root / kind / f"{speaker}_a.wav", tone(0.8, 16000), 16000)
     return str(root)
 
 
@@ -268,10 +264,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_data_check_names_a_file_with_an_absurd_header(tmp_path, capsys):
     # Rule: `kd-tune data check` names the 444-byte WAV claiming 10,000,019 Hz with the real reason (exit 1: a
     # report of problems, not a refusal), and never prints a BytesIO in place of a file name.
-    root = clean_folder(tmp_path)
-    speaker = speakers_in("train", 1)[0]
-    for kind in ("positive", "negative"):
-        sf.write(root / kind / f"{speaker}_a.wav", tone(0.8, 16000), 16000)
+    root = complete_folder(tmp_path)
     wav_claiming_rate(root / "negative" / "huge.wav", HUGE_RATE_HZ)
     (root / "negative" / "junk.wav").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     assert main(["data", "check", str(root)]) == 1
@@ -334,20 +327,13 @@ def test_a_run_of_another_config_is_kept_unless_overwritten(tmp_path):
     assert claim_run(store, "run", config, resume=False, overwrite=False) == []  # the same config: a rerun
 
 
-def closed_port() -> int:
-    """A local TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_s3_endpoint_is_one_line_in_bounded_time(tmp_path, capsys, monkeypatch):
     # Rule: an S3 store that does not answer is one line naming storage.root and what is allowed, exit 2, within
     # seconds (pyarrow's OSError used to end in a traceback), for the commands that read and write storage.
     for name, value in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_EC2_METADATA_DISABLED": "true",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
-    endpoint = f"storage.endpoint_override=http://127.0.0.1:{closed_port()}"
+    endpoint = f"storage.endpoint_override=http://127.0.0.1:{free_port()}"  # nothing listens there
     for argv in (["results", "s3://bucket/runs/sweep", "--set", endpoint],
                  ["train", *at_root(tmp_path, "storage.root=s3://bucket/runs", endpoint)]):
         started = time.monotonic()
@@ -362,10 +348,7 @@ def test_special_files_in_class_and_long_folders_are_skipped_and_counted(tmp_pat
     # Rule: a FIFO or device named like a clip in a class folder or long/ is never opened: `data check` lists it as
     # unreadable (skipped when loading), `eval` skips and counts it, and `detect` refuses it in one line; `eval` and
     # `detect` used to block forever on a FIFO, and `data check` left it out without a word.
-    data = clean_folder(tmp_path / "set")
-    speaker = speakers_in("train", 1)[0]
-    for kind in ("positive", "negative"):
-        sf.write(data / kind / f"{speaker}_a.wav", clip(0.9 if kind == "positive" else 0.1), 16000)
+    data = complete_folder(tmp_path / "set")
     (data / "long").mkdir()
     for fifo in (data / "negative" / "fifo.wav", data / "long" / "fifo.wav"):
         os.mkfifo(fifo)

@@ -2,6 +2,7 @@
 
 import json
 import tracemalloc
+from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -43,9 +44,9 @@ def clip(peak: float, seconds: float = 1.0) -> np.ndarray:
     return audio
 
 
-@pytest.fixture
-def folder(tmp_path):
-    """3 loud and 1 quiet positive; 2 quiet negatives; a 60 s recording with 3 loud bursts 20 s apart."""
+def eval_folder(tmp_path):
+    """3 loud and 1 quiet positive; 2 quiet negatives; a 60 s recording with 3 loud bursts 20 s apart: the `folder`
+    fixture (conftest.py)."""
     root = tmp_path / "eval_set"
     for kind, peaks in {"positive": [0.9, 0.8, 0.7, 0.2], "negative": [0.1, 0.3]}.items():
         (root / kind).mkdir(parents=True)
@@ -77,7 +78,7 @@ def test_det_curve_spans_every_operating_point(tmp_path, folder):
     report = evaluation.evaluate_model(peak_model(tmp_path / "model.onnx"), folder, out_dir=tmp_path / "out")
     det = sorted(report["det"], key=lambda p: p["threshold"])
     assert det[0]["frr"] == 0 and det[-1]["frr"] == 1 and det[-1]["fa_per_hour"] == 0
-    assert all(a["frr"] <= b["frr"] for a, b in zip(det, det[1:]))
+    assert all(a["frr"] <= b["frr"] for a, b in pairwise(det))
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert saved["det"] == report["det"] and (tmp_path / "out" / "det.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -168,7 +169,7 @@ def test_det_curve_passes_through_the_printed_figures(tmp_path, capsys):
     printed, det = capsys.readouterr().out, report["det"]
     operating = {k: report[k] for k in ("threshold", "frr", "fa_per_hour")}
     assert operating == {"threshold": THRESHOLD, "frr": 0.25, "fa_per_hour": pytest.approx(3.0, rel=1e-3)}
-    assert operating in det and (operating["fa_per_hour"], operating["frr"]) in zip(*plots.det_line(det))
+    assert operating in det and (operating["fa_per_hour"], operating["frr"]) in zip(*plots.det_line(det), strict=True)
     on_curve = printed_points_on(det, report)
     for target in ("1", "2"):
         assert f"{on_curve[target]['frr']:.3f} at {target} FA/h" in printed
@@ -197,13 +198,13 @@ def test_det_thresholds_cover_the_operating_range_of_a_quiet_hour():
         stream[start:start + 5] = np.float32(rng.uniform(0.05, 0.99)) * np.hanning(7)[1:6].astype(np.float32)
     positives = rng.beta(8.0, 2.0, 300)
     figures = {"hours": hours, "hop_seconds": hop, "refractory_seconds": 1.0}
-    det = evaluation.det_points(positives, [stream], threshold=0.633, **figures)
+    targets = evaluation.det_target_thresholds([stream], **figures)
+    det = evaluation.det_points(positives, [stream], exact=[*targets, 0.633], **figures)
     assert len(det) <= evaluation.DET_THRESHOLDS + len(evaluation.FA_TARGETS_PER_HOUR) + 2
     assert sum(0.01 <= p["threshold"] <= 0.99 for p in det) >= evaluation.DET_THRESHOLDS // 2
     by_threshold = {p["threshold"]: p for p in det}
     assert by_threshold[0.633]["frr"] == float(np.mean(positives < 0.633))
-    targets = evaluation.det_target_thresholds([stream], **figures)
-    printed = evaluation.frr_at_targets(positives, [stream], **figures)
+    printed = evaluation.frr_at_targets(positives, targets)
     assert [by_threshold[t]["frr"] for t in targets] == list(printed.values())
     assert all(by_threshold[t]["fa_per_hour"] <= target
                for t, target in zip(targets, evaluation.FA_TARGETS_PER_HOUR, strict=True))

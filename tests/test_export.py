@@ -97,7 +97,7 @@ def detector(exported) -> detect.Detector:
 
 
 def clips_of(split: Split, *kinds: str) -> list[np.ndarray]:
-    return [clip.numpy() for clip, kind in zip(split.audio, split.kinds) if kind in kinds]
+    return [clip.numpy() for clip, kind in zip(split.audio, split.kinds, strict=True) if kind in kinds]
 
 
 def phrases_and_pauses(split: Split) -> list[np.ndarray]:
@@ -418,7 +418,7 @@ def test_detect_finds_each_wake_word_in_a_stream(detector, wake_stream):
     audio, centres = wake_stream
     times = detector.detect(audio)
     assert len(times) == len(centres), (times, centres)
-    for time_s, centre in zip(times, centres):
+    for time_s, centre in zip(times, centres, strict=True):
         assert abs(time_s - centre) <= TOLERANCE_S, (times, centres)
 
 
@@ -445,7 +445,7 @@ def test_cli_detect_reads_any_rate_and_channels(exported, wake_stream, small_dat
     prefix = f"{wake_file}: wake word at "
     assert wake_line.startswith(prefix)
     times = [float(t.removesuffix(" s")) for t in wake_line.removeprefix(prefix).split(", ")]
-    assert len(times) == len(centres) and all(abs(t - c) <= TOLERANCE_S for t, c in zip(times, centres))
+    assert len(times) == len(centres) and all(abs(t - c) <= TOLERANCE_S for t, c in zip(times, centres, strict=True))
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ counts as repeated when it had a checkpoint at the kill and was reported again a
 tests/test_multinode.py.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -58,10 +59,8 @@ def checkpoint_epochs(trial: Path) -> set[int]:
     """Epochs whose Train checkpoint is on storage now (Train writes them there itself, before Tune hears)."""
     epochs = set()
     for manifest in trial.glob("train/checkpoint_*/manifest.json"):
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError):  # being written or pruned right now
             epochs.add(json.loads(manifest.read_text())["epoch"])
-        except (OSError, ValueError, KeyError):
-            pass  # being written or pruned right now
     return epochs
 
 

@@ -208,7 +208,7 @@ def test_filters_round_each_row_the_same_whatever_its_batch():
         part = (reverberate(wave[:count], spectra[:count], n_fft),
                 channel_gain_db(response_grid(), *(draws[k][:count] for k in CHANNEL_DRAWS)),
                 filter_rows(wave[:count], gains[:count]))
-        for got, want in zip(part, whole):
+        for got, want in zip(part, whole, strict=True):
             assert torch.equal(got, want[:count]), count
 
 
@@ -296,7 +296,8 @@ def test_band_limit_removes_energy_outside_the_drawn_band():
     augment = augment_with(band_limit_prob=1.0, lowpass_hz_max=5000.0)
     draws = augment.draw(32, torch.Generator().manual_seed(1))
     gain = power_ratio(wave, augment(wave, generator=torch.Generator().manual_seed(1)))  # [B, 8001] per Hz
-    for row, (lowpass, highpass) in enumerate(zip(draws["lowpass_hz"].tolist(), draws["highpass_hz"].tolist())):
+    cutoffs = zip(draws["lowpass_hz"].tolist(), draws["highpass_hz"].tolist(), strict=True)
+    for row, (lowpass, highpass) in enumerate(cutoffs):
         above, passband = gain[row, int(1.5 * lowpass):], gain[row, int(2 * highpass):int(0.7 * lowpass)]
         below = gain[row, 1:int(highpass / 2)]
         assert energy_db(above) < -25 and abs(energy_db(passband)) < 0.5 and energy_db(below) < -10, row

@@ -3,10 +3,11 @@
 import io
 import re
 import threading
+from itertools import pairwise
 
 import numpy as np
 import pytest
-from test_evaluation import folder, peak_model  # noqa: F401  (a fixture and a model with known answers)
+from test_evaluation import peak_model  # a model whose every answer can be worked out by hand
 from tqdm import tqdm
 
 from kd_tune import evaluation, progress, streams, synth
@@ -70,7 +71,7 @@ def test_without_a_terminal_the_first_line_comes_within_5_s_then_at_most_every_3
     assert isinstance(bar, LineProgress)
     printed_at = run_steps(bar, clock, steps=1200, seconds_each=0.5, stream=stream)
     assert FIRST_LINE_S <= 5 and printed_at[0] - started <= 5
-    assert all(b - a >= LINE_INTERVAL_S for a, b in zip(printed_at, printed_at[1:]))
+    assert all(b - a >= LINE_INTERVAL_S for a, b in pairwise(printed_at))
     assert len(printed_at) <= 1 + 600 / LINE_INTERVAL_S
     assert len(lines(stream)) == len(printed_at) and all(LINE.match(line) for line in lines(stream)), lines(stream)
 
@@ -186,7 +187,7 @@ def test_synthesis_prints_its_clips_and_streams_in_a_log_and_nothing_without_pro
 
 
 def test_eval_and_the_condition_grid_print_progress_in_a_log_and_nothing_when_disabled(tmp_path, folder, capsys,
-                                                                                       every_step_prints):  # noqa: F811
+                                                                                       every_step_prints):
     # Rule: `kd-tune eval --conditions` without a terminal prints progress lines while it scores the long
     # recordings and through the grid; evaluate_model(progress=False) and a grid without progress print nothing.
     model = peak_model(tmp_path / "model.onnx")

@@ -3,12 +3,12 @@
 import json
 
 import pytest
-from test_evaluation import folder, peak_model  # noqa: F401  (a fixture and a model with known answers)
+from test_evaluation import peak_model  # a model whose every answer can be worked out by hand
 
 from kd_tune.cli import main
 
 
-def test_levels_change_what_a_peak_detector_finds_as_worked_out_by_hand(folder, tmp_path, capsys):  # noqa: F811
+def test_levels_change_what_a_peak_detector_finds_as_worked_out_by_hand(folder, tmp_path, capsys):
     # Rule: each condition is applied to the positives and the long audio alike, and scored at the model's threshold.
     # The model's probability is the window's peak, its threshold 0.5: at -3 dBFS every positive peaks at 0.71 and is
     # found; at -45 dBFS none is, and the long audio's bursts (peaks 0.95 at 5, 25, 45 s) no longer fire either.
@@ -27,7 +27,7 @@ def test_levels_change_what_a_peak_detector_finds_as_worked_out_by_hand(folder, 
     assert "model: FRR at 1 FA/h, mean per group: clean" in capsys.readouterr().out
 
 
-def test_a_bad_grid_or_noise_folder_is_one_line(folder, tmp_path, capsys):  # noqa: F811
+def test_a_bad_grid_or_noise_folder_is_one_line(folder, tmp_path, capsys):
     # Rule: --conditions and --noise mistakes are one line naming the option and what is allowed, exit 2.
     model = peak_model(tmp_path / "peak.onnx")
     assert main(["eval", str(model), str(folder), "--out", str(tmp_path / "o"), "--conditions", "nosuch"]) == 2

@@ -310,9 +310,9 @@ def test_resume_point_is_the_newest_good_checkpoint_and_none_good_is_an_error(s3
     assert verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]), TRIAL).manifest["step"] == 3
     for name in CHECKPOINTS:
         flip_byte(s3_run, f"{RUN}/{name}")
-    with caplog.at_level(logging.WARNING, logger="kd_tune.trial"):
-        with pytest.raises(CheckpointError, match=f"no checkpoint under {s3_run.root}/{RUN} passes verification"):
-            verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]), TRIAL)
+    with (caplog.at_level(logging.WARNING, logger="kd_tune.trial"),
+          pytest.raises(CheckpointError, match=f"no checkpoint under {s3_run.root}/{RUN} passes verification")):
+        verified_resume_point(ray_checkpoint(s3_run, CHECKPOINTS[-1]), TRIAL)
     refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [name for name in reversed(CHECKPOINTS) if any(name in m for m in refused)] == list(reversed(CHECKPOINTS))
 

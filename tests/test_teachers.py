@@ -73,7 +73,8 @@ def test_a_stale_teacher_is_refused_with_the_command_that_retrains_it(stored_tea
     # in one line that names the teacher and the command that retrains it; a current one loads.
     config, teacher, data = stored_teacher
     other = dataclasses.replace(data, labelled_sha256="0" * 64, root=Path("/data/B"))
-    retrain = "; allowed: a teacher fine-tuned with this config: retrain it with `kd-tune teacher train CONFIG --only cnn`"
+    retrain = ("; allowed: a teacher fine-tuned with this config: retrain it with "
+               "`kd-tune teacher train CONFIG --only cnn`")
     with pytest.raises(StaleTeacherError, match=f"^teacher cnn \\({tmp_path}/teachers/cnn\\): trained on other data "
                                                 f"than /data/B{re.escape(retrain)}$") as error:
         load_teacher(config, teacher, other)

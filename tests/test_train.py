@@ -5,6 +5,7 @@ import math
 import resource
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,7 +103,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
     lr = [lr_at(s, total_steps=total, base_lr=base, warmup_fraction=0.1) for s in range(total + 1)]
     assert lr[:10] == pytest.approx([base * (s + 1) / 10 for s in range(10)])  # a straight line from base/10
     assert max(lr) == pytest.approx(base) and lr[9] == pytest.approx(base) and lr[10] == pytest.approx(base)
-    assert all(a > b for a, b in zip(lr[10:], lr[11:]))  # one new value per optimizer step, always falling
+    assert all(a > b for a, b in pairwise(lr[10:]))  # one new value per optimizer step, always falling
     assert lr[55] == pytest.approx(base * (0.1 + 0.9 * 0.5))  # half-way through the decay: half-way down
     assert lr[total] == pytest.approx(0.1 * base) and lr[total - 1] > 0.1 * base
     assert lr_at(0, total_steps=total, base_lr=base, warmup_fraction=0.0) == pytest.approx(base)  # no warm-up
@@ -138,7 +139,10 @@ def test_a_split_or_batch_too_small_to_train_is_refused_before_training(small_da
     config = tiny_config(small_dataset, tmp_path)
     one_clip = dataclasses.replace(data, train=Split(data.train.audio[:1], data.train.labels[:1],
                                                      data.train.kinds[:1]))
-    never = lambda metrics, checkpoint: pytest.fail("an epoch was reported")
+
+    def never(metrics, checkpoint):
+        pytest.fail("an epoch was reported")
+
     with pytest.raises(TooFewClipsError, match=r"^data.root: the training split has 1 clip\(s\).*at least 2") as e:
         fit(config, never, data=one_clip)
     assert e.value.exit_code == 2
@@ -176,9 +180,9 @@ def test_optimizer_step_skips_a_nan_loss():
     model, optimizer, scaler, x = tiny_step_setup()
     before = [p.detach().clone() for p in model.parameters()]
     assert optimizer_step(model(x).sum() * math.nan, model, optimizer, scaler, clip=1.0) is False
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert optimizer_step(model(x).sum(), model, optimizer, scaler, clip=1.0) is True  # a finite one steps
-    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
 
 
 def test_optimizer_step_skips_an_infinite_gradient():
@@ -189,7 +193,7 @@ def test_optimizer_step_skips_an_infinite_gradient():
     loss = model(x).sum()
     assert torch.isfinite(loss)
     assert optimizer_step(loss, model, optimizer, scaler, clip=1.0) is False
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
 
 
