@@ -101,7 +101,7 @@ class FeaturesConfig(Section):
     n_mels: int = Field(40, ge=8, le=128)
     window_ms: float = Field(25.0, gt=0, le=100)
     hop_ms: float = Field(10.0, gt=0, le=50)
-    normalize: Literal["none", "mean", "pcen"] = "none"  # per window: see features.NORMALIZATIONS
+    normalize: Literal["none", "mean", "pcen"] = "pcen"  # per window: see features.NORMALIZATIONS
 
 
 class AugmentConfig(Section):
