@@ -20,6 +20,7 @@ from kd_tune.checkpoint import load_checkpoint
 from kd_tune.config import ConfigError, load_config
 from kd_tune.leaderboard import leaderboard
 from kd_tune.space import SearchSpace, SpaceSampler, builtin_spaces, load_search_space, trial_config
+from kd_tune import sweep as sweep_module
 from kd_tune.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points, trials_that_fit
 from kd_tune.trial import TRAIN_START_RETRIES, trial_dirname
 
@@ -383,3 +384,27 @@ def test_a_wheel_install_finds_the_builtin_search_spaces_by_name(cluster, sweep_
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((Path(config.storage.root) / "from_wheel" / "leaderboard.json").read_text())
     assert len(rows) == 1 and rows[0]["status"] == "OK"
+
+
+def test_a_local_ray_that_fails_to_start_is_started_once_more(monkeypatch):
+    # Rule: a local Ray whose start misses its own deadlines (a machine loaded to the hilt) is started once more, on a
+    # fresh port that the State API address follows; a second failure is raised. ray.init is replaced here because a
+    # start that fails under load cannot be produced on demand.
+    calls = []
+
+    def init(**kwargs):
+        calls.append((kwargs["dashboard_port"], os.environ["RAY_API_SERVER_ADDRESS"]))
+        if len(calls) == 1:
+            raise RuntimeError("Failed to get node info: RPC error: Deadline Exceeded")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setattr(sweep_module.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(sweep_module.ray, "init", init)
+    monkeypatch.setattr(sweep_module.ray, "shutdown", lambda: None)
+    sweep_module.connect_ray(None)
+    assert len(calls) == 2 and all(address.endswith(f":{port}") for port, address in calls)
+    calls.clear()
+    monkeypatch.setattr(sweep_module.ray, "init", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("down")))
+    with pytest.raises(RuntimeError, match="down"):
+        sweep_module.connect_ray(None)
