@@ -53,8 +53,8 @@ def test_bench_reports_every_figure(small_dataset, tmp_path):
 @pytest.mark.slow
 def test_bench_json_with_ray_is_clean_json_on_stdout(small_dataset, tmp_path):
     # Rule: `kd-tune bench --json` prints nothing but the JSON report on stdout, Ray Train part included, even though
-    # the trial's workers print (Ray forwards worker output to the driver's stdout unless told not to). It takes ~2.5 min
-    # on a quiet 2-core machine and over 10 beside two trainings, hence the generous guard.
+    # the trial's workers print (Ray forwards worker output to the driver's stdout unless told not to). It takes
+    # ~2.5 min on a quiet 2-core machine and over 10 beside two trainings, hence the generous guard.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"RAY_AUTH_MODE": "disabled"}
     out = subprocess.run([sys.executable, "-m", "kd_tune", "bench", "--json", "--clips", "32", "--teacher-source",
                           "tiny", "--set", f"data.root={small_dataset}", "--set", "augment.enabled=true", "--set",
