@@ -51,6 +51,9 @@ from kd_tune.teachers import teacher_store
 from kd_tune.train import check_batching
 from kd_tune.trial import TRIAL_DRIVER_RESOURCES, run_trial, trial_dirname
 
+# A local Ray's start can miss its own RPC deadlines on a machine loaded to the hilt (measured: "Failed to get node
+# info ... Deadline Exceeded" beside a full test run on 2 cores); a second start then succeeds.
+LOCAL_START_TRIES = 2
 log = logging.getLogger("kd_tune.sweep")
 CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 # Environment that Ray reads, set for a sweep unless the user set it. Tune uploads the experiment state every 5 s
@@ -58,9 +61,6 @@ CREDENTIAL_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURI
 # 0.2 s instead of 2 s: reports, and so a trial's end, reach Tune that much sooner at no measurable CPU cost
 # (measured: a 2-report trial through Tune and Train 17.2 s -> 10.4 s; `kd-tune bench` part (b) for a real one).
 # Tune and Train forward both variables to the trial and controller actors.
-# A local Ray's start can miss its own RPC deadlines on a machine loaded to the hilt (measured: "Failed to get node
-# info ... Deadline Exceeded" beside a full test run on 2 cores); a second start then succeeds.
-LOCAL_START_TRIES = 2
 RAY_SETTINGS = {"TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
