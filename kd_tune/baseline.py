@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from kd_tune.detect import check_samples, detection_times, load_audio, window_count
+from kd_tune.detect import check_samples, load_audio
 from kd_tune.errors import InputError, MissingExtraError, shown
+from kd_tune.windows import detection_times, window_count
 
 BASELINE_EXTRA_HINT = ("the PocketSphinx baseline needs the optional `baseline` extra (BSD): "
                        "pip install 'kd-tune[baseline]'")
@@ -184,7 +185,7 @@ class PocketSphinxSpotter:
         return load_audio(source, sample_rate=self.sample_rate)
 
     def probabilities(self, audio: np.ndarray) -> np.ndarray:
-        """Scores [W] float32, one per window kd_tune.detect.frames would cut from mono 16 kHz audio [T]: each
+        """Scores [W] float32, one per window kd_tune.windows.frames would cut from mono 16 kHz audio [T]: each
         detection's score at the first window holding its end (the highest where several share one), 0 elsewhere."""
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1 or audio.size == 0:

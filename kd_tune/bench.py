@@ -7,7 +7,8 @@
                     process with as many threads, alternating; a trial's start-up and whole run with the sweep's
                     worker poll (sweep.RAY_SETTINGS) and with Ray Train's default (2 s).
 (c) pipeline        samples per second of render_view + LogMel + SpecAugment on the CPU.
-(d) onnx            latency of the exported default student, front end inside, per 1 s window on one thread.
+(d) onnx            the exported default student, front end inside, on one thread: latency per 1 s window, and of
+                    its streaming form per hop; CPU time per second of a recording, windowed against streaming.
 
 An epoch's time is wall-clock from one report to the next: augmentation, training steps, validation, checkpoint and
 report, all that a trial pays; `*_steps_s` is the training steps alone.
@@ -35,15 +36,18 @@ import torch
 from kd_tune.cache import build_cache, shard_names
 from kd_tune.config import Config
 from kd_tune.data import Split, WakewordData, load_data
-from kd_tune.export import latency_ms, probability_model, to_onnx
-from kd_tune.features import N_SAMPLES, LogMel, front_end, render_view
+from kd_tune.detect import open_session
+from kd_tune.export import OPSET, hop_latency_ms, latency_ms, probability_model, to_onnx
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, front_end, render_view, samples
 from kd_tune.leaderboard import cell
 from kd_tune.metrics import LOSSES
 from kd_tune.models import build_student, count_parameters
+from kd_tune.streaming import StreamingDetector, streaming_onnx
 from kd_tune.sweep import RAY_SETTINGS, connect_ray
 from kd_tune.teachers import initial_teacher, save_teacher
 from kd_tune.train import fit, pick_device
 from kd_tune.trial import ray_report, torch_trainer
+from kd_tune.windows import stream_probabilities, streamed_probabilities
 
 BENCH_CLIPS = 256  # a few minutes on 2 cores with a base-size teacher
 TEACHER_NAME, TEACHER_ARCH = "bench", "wav2vec2"
@@ -52,6 +56,8 @@ LIVE_EPOCHS = 2  # timed from the 2nd epoch on: the first also pays one-time set
 LOOP_EPOCHS = 5  # short epochs vary by ~15% from one to the next: (b) takes the median of 8 per side
 PIPELINE_VIEWS = 2
 PIPELINE_BATCH = 64
+STREAM_BENCH_SECONDS = 60  # of noise, scored by both forms of the exported student
+STREAM_BENCH_ROUNDS = 3
 RAY_TRAIN_POLL_S = "2"  # Ray Train's own default for RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, seconds
 
 
@@ -216,12 +222,29 @@ def pipeline_throughput(config: Config, data: WakewordData) -> dict:
 
 
 def onnx_latency(config: Config) -> dict:
-    """The default student, untrained (latency does not depend on the weights), exported by kd_tune.export."""
+    """The default student, untrained (the cost does not depend on the weights), exported by kd_tune.export in both
+    forms: the windowed model's latency per window, the streaming form's per hop, and each one's CPU time per second
+    of a recording (one thread each, alternating, the median of STREAM_BENCH_ROUNDS)."""
     student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels).eval()
-    model = to_onnx(probability_model(student, LogMel.from_config(config.features)), window_samples=N_SAMPLES)
-    window = 0.1 * np.random.default_rng(0).standard_normal(N_SAMPLES).astype(np.float32)  # [N_SAMPLES]
+    log_mel, hop = LogMel.from_config(config.features), samples(config.training.eval_hop_ms)
+    model = to_onnx(probability_model(student, log_mel), window_samples=N_SAMPLES)
+    stream_model = streaming_onnx(StreamingDetector(student, log_mel, hop_samples=hop), opset=OPSET)
+    audio = 0.1 * np.random.default_rng(0).standard_normal(STREAM_BENCH_SECONDS * SAMPLE_RATE).astype(np.float32)
+    windowed, streaming = open_session(model, threads=1), open_session(stream_model, threads=1)
+    per_audio_s = {"windowed": [], "streaming": []}
+    for _ in range(STREAM_BENCH_ROUNDS):
+        for form, score, session in (("windowed", stream_probabilities, windowed),
+                                     ("streaming", streamed_probabilities, streaming)):
+            started = time.process_time()
+            score(session, audio, window_samples=N_SAMPLES, hop_samples=hop)
+            per_audio_s[form].append(1000 * (time.process_time() - started) / STREAM_BENCH_SECONDS)
+    windowed_ms, streaming_ms = (statistics.median(per_audio_s[form]) for form in ("windowed", "streaming"))
     return {"student": config.student.name, "student_parameters": count_parameters(student),
-            "onnx_bytes": len(model), "threads": 1, "ms_per_window": latency_ms(model, window)}
+            "onnx_bytes": len(model), "stream_onnx_bytes": len(stream_model), "threads": 1,
+            "ms_per_window": latency_ms(model, audio[:N_SAMPLES]), "hop_ms": config.training.eval_hop_ms,
+            "ms_per_hop": hop_latency_ms(stream_model, audio[:hop]),
+            "windowed_cpu_ms_per_audio_s": windowed_ms, "streaming_cpu_ms_per_audio_s": streaming_ms,
+            "streaming_speedup": windowed_ms / streaming_ms}
 
 
 # ---------------------------------------------------------------- the whole run

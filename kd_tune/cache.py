@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from kd_tune.checkpoint import (MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, Identity, load_checkpoint,
                                 save_checkpoint, verify_checkpoint)
@@ -36,6 +35,7 @@ from kd_tune.data import WakewordData, load_data
 from kd_tune.distill import combine_teachers
 from kd_tune.features import LogMel, front_end, render_view
 from kd_tune.models import teacher_input_kind
+from kd_tune.progress import progress_bar
 from kd_tune.storage import Storage
 from kd_tune.teachers import load_teacher, teacher_store
 
@@ -165,8 +165,8 @@ ShardRunner = Callable[[Config, list[Job], WakewordData], None]
 
 def build_here(config: Config, jobs: list[Job], data: WakewordData) -> None:
     """The default shard runner: every shard in this process, one after another."""
-    # disable=None: no bar without a terminal, so a log stays short
-    for name, shard, key in tqdm(jobs, desc="teacher cache", unit="shard", disable=None if jobs else True):
+    # a bar on a terminal, a line now and then without one (kd_tune.progress)
+    for name, shard, key in progress_bar(len(jobs), "teacher cache", "shard", enabled=bool(jobs), iterable=jobs):
         build_shard(config, name, shard, key, data=data)
 
 

@@ -139,13 +139,14 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from kd_tune import export
+    from kd_tune.source import locate_source
     from kd_tune.storage import check_out_path
 
     out = Path(args.out)
     check_out_path(out, folder=False)  # found now, not after a minute of work
     config = _config(args, check_paths=False)  # only its storage settings (S3 endpoint, region) reach the source
-    source = export.locate_source(args.source, config)
-    card = export.export_student(source.load(), out, data=args.data, int8=args.int8,
+    source = locate_source(args.source, config)
+    card = export.export_student(source.load(), out, data=args.data, int8=args.int8, streaming=args.streaming,
                                  source=source.describe())  # a ParityError's message carries the figure
     print(export.summary(card))
     return 0
@@ -207,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from kd_tune.compare import compare, table
     from kd_tune.config import apply_overrides, validate
-    from kd_tune.export import locate_source
+    from kd_tune.source import locate_source
     from kd_tune.storage import check_out_path
 
     if not 1 <= args.seeds <= 100:
@@ -358,7 +359,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("source", help="a checkpoint directory, or an experiment PATH_OR_URI/NAME (its best trial)")
     q.add_argument("--out", required=True, help="the .onnx file to write; model.json goes beside it")
     q.add_argument("--config", help="YAML config for the storage settings (S3 endpoint, region) of the source")
-    q.add_argument("--int8", action="store_true", help="also write a dynamically quantized <out>.int8.onnx")
+    q.add_argument("--int8", action="store_true", help="also write a statically quantized <out>.int8.onnx")
+    q.add_argument("--streaming", action="store_true", help="also write <out>.stream.onnx, one hop of audio and a "
+                   "state in: detect and eval then compute only what each hop adds")
     q.add_argument("--data", help="data set whose val split calibrates the threshold (default: the checkpoint's "
                    "data.root)")
     q.set_defaults(func=cmd_export, set=[])

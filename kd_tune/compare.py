@@ -16,9 +16,10 @@ from pathlib import Path
 
 from kd_tune.config import Config
 from kd_tune.evaluation import evaluate_model
-from kd_tune.export import Source, export_student
+from kd_tune.export import export_student
 from kd_tune.record import run_training
 from kd_tune.robustness import SHORT_STREAM_MINUTES, group_means, run_grid
+from kd_tune.source import Source
 from kd_tune.space import ENSEMBLE_JOIN
 from kd_tune.storage import Storage, write_text
 

@@ -15,6 +15,7 @@ from kd_tune import evaluation, export, robustness
 from kd_tune.config import Config, load_config
 from kd_tune.data import STRADDLE_KIND, WINDOW_KIND, WakewordData, load_data
 from kd_tune.metrics import echo_line
+from kd_tune.source import locate_source
 from kd_tune.space import SearchSpace, load_search_space
 from kd_tune.sweep import sweep
 from kd_tune.synth import synthesize
@@ -69,8 +70,8 @@ def run_demo(out: Path, *, size: str = "default", search_space: str = "default",
     rows, errors = sweep(config, space, name="sweep", data=data, verbose=verbose)
     if not any(r["status"] == "OK" for r in rows):
         return config, space, rows, errors, ()
-    source = export.locate_source(str(out / "sweep"), config)
-    card = export.export_student(source.load(), out / "model.onnx", source=source.describe())
+    source = locate_source(str(out / "sweep"), config)
+    card = export.export_student(source.load(), out / "model.onnx", streaming=True, source=source.describe())
     report = evaluation.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
     grid = robustness.run_grid(out / "model.onnx", Path(d.root), out / "eval", grid="default",
                                stream_minutes=robustness.SHORT_STREAM_MINUTES, progress=None)  # a line per group

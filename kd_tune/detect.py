@@ -24,12 +24,11 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_tune.errors import InputError, shown
-from kd_tune.metrics import activation_indices, refractory_window_count
 from kd_tune.signing import SpecialFileError, open_regular, parse_json, verify_signature
+from kd_tune.windows import (INPUT_NAME, STATE_INPUTS, STREAM_INPUT, detection_times, stream_probabilities,
+                             streamed_probabilities)
 
 FORMAT = "kd_tune.onnx/1"
-INPUT_NAME, OUTPUT_NAME = "audio", "probability"
-RUN_BATCH = 256  # windows per onnxruntime call
 RESAMPLE_ZERO_CROSSINGS = 16  # of the windowed sinc, on each side
 RESAMPLE_ROLLOFF = 0.99  # low-pass cut-off as a fraction of the lower Nyquist frequency
 RESAMPLE_TAPS_PER_STEP = 2**20  # output samples x kernel taps per vectorised step: ~24 MB of indices and taps
@@ -64,6 +63,16 @@ class DetectError(InputError):
     """A model, model card or audio file that detection cannot use; the message names the file."""
 
 
+class StreamingFile(BaseModel):
+    """The card's `streaming` entry: the streaming form of the same model (kd_tune.streaming), beside it."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+    onnx_file: str = Field(pattern=r"^[A-Za-z0-9._-]+\.onnx$")  # a name in the model's folder, never a path
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    hop_samples: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
+
+
 class ModelCard(BaseModel):
     """The fields of model.json that detection relies on (the card holds more: figures, provenance)."""
 
@@ -76,6 +85,7 @@ class ModelCard(BaseModel):
     hop_samples: int = Field(ge=1, le=MAX_WINDOW_SAMPLES)
     threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     refractory_seconds: float = Field(ge=0.0, le=MAX_REFRACTORY_SECONDS, allow_inf_nan=False)
+    streaming: StreamingFile | None = None
 
     @field_validator("sample_rate")
     @classmethod
@@ -90,6 +100,9 @@ class ModelCard(BaseModel):
         if not least <= self.hop_samples <= self.window_samples:
             raise ValueError(f"hop_samples {self.hop_samples} is outside {least} ({MIN_HOP_SECONDS * 1000:g} ms) to "
                              f"window_samples {self.window_samples}")
+        if self.streaming is not None and self.streaming.hop_samples != self.hop_samples:
+            raise ValueError(f"streaming.hop_samples {self.streaming.hop_samples} differs from hop_samples "
+                             f"{self.hop_samples}")
         return self
 
 
@@ -159,57 +172,6 @@ def open_session(model: bytes, *, threads: int | None = None) -> ort.InferenceSe
     if threads is not None:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def run(session: ort.InferenceSession, windows: np.ndarray) -> np.ndarray:
-    """P(wake word) [N] of windows [N, window_samples], RUN_BATCH at a time."""
-    out = []
-    for start in range(0, len(windows), RUN_BATCH):
-        batch = np.ascontiguousarray(windows[start:start + RUN_BATCH], dtype=np.float32)  # [B, window_samples]
-        probabilities = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
-        if probabilities.shape != (len(batch),):
-            raise ValueError(f"the model returned shape {probabilities.shape} for {len(batch)} windows "
-                             f"(expected ({len(batch)},))")
-        out.append(probabilities)
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-def frames(audio: np.ndarray, *, window_samples: int, hop_samples: int) -> np.ndarray:
-    """[T] -> [W, window_samples] windows every hop_samples, the tail zero-padded to a whole window.
-
-    The windows of kd_tune.metrics.sliding_windows, as strided views (no copy of the audio per window).
-    """
-    n_windows = window_count(len(audio), window_samples=window_samples, hop_samples=hop_samples)
-    padded = np.zeros((n_windows - 1) * hop_samples + window_samples, np.float32)
-    padded[:len(audio)] = audio
-    return np.lib.stride_tricks.sliding_window_view(padded, window_samples)[::hop_samples]
-
-
-def window_count(n_samples: int, *, window_samples: int, hop_samples: int) -> int:
-    """How many windows `frames` cuts from n_samples (the tail zero-padded to a whole window)."""
-    return 1 + math.ceil(max(n_samples - window_samples, 0) / hop_samples)
-
-
-def detection_times(scores: np.ndarray, *, threshold: float, sample_rate: int, window_samples: int,
-                    hop_samples: int, refractory_seconds: float) -> list[float]:
-    """Times (s) where per-window scores [W] fire: the centres of the windows where an activation rises (the wake
-    word lies inside that window, and a window centred on it scores highest)."""
-    hop_seconds = hop_samples / sample_rate
-    fired = activation_indices(scores, threshold=threshold,
-                               refractory_windows=refractory_window_count(refractory_seconds, hop_seconds))
-    return [(i * hop_samples + window_samples / 2) / sample_rate for i in fired]
-
-
-def stream_probabilities(session: ort.InferenceSession, audio: np.ndarray, *, window_samples: int,
-                         hop_samples: int) -> np.ndarray:
-    """run() over frames(audio), cut RUN_BATCH windows at a time: no zero-padded copy of the whole audio."""
-    n_windows = window_count(len(audio), window_samples=window_samples, hop_samples=hop_samples)
-    out = []
-    for first in range(0, n_windows, RUN_BATCH):
-        count = min(RUN_BATCH, n_windows - first)
-        piece = audio[first * hop_samples:(first + count - 1) * hop_samples + window_samples]
-        out.append(run(session, frames(piece, window_samples=window_samples, hop_samples=hop_samples)[:count]))
-    return np.concatenate(out)
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -354,28 +316,42 @@ class Detector:
     window / 2: the wake word lies inside that window, and a window centred on it scores highest.
     """
 
-    def __init__(self, model_path: str | Path, *, threshold: float | None = None, threads: int | None = None):
+    def __init__(self, model_path: str | Path, *, threshold: float | None = None, threads: int | None = None,
+                 streaming: bool = True):
         self.model_path = Path(model_path)
         self.card = read_card(self.model_path)
-        model = read_file(self.model_path, max_bytes=MAX_MODEL_BYTES, what="an ONNX model written by `kd-tune export`")
-        if sha256(model) != self.card.onnx_sha256:
-            raise DetectError(f"{self.model_path}: does not match onnx_sha256 in {card_name(self.model_path)}: the "
-                              "file changed after export, so the card's threshold does not belong to it; allowed: "
-                              "the model exported with this card (export again)")
+        self.session = self.load(self.model_path, self.card.onnx_sha256, "onnx_sha256", threads)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise DetectError(f"threshold: got {threshold!r}; allowed: a probability in [0, 1]")
         self.threshold = self.card.threshold if threshold is None else float(threshold)
         self.sample_rate, self.window_samples = self.card.sample_rate, self.card.window_samples
         self.hop_samples, self.refractory_seconds = self.card.hop_samples, self.card.refractory_seconds
-        try:
-            self.session = open_session(model, threads=threads)
-        except ORT_ERRORS as error:
-            raise DetectError(f"{self.model_path}: onnxruntime cannot load it ({str(error).splitlines()[0][:200]}); "
-                              "allowed: an ONNX model written by `kd-tune export`") from None
         inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
         if [name for name, _ in inputs] != [INPUT_NAME] or list(inputs[0][1])[1:] != [self.window_samples]:
             raise DetectError(f"{self.model_path}: takes {inputs}; allowed: one input {INPUT_NAME!r} of shape "
                               f"[batch, {self.window_samples}] (window_samples in {card_name(self.model_path)})")
+        # The streaming form, when the card names one: the same probabilities for a fraction of the work per hop.
+        entry = self.card.streaming if streaming else None
+        self.stream_session = None if entry is None else self.load(
+            self.model_path.with_name(entry.onnx_file), entry.onnx_sha256, "streaming.onnx_sha256", threads)
+        if self.stream_session is not None:
+            names = [i.name for i in self.stream_session.get_inputs()]
+            if names != [STREAM_INPUT, *STATE_INPUTS]:
+                raise DetectError(f"{entry.onnx_file}: takes {names}; allowed: the inputs "
+                                  f"{[STREAM_INPUT, *STATE_INPUTS]} of the form `kd-tune export --streaming` writes")
+
+    def load(self, path: Path, expected_sha256: str, field: str, threads: int | None) -> ort.InferenceSession:
+        """A session of the ONNX file at path, once its bytes hash to the card's `field`."""
+        model = read_file(path, max_bytes=MAX_MODEL_BYTES, what="an ONNX model written by `kd-tune export`")
+        if sha256(model) != expected_sha256:
+            raise DetectError(f"{path}: does not match {field} in {card_name(self.model_path)}: the file changed "
+                              "after export, so the card's threshold does not belong to it; allowed: the model "
+                              "exported with this card (export again)")
+        try:
+            return open_session(model, threads=threads)
+        except ORT_ERRORS as error:
+            raise DetectError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0][:200]}); "
+                              "allowed: an ONNX model written by `kd-tune export`") from None
 
     def read(self, source: Any, *, max_seconds: float | None = None) -> np.ndarray:
         """A file's audio (a path or a file object) as mono float32 [T] at the model's sample rate; with max_seconds,
@@ -389,6 +365,9 @@ class Detector:
             raise DetectError(f"audio: shape {audio.shape}; allowed: non-empty mono samples [T]")
         check_samples(audio, where="audio")
         try:
+            if self.stream_session is not None:
+                return streamed_probabilities(self.stream_session, audio, window_samples=self.window_samples,
+                                              hop_samples=self.hop_samples)
             return stream_probabilities(self.session, audio, window_samples=self.window_samples,
                                         hop_samples=self.hop_samples)
         except (ValueError, *ORT_ERRORS) as error:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import math
 import tempfile
 import time
@@ -23,40 +22,36 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from pyarrow.fs import FileType
 from torch import nn
 
 from kd_tune import __version__
-from kd_tune.checkpoint import (MANIFEST_NAME, Checkpoint, CheckpointError, Identity, load_checkpoint,
-                                load_state_dict_strict, verify_checkpoint)
+from kd_tune.checkpoint import Checkpoint, CheckpointError, load_state_dict_strict
 from kd_tune.config import Config, validate
 from kd_tune.data import WakewordData, load_dataset, negative_stream
-from kd_tune.detect import (FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, DetectError, Detector, card_name,
-                            open_session, run, sha256, stream_probabilities)
-from kd_tune.errors import InputError, KdTuneError, shown
-from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
-from kd_tune.leaderboard import LEADERBOARD_NAME, experiment_storage
-from kd_tune.metrics import METRICS, audio_hours, wakeword_metrics
+from kd_tune.detect import FORMAT, DetectError, Detector, card_name, open_session, sha256
+from kd_tune.errors import KdTuneError
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, samples
+from kd_tune.metrics import audio_hours, wakeword_metrics
 from kd_tune.models import build_student, count_parameters
 from kd_tune.scoring import predict
 from kd_tune.signing import signed
-from kd_tune.storage import PathEscapeError, Storage, read_json, write_json
+from kd_tune.storage import Storage, write_json
+from kd_tune.streaming import StreamingDetector, streaming_onnx
 from kd_tune.train import STUDENT_KIND
+from kd_tune.windows import (INPUT_NAME, OUTPUT_NAME, RUN_BATCH, STATE_INPUTS, STREAM_INPUT, run, stream_probabilities,
+                             streamed_probabilities)
 
 OPSET = 17
 NEGATIVE_LABEL = "not_wakeword"
 STUDENT_SCOPE = "/student/"  # ONNX node-name prefix of the student's operators (its module name in the export)
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]  # where the student's weights and arithmetic are
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| wake-word probability
+STREAM_PARITY_TOLERANCE = 1e-5  # max |streaming form - windowed model|, both in onnxruntime, at every hop
 PARITY_CLIPS = 256
 CHECK_BATCHES = (1, 7)  # batch sizes besides the full one that the exported graph must run
 LATENCY_RUNS = 200
 LATENCY_WARMUP_RUNS = 10
-# Where a sweep's trial checkpoints live: <experiment>/trial_<id>_.../train/checkpoint_... (Tune, then Ray Train)
-TRIAL_PREFIX, TRIAL_RUN_DIR, CHECKPOINT_PREFIX = "trial_", "train", "checkpoint_"
-EXPERIMENT_SECTIONS = ("data", "features", "tune")  # what every trial of one sweep shares; the space changes none
 
-log = logging.getLogger("kd_tune.export")
 
 
 class ExportError(KdTuneError, RuntimeError):
@@ -65,117 +60,6 @@ class ExportError(KdTuneError, RuntimeError):
 
 class ParityError(ExportError):
     """onnxruntime's probabilities differ from PyTorch's by more than the tolerance."""
-
-
-# ---------------------------------------------------------------- where the checkpoint comes from
-
-
-@dataclass(frozen=True)
-class Source:
-    """A student checkpoint's place: a storage root, the checkpoint directory under it and, from a sweep, its trial."""
-    store: Storage
-    rel_dir: str
-    experiment: str | None = None
-    trial: str | None = None
-
-    def load(self) -> Checkpoint:
-        """The checkpoint, verified (file set, sizes, SHA-256, signature, kind) before any tensor is built."""
-        return load_checkpoint(self.store, self.rel_dir, expect=Identity(STUDENT_KIND, self.trial))
-
-    def describe(self) -> dict:
-        return {"experiment": self.experiment, "trial": self.trial,
-                "checkpoint": f"{self.store.uri.rstrip('/')}/{self.rel_dir}"}
-
-
-def locate_source(source: str, config: Config) -> Source:
-    """A checkpoint directory, or an experiment `PATH_OR_URI/NAME` (it has a leaderboard.json): its best checkpoint.
-
-    Both may be local or s3://; config.storage supplies the S3 endpoint and region.
-    """
-    store, name = experiment_storage(source, config)
-    if store.exists(f"{name}/{MANIFEST_NAME}"):
-        return Source(store, name)
-    if store.exists(f"{name}/{LEADERBOARD_NAME}"):
-        return best_trial(store, name, experiment=source)
-    raise KdTuneError(f"{source} is neither a checkpoint directory (it has no {MANIFEST_NAME}) nor an "
-                      f"experiment (it has no {LEADERBOARD_NAME})")
-
-
-def best_trial(store: Storage, name: str, *, experiment: str) -> Source:
-    """The best of the experiment's verified trial checkpoints, ranked by the metric their signed manifests hold.
-
-    leaderboard.json is unsigned, so it decides nothing: its rows must only lie inside the experiment directory (a
-    path elsewhere is refused), and a top row that disagrees with the verified ranking is named in a warning.
-    """
-    leaderboard_paths = rows_inside(store, name, experiment)
-    candidates = verified_trials(store, name, experiment)
-    if not candidates:
-        raise KdTuneError(f"{experiment}: no trial has a checkpoint that verifies (under trial_*/{TRIAL_RUN_DIR}/)")
-    metric, mode = one_experiment(candidates, experiment)
-    scored = [c for c in candidates if isinstance(c[2]["metrics"].get(metric), (int, float))]  # null: NaN
-    if not scored:
-        raise KdTuneError(f"{experiment}: no verified checkpoint reports {metric}; allowed: an experiment whose "
-                          "trials finished an epoch")
-    sign = 1 if mode == "min" else -1
-    best = min(sign * c[2]["metrics"][metric] for c in scored)
-    tied = [c for c in scored if sign * c[2]["metrics"][metric] == best]
-    # Among equals the leaderboard's order may choose (it cannot promote a worse trial); else the later epoch wins,
-    # as the leaderboard breaks ties within a trial.
-    named = [c for c in tied if leaderboard_paths and store.path(c[0]) == leaderboard_paths[0]]
-    rel, trial, _ = (named or sorted(tied, key=lambda c: (-(c[2].get("epoch") or 0), c[0])))[0]
-    if leaderboard_paths and leaderboard_paths[0] != store.path(rel):
-        log.warning("%s: %s names %s best, but the verified checkpoints rank %s first by %s; exporting that one",
-                    experiment, LEADERBOARD_NAME, leaderboard_paths[0], store.path(rel), metric)
-    return Source(store, rel, experiment=experiment, trial=trial)
-
-
-def rows_inside(store: Storage, name: str, experiment: str) -> list[str]:
-    """The leaderboard's checkpoint paths, in its order; PathEscapeError for one outside the experiment."""
-    rows = read_json(store, f"{name}/{LEADERBOARD_NAME}")
-    if not isinstance(rows, list):
-        raise InputError(f"{experiment}/{LEADERBOARD_NAME}: a JSON {type(rows).__name__}; allowed: the list of rows "
-                         "`kd-tune sweep` writes")
-    paths = [str(r["checkpoint"]).rstrip("/") for r in rows if isinstance(r, dict) and r.get("checkpoint")]
-    for path in paths:
-        if not path.startswith(f"{store.root}/{name}/"):  # a row is data: it must not reach another experiment
-            raise PathEscapeError(f"{experiment}/{LEADERBOARD_NAME}: checkpoint {shown(path)} lies outside the "
-                                  f"experiment directory {store.root}/{name}; allowed: the trials' own checkpoints "
-                                  "(moved? pass the checkpoint directory)")
-    return paths
-
-
-def verified_trials(store: Storage, name: str, experiment: str) -> list[tuple[str, str, dict]]:
-    """(path under the root, trial id, manifest) of every checkpoint under trial_<id>*/train/ that verifies as that
-    trial's student; one that does not (half-written, damaged, another trial's) is skipped with a warning."""
-    found = []
-    for trial_dir in (d for d in store.listdir(name) if d.startswith(TRIAL_PREFIX)):
-        trial = trial_dir.removeprefix(TRIAL_PREFIX).split("_", 1)[0]  # as kd_tune.trial.trial_dirname names it
-        parent = f"{name}/{trial_dir}/{TRIAL_RUN_DIR}"
-        if store.filesystem.get_file_info(store.path(parent)).type != FileType.Directory:
-            continue
-        for checkpoint in (c for c in store.listdir(parent) if c.startswith(CHECKPOINT_PREFIX)):
-            rel = f"{parent}/{checkpoint}"
-            if store.filesystem.get_file_info(store.path(rel)).type != FileType.Directory:
-                continue  # Ray's checkpoint_manager_snapshot.json sits beside the checkpoints
-            try:
-                found.append((rel, trial, verify_checkpoint(store, rel, expect=Identity(STUDENT_KIND, trial))))
-            except CheckpointError as error:
-                log.warning("%s: skipping a checkpoint that does not verify: %s", experiment, error)
-    return found
-
-
-def one_experiment(candidates: list[tuple[str, str, dict]], experiment: str) -> tuple[str, str]:
-    """The ranking metric and its goal, once every checkpoint is shown to come from one sweep's settings."""
-    first_rel, _, first = candidates[0]
-    expected = validate(first["config"], source=f"{first_rel}'s manifest config").to_dict()
-    for rel, _, manifest in candidates[1:]:
-        found = validate(manifest["config"], source=f"{rel}'s manifest config").to_dict()
-        differ = [section for section in EXPERIMENT_SECTIONS if found[section] != expected[section]]
-        if differ:  # a trial copied in from another sweep, e.g. one trained for another wake word
-            raise InputError(f"{experiment}: {rel} was trained with other {differ[0]} settings than {first_rel}; "
-                             "allowed: the trials of one sweep (export another experiment's checkpoint by its path)")
-    metric = expected["tune"]["metric"]
-    return metric, METRICS[metric].goal
 
 
 # ---------------------------------------------------------------- export (needs torch)
@@ -277,7 +161,7 @@ def validation_set(config: Config, student: nn.Module, log_mel: LogMel,
     reference = predict(student, clips[:PARITY_CLIPS], log_mel).numpy()  # [min(N, PARITY_CLIPS)]
     t = config.training
     return Validation(clips.numpy(), val.labels.numpy(), stream.float().numpy(), reference, SAMPLE_RATE,
-                      round(t.eval_hop_ms * SAMPLE_RATE / 1000), t.target_fa_per_hour, t.refractory_seconds,
+                      samples(t.eval_hop_ms), t.target_fa_per_hour, t.refractory_seconds,
                       {"root": str(data.root), "manifest_sha256": data.labelled_sha256})
 
 
@@ -327,12 +211,17 @@ def latency_ms(model: bytes, window: np.ndarray) -> float:
     """Median wall time (ms) of one window [window_samples] on one onnxruntime thread, over LATENCY_RUNS runs."""
     session = open_session(model, threads=1)
     feed = {INPUT_NAME: np.ascontiguousarray(window[None], dtype=np.float32)}  # [1, window_samples]
+    return median_ms(lambda: session.run([OUTPUT_NAME], feed))
+
+
+def median_ms(call) -> float:
+    """Median wall time (ms) of call() over LATENCY_RUNS runs, after LATENCY_WARMUP_RUNS."""
     for _ in range(LATENCY_WARMUP_RUNS):
-        session.run([OUTPUT_NAME], feed)
+        call()
     seconds = []
     for _ in range(LATENCY_RUNS):
         start = time.perf_counter()
-        session.run([OUTPUT_NAME], feed)
+        call()
         seconds.append(time.perf_counter() - start)
     return 1000 * float(np.median(seconds))
 
@@ -348,15 +237,19 @@ def measure(model: bytes, val: Validation, *, strict_parity: bool) -> dict:
 
 
 def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordData | str | Path | None = None,
-                   int8: bool = False, source: str | dict = "") -> dict:
+                   int8: bool = False, streaming: bool = False, source: str | dict = "") -> dict:
     """Write the student of a verified checkpoint to `out` (ONNX) and its model card to out.json; return the card.
 
     data: the set whose val split calibrates the threshold (default: the checkpoint's data.root). int8 also writes
-    <stem>.int8.onnx and <stem>.int8.json, with its own re-calibrated threshold. Raises ParityError when
-    onnxruntime and PyTorch disagree by more than PARITY_TOLERANCE; nothing is written then.
+    <stem>.int8.onnx and <stem>.int8.json, with its own re-calibrated threshold. streaming also writes
+    <stem>.stream.onnx, named in the card. Raises ParityError when onnxruntime and PyTorch disagree by more than
+    PARITY_TOLERANCE, or the streaming form and the windowed model by more than STREAM_PARITY_TOLERANCE; nothing is
+    written then.
     """
     out = Path(out)
     config, student, log_mel = load_student(checkpoint)
+    hop_samples = samples(config.training.eval_hop_ms)
+    streamer = StreamingDetector(student, log_mel, hop_samples=hop_samples) if streaming else None  # checks the hop
     val = validation_set(config, student, log_mel, data)
     model = to_onnx(probability_model(student, log_mel), window_samples=N_SAMPLES)
     figures = measure(model, val, strict_parity=True)
@@ -370,7 +263,13 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
                         "parameters": count_parameters(student)},
             "source": source, "checkpoint_manifest_sha256": manifest_sha256(checkpoint.manifest),
             "calibration_data": val.data}
+    stream_model = None
+    if streamer is not None:
+        stream_model = streaming_onnx(streamer, opset=OPSET)
+        card["streaming"] = measure_streaming(stream_model, model, val, name=f"{out.stem}.stream.onnx")
     store = Storage.from_uri(out.parent)
+    if stream_model is not None:
+        store.write_bytes(card["streaming"]["onnx_file"], stream_model)
     store.write_bytes(out.name, model)
     if int8:
         card["int8"] = write_int8(store, out, model, card, val)
@@ -378,6 +277,27 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
     write_json(store, card_name(out), card)  # last: it names the files written before it
     check_written(out)
     return card
+
+
+def measure_streaming(stream_model: bytes, model: bytes, val: Validation, *, name: str) -> dict:
+    """The streaming form's card entry, once its probabilities over the whole val stream, hop by hop, equal the
+    windowed model's within STREAM_PARITY_TOLERANCE (ParityError otherwise)."""
+    windows = dict(window_samples=val.clips.shape[1], hop_samples=val.hop_samples)
+    expected = stream_probabilities(open_session(model), val.stream, **windows)
+    got = streamed_probabilities(open_session(stream_model), val.stream, **windows)
+    parity = check_parity(expected, got, tolerance=STREAM_PARITY_TOLERANCE)
+    return {"onnx_file": name, "onnx_sha256": sha256(stream_model), "onnx_bytes": len(stream_model),
+            "hop_samples": val.hop_samples, "parity_max_abs_diff": parity, "parity_windows": len(expected),
+            "latency_ms_per_hop": hop_latency_ms(stream_model, val.stream[:val.hop_samples])}
+
+
+def hop_latency_ms(stream_model: bytes, hop: np.ndarray) -> float:
+    """Median wall time (ms) of one hop [hop_samples] through the streaming form, one onnxruntime thread."""
+    session = open_session(stream_model, threads=1)
+    state = [np.zeros([1, *i.shape[1:]], np.float32) for i in session.get_inputs()[1:]]
+    feed = {STREAM_INPUT: np.ascontiguousarray(hop[None], dtype=np.float32),
+            **dict(zip(STATE_INPUTS, state, strict=True))}
+    return median_ms(lambda: session.run(None, feed))
 
 
 def write_int8(store: Storage, out: Path, model: bytes, card: dict, val: Validation) -> dict:
@@ -391,7 +311,8 @@ def write_int8(store: Storage, out: Path, model: bytes, card: dict, val: Validat
                     "activations": "QUInt8", "scope": "the student; front end and probability head in float32",
                     "float_model": out.name, "delta_vs_float": deltas}
     store.write_bytes(path.name, quantized)
-    write_json(store, card_name(path), signed({**card, **figures, "quantization": quantization}))
+    float_only = {k: v for k, v in card.items() if k != "streaming"}  # the streaming form is the float model's
+    write_json(store, card_name(path), signed({**float_only, **figures, "quantization": quantization}))
     check_written(path)
     return {**figures, "delta_vs_float": deltas}
 

@@ -16,10 +16,10 @@ import threading
 from collections.abc import Callable, Iterator
 
 import ray
-from ray._private.state import state as gcs_state
-from ray.core.generated.gcs_pb2 import PlacementGroupTableData
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.state import list_actors, list_jobs, list_placement_groups
+
+from kd_tune.ray_compat import PlacementGroupTableData, placement_group_rows
 
 log = logging.getLogger("kd_tune.placement")
 STATE_LIST_LIMIT = 10_000  # the State API lists 100 entries unless told otherwise, and 10,000 at most
@@ -74,9 +74,7 @@ def find_orphans(*, own_job: bool) -> list[str]:
 
 def find_lost() -> list[str]:
     """Ids of this job's `lost` placement groups, from the GCS table."""
-    table = gcs_state._connect_and_get_accessor().get_placement_group_table()
-    return lost([PlacementGroupTableData.FromString(row) for row in table],
-                own_job=ray.get_runtime_context().get_job_id())
+    return lost(placement_group_rows(), own_job=ray.get_runtime_context().get_job_id())
 
 
 def remove_orphans(*, own_job: bool = False) -> list[str]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from kd_tune.conditions import MICROPHONES, NOISE_TYPES, Condition, Conditioner, noise_condition
 from kd_tune.config import Config
 from kd_tune.data import Split
-from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, samples
 from kd_tune.metrics import audio_hours, clip_metrics, sliding_windows, wakeword_metrics
 
 # Validation batch. Ray Train runs the loop in a thread, and there, with 256 (or 128) windows a batch, validation
@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Conf
     if stream is None:
         return clip_metrics(clips, split.labels)
     t = config.training
-    hop_samples = round(t.eval_hop_ms * SAMPLE_RATE / 1000)
+    hop_samples = samples(t.eval_hop_ms)
     device = next(model.parameters()).device
     windows = [model(x).float().softmax(-1)[:, 1].cpu() for x in window_inputs(
         stream, hop_samples=hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)]  # [B] each

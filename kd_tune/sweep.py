@@ -24,27 +24,27 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray
-import ray.experimental.internal_kv
 import yaml
 from optuna.samplers import TPESampler
 from ray import tune
-from ray.tune.execution import class_cache
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from tqdm import tqdm
 
 from kd_tune.board import TensorBoardCallback
 from kd_tune.cache import Job, build_cache, build_shard
 from kd_tune.checkpoint import MANIFEST_NAME
 from kd_tune.config import Config
-from kd_tune.console import SweepProgress, ray_output_to
+from kd_tune.console import SweepProgress, console_stream, ray_output_to
 from kd_tune.data import WakewordData, load_data
 from kd_tune.errors import KdTuneError
 from kd_tune.leaderboard import LOG_NAME, leaderboard, write_leaderboard
 from kd_tune.placement import remove_orphans, removing_lost
+from kd_tune.progress import progress_bar
+from kd_tune.ray_compat import (AUTOSCALER_NAMESPACE, AUTOSCALER_V2_KEY, cluster_config, internal_kv_get,
+                                stop_propagating_env_vars)
 from kd_tune.space import SearchSpace, SpaceSampler
 from kd_tune.storage import Storage, check_layout, write_text
 from kd_tune.teachers import teacher_store
@@ -65,8 +65,6 @@ RAY_SETTINGS = {"TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_TRAIN_HEALTH_CHECK_INTERVA
 
 
 AUTOSCALER_STATUS_KEY = "__autoscaling_status"  # written by Ray's monitor (autoscaler v1)
-AUTOSCALER_V2_KEY = ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY
-AUTOSCALER_NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
 
 
 class SweepError(KdTuneError, RuntimeError):
@@ -117,7 +115,7 @@ def node_shapes() -> tuple[list[tuple[dict, float]], bool]:
     """(resources of a node, how many such nodes) for every alive node and every node type an autoscaler may add;
     and whether that list is complete (False: an autoscaler runs whose node types Ray does not publish)."""
     shapes = [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]]
-    config = ray._private.state.state.get_cluster_config()  # what Train's own check reads (autoscaler v2)
+    config = cluster_config()  # what Train's own check reads (autoscaler v2)
     if config is not None and config.node_group_configs:
         shapes += [(dict(g.resources), math.inf if g.max_count == -1 else g.max_count)
                    for g in config.node_group_configs]
@@ -128,8 +126,8 @@ def node_shapes() -> tuple[list[tuple[dict, float]], bool]:
 def autoscaler_adds_nodes() -> bool:
     """Whether an autoscaler that may add nodes runs. On a hand-started (`ray start`) cluster Ray's monitor mirrors
     each node as a node type named node_<id> and adds none; autoscaler v2 publishes its node types (above)."""
-    v2 = ray.experimental.internal_kv._internal_kv_get(AUTOSCALER_V2_KEY, namespace=AUTOSCALER_NAMESPACE)
-    status = ray.experimental.internal_kv._internal_kv_get(AUTOSCALER_STATUS_KEY)
+    v2 = internal_kv_get(AUTOSCALER_V2_KEY, namespace=AUTOSCALER_NAMESPACE)
+    status = internal_kv_get(AUTOSCALER_STATUS_KEY)
     mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") if status else None
     return v2 == b"1" or any(not t.startswith("node_") for t in (mapping or {}).values())
 
@@ -202,10 +200,11 @@ def keep_credentials_out_of_runtime_env() -> None:
     cleartext; trials take credentials from their node's environment instead, like every other Ray worker.
     """
 
-    class_cache.ENV_VARS_TO_PROPAGATE -= set(CREDENTIAL_ENV_VARS)
+    stop_propagating_env_vars(CREDENTIAL_ENV_VARS)
 
 
 def free_port() -> int:
+    """A local TCP port nothing listens on now (bound, then released); tests/ray_cluster.py uses it too."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -300,7 +299,7 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
         started_ray = not ray.is_initialized()
         try:
             progress = None if verbose else SweepProgress(total=config.tune.num_samples, metric=config.tune.metric,
-                                                          mode=config.tune.mode)
+                                                          mode=config.tune.mode, epochs=config.training.epochs)
             grid = run_tuner(config, space, store, name=name, address=address, resume=resume, data=data,
                              progress=progress)
         finally:
@@ -389,7 +388,9 @@ def shards_on_ray(data_ref: ray.ObjectRef):
     def run(config: Config, jobs: list[Job], data: WakewordData) -> None:
         task = ray.remote(num_cpus=1)(build_shard)
         pending = {task.remote(config, name, shard, key, data=data_ref): f"{name}/{shard}" for name, shard, key in jobs}
-        with tqdm(total=len(pending), desc="teacher cache", unit="shard", disable=None if pending else True) as bar:
+        # on the console, not stderr: that goes to sweep.log while the sweep runs (kd_tune.console.ray_output_to)
+        with progress_bar(len(pending), "teacher cache", "shard", enabled=bool(pending),
+                          stream=console_stream()) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 shard = pending.pop(done[0])

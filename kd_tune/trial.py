@@ -27,16 +27,13 @@ import ray.train
 from ray import tune
 from ray.train import ControllerError
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-                                              RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                                              WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, get_env_vars_to_propagate)
-from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-from ray.train.v2._internal.execution.controller import TrainController
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from kd_tune.checkpoint import Checkpoint, CheckpointError, Identity, load_checkpoint
 from kd_tune.config import Config, validate
 from kd_tune.errors import KdTuneError
+from kd_tune.ray_compat import (WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, WorkerGroupStartupTimeoutError,
+                               run_train_controller)
 from kd_tune.space import trial_config
 from kd_tune.storage import Storage
 from kd_tune.train import STUDENT_KIND, Report, fit
@@ -56,22 +53,12 @@ class TrialStartError(KdTuneError, RuntimeError):
 class AbortableTorchTrainer(TorchTrainer):
     """A TorchTrainer whose running Train controller `RUNNING.abort` can reach from another thread.
 
-    Train V2 keeps the controller's handle to itself; this is Ray 2.60's own `_initialize_and_run_controller`
-    (ray is pinned to 2.60.0), keeping the handle.
+    Train V2 keeps the controller's handle to itself; this runs Ray's own `_initialize_and_run_controller`, copied
+    into kd_tune.ray_compat.run_train_controller, keeping the handle.
     """
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        env_vars = get_env_vars_to_propagate()
-        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-        controller = ray.remote(
-            num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-            runtime_env={"env_vars": env_vars})(TrainController).remote(**controller_init_kwargs)
-        if threading.current_thread() is threading.main_thread():  # e.g. `kd-tune bench`: Ctrl-C aborts the run
-            self._register_sigint_handler(controller)
-        with RUNNING.hold(controller):
-            ray.get(controller.run.remote())
-            return ray.get(controller.get_result.remote())
+        return run_train_controller(self, RUNNING.hold, **controller_init_kwargs)
 
 
 class RunningController:

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +18,14 @@ from pathlib import Path
 
 import psutil
 
+from kd_tune.sweep import free_port  # the one free_port; conftest and other tests import it from here
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 STATE_LIMIT = 10_000  # the State API's largest page
 CLEANUP_TIMEOUT_S = 60.0  # a dead job's actors and placement groups are gone within seconds; a leak stays forever
 # Ray's detached per-cluster singletons, created by the first job that needs them and meant to outlive it.
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "TrainStateActor"}
-
-
-def free_port() -> int:
-    """A local TCP port nothing listens on now (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env(token_file: Path) -> dict[str, str]:

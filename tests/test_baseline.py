@@ -11,7 +11,7 @@ from kd_tune.baseline import (
     kws_threshold_for, margin_of_kws_threshold, score_of_margin,
 )
 from kd_tune.data import scan
-from kd_tune.detect import frames
+from kd_tune.windows import frames
 from kd_tune.errors import InputError, MissingExtraError
 from kd_tune.metrics import count_activations, roc_auc
 
@@ -30,7 +30,7 @@ def noise(n_samples: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("n_samples", [1, 1_599, 16_000, 16_001, 17_600, 17_601, 50_000])
 def test_one_score_per_detector_window(spotter, n_samples):
-    # Rule: probabilities() has one score per window kd_tune.detect.frames cuts, for any audio length, in [0, 1].
+    # Rule: probabilities() has one score per window kd_tune.windows.frames cuts, for any audio length, in [0, 1].
     scores = spotter.probabilities(noise(n_samples))
     assert scores.dtype == np.float32
     assert scores.shape == (len(frames(noise(n_samples), window_samples=spotter.window_samples,

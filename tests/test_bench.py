@@ -23,7 +23,8 @@ FIELDS = {
                      "kd_tune_first_report_s", "kd_tune_trial_total_s", "ray_default_poll_s",
                      "ray_default_trial_start_s", "ray_default_first_report_s", "ray_default_trial_total_s"),
     "pipeline": ("clips", "threads", "augment_samples_per_s", "features_samples_per_s", "pipeline_samples_per_s"),
-    "onnx": ("student", "student_parameters", "onnx_bytes", "threads", "ms_per_window"),
+    "onnx": ("student", "student_parameters", "onnx_bytes", "stream_onnx_bytes", "threads", "ms_per_window", "hop_ms",
+             "ms_per_hop", "windowed_cpu_ms_per_audio_s", "streaming_cpu_ms_per_audio_s", "streaming_speedup"),
 }
 MAY_BE_ZERO = {"load_average_1m", "load_average_1m_after", "max_loss_difference"}
 

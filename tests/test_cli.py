@@ -35,7 +35,7 @@ def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     stdout = out.stdout.splitlines()
     assert stdout[-1] == f"  tensorboard --logdir {tmp_path / 'sweep'}"
     order = [next(i for i, line in enumerate(stdout) if line.startswith(start)) for start in
-             ("data:", "teacher cnn:", "sweep: 2/2 trials done", "trial ", "model.onnx:", "at the model's threshold",
+             ("data:", "teacher cnn:", "sweep: 2/2 done", "trial ", "model.onnx:", "at the model's threshold",
               "plot:", "Ray's log:", "result: trial ", f"  model: {tmp_path / 'model.onnx'}", "next:")]
     assert order == sorted(order), stdout
     # the block fits 120 columns, but for the user's own paths (here pytest's long temporary folder)

@@ -20,7 +20,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from kd_tune import detect, export
+from kd_tune import detect, export, windows
 from kd_tune.checkpoint import load_checkpoint
 from kd_tune.cli import main
 from kd_tune.config import load_config
@@ -362,7 +362,7 @@ def test_frames_match_metrics_sliding_windows(length):
     # Rule: detection cuts audio exactly as evaluation does (kd_tune.metrics.sliding_windows).
     audio = np.random.default_rng(length).standard_normal(length).astype(np.float32)
     expected = sliding_windows(torch.from_numpy(audio), window_samples=N_SAMPLES, hop_samples=1600).numpy()
-    np.testing.assert_array_equal(detect.frames(audio, window_samples=N_SAMPLES, hop_samples=1600), expected)
+    np.testing.assert_array_equal(windows.frames(audio, window_samples=N_SAMPLES, hop_samples=1600), expected)
 
 
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
@@ -411,4 +411,4 @@ def test_reading_and_scoring_192_khz_audio_costs_what_detect_py_claims(tmp_path)
     audio_bytes = 4 * SAMPLE_RATE * 60
     assert len(audio) == SAMPLE_RATE * 60
     assert read_peak < audio_bytes + 24 * 2**20, read_peak
-    assert score_peak < audio_bytes + 4 * 2**20 + detect.RUN_BATCH * N_SAMPLES * 4, score_peak
+    assert score_peak < audio_bytes + 4 * 2**20 + windows.RUN_BATCH * N_SAMPLES * 4, score_peak

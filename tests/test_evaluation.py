@@ -12,8 +12,9 @@ from onnx import TensorProto, helper
 
 from kd_tune import evaluation
 from kd_tune.cli import main
-from kd_tune.detect import FORMAT, INPUT_NAME, OUTPUT_NAME, RUN_BATCH, card_name, sha256
+from kd_tune.detect import FORMAT, card_name, sha256
 from kd_tune.metrics import SECONDS_PER_HOUR
+from kd_tune.windows import INPUT_NAME, OUTPUT_NAME, RUN_BATCH
 
 RATE = 16000
 WINDOW = RATE  # 1 s

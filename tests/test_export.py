@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from kd_tune import __version__, detect, export, storage
+from kd_tune import __version__, detect, export, storage, windows
 from kd_tune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 from kd_tune.cli import main
 from kd_tune.config import load_config
@@ -25,6 +25,7 @@ from kd_tune.data import Split, WakewordData, load_dataset, negative_stream
 from kd_tune.errors import InputError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.models import STUDENTS, build_student, build_teacher
+from kd_tune.source import locate_source
 from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
 from kd_tune.teachers import TeacherEnsemble
 from kd_tune.train import TrainState, fit, save_training_checkpoint
@@ -85,10 +86,11 @@ def trained(small_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(trained, small_data, tmp_path_factory) -> tuple[Path, dict]:
-    """The trained student exported with --int8: (model.onnx, the returned card)."""
+    """The trained student exported with --int8 and --streaming: (model.onnx, the returned card)."""
     out = tmp_path_factory.mktemp("exported") / "model.onnx"
     checkpoint = load_checkpoint(trained.parent, trained.name)
-    return out, export.export_student(checkpoint, out, data=small_data, int8=True, source=str(trained))
+    return out, export.export_student(checkpoint, out, data=small_data, int8=True, streaming=True,
+                                      source=str(trained))
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +129,7 @@ def wake_stream(detector, small_data) -> tuple[np.ndarray, list[float]]:
     the wake word to fool a student trained on 137 clips.
     """
     positives = clips_of(small_data.train, "positive")
-    probabilities = detect.run(detector.session, np.stack(positives))
+    probabilities = windows.run(detector.session, np.stack(positives))
     surest = [positives[i] for i in np.argsort(-probabilities, kind="stable")[:3]]
     assert np.sort(probabilities)[-3] >= DETECT_THRESHOLD, "the trained student recognises < 3 training positives"
     return build_stream(phrases_and_pauses(small_data.train), surest)
@@ -234,7 +236,7 @@ def test_export_refuses_a_tampered_checkpoint(trained, tmp_path, capsys):
     assert "model.safetensors" in err and len(err.splitlines()) == 1
     assert not out.exists()
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        export.locate_source(str(tampered), load_config(None, check_paths=False)).load()
+        locate_source(str(tampered), load_config(None, check_paths=False)).load()
 
 
 @pytest.fixture
@@ -337,7 +339,7 @@ def test_leaderboard_checkpoint_outside_the_experiment_is_refused(small_dataset,
     for board in ([{"trial": "u", "checkpoint": elsewhere}, *rows], [*rows, {"trial": "u", "checkpoint": elsewhere}]):
         storage.write_json(experiment.parent, "sweep/leaderboard.json", board)
         with pytest.raises(storage.PathEscapeError, match="other/trial_u.* lies outside the experiment directory"):
-            export.locate_source(str(experiment), load_config(None, check_paths=False))
+            locate_source(str(experiment), load_config(None, check_paths=False))
 
 
 def test_the_verified_manifests_choose_the_best_trial_not_the_leaderboard(small_dataset, tmp_path, monkeypatch,
@@ -349,10 +351,10 @@ def test_the_verified_manifests_choose_the_best_trial_not_the_leaderboard(small_
                                                                                   ("cc", 0.7))}
     experiment = write_experiment(tmp_path / "runs", trials)
     config = load_config(None, check_paths=False)
-    assert export.locate_source(str(experiment), config).trial == "bb"
+    assert locate_source(str(experiment), config).trial == "bb"
     rows = json.loads((experiment / "leaderboard.json").read_text())
     storage.write_json(experiment.parent, "sweep/leaderboard.json", sorted(rows, key=lambda r: r["trial"] != "cc"))
-    located = export.locate_source(str(experiment), config)
+    located = locate_source(str(experiment), config)
     assert located.trial == "bb" and located.rel_dir.startswith("sweep/trial_bb_")
     assert "names" in caplog.text and "trial_cc" in caplog.text
 
@@ -367,7 +369,7 @@ def test_a_tie_goes_to_the_leaderboards_pick_and_rays_own_files_are_not_checkpoi
     rows = json.loads((experiment / "leaderboard.json").read_text())
     for first in ("aa", "bb"):
         storage.write_json(experiment.parent, "sweep/leaderboard.json", sorted(rows, key=lambda r: r["trial"] != first))
-        assert export.locate_source(str(experiment), load_config(None, check_paths=False)).trial == first
+        assert locate_source(str(experiment), load_config(None, check_paths=False)).trial == first
     assert "names" not in caplog.text and "snapshot" not in caplog.text
 
 
@@ -379,7 +381,7 @@ def test_a_trial_of_another_experiment_copied_in_is_refused(small_dataset, tmp_p
     theirs = trial_checkpoint(tmp_path, small_dataset, "zz", 0.0, "data.wakeword=hey jarvis")
     experiment = write_experiment(tmp_path / "runs", {"aa": ours, "zz": theirs})
     with pytest.raises(InputError, match="trial_zz.* was trained with other data settings"):
-        export.locate_source(str(experiment), load_config(None, check_paths=False))
+        locate_source(str(experiment), load_config(None, check_paths=False))
 
 
 def test_a_checkpoint_in_another_trials_folder_is_skipped(small_dataset, tmp_path, monkeypatch, caplog):
@@ -389,7 +391,7 @@ def test_a_checkpoint_in_another_trials_folder_is_skipped(small_dataset, tmp_pat
     experiment = write_experiment(tmp_path / "runs", {"aa": trial_checkpoint(tmp_path, small_dataset, "aa", 0.5)})
     copy_checkpoint(trial_checkpoint(tmp_path, small_dataset, "bb", 0.0), experiment.parent,
                     "sweep/trial_aa_cnn_linear/train/checkpoint_000002")
-    assert export.locate_source(str(experiment), load_config(None, check_paths=False)).rel_dir.endswith("_000001")
+    assert locate_source(str(experiment), load_config(None, check_paths=False)).rel_dir.endswith("_000001")
     assert "named 'bb', expected 'student' checkpoint named 'aa'" in caplog.text
 
 
@@ -402,11 +404,11 @@ def test_locate_source_reads_checkpoints_and_experiments_on_s3(small_dataset, tm
     storage.write_json(store, "sweep/leaderboard.json", [{"trial": "x", "checkpoint": path}])
     config = load_config(None, overrides=[f"storage.endpoint_override={moto_s3}"], check_paths=False)
     expected = load_checkpoint(local.parent, local.name).manifest
-    assert export.locate_source(f"s3://{s3_bucket}/runs/checkpoint", config).load().manifest == expected
-    located = export.locate_source(f"s3://{s3_bucket}/runs/sweep", config)
+    assert locate_source(f"s3://{s3_bucket}/runs/checkpoint", config).load().manifest == expected
+    located = locate_source(f"s3://{s3_bucket}/runs/sweep", config)
     assert located.trial == "x" and located.load().manifest == expected
     storage.write_json(store, "sweep/leaderboard.json", [{"trial": "y", "checkpoint": path}])
-    assert export.locate_source(f"s3://{s3_bucket}/runs/sweep", config).trial == "x"  # its folder names it, no row
+    assert locate_source(f"s3://{s3_bucket}/runs/sweep", config).trial == "x"  # its folder names it, no row
 
 
 # ---------------------------------------------------------------- detection
@@ -461,6 +463,32 @@ def test_detector_imports_and_runs_without_torch(exported, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_streaming_form_is_exported_checked_and_used_by_the_detector(exported, wake_stream, tmp_path):
+    # Rule: --streaming writes model.stream.onnx, named and hashed in the signed card once its probabilities over the
+    # whole val stream equal the windowed model's within 1e-5; Detector uses it, with the windowed model's answers.
+    # The int8 card names no streaming form (its threshold belongs to the int8 model), and a streaming file changed
+    # after export is refused like the model itself.
+    out, card = exported
+    entry = card["streaming"]
+    stream_path = out.with_name("model.stream.onnx")
+    assert entry["onnx_file"] == stream_path.name and entry["hop_samples"] == card["hop_samples"]
+    assert entry["onnx_sha256"] == hashlib.sha256(stream_path.read_bytes()).hexdigest()
+    assert entry["parity_max_abs_diff"] <= export.STREAM_PARITY_TOLERANCE and entry["parity_windows"] > 0
+    streaming, windowed = detect.Detector(out), detect.Detector(out, streaming=False)
+    assert streaming.stream_session is not None and windowed.stream_session is None
+    audio, _ = wake_stream
+    np.testing.assert_allclose(streaming.probabilities(audio), windowed.probabilities(audio), rtol=0, atol=1e-5)
+    assert "streaming" not in json.loads(out.with_name("model.int8.json").read_text())
+    for name in ("model.onnx", "model.json", "model.stream.onnx"):
+        shutil.copy(out.with_name(name), tmp_path / name)
+    with open(tmp_path / "model.stream.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(detect.DetectError, match="model.stream.onnx: does not match streaming.onnx_sha256"):
+        detect.Detector(tmp_path / "model.onnx")
+    assert detect.Detector(tmp_path / "model.onnx", streaming=False).stream_session is None
 
 
 @pytest.mark.slow

@@ -15,7 +15,10 @@ from kd_tune.space import TARGETS, SearchSpace
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_tune"
 MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__main__"}
-RAY_LAYER = {"trial", "board", "console", "placement", "sweep", "bench"}
+RAY_LAYER = {"ray_compat", "trial", "board", "console", "placement", "sweep", "bench"}
+# Ray's modules without a public API: only kd_tune.ray_compat, which checks the Ray version, may use them
+PRIVATE_RAY = ("ray._private", "ray._raylet", "ray.experimental.internal_kv", "ray.core.generated",
+               "ray.train.v2._internal", "ray.tune.execution")
 MAX_LINES = 450
 
 
@@ -77,6 +80,46 @@ def test_ray_is_imported_only_in_the_ray_layer():
     # Rule: `import ray` appears only in the Ray layer; everything below it runs without Ray.
     users = {name for name, path in MODULES.items() if "ray" in third_party_roots(path)}
     assert users <= RAY_LAYER, f"{sorted(users - RAY_LAYER)} import ray outside {sorted(RAY_LAYER)}"
+
+
+def dotted(node: ast.expr) -> str | None:
+    """`a.b.c` for an attribute chain on a name; None for anything else (a call's result, a subscript)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def is_private_ray(name: str | None) -> bool:
+    """Whether a dotted name is in Ray but outside its public API: a `_` part (not a dunder) or a PRIVATE_RAY one."""
+    parts = (name or "").split(".")
+    return parts[0] == "ray" and (any(p.startswith("_") and not p.endswith("__") for p in parts[1:])
+                                  or any(name == p or name.startswith(p + ".") for p in PRIVATE_RAY))
+
+
+def private_ray_uses(path: Path) -> list[str]:
+    """`line: name` for each private Ray module `path` imports or reaches as an attribute (`ray._raylet.X`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] if is_private_ray(node.module) else [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute) and not is_private_ray(dotted(node.value)):
+            names = [dotted(node)]  # where a chain turns private: `ray._raylet` of `ray._raylet.X.Y`, once
+        else:
+            continue
+        found += [f"{node.lineno}: {name}" for name in names if is_private_ray(name)]
+    return found
+
+
+def test_only_ray_compat_uses_rays_private_modules():
+    # Rule: no kd_tune module but ray_compat imports or reaches into Ray's private modules (ray._private, ray._raylet,
+    # internal_kv, generated protobufs, Train V2's _internal, Tune's execution): a Ray upgrade is checked in one file.
+    users = {name: uses for name, path in MODULES.items() if name != "ray_compat" and (uses := private_ray_uses(path))}
+    assert not users, f"private Ray used outside kd_tune/ray_compat.py (move it there): {users}"
+    assert private_ray_uses(MODULES["ray_compat"]), "the rule's scan finds nothing even in ray_compat: it is broken"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -10,7 +10,7 @@ import pytest
 from test_evaluation import peak_model  # a model whose every answer can be worked out by hand
 from tqdm import tqdm
 
-from kd_tune import evaluation, progress, streams, synth
+from kd_tune import cache, console, evaluation, progress, streams, sweep, synth
 from kd_tune.cli import main
 from kd_tune.progress import FIRST_LINE_S, LINE_INTERVAL_S, LineProgress, progress_bar
 from kd_tune.robustness import run_grid
@@ -199,4 +199,36 @@ def test_eval_and_the_condition_grid_print_progress_in_a_log_and_nothing_when_di
     assert "conditions: 2/2 level_-3dBFS (model)" in captured.out  # the grid's own line per condition stays
     evaluation.evaluate_model(model, folder, progress=False)
     run_grid(model, folder, tmp_path / "quiet", grid="clean", progress=None)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_teacher_cache_build_prints_progress_in_a_log_and_nothing_without_shards(monkeypatch, capsys,
+                                                                                     every_step_prints):
+    # Rule: `kd-tune cache` without a terminal prints progress lines for the shards it builds to stderr, with a final
+    # line; with every shard current (nothing to build) it prints nothing. (build_shard is stubbed.)
+    built = []
+    monkeypatch.setattr(cache, "build_shard", lambda config, name, shard, key, data: built.append(shard))
+    cache.build_here(None, [("cnn", "shard-0", "key"), ("cnn", "shard-1", "key")], None)
+    err = capsys.readouterr().err.splitlines()
+    assert built == ["shard-0", "shard-1"]
+    assert err[0].startswith("teacher cache: 1/2 shards (50%), ") and err[-1].startswith(
+        "teacher cache: done, 2/2 shards (100%) in "), err
+    cache.build_here(None, [], None)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_sweeps_teacher_cache_prints_progress_on_the_console_without_a_terminal(monkeypatch, capsys,
+                                                                                    every_step_prints):
+    # Rule: a sweep's teacher cache, built as Ray tasks, prints its progress lines on the console of the sweep
+    # (kd_tune.console.console_stream; stderr goes to sweep.log then), also without a terminal. (Ray is stubbed: a
+    # task's reference is its shard, done at once.)
+    log = Log()
+    monkeypatch.setattr(console, "_console", log)
+    monkeypatch.setattr(sweep.ray, "remote", lambda **options: lambda fn: type(
+        "Task", (), {"remote": staticmethod(lambda config, name, shard, key, data: f"{name}/{shard}")}))
+    monkeypatch.setattr(sweep.ray, "wait", lambda refs, num_returns: (refs[:num_returns], refs[num_returns:]))
+    monkeypatch.setattr(sweep.ray, "get", lambda ref: None)
+    sweep.shards_on_ray("data")(None, [("cnn", "shard-0", "key"), ("cnn", "shard-1", "key")], None)
+    assert lines(log)[0].startswith("teacher cache: 1/2 shards (50%), ") and lines(log)[-1].startswith(
+        "teacher cache: done, 2/2 shards (100%) in "), lines(log)
     assert capsys.readouterr().err == ""
