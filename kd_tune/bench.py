@@ -37,12 +37,12 @@ from kd_tune.cache import build_cache, shard_names
 from kd_tune.config import Config
 from kd_tune.data import Split, WakewordData, load_data
 from kd_tune.detect import open_session
-from kd_tune.export import OPSET, hop_latency_ms, latency_ms, probability_model, to_onnx
+from kd_tune.export import hop_latency_ms, latency_ms, probability_model, streaming_model, to_onnx
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, front_end, render_view, samples
 from kd_tune.leaderboard import cell
 from kd_tune.metrics import LOSSES
 from kd_tune.models import build_student, count_parameters
-from kd_tune.streaming import StreamingDetector, streaming_onnx
+from kd_tune.streaming import StreamingDetector
 from kd_tune.sweep import RAY_SETTINGS, connect_ray
 from kd_tune.teachers import initial_teacher, save_teacher
 from kd_tune.train import fit, pick_device
@@ -228,7 +228,7 @@ def onnx_latency(config: Config) -> dict:
     student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels).eval()
     log_mel, hop = LogMel.from_config(config.features), samples(config.training.eval_hop_ms)
     model = to_onnx(probability_model(student, log_mel), window_samples=N_SAMPLES)
-    stream_model = streaming_onnx(StreamingDetector(student, log_mel, hop_samples=hop), opset=OPSET)
+    stream_model = streaming_model(StreamingDetector(student, log_mel, hop_samples=hop))
     audio = 0.1 * np.random.default_rng(0).standard_normal(STREAM_BENCH_SECONDS * SAMPLE_RATE).astype(np.float32)
     windowed, streaming = open_session(model, threads=1), open_session(stream_model, threads=1)
     per_audio_s = {"windowed": [], "streaming": []}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import stat
@@ -25,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kd_tune.errors import InputError, shown
 from kd_tune.signing import SpecialFileError, open_regular, parse_json, verify_signature
-from kd_tune.windows import (INPUT_NAME, STATE_INPUTS, STREAM_INPUT, detection_times, stream_probabilities,
-                             streamed_probabilities)
+from kd_tune.windows import (INPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, STREAM_INPUT, STREAM_OUTPUT, detection_times,
+                             stream_probabilities, streamed_probabilities, worth_streaming)
 
 FORMAT = "kd_tune.onnx/1"
 RESAMPLE_ZERO_CROSSINGS = 16  # of the windowed sinc, on each side
@@ -58,6 +59,8 @@ MAX_REFRACTORY_SECONDS = MAX_AUDIO_SECONDS
 # onnxruntime raises its own exception types (InvalidProtobuf, InvalidGraph, Fail, ...) derived from Exception only.
 ORT_ERRORS = tuple(v for v in vars(ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
 
+
+log = logging.getLogger("kd_tune.detect")
 
 class DetectError(InputError):
     """A model, model card or audio file that detection cannot use; the message names the file."""
@@ -331,14 +334,20 @@ class Detector:
             raise DetectError(f"{self.model_path}: takes {inputs}; allowed: one input {INPUT_NAME!r} of shape "
                               f"[batch, {self.window_samples}] (window_samples in {card_name(self.model_path)})")
         # The streaming form, when the card names one: the same probabilities for a fraction of the work per hop.
+        # One left behind (only model.onnx and its card copied) costs speed, not answers.
         entry = self.card.streaming if streaming else None
+        if entry is not None and not self.model_path.with_name(entry.onnx_file).exists():
+            log.warning("%s: the streaming form %s named in its card is missing; scoring window by window",
+                        self.model_path, entry.onnx_file)
+            entry = None
         self.stream_session = None if entry is None else self.load(
             self.model_path.with_name(entry.onnx_file), entry.onnx_sha256, "streaming.onnx_sha256", threads)
         if self.stream_session is not None:
-            names = [i.name for i in self.stream_session.get_inputs()]
-            if names != [STREAM_INPUT, *STATE_INPUTS]:
-                raise DetectError(f"{entry.onnx_file}: takes {names}; allowed: the inputs "
-                                  f"{[STREAM_INPUT, *STATE_INPUTS]} of the form `kd-tune export --streaming` writes")
+            session = self.stream_session
+            names = [[i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]]
+            if names != [[STREAM_INPUT, *STATE_INPUTS], [STREAM_OUTPUT, *STATE_OUTPUTS]]:
+                raise DetectError(f"{entry.onnx_file}: takes and gives {names}; allowed: those of the streaming form "
+                                  "`kd-tune export --streaming` writes")
 
     def load(self, path: Path, expected_sha256: str, field: str, threads: int | None) -> ort.InferenceSession:
         """A session of the ONNX file at path, once its bytes hash to the card's `field`."""
@@ -364,15 +373,16 @@ class Detector:
         if audio.ndim != 1 or audio.size == 0:
             raise DetectError(f"audio: shape {audio.shape}; allowed: non-empty mono samples [T]")
         check_samples(audio, where="audio")
+        windows = dict(window_samples=self.window_samples, hop_samples=self.hop_samples)
+        streaming = self.stream_session is not None and worth_streaming(len(audio), **windows)
         try:
-            if self.stream_session is not None:
-                return streamed_probabilities(self.stream_session, audio, window_samples=self.window_samples,
-                                              hop_samples=self.hop_samples)
-            return stream_probabilities(self.session, audio, window_samples=self.window_samples,
-                                        hop_samples=self.hop_samples)
+            if streaming:
+                return streamed_probabilities(self.stream_session, audio, **windows)
+            return stream_probabilities(self.session, audio, **windows)
         except (ValueError, *ORT_ERRORS) as error:
-            raise DetectError(f"{self.model_path}: {str(error).splitlines()[0][:200]}; allowed: a model taking "
-                              f"audio [batch, {self.window_samples}] to probabilities [batch]") from None
+            model = self.model_path.with_name(self.card.streaming.onnx_file) if streaming else self.model_path
+            raise DetectError(f"{model}: {str(error).splitlines()[0][:200]}; allowed: a model written by "
+                              "`kd-tune export` for this card") from None
 
     def detect(self, audio: np.ndarray) -> list[float]:
         """Times (s) of the detections in mono audio [T]: the centres of the windows where they fire."""

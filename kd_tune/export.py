@@ -33,6 +33,7 @@ from kd_tune.errors import KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, samples
 from kd_tune.metrics import audio_hours, wakeword_metrics
 from kd_tune.models import build_student, count_parameters
+from kd_tune.onnxgraph import compute_front_end, short_names
 from kd_tune.scoring import predict
 from kd_tune.signing import signed
 from kd_tune.storage import Storage, write_json
@@ -88,8 +89,10 @@ def probability_model(student: nn.Module, log_mel: LogMel) -> nn.Module:
                                      pick_wakeword=pick, flatten=nn.Flatten(0))).eval()
 
 
-def to_onnx(model: nn.Module, *, window_samples: int) -> bytes:
-    """The legacy TorchScript exporter (exact and fast): a dynamic batch axis, the window length fixed."""
+def to_onnx(model: nn.Module, *, window_samples: int, compute_constants: bool = True) -> bytes:
+    """The legacy TorchScript exporter (exact and fast): a dynamic batch axis, the window length fixed. With
+    compute_constants (the default) the constants of the model's front end (its LogMel) are computed by operators
+    (kd_tune.onnxgraph) instead of stored: stored, they are ~70% of the file."""
     buffer = io.BytesIO()
     # Its deprecation notice and constant-folding notes are expected; the parity check is what vouches for the file.
     with torch.no_grad(), warnings.catch_warnings():
@@ -97,16 +100,26 @@ def to_onnx(model: nn.Module, *, window_samples: int) -> bytes:
         torch.onnx.export(model, (torch.zeros(2, window_samples),), buffer, input_names=[INPUT_NAME],
                           output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    return buffer.getvalue()
+    front_end = next((m for m in model.modules() if isinstance(m, LogMel)), None)
+    if front_end is None or not compute_constants:
+        return buffer.getvalue()
+    return compute_front_end(buffer.getvalue(), front_end)[0]
 
 
-def quantize_int8(model: bytes, calibration: np.ndarray) -> bytes:
+def streaming_model(detector: StreamingDetector) -> bytes:
+    """The streaming form as ONNX, its front end's constants computed by operators like the windowed model's."""
+    return compute_front_end(streaming_onnx(detector, opset=OPSET), detector.log_mel)[0]
+
+
+def quantize_int8(model: bytes, calibration: np.ndarray, log_mel: LogMel) -> bytes:
     """Static int8 quantization of the student's QUANTIZED_OPS (QDQ: per-channel QInt8 weights, QUInt8 activations).
 
     Activation ranges are calibrated on `calibration` windows [N, window_samples]. Dynamic quantization was tried
     first: it runs, but onnxruntime's ConvInteger path made a ds_cnn window 6-10x slower than float32. Only nodes
     under STUDENT_SCOPE are quantized: in 8 bits the front end's DFT and mel matrices would squeeze the power
-    spectrum's ~100 dB range into ~48 dB, and the probability head is an exact one-hot pick.
+    spectrum's ~100 dB range into ~48 dB, and the probability head is an exact one-hot pick. The pre-processing
+    folds the front end's computed constants back in, so they are computed by operators again after quantization,
+    and the quantizer's long tensor names are shortened (kd_tune.onnxgraph.short_names).
     """
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -120,7 +133,7 @@ def quantize_int8(model: bytes, calibration: np.ndarray) -> bytes:
         quantize_static(prepared, quantized, CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=QUANTIZED_OPS, per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8, nodes_to_exclude=keep_float)
-        return quantized.read_bytes()
+        return short_names(compute_front_end(quantized.read_bytes(), log_mel)[0])
 
 
 class CalibrationReader:
@@ -265,14 +278,14 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
             "calibration_data": val.data}
     stream_model = None
     if streamer is not None:
-        stream_model = streaming_onnx(streamer, opset=OPSET)
+        stream_model = streaming_model(streamer)
         card["streaming"] = measure_streaming(stream_model, model, val, name=f"{out.stem}.stream.onnx")
     store = Storage.from_uri(out.parent)
     if stream_model is not None:
         store.write_bytes(card["streaming"]["onnx_file"], stream_model)
     store.write_bytes(out.name, model)
     if int8:
-        card["int8"] = write_int8(store, out, model, card, val)
+        card["int8"] = write_int8(store, out, model, card, val, log_mel)
     card = signed(card)
     write_json(store, card_name(out), card)  # last: it names the files written before it
     check_written(out)
@@ -300,10 +313,10 @@ def hop_latency_ms(stream_model: bytes, hop: np.ndarray) -> float:
     return median_ms(lambda: session.run(None, feed))
 
 
-def write_int8(store: Storage, out: Path, model: bytes, card: dict, val: Validation) -> dict:
+def write_int8(store: Storage, out: Path, model: bytes, card: dict, val: Validation, log_mel: LogMel) -> dict:
     """Quantize, measure and write <stem>.int8.onnx with its own card; returns its figures and deltas vs float."""
     path = out.with_name(f"{out.stem}.int8.onnx")
-    quantized = quantize_int8(model, val.clips)
+    quantized = quantize_int8(model, val.clips, log_mel)
     figures = {"onnx_file": path.name, **measure(quantized, val, strict_parity=False)}
     float_metrics, int8_metrics = card["validation"], figures["validation"]
     deltas = {k: difference(int8_metrics[k], float_metrics[k]) for k in ("accuracy", "frr", "fa_per_hour")}
@@ -355,6 +368,11 @@ def summary(card: dict) -> str:
         lines.append(f"{q['onnx_file']}: {q['onnx_bytes'] / 1024:.1f} KB, latency {q['latency_ms']:.2f} ms, parity "
                      f"{_number(q['parity_max_abs_diff'])}, threshold {q['threshold']:.4f}; vs float: accuracy "
                      f"{_signed(d['accuracy'])}, FRR {_signed(d['frr'])}, FA/h {_signed(d['fa_per_hour'])}")
+    if "streaming" in card:
+        st = card["streaming"]
+        lines.append(f"{st['onnx_file']}: {st['onnx_bytes'] / 1024:.1f} KB, {st['latency_ms_per_hop']:.2f} ms per "
+                     f"{st['hop_samples'] / card['sample_rate'] * 1000:g} ms hop; max |diff| from the windowed model "
+                     f"{st['parity_max_abs_diff']:.2g} over {st['parity_windows']:,} windows of the val stream")
     return "\n".join(lines)
 
 

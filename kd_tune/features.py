@@ -54,9 +54,9 @@ MEL_SCALES = ("htk", "slaney")
 NORMALIZATIONS = ("none", "mean", "pcen")
 PCEN_TIME_CONSTANT_S = 0.4
 PCEN_GAIN = 0.98  # the exponent of the smoothed energy divided out: 1 would be a pure ratio
-PCEN_BIAS = 2.0
-# compression in place of the log: the square root (librosa's power 0.5)
+PCEN_BIAS = 2.0  # added before the square root that compresses in place of the log (librosa's power 0.5)
 PCEN_EPS = 1e-6
+MAX_PCEN_FRAMES = 3001  # the smoother is a [T, T] matrix: 36 MB at 30 s; a window is 1 s
 VIEW_CHUNK = 256  # clips per seeded draw: fixed, so a view is the same whatever the batch size
 
 
@@ -94,10 +94,12 @@ class LogMel(nn.Module):
         self.register_buffer("mel_fbank", fbank.T.contiguous(), persistent=False)  # [n_mels, n_freq]
         self.normalize = normalize
         self.register_buffer("pcen_kernel", pcen_kernel(hop_ms), persistent=False)  # [1, 1, K]
-        # PCEN's smoother per window length, built ahead for a 1 s clip: built inside forward, it would be traced
-        # into an exported graph as operators instead of one constant.
-        self.smoothers = {N_SAMPLES // self.hop_length + 1: pcen_smoother(self.pcen_kernel.flatten(),
-                                                                          N_SAMPLES // self.hop_length + 1)}
+        # PCEN's smoother for a 1 s clip, built ahead: built inside forward, it would be traced into an exported
+        # graph as operators instead of one constant. Other lengths are built on first use.
+        self.clip_frames = N_SAMPLES // self.hop_length + 1
+        self.register_buffer("clip_smoother", pcen_smoother(self.pcen_kernel.flatten(), self.clip_frames),
+                             persistent=False)
+        self.smoothers: dict[int, Tensor] = {}
 
     @classmethod
     def from_config(cls, features: FeaturesConfig) -> LogMel:
@@ -116,9 +118,10 @@ class LogMel(nn.Module):
 
     def power_of(self, frames: Tensor) -> Tensor:
         """Mel power [B, n_mels, F] of F frames of samples [B, F, n_fft] (power's frames, cut by the caller)."""
-        spec = torch.matmul(frames, self.dft_basis.flatten(1).T)  # [B, F, 2 * n_freq]
-        real, imag = spec.chunk(2, dim=-1)
-        return torch.matmul(self.mel_fbank, (real.square() + imag.square()).transpose(1, 2))  # [B, n_mels, F]
+        with torch.autocast(frames.device.type, enabled=False):  # float32, as in power()
+            spec = torch.matmul(frames.float(), self.dft_basis.float().flatten(1).T)  # [B, F, 2 * n_freq]
+            real, imag = spec.chunk(2, dim=-1)
+            return torch.matmul(self.mel_fbank.float(), (real.square() + imag.square()).transpose(1, 2))
 
     def frame_index(self, n_samples: int, frames: list[int]) -> Tensor:
         """[F, n_fft] positions in a wave of n_samples of the samples power() puts in each of the given frames,
@@ -148,12 +151,14 @@ class LogMel(nn.Module):
 
     def smoother(self, n_frames: int) -> Tensor:
         """PCEN's smoother [T, T] for windows of n_frames, built once per length, on the front end's device."""
-        if n_frames not in self.smoothers:
-            self.smoothers[n_frames] = pcen_smoother(self.pcen_kernel.flatten(), n_frames)
-        matrix = self.smoothers[n_frames]
-        if matrix.device != self.pcen_kernel.device:
-            matrix = self.smoothers[n_frames] = matrix.to(self.pcen_kernel.device)
-        return matrix
+        if n_frames == self.clip_frames:
+            return self.clip_smoother
+        if n_frames > MAX_PCEN_FRAMES:
+            raise ValueError(f"PCEN normalizes one window at a time: {n_frames} frames is longer than the "
+                             f"{MAX_PCEN_FRAMES} allowed (cut long audio into windows first)")
+        if n_frames not in self.smoothers or self.smoothers[n_frames].device != self.pcen_kernel.device:
+            self.smoothers[n_frames] = pcen_smoother(self.pcen_kernel.flatten(), n_frames).to(self.pcen_kernel.device)
+        return self.smoothers[n_frames]
 
     def forward(self, wave: Tensor) -> Tensor:
         return self.per_window(self.frames(wave))

@@ -19,10 +19,9 @@ from torch import Tensor, nn
 
 from kd_tune.errors import InputError
 from kd_tune.features import N_SAMPLES, LogMel
-from kd_tune.windows import STATE_INPUTS, STREAM_INPUT
+from kd_tune.windows import STATE_INPUTS, STATE_OUTPUTS, STREAM_INPUT, STREAM_OUTPUT
 
-STREAM_INPUTS = (STREAM_INPUT, *STATE_INPUTS)
-STREAM_OUTPUTS = ("probability", *(f"{name}_out" for name in STATE_INPUTS))
+STREAM_INPUTS, STREAM_OUTPUTS = (STREAM_INPUT, *STATE_INPUTS), (STREAM_OUTPUT, *STATE_OUTPUTS)
 
 
 class StreamingError(InputError):
@@ -36,10 +35,13 @@ class StreamingDetector(nn.Module):
     def __init__(self, student: nn.Module, log_mel: LogMel, *, hop_samples: int):
         super().__init__()
         step = log_mel.hop_length
-        if hop_samples < 1 or hop_samples % step or N_SAMPLES % hop_samples:
+        if hop_samples < 1 or hop_samples % step or N_SAMPLES % hop_samples or hop_samples == N_SAMPLES:
             raise StreamingError(f"hop_samples {hop_samples}: the streaming form needs a hop that is a whole number "
-                                 f"of frames ({step} samples) and divides the {N_SAMPLES}-sample window; allowed: "
-                                 f"e.g. {N_SAMPLES // 10} (training.eval_hop_ms 100)")
+                                 f"of frames ({step} samples) and divides the {N_SAMPLES}-sample window into two or "
+                                 f"more; allowed: e.g. {N_SAMPLES // 10} (training.eval_hop_ms 100)")
+        if log_mel.n_fft % 2:  # the frame count and edge frames below assume a centred window of even length
+            raise StreamingError(f"features.window_ms gives a {log_mel.n_fft}-sample frame; the streaming form needs "
+                                 "an even number of samples, e.g. window_ms 25 (400)")
         self.student, self.log_mel, self.hop_samples = student, log_mel, hop_samples
         self.n_frames = N_SAMPLES // step + 1
         head = math.ceil(log_mel.n_fft // 2 / step)  # frames whose left half reaches before the window (reflected)

@@ -17,8 +17,12 @@ INPUT_NAME, OUTPUT_NAME = "audio", "probability"
 RUN_BATCH = 256  # windows per onnxruntime call
 # The streaming form's inputs (kd_tune.streaming): a hop of audio, then its state, as the outputs after the probability
 STREAM_INPUT, STATE_INPUTS = "hop", ("audio_state", "frames_state")
+STREAM_OUTPUT, STATE_OUTPUTS = OUTPUT_NAME, tuple(f"{name}_out" for name in STATE_INPUTS)
 STREAM_RUNS = 64  # streams fed side by side when a recording is scored with the streaming form
-MIN_RUN_HOPS = 100  # a run's windows at least: each run first spends a window's worth of hops on its state
+MIN_RUN_HOPS = 100  # a run's windows at least (or all there are): each run first spends a window's worth of hops
+# Audio of fewer windows than this many window lengths is scored whole, window by window: the streaming form's first
+# hops of a run only fill its state, and on a short clip they would cost more than the windows they save.
+MIN_STREAMED_WINDOW_LENGTHS = 2
 
 
 def run(session: ort.InferenceSession, windows: np.ndarray) -> np.ndarray:
@@ -80,16 +84,26 @@ def streamed_probabilities(session: ort.InferenceSession, audio: np.ndarray, *, 
     the silent state at its first window's start, and its first `lead` outputs, whose windows reach before that
     start, are dropped: every kept window then holds only the run's own audio, as the windowed model's does.
     """
+    audio = np.asarray(audio, np.float32) if len(audio) else np.zeros(1, np.float32)  # empty: one silent window
     n_windows = window_count(len(audio), window_samples=window_samples, hop_samples=hop_samples)
     lead = window_samples // hop_samples - 1
-    per_run = max(-(-n_windows // STREAM_RUNS), MIN_RUN_HOPS)  # windows per run; short audio: one run
+    per_run = min(max(-(-n_windows // STREAM_RUNS), MIN_RUN_HOPS), n_windows)  # windows per run
     runs = -(-n_windows // per_run)
     first = np.arange(runs) * per_run * hop_samples  # [R] where each run's first hop, and first kept window, start
     state = [np.zeros([runs, *i.shape[1:]], np.float32) for i in session.get_inputs()[1:]]
     out = np.empty((runs, lead + per_run), np.float32)
     for step in range(lead + per_run):
         at = first[:, None] + step * hop_samples + np.arange(hop_samples)  # [R, hop] sample positions
-        inside = (at >= 0) & (at < len(audio))
-        hop = np.where(inside, audio[np.clip(at, 0, len(audio) - 1)], np.float32(0))  # zeros past either end
-        out[:, step], *state = session.run(None, {STREAM_INPUT: hop, **dict(zip(STATE_INPUTS, state, strict=True))})
+        hop = np.where(at < len(audio), audio[np.minimum(at, len(audio) - 1)], np.float32(0))  # zeros past the end
+        probabilities, *state = session.run(None, {STREAM_INPUT: hop, **dict(zip(STATE_INPUTS, state, strict=True))})
+        if probabilities.shape != (runs,):
+            raise ValueError(f"the streaming model returned shape {probabilities.shape} for {runs} streams "
+                             f"(expected ({runs},))")
+        out[:, step] = probabilities
     return out[:, lead:].reshape(-1)[:n_windows]
+
+
+def worth_streaming(n_samples: int, *, window_samples: int, hop_samples: int) -> bool:
+    """Whether audio of n_samples is cheaper to score with the streaming form than window by window."""
+    n_windows = window_count(n_samples, window_samples=window_samples, hop_samples=hop_samples)
+    return n_windows >= MIN_STREAMED_WINDOW_LENGTHS * window_samples // hop_samples

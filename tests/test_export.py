@@ -3,6 +3,7 @@
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,16 +17,18 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from onnx import TensorProto, helper, numpy_helper
 
-from kd_tune import __version__, detect, export, storage, windows
+from kd_tune import __version__, detect, export, onnxgraph, storage, windows
 from kd_tune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 from kd_tune.cli import main
 from kd_tune.config import load_config
 from kd_tune.data import Split, WakewordData, load_dataset, negative_stream
 from kd_tune.errors import InputError
-from kd_tune.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, dft_basis
 from kd_tune.models import STUDENTS, build_student, build_teacher
 from kd_tune.source import locate_source
+from kd_tune.streaming import StreamingDetector, streaming_onnx
 from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
 from kd_tune.teachers import TeacherEnsemble
 from kd_tune.train import TrainState, fit, save_training_checkpoint
@@ -136,6 +139,89 @@ def wake_stream(detector, small_data) -> tuple[np.ndarray, list[float]]:
 
 
 # ---------------------------------------------------------------- export
+
+
+def stored_constants(model: bytes) -> list[np.ndarray]:
+    """Every tensor a model file stores: its initializers and its Constant nodes' values."""
+    graph = onnx.load_from_string(model).graph
+    return [numpy_helper.to_array(t) for t in graph.initializer] + [
+        numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+        if n.op_type == "Constant" and n.attribute[0].name == "value"]
+
+
+def holds_dft_basis(model: bytes) -> bool:
+    basis = dft_basis(400).numpy()  # [402, 1, 400]
+    layouts = (basis, basis[:, 0, :].T)  # the windowed model's conv weights, the streaming form's matrix
+    return any(c.shape == b.shape and np.abs(c - b).max() <= 1e-3 for c in stored_constants(model) for b in layouts)
+
+
+def noise_and_tones(n: int, seed: int) -> np.ndarray:
+    """[n, N_SAMPLES] float32: white noise and tones from -60 to 0 dBFS."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(N_SAMPLES) / SAMPLE_RATE
+    tones = np.sin(2 * np.pi * rng.uniform(100, 7000, (n, 1)) * t) + 0.1 * rng.standard_normal((n, N_SAMPLES))
+    return (tones * 10 ** rng.uniform(-3, 0, (n, 1))).astype(np.float32)
+
+
+@pytest.mark.parametrize("normalize", ["none", "mean", "pcen"])
+def test_front_end_constants_are_computed_in_the_graph_with_the_same_probabilities(normalize):
+    # Rule: the exported files compute the front end's constants (DFT basis, mel filterbank, PCEN smoother, the
+    # streaming form's frame index) with operators instead of storing them, and give the probabilities of the files
+    # that store them within 1e-5, windowed and streaming, for every normalization.
+    torch.manual_seed(0)
+    student, log_mel = build_student("tc_resnet").eval(), LogMel(normalize=normalize)
+    model = export.probability_model(student, log_mel)
+    stored = export.to_onnx(model, window_samples=N_SAMPLES, compute_constants=False)
+    computed, kinds = onnxgraph.compute_front_end(stored, log_mel)
+    assert computed == export.to_onnx(model, window_samples=N_SAMPLES)
+    assert sorted(kinds) == ["dft_basis", "mel_fbank", *(["pcen_smoother"] if normalize == "pcen" else [])]
+    assert holds_dft_basis(stored) and not holds_dft_basis(computed)
+    onnx.checker.check_model(onnx.load_from_string(computed))
+    clips = noise_and_tones(16, seed=1)
+    got, expected = windows.run(detect.open_session(computed), clips), windows.run(detect.open_session(stored), clips)
+    assert np.abs(got - expected).max() <= 1e-5
+
+    detector = StreamingDetector(student, log_mel, hop_samples=1600)
+    stored_stream, stream = streaming_onnx(detector, opset=export.OPSET), export.streaming_model(detector)
+    assert "frame_index" in onnxgraph.compute_front_end(stored_stream, log_mel)[1] and not holds_dft_basis(stream)
+    audio, hops = noise_and_tones(3, seed=2).reshape(-1), dict(window_samples=N_SAMPLES, hop_samples=1600)
+    got = windows.streamed_probabilities(detect.open_session(stream), audio, **hops)
+    expected = windows.streamed_probabilities(detect.open_session(stored_stream), audio, **hops)
+    assert len(got) == windows.window_count(len(audio), **hops) and np.abs(got - expected).max() <= 1e-5
+
+
+def test_the_default_student_ships_in_300_kb_and_100_kb_as_int8():
+    # Rule: with its front end computed in the graph, the default student's file holds little more than its weights:
+    # float32 (windowed and streaming) <= 300 KB, int8 <= 100 KB; int8 also computes its front end (quantization's
+    # pre-processing folds it back into constants: export computes it again after).
+    torch.manual_seed(0)
+    config = load_config(None, check_paths=False)
+    student = build_student(config.student.name, width=config.student.width, n_mels=config.features.n_mels).eval()
+    log_mel = LogMel.from_config(config.features)
+    model = export.to_onnx(export.probability_model(student, log_mel), window_samples=N_SAMPLES)
+    stream = export.streaming_model(StreamingDetector(student, log_mel, hop_samples=1600))
+    clips = noise_and_tones(16, seed=3)
+    int8 = export.quantize_int8(model, clips, log_mel)
+    assert len(model) <= 300 * 1024 and len(stream) <= 300 * 1024 and len(int8) <= 100 * 1024
+    assert not any(map(holds_dft_basis, (model, stream, int8)))
+    weights = sum(p.numel() for p in student.parameters())
+    assert len(model) <= 4 * weights + 40 * 1024  # the float32 weights and ~30 KB of graph
+    session = detect.open_session(int8)
+    assert [i.name for i in session.get_inputs()] == ["audio"] and [o.name for o in session.get_outputs()] == [
+        "probability"]
+    assert np.abs(windows.run(session, clips) - windows.run(detect.open_session(model), clips)).max() < 0.05
+
+
+def test_a_model_without_front_end_constants_is_left_as_it_is():
+    # Rule: the rewrite touches only constants equal to the front end's: other graphs come back byte for byte.
+    log_mel = LogMel()
+    weights = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                                   initializer=[weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    assert onnxgraph.compute_front_end(model, log_mel) == (model, [])
 
 
 @pytest.mark.slow
@@ -466,7 +552,7 @@ def test_detector_imports_and_runs_without_torch(exported, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_streaming_form_is_exported_checked_and_used_by_the_detector(exported, wake_stream, tmp_path):
+def test_the_streaming_form_is_exported_checked_and_used_by_the_detector(exported, wake_stream, tmp_path, caplog):
     # Rule: --streaming writes model.stream.onnx, named and hashed in the signed card once its probabilities over the
     # whole val stream equal the windowed model's within 1e-5; Detector uses it, with the windowed model's answers.
     # The int8 card names no streaming form (its threshold belongs to the int8 model), and a streaming file changed
@@ -489,6 +575,11 @@ def test_the_streaming_form_is_exported_checked_and_used_by_the_detector(exporte
     with pytest.raises(detect.DetectError, match="model.stream.onnx: does not match streaming.onnx_sha256"):
         detect.Detector(tmp_path / "model.onnx")
     assert detect.Detector(tmp_path / "model.onnx", streaming=False).stream_session is None
+    # Left behind, the streaming form costs speed, not answers: a warning, then window by window.
+    (tmp_path / "model.stream.onnx").unlink()
+    with caplog.at_level(logging.WARNING, logger="kd_tune.detect"):
+        assert detect.Detector(tmp_path / "model.onnx").stream_session is None
+    assert "model.stream.onnx named in its card is missing" in caplog.text
 
 
 @pytest.mark.slow

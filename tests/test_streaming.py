@@ -9,7 +9,7 @@ from kd_tune.export import OPSET, probability_model, to_onnx
 from kd_tune.features import N_SAMPLES, NORMALIZATIONS, SAMPLE_RATE, LogMel
 from kd_tune.models import STUDENTS, build_student
 from kd_tune.streaming import StreamingDetector, StreamingError, streaming_onnx
-from kd_tune.windows import stream_probabilities, streamed_probabilities
+from kd_tune.windows import stream_probabilities, streamed_probabilities, worth_streaming
 
 HOP = N_SAMPLES // 10  # 100 ms, the default training.eval_hop_ms
 
@@ -92,12 +92,36 @@ def test_the_zero_state_is_the_state_of_silence():
     assert torch.equal(audio_out, audio) and torch.equal(frames_out, frames)
 
 
-@pytest.mark.parametrize("hop", [800 + 1, 480, 3200 * 2])
+@pytest.mark.parametrize("hop", [800 + 1, 480, 3200 * 2, N_SAMPLES])
 def test_a_hop_the_streaming_form_cannot_serve_is_refused_naming_it(hop):
     # Rule: a hop that is no whole number of frames, or does not divide the window, is refused in one line that
     # names it and what is allowed.
     with pytest.raises(StreamingError, match=rf"hop_samples {hop}: .* allowed: e\.g\. 1600"):
         StreamingDetector(build_student("tc_resnet"), LogMel(), hop_samples=hop)
+
+
+def test_an_odd_frame_length_is_refused_naming_the_setting():
+    # Rule: the streaming form's frame bookkeeping needs an even frame; another is refused in one line naming it.
+    with pytest.raises(StreamingError, match=r"window_ms gives a 401-sample frame.*even"):
+        StreamingDetector(build_student("tc_resnet"), LogMel(window_ms=25.0625), hop_samples=HOP)
+
+
+def test_empty_and_float64_audio_score_like_the_windowed_model():
+    # Rule: streamed_probabilities takes what stream_probabilities takes: empty audio is one silent window, and
+    # float64 samples are scored as float32.
+    windowed, streaming = both_forms(student_with_varied_output(), LogMel(normalize="pcen").eval())
+    for audio in (np.zeros(0, np.float32), speech_like(2.5, seed=3).astype(np.float64)):
+        expected = stream_probabilities(windowed, audio, window_samples=N_SAMPLES, hop_samples=HOP)
+        got = streamed_probabilities(streaming, audio, window_samples=N_SAMPLES, hop_samples=HOP)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_short_audio_is_scored_window_by_window():
+    # Rule: the streaming form first spends a window's worth of hops on its state, so audio of fewer than
+    # MIN_STREAMED_WINDOW_LENGTHS windows' lengths is scored window by window, and longer audio streams.
+    nineteen_windows = N_SAMPLES + 18 * HOP  # 2.8 s
+    assert not worth_streaming(nineteen_windows, window_samples=N_SAMPLES, hop_samples=HOP)  # 19 < 2 x 10
+    assert worth_streaming(nineteen_windows + 1, window_samples=N_SAMPLES, hop_samples=HOP)
 
 
 def test_a_hop_costs_less_than_a_window():
