@@ -10,20 +10,11 @@ import pytest
 from kd_tune import console
 from kd_tune.console import CLEAR_LINE, MAX_COLUMNS, SweepProgress
 from kd_tune.progress import FIRST_LINE_S, LINE_INTERVAL_S
+from fakes import Clock
 
 
 def trial(trial_id: str, teacher: str = "cnn", schedule: str = "constant") -> SimpleNamespace:
     return SimpleNamespace(trial_id=trial_id, config={"teacher": teacher, "alpha_schedule": schedule})
-
-
-class Clock:
-    """time.monotonic as kd_tune.console sees it, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Terminal(io.StringIO):

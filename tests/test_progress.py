@@ -14,18 +14,9 @@ from kd_tune import cache, console, evaluation, progress, streams, sweep, synth
 from kd_tune.cli import main
 from kd_tune.progress import FIRST_LINE_S, LINE_INTERVAL_S, LineProgress, progress_bar
 from kd_tune.robustness import run_grid
+from fakes import Clock
 
 LINE = re.compile(r"^synthesizing: (\d+)/1500 clips \((\d+)%\), (\w+) elapsed(, ~(\w+) left)?$")
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Log(io.StringIO):
