@@ -54,7 +54,6 @@ LATENCY_RUNS = 200
 LATENCY_WARMUP_RUNS = 10
 
 
-
 class ExportError(KdTuneError, RuntimeError):
     """A file export produced fails a check of its own (exit code 1: not the user's input, but the output)."""
 
@@ -208,9 +207,12 @@ def parity_pairs(session: ort.InferenceSession, val: Validation) -> tuple[np.nda
     return np.concatenate(expected), np.concatenate(got)
 
 
-def operating_point(session: ort.InferenceSession, val: Validation) -> dict:
-    """Threshold for the target FA/h on the val negative stream, and the val metrics there, from this model."""
-    stream = stream_probabilities(session, val.stream, window_samples=val.clips.shape[1], hop_samples=val.hop_samples)
+def operating_point(session: ort.InferenceSession, val: Validation, stream: np.ndarray | None = None) -> dict:
+    """Threshold for the target FA/h on the val negative stream, and the val metrics there, from this model; stream:
+    its probabilities on the val stream, when already scored."""
+    if stream is None:
+        stream = stream_probabilities(session, val.stream, window_samples=val.clips.shape[1],
+                                      hop_samples=val.hop_samples)
     m = wakeword_metrics(run(session, val.clips), val.labels, stream, hop_seconds=val.hop_samples / val.sample_rate,
                          target_fa_per_hour=val.target_fa_per_hour, refractory_seconds=val.refractory_seconds,
                          hours=audio_hours(len(val.stream), val.sample_rate))
@@ -239,13 +241,14 @@ def median_ms(call) -> float:
     return 1000 * float(np.median(seconds))
 
 
-def measure(model: bytes, val: Validation, *, strict_parity: bool) -> dict:
-    """The figures of one exported file: parity (enforced when strict), threshold, val metrics and latency."""
+def measure(model: bytes, val: Validation, *, strict_parity: bool, stream: np.ndarray | None = None) -> dict:
+    """The figures of one exported file: parity (enforced when strict), threshold, val metrics and latency; stream:
+    its probabilities on the val stream, when already scored."""
     session = open_session(model)
     expected, got = parity_pairs(session, val)
     parity = check_parity(expected, got) if strict_parity else max_abs_diff(expected, got)
     return {"onnx_sha256": sha256(model), "onnx_bytes": len(model), "parity_max_abs_diff": finite_or_none(parity),
-            "parity_clips": len(val.reference), **operating_point(session, val),
+            "parity_clips": len(val.reference), **operating_point(session, val, stream),
             "latency_ms": latency_ms(model, val.clips[0])}
 
 
@@ -265,7 +268,10 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
     streamer = StreamingDetector(student, log_mel, hop_samples=hop_samples) if streaming else None  # checks the hop
     val = validation_set(config, student, log_mel, data)
     model = to_onnx(probability_model(student, log_mel), window_samples=N_SAMPLES)
-    figures = measure(model, val, strict_parity=True)
+    # Scored once: the threshold is calibrated on it, and the streaming form must reproduce it.
+    stream = stream_probabilities(open_session(model), val.stream, window_samples=N_SAMPLES,
+                                  hop_samples=val.hop_samples)  # [W]
+    figures = measure(model, val, strict_parity=True, stream=stream)
     card = {"format": FORMAT, "kd_tune_version": __version__, "onnx_file": out.name, **figures,
             "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", N_SAMPLES]},
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"]},
@@ -279,7 +285,7 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
     stream_model = None
     if streamer is not None:
         stream_model = streaming_model(streamer)
-        card["streaming"] = measure_streaming(stream_model, model, val, name=f"{out.stem}.stream.onnx")
+        card["streaming"] = measure_streaming(stream_model, stream, val, name=f"{out.stem}.stream.onnx")
     store = Storage.from_uri(out.parent)
     if stream_model is not None:
         store.write_bytes(card["streaming"]["onnx_file"], stream_model)
@@ -292,12 +298,11 @@ def export_student(checkpoint: Checkpoint, out: str | Path, *, data: WakewordDat
     return card
 
 
-def measure_streaming(stream_model: bytes, model: bytes, val: Validation, *, name: str) -> dict:
+def measure_streaming(stream_model: bytes, expected: np.ndarray, val: Validation, *, name: str) -> dict:
     """The streaming form's card entry, once its probabilities over the whole val stream, hop by hop, equal the
-    windowed model's within STREAM_PARITY_TOLERANCE (ParityError otherwise)."""
-    windows = dict(window_samples=val.clips.shape[1], hop_samples=val.hop_samples)
-    expected = stream_probabilities(open_session(model), val.stream, **windows)
-    got = streamed_probabilities(open_session(stream_model), val.stream, **windows)
+    windowed model's (`expected` [W]) within STREAM_PARITY_TOLERANCE (ParityError otherwise)."""
+    got = streamed_probabilities(open_session(stream_model), val.stream, window_samples=val.clips.shape[1],
+                                 hop_samples=val.hop_samples)
     parity = check_parity(expected, got, tolerance=STREAM_PARITY_TOLERANCE)
     return {"onnx_file": name, "onnx_sha256": sha256(stream_model), "onnx_bytes": len(stream_model),
             "hop_samples": val.hop_samples, "parity_max_abs_diff": parity, "parity_windows": len(expected),

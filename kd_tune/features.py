@@ -112,16 +112,18 @@ class LogMel(nn.Module):
         # float32 even under autocast: a loud clip's power spectrum overflows float16 (max 65504).
         with torch.autocast(wave.device.type, enabled=False):
             x = F.pad(wave.float().unsqueeze(1), (half, half), mode="reflect")  # [B, 1, N + n_fft]
-            spec = F.conv1d(x, self.dft_basis.float(), stride=self.hop_length)  # [B, 2 * n_freq, T]
-            real, imag = spec.chunk(2, dim=1)
-            return torch.matmul(self.mel_fbank.float(), real.square() + imag.square())  # [B, n_mels, T]
+            return self.mel_power(F.conv1d(x, self.dft_basis.float(), stride=self.hop_length))
 
     def power_of(self, frames: Tensor) -> Tensor:
         """Mel power [B, n_mels, F] of F frames of samples [B, F, n_fft] (power's frames, cut by the caller)."""
         with torch.autocast(frames.device.type, enabled=False):  # float32, as in power()
             spec = torch.matmul(frames.float(), self.dft_basis.float().flatten(1).T)  # [B, F, 2 * n_freq]
-            real, imag = spec.chunk(2, dim=-1)
-            return torch.matmul(self.mel_fbank.float(), (real.square() + imag.square()).transpose(1, 2))
+            return self.mel_power(spec.transpose(1, 2))
+
+    def mel_power(self, spec: Tensor) -> Tensor:
+        """Mel power [B, n_mels, T] of the real and imaginary DFT rows [B, 2 * n_freq, T] of T frames."""
+        real, imag = spec.chunk(2, dim=1)
+        return torch.matmul(self.mel_fbank.float(), real.square() + imag.square())
 
     def frame_index(self, n_samples: int, frames: list[int]) -> Tensor:
         """[F, n_fft] positions in a wave of n_samples of the samples power() puts in each of the given frames,
