@@ -215,6 +215,7 @@ class TrainingConfig(Section):
     target_fa_per_hour: Positive = 2.0
     refractory_seconds: float = Field(1.0, ge=0)
     eval_hop_ms: float = Field(100.0, ge=10, le=1000)  # an exported card (kd_tune.detect) needs a hop of >= 10 ms
+    mined_negatives: int = Field(0, ge=0, le=100_000)  # per epoch, from long/train/ by the student (kd_tune.mining)
 
     @field_validator("batch_size")
     @classmethod

@@ -26,13 +26,17 @@ def distillation_loss(
     alpha: float,
     temperature: float,
     sample_weight: Tensor | None = None,
+    negatives: Tensor | None = None,
+    negative_weight: float = 1.0,
 ) -> LossParts:
     """Hinton-style KD loss: total = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher_T || student_T).
 
     alpha is the weight of the distillation term (alpha=1: teacher only). torchdistill's KDLoss uses the opposite
     convention (its alpha weighs the hard-label term). sample_weight [B] weighs the cross-entropy only; the KD term is
-    a plain batch mean, over clips labelled UNLABELLED too: the teacher is their only label. Everything is computed in
-    float32, so fp16/bf16 logits are safe; the teacher gets no gradient.
+    a plain batch mean, over clips labelled UNLABELLED too: the teacher is their only label. negatives [M, C] are
+    student logits of windows known to be negatives that have no teacher output (kd_tune.mining): they join the
+    cross-entropy with label 0 and weight negative_weight. Everything is computed in float32, so fp16/bf16 logits are
+    safe; the teacher gets no gradient.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -46,7 +50,8 @@ def distillation_loss(
     student_logits = student_logits.float()  # [B, C]
     teacher_logits = teacher_logits.detach().float()  # [B, C]
 
-    student_loss = weighted_cross_entropy(student_logits, labels, sample_weight)
+    student_loss = weighted_cross_entropy(*with_negatives(student_logits, labels, sample_weight, negatives,
+                                                          weight=negative_weight))
     log_p_student = F.log_softmax(student_logits / temperature, dim=-1)  # [B, C]
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)  # [B, C]
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=-1)  # [B]
@@ -55,6 +60,18 @@ def distillation_loss(
 
     total = (1.0 - alpha) * student_loss + alpha * kd_loss
     return LossParts(total, student_loss, kd_loss)
+
+
+def with_negatives(logits: Tensor, labels: Tensor, sample_weight: Tensor | None, negatives: Tensor | None, *,
+                   weight: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(logits [B + M, C], labels [B + M], weights [B + M] or None) with negatives [M, C] appended as label 0."""
+    if negatives is None or not len(negatives):
+        return logits, labels, sample_weight
+    if negatives.ndim != 2 or negatives.shape[1] != logits.shape[1]:
+        raise ValueError(f"negatives must be [M, {logits.shape[1]}], got {tuple(negatives.shape)}")
+    own = torch.ones(len(logits), device=logits.device) if sample_weight is None else sample_weight.float()
+    return (torch.cat([logits.float(), negatives.float()]), torch.cat([labels, labels.new_zeros(len(negatives))]),
+            torch.cat([own, own.new_full((len(negatives),), float(weight))]))
 
 
 def weighted_cross_entropy(logits: Tensor, labels: Tensor, sample_weight: Tensor | None = None) -> Tensor:

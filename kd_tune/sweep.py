@@ -73,6 +73,17 @@ class SweepError(KdTuneError, RuntimeError):
     exit_code = 2
 
 
+class SweepInterrupted(KdTuneError):
+    """A sweep stopped before every trial finished (Ctrl-C, SIGINT from `ray job stop`): Tune saved its state."""
+
+    exit_code = 130  # as a shell reports a process ended by SIGINT
+
+
+def unfinished_trials(grid, num_samples: int) -> int:
+    """How many of a sweep's trials did not end: not started yet, or still running when Tune was stopped."""
+    return num_samples - grid.num_terminated - grid.num_errors
+
+
 # ---------------------------------------------------------------- TensorBoard: readable tags + HParams
 
 
@@ -307,6 +318,10 @@ def sweep(config: Config, space: SearchSpace, *, name: str, address: str | None 
                 ray.shutdown()
     rows = leaderboard(grid, config)
     write_leaderboard(store, name, rows)
+    if (left := unfinished_trials(grid, config.tune.num_samples)) > 0:
+        raise SweepInterrupted(f"sweep {store.root}/{name} interrupted with {left} of {config.tune.num_samples} "
+                               f"trials unfinished; its state is saved: resume it with "
+                               f"`kd-tune sweep --resume {store.root}/{name}`")
     return rows, [trial_error(r) for r in grid if r.error is not None]
 
 

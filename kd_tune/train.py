@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_tune.cache import cached_teachers
 from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
-from kd_tune.data import WakewordData, load_data, negative_stream, sample_weights
+from kd_tune.data import WINDOW_KIND, WakewordData, load_data, negative_stream, sample_weights
 from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.errors import InputError, KdTuneError
-from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view
+from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view, samples
+from kd_tune.mining import Miner
 from kd_tune.models import build_student
 from kd_tune.progress import progress_bar
 from kd_tune.scoring import evaluate, validation_conditions
@@ -354,20 +355,27 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     stepper = Stepper(model, student.parameters(), lr=t.lr, weight_decay=t.weight_decay, total_steps=total_steps,
                       config=config, device=s.device)
     state = restore(resume, student, stepper.optimizer) if resume else TrainState()
+    miner = Miner(data.train.of_kind(WINDOW_KIND).reshape(-1), count=t.mined_negatives,
+                  hop_samples=samples(t.eval_hop_ms))
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         alpha, temperature = schedule(d, progress)
         feats = s.log_mel(wave)  # [B, n_mels, T]
         teacher_logits = teachers({"waveform": wave, "features": feats}, view=view, index=idx)  # [B, 2]
+        mined = miner.batch(state.step, total_steps // t.epochs)  # [M, N_SAMPLES], M = 0 without mining
+        feats = torch.cat([feats, s.log_mel(mined)]) if len(mined) else feats  # [B + M, n_mels, T]
         with torch.autocast(s.device.type, enabled=stepper.use_amp):
-            student_logits = model(s.spec_augment(feats, generator=generator))  # [B, 2]
-        return distillation_loss(student_logits, teacher_logits, s.labels[idx], alpha=alpha, temperature=temperature,
-                                 sample_weight=s.weights[idx])  # (total, student, distillation)
+            logits = model(s.spec_augment(feats, generator=generator))  # [B + M, 2]
+        return distillation_loss(logits[:len(idx)], teacher_logits, s.labels[idx], alpha=alpha,
+                                 temperature=temperature, sample_weight=s.weights[idx], negatives=logits[len(idx):],
+                                 negative_weight=config.data.hard_negative_weight)  # (total, student, distillation)
 
     metrics: dict[str, float] = {}
     while state.epoch < t.epochs:
         started = time.perf_counter()
         reset_memory_peaks(s.device)
+        if miner.enabled:  # the windows the student now gets most wrong
+            miner.mine(student, s.log_mel)
         total, student_loss, kd_loss = train_epoch(s, stepper, state, batch_loss, batch_size=batch_size,
                                                    seed=t.seed, views=config.augment.views,
                                                    desc=f"epoch {state.epoch + 1}/{t.epochs}")

@@ -159,3 +159,23 @@ def test_killed_sweep_driver_resumes_every_trial_and_keeps_their_history(cluster
     assert repeated <= 1
     board = json.loads((experiment / "leaderboard.json").read_text())
     assert len(board) == 2 and all((r["status"], r["epochs"]) == ("OK", EPOCHS) for r in board), board
+
+
+def test_interrupted_sweep_exits_130_and_says_how_to_resume(cluster, fault_config):
+    # Rule: Ctrl-C (SIGINT) of the sweep driver mid-sweep: Tune saves its state and stops; the driver then exits
+    # 130, not 0 as if the sweep had finished, with one line saying how many trials are unfinished and how to resume.
+    path, config = fault_config
+    experiment = Path(config.storage.root) / "driver_sigint"
+    driver = sweep_driver(cluster, path, "driver_sigint")
+    try:
+        wait_for(lambda: any(checkpoint_epochs(t) for t in experiment.glob("trial_*")), what="the first checkpoint",
+                 driver=driver)
+        driver.send_signal(signal.SIGINT)
+        code = driver.wait(timeout=120)
+    finally:
+        driver.kill()
+        driver.wait()
+    log = driver.log.read_text()
+    assert code == 130, log[-5000:]
+    assert "of 2 trials unfinished" in log and f"kd-tune sweep --resume {experiment}" in log, log[-3000:]
+    assert "Traceback" not in log
