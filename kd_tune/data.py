@@ -247,6 +247,7 @@ class WakewordData:
     root: Path
     manifest_sha256: str  # of the clip list and every file's bytes: a cache key for anything derived from the data
     labelled_sha256: str  # the same without the straddle windows: what a teacher is fine-tuned on
+    val_stream: Tensor  # [T] the val split's negative audio (negative_stream), so that no worker reads data.root
 
 
 def read_all(paths: list[Path]) -> list[AudioFile]:
@@ -360,7 +361,8 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_
                                      per_positive=straddles_per_positive)  # [min(P * per_positive, W), n_samples]
         splits["train"] = appended(splits["train"], straddles, kind=STRADDLE_KIND, label=UNLABELLED)
         digest = fold_in(digest, straddles)
-    return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest, labelled_sha256=labelled)
+    return WakewordData(**splits, skipped=skipped, root=root, manifest_sha256=digest, labelled_sha256=labelled,
+                        val_stream=negative_stream(root, splits["val"], "val"))
 
 
 def fold_in(digest: str, audio: Tensor) -> str:
@@ -412,12 +414,11 @@ def recording_paths(root: Path, split: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES) if folder.is_dir() else []
 
 
-def negative_stream(data: WakewordData, split: str = "val") -> Tensor:
+def negative_stream(root: Path, part: Split, split: str) -> Tensor:
     """A split's negative audio [T] at 16 kHz: its long recordings end to end, or else its negative and background
-    clips end to end."""
-    if recording_paths(data.root, split):
-        return long_audio(data.root, split)
-    part = getattr(data, split)
+    clips (`part`) end to end."""
+    if recording_paths(root, split):
+        return long_audio(root, split)
     joined = part.audio[[k in ("negative", "background") for k in part.kinds]]
     return (joined if len(joined) else part.audio[part.labels == 0]).reshape(-1)
 

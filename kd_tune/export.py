@@ -27,7 +27,7 @@ from torch import nn
 from kd_tune import __version__
 from kd_tune.checkpoint import Checkpoint, CheckpointError, load_state_dict_strict
 from kd_tune.config import Config, validate
-from kd_tune.data import WakewordData, load_dataset, negative_stream
+from kd_tune.data import WakewordData, load_dataset
 from kd_tune.detect import FORMAT, DetectError, Detector, card_name, open_session, sha256
 from kd_tune.errors import KdTuneError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, samples
@@ -164,7 +164,7 @@ def validation_set(config: Config, student: nn.Module, log_mel: LogMel,
     """The val split of `data` (a loaded set or its directory; None: the checkpoint's data.root)."""
     if not isinstance(data, WakewordData):
         data = load_dataset(config.data.root if data is None else data)
-    val, stream = data.val, negative_stream(data, "val")
+    val, stream = data.val, data.val_stream
     if stream.numel() == 0:
         raise ValueError(f"the validation split of {data.root} has no negative clips: the threshold for "
                          f"{config.training.target_fa_per_hour} FA/h is calibrated on them (allowed: a data set "

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_tune.cache import cached_teachers
 from kd_tune.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
-from kd_tune.data import WINDOW_KIND, WakewordData, load_data, negative_stream, sample_weights
+from kd_tune.data import WINDOW_KIND, WakewordData, load_data, sample_weights
 from kd_tune.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.errors import InputError, KdTuneError
 from kd_tune.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view, samples
@@ -89,7 +89,7 @@ def prepare(config: Config, data: WakewordData) -> Setup:
     log_mel, augment, spec_augment = front_end(config, data.train.of_kind("background"), device)
     weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight)
     return Setup(device, log_mel, augment, spec_augment, audio=data.train.audio.to(device),
-                 labels=data.train.labels.to(device), weights=weights.to(device), stream=negative_stream(data, "val"),
+                 labels=data.train.labels.to(device), weights=weights.to(device), stream=data.val_stream,
                  conditions=validation_conditions(data.val))
 
 

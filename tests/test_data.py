@@ -19,7 +19,7 @@ import torchaudio.functional as AF
 import kd_tune.audio as audio_module
 import kd_tune.data as data_module
 import kd_tune.synth as synth
-from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, SPLITS, DataError, Split, WakewordData, check, \
+from kd_tune.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, SPLITS, DataError, Split, check, \
     STRADDLE_KIND, UNLABELLED, load_dataset, negative_stream, sample_weights, scan, split_for, straddle_windows
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE
 from kd_tune.signing import SpecialFileError
@@ -539,11 +539,10 @@ def noise(seconds: float, rate: int, *, channels: int = 1, seed: int = 0) -> np.
     return (0.1 * np.random.default_rng(seed).standard_normal((round(seconds * rate), channels))).astype(np.float32)
 
 
-def data_at(root: Path) -> WakewordData:
-    """A data set of one clip per kind in every split, each clip filled with its index, rooted at root."""
+def one_per_kind() -> Split:
+    """A split of one clip per kind, each clip filled with its index."""
     audio = torch.arange(len(KINDS), dtype=torch.float32)[:, None].expand(-1, N_SAMPLES).clone()
-    split = Split(audio, torch.tensor([1, 0, 0, 0]), list(KINDS))
-    return WakewordData(split, split, split, skipped=0, root=root, manifest_sha256="0" * 64, labelled_sha256="0" * 64)
+    return Split(audio, torch.tensor([1, 0, 0, 0]), list(KINDS))
 
 
 def test_long_recordings_are_the_stream_in_name_order_at_16_khz(tmp_path):
@@ -554,21 +553,21 @@ def test_long_recordings_are_the_stream_in_name_order_at_16_khz(tmp_path):
     stereo, mono = noise(3, 48_000, channels=2, seed=1), noise(2, SAMPLE_RATE, seed=2)
     sf.write(folder / "b.wav", stereo, 48_000, subtype="FLOAT")
     sf.write(folder / "a.wav", mono, SAMPLE_RATE, subtype="FLOAT")
-    stream = negative_stream(data_at(tmp_path), "val")
+    stream = negative_stream(tmp_path, one_per_kind(), "val")
     expected_b = AF.resample(torch.from_numpy(stereo.mean(axis=1)), 48_000, SAMPLE_RATE)
     assert torch.equal(stream[:len(mono)], torch.from_numpy(mono[:, 0]))
     assert len(stream) == len(mono) + len(expected_b)
     assert torch.allclose(stream[len(mono):], expected_b, atol=1e-5)
-    assert len(negative_stream(data_at(tmp_path), "test")) == 2 * N_SAMPLES  # no long/test: the fallback
+    assert len(negative_stream(tmp_path, one_per_kind(), "test")) == 2 * N_SAMPLES  # no long/test: the fallback
 
 
 def test_without_recordings_the_stream_never_joins_hard_negatives(tmp_path):
     # Rule: the fallback stream is the split's negative and background clips end to end; hard negatives ("hey",
     # "nova") stay out, as two of them in a row could say the wake word.
-    stream = negative_stream(data_at(tmp_path), "val")
+    stream = negative_stream(tmp_path, one_per_kind(), "val")
     assert torch.equal(stream, torch.cat([torch.full((N_SAMPLES,), 2.0), torch.full((N_SAMPLES,), 3.0)]))
     with pytest.raises(ValueError, match="'dev'"):
-        negative_stream(data_at(tmp_path), "dev")
+        negative_stream(tmp_path, one_per_kind(), "dev")
 
 
 def test_long_train_recordings_are_trained_on_as_negative_windows(tmp_path):
@@ -775,7 +774,7 @@ def test_data_add_copies_a_users_recordings_into_their_splits(tmp_path, capsys):
         assert int((part.labels == 1).sum()) == int((was.labels == 1).sum()) + sum(
             s == split for n, s in splits.items() if n.startswith("positive"))
     assert after.train.kinds.count("long") == 3 and before.train.kinds.count("long") == 0
-    assert len(negative_stream(after, "val")) == 2 * SAMPLE_RATE
+    assert len(after.val_stream) == 2 * SAMPLE_RATE  # loaded once: workers never read data.root
     assert after.manifest_sha256 != before.manifest_sha256
 
 

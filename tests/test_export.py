@@ -23,7 +23,7 @@ from kd_tune import __version__, detect, export, onnxgraph, storage, windows
 from kd_tune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 from kd_tune.cli import main
 from kd_tune.config import load_config
-from kd_tune.data import Split, WakewordData, load_dataset, negative_stream
+from kd_tune.data import Split, WakewordData, load_dataset
 from kd_tune.errors import InputError
 from kd_tune.features import N_SAMPLES, SAMPLE_RATE, LogMel, dft_basis
 from kd_tune.models import STUDENTS, build_student, build_teacher
@@ -280,7 +280,7 @@ def test_trained_export_card(exported, trained, small_data):
     assert card["source"] == str(trained) and card["kd_tune_version"] == __version__
     assert 0 <= card["validation"]["frr"] <= 1 and card["latency_ms"] > 0
     # With minutes of val negatives one false accept is already over the target: the threshold must clear every window.
-    stream = detect.Detector(out).probabilities(negative_stream(small_data, "val").numpy())
+    stream = detect.Detector(out).probabilities(small_data.val_stream.numpy())
     assert card["validation"]["fa_per_hour"] == 0 and card["threshold"] > stream.max()
 
 
@@ -514,7 +514,7 @@ def test_detect_finds_each_wake_word_in_a_stream(detector, wake_stream):
 def test_detect_fires_nothing_on_negative_audio(exported, detector, small_data):
     # Rule: audio without the wake word gives no detection: the val negatives at the card's own threshold (calibrated
     # there for the target FA/h, i.e. none in a few minutes), and background audio at the fixed threshold.
-    assert detect.Detector(exported[0]).detect(negative_stream(small_data, "val").numpy()) == []
+    assert detect.Detector(exported[0]).detect(small_data.val_stream.numpy()) == []
     assert detector.detect(np.concatenate(clips_of(small_data.train, "background"))) == []
 
 
