@@ -8,6 +8,7 @@ refusal derives from kd_tune.errors.KdTuneError and is printed as one line, with
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def with_storage(config, root: str):
 
 
 def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tuple[str, ...] = (), plots: bool = True,
-             wide: bool = False, model: str | None = None) -> None:
+             wide: bool = False, model: str | None = None, test: dict | None = None) -> None:
     """The leaderboard, what else was made, the plots and the log; last, the result block."""
     from kd_tune.leaderboard import LOG_NAME, format_leaderboard, result_block
     from kd_tune.storage import Storage
@@ -125,7 +126,7 @@ def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tu
     print(printable(format_leaderboard(rows, config, experiment=experiment, wide=wide)))  # names come from a file
     if made:
         print("\n".join(["", *made]))
-    print(printable(result_block(rows, config, experiment=experiment, model=model)))
+    print(printable(result_block(rows, config, experiment=experiment, model=model, test=test)))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -257,7 +258,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for error in errors:
         print(f"kd-tune: {error}", file=sys.stderr)
     _results(config, space, "sweep", rows, log=not args.verbose, extra=made,
-             model=str(out / "model.onnx") if made else None)
+             model=str(out / "model.onnx") if made else None,
+             test=json.loads((out / "eval" / "eval.json").read_text()) if made else None)
     return 1 if errors else 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from pyarrow.fs import FileType
@@ -44,6 +45,7 @@ MAX_TEACHER_CHARS = 12
 # column, and the result block shows the winner's fa_per_hour against its target.
 DROP_FIRST = ("accuracy", "fa_per_hour")
 WEAK_TEACHER_AUC = 0.8  # a teacher below this validation AUC is flagged in the result block
+CLEAN_FRR_TARGET = 0.05  # FRR at 1 FA/h on the clean test split: the quality target (README, "Outside the studio")
 # What frr_conditions averages besides clean: the validation positives under kd_tune.scoring.VALIDATION_MIX
 CONDITION_METRICS = tuple(n for n in METRICS if n.startswith("frr_")
                           and n not in ("frr_conditions", "frr_at_target_fa"))
@@ -233,11 +235,14 @@ def cell(value) -> str:
     return "-" if value is None else str(value)
 
 
-def result_block(rows: list[dict], config: Config, *, experiment: str, model: str | None = None) -> str:
+def result_block(rows: list[dict], config: Config, *, experiment: str, model: str | None = None,
+                 test: dict | None = None) -> str:
     """The console's last lines after a sweep, a demo or `kd-tune results`: the winning trial, its setting in one
     line, its validation figures against their targets (flagged when missed), weak teachers, the exported model and
-    what to run next; every line within CONSOLE_COLUMNS but for a path longer than that."""
+    its test figures (`test`, the evaluation report) against theirs, and what to run next; every line within
+    CONSOLE_COLUMNS but for a path longer than that."""
     lines = [*winner(rows, config), *weak_teachers(rows, config), *model_lines(model, rows),
+             *test_figures(test, config.training.target_fa_per_hour),
              *next_steps(config, experiment=experiment, model=model)]
     return "\n".join(["", *lines])
 
@@ -274,13 +279,27 @@ def figures(row: dict, target: float) -> list[str]:
                "frr_at_target_fa": (f"{at}, clean; lower is better", lambda v: v >= 1, "no wake word caught"),
                "fa_per_hour": (f"false activations per hour; target <= {target:g}", lambda v: v > target,
                                "above the target")}
-    lines = []
-    for name, (text, missed, why) in meaning.items():
-        value = row.get(name)
-        known = isinstance(value, (int, float))
-        flag = f"  MISSED: {why}" if known and missed(value) else ""
-        lines.append(f"    {name:<16}  {cell(value) if known else '-':<7}  {text}{flag}")
-    return lines
+    return [figure_line(name, row.get(name), text, missed, why) for name, (text, missed, why) in meaning.items()]
+
+
+def figure_line(name: str, value, text: str, missed: Callable[[float], bool], why: str) -> str:
+    known = isinstance(value, (int, float))
+    flag = f"  MISSED: {why}" if known and missed(value) else ""
+    return f"    {name:<16}  {cell(value) if known else '-':<7}  {text}{flag}"
+
+
+def test_figures(report: dict | None, target_fa: float) -> list[str]:
+    """The exported model's figures on the test split (a kd_tune.evaluation report) against their targets."""
+    if not report:
+        return []
+    frr = report["frr_at_fa_per_hour"].get("1")
+    return [f"  test: {report['positives']} wake words of voices never heard, {report['negative_hours']:.2f} h of "
+            "negative audio:",
+            figure_line("frr_at_1_fa_h", frr, f"FRR at 1 FA/h, threshold set on this audio; target <= "
+                        f"{CLEAN_FRR_TARGET:g}", lambda v: v > CLEAN_FRR_TARGET, "above the target"),
+            figure_line("frr", report["frr"], "FRR at the model's threshold", lambda v: v >= 1, "no wake word caught"),
+            figure_line("fa_per_hour", report["fa_per_hour"], f"at the model's threshold; target <= {target_fa:g}",
+                        lambda v: v > target_fa, "above the target")]
 
 
 def weak_teachers(rows: list[dict], config: Config) -> list[str]:

@@ -11,8 +11,8 @@ import yaml
 
 from kd_tune.checkpoint import save_checkpoint
 from kd_tune.config import load_config
-from kd_tune.leaderboard import (CONSOLE_COLUMNS, LEADERBOARD_COLUMNS, format_leaderboard, read_leaderboard,
-                                 result_block, write_leaderboard)
+from kd_tune.leaderboard import (CLEAN_FRR_TARGET, CONSOLE_COLUMNS, LEADERBOARD_COLUMNS, format_leaderboard,
+                                 read_leaderboard, result_block, write_leaderboard)
 from kd_tune.metrics import METRICS
 from kd_tune.space import load_search_space
 from kd_tune.storage import Storage, write_json, write_text
@@ -122,6 +122,24 @@ def test_result_block_names_the_winner_its_setting_and_flags_missed_targets(tmp_
     assert f"  kd-tune export {path} --out model.onnx" in lines
     assert f"  kd-tune eval model.onnx {tmp_path / 'data'} --conditions default" in lines
     assert "  kd-tune detect model.onnx FILE.wav" in lines and lines[-1] == f"  tensorboard --logdir {path}"
+
+
+def test_result_block_shows_the_test_figures_against_their_targets(tmp_path):
+    # Rule: given the exported model's evaluation report, the block shows its test figures: FRR at 1 FA/h against
+    # the clean target, flagged MISSED above it, and FA/h at the model's threshold against target_fa_per_hour.
+    path, config = experiment(tmp_path, demo_rows())
+    report = {"positives": 328, "negative_hours": 1.0, "frr": 0.055, "fa_per_hour": 8.0,
+              "frr_at_fa_per_hour": {"0.5": 0.448, "1": 0.323, "2": 0.162, "5": 0.067}}
+    lines = result_block(demo_rows(), config, experiment=str(path), test=report).splitlines()
+    assert max(map(len, lines)) <= CONSOLE_COLUMNS
+    start = lines.index("  test: 328 wake words of voices never heard, 1.00 h of negative audio:")
+    test = {line.split()[0]: line for line in lines[start + 1:start + 4]}
+    assert test["frr_at_1_fa_h"].endswith(f"target <= {CLEAN_FRR_TARGET:g}  MISSED: above the target")
+    assert " 0.323 " in test["frr_at_1_fa_h"] and "MISSED" not in test["frr"]
+    assert test["fa_per_hour"].endswith("target <= 2  MISSED: above the target")
+    report |= {"fa_per_hour": 1.0, "frr_at_fa_per_hour": {"1": 0.04}}
+    met = result_block(demo_rows(), config, experiment=str(path), test=report)
+    assert "MISSED" not in met.split("  test:")[1].split("next:")[0]
 
 
 def test_result_block_flags_a_frr_of_one_and_a_tie(tmp_path):
