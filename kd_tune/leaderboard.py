@@ -45,7 +45,7 @@ MAX_TEACHER_CHARS = 12
 # column, and the result block shows the winner's fa_per_hour against its target.
 DROP_FIRST = ("accuracy", "fa_per_hour")
 WEAK_TEACHER_AUC = 0.8  # a teacher below this validation AUC is flagged in the result block
-CLEAN_FRR_TARGET = 0.05  # FRR at 1 FA/h on the clean test split: the quality target (README, "Outside the studio")
+CLEAN_FRR_TARGET = 0.05  # FRR at 1 FA/h on the clean test split: the quality target (README, "Quality outside")
 # What frr_conditions averages besides clean: the validation positives under kd_tune.scoring.VALIDATION_MIX
 CONDITION_METRICS = tuple(n for n in METRICS if n.startswith("frr_")
                           and n not in ("frr_conditions", "frr_at_target_fa"))
