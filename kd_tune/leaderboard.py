@@ -45,6 +45,8 @@ MAX_TEACHER_CHARS = 12
 # column, and the result block shows the winner's fa_per_hour against its target.
 DROP_FIRST = ("accuracy", "fa_per_hour")
 WEAK_TEACHER_AUC = 0.8  # a teacher below this validation AUC is flagged in the result block
+# TensorBoard smooths by 0.6 unless the URL says otherwise, and on a few epochs that shows 0.97 for a 1
+TENSORBOARD_URL = "http://localhost:6006/?smoothing=0#timeseries"
 CLEAN_FRR_TARGET = 0.05  # FRR at 1 FA/h on the clean test split: the quality target (README, "Quality outside")
 # What frr_conditions averages besides clean: the validation positives under kd_tune.scoring.VALIDATION_MIX
 CONDITION_METRICS = tuple(n for n in METRICS if n.startswith("frr_")
@@ -350,4 +352,5 @@ def next_steps(config: Config, *, experiment: str, model: str | None) -> list[st
     onnx = model or "model.onnx"
     export = [] if model else [f"  kd-tune export {experiment} --out model.onnx"]
     return ["next:", *export, f"  kd-tune eval {onnx} {config.data.root} --conditions default",
-            f"  kd-tune detect {onnx} FILE.wav", f"  tensorboard --logdir {experiment}"]
+            f"  kd-tune detect {onnx} FILE.wav", f"  tensorboard --logdir {experiment}",
+            f"    then open {TENSORBOARD_URL} (unsmoothed: a trial's lines have 2-6 points)"]

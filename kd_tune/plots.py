@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from kd_tune.storage import Storage, read_text
 PLOTS_DIR = "plots"
 DPI = 120
 FIGURE_SIZE_IN = (7.0, 4.5)
+Y_LABEL_CHARS = 42  # a y label line longer than this runs past a FIGURE_SIZE_IN figure
 # fANOVA on fewer trials ranks noise: on 6 trials it put the teacher last while the leaderboard split by teacher
 MIN_TRIALS_FOR_IMPORTANCES = 10
 FIRST_RESULT_BYTES = 64 * 1024  # a trial's first result.json line (~2 KB): its start time and sampled parameters
@@ -71,6 +73,11 @@ def metric_label(metric: str, *, mode: str | None = None, target_fa_per_hour: fl
     goal = mode or (METRICS[metric].goal if metric in METRICS else None)
     better = {"min": "lower is better", "max": "higher is better"}.get(goal)
     return f"{named}{joiner}{better}" if better else named
+
+
+def y_label(metric: str, **how) -> str:
+    """metric_label wrapped to Y_LABEL_CHARS a line: on one line a long one runs past the figure."""
+    return textwrap.fill(metric_label(metric, **how), width=Y_LABEL_CHARS)
 
 
 # ---------------------------------------------------------------- the DET curve
@@ -222,7 +229,7 @@ def optimization_history(study: optuna.Study, path: Path, *, metric: str, mode: 
     with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna's ggplot style stays inside this plot
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         axes = optuna.visualization.matplotlib.plot_optimization_history(
-            study, target_name=metric_label(metric, mode=mode, target_fa_per_hour=target_fa_per_hour, joiner="\n"))
+            study, target_name=y_label(metric, mode=mode, target_fa_per_hour=target_fa_per_hour))
         axes.legend(axes.get_legend_handles_labels()[0], [f"{metric} of the trial", "best so far"], fontsize=8)
         ids = [t.user_attrs.get("trial_id", str(t.number)) for t in study.trials]
         axes.set_xticks(range(len(ids)), ids, rotation=45, ha="right")
@@ -311,7 +318,7 @@ def metric_by_teacher_schedule(rows: list[dict], path: Path, *, metric: str, mod
         axes.legend(fontsize=8)
     axes.set_xticks(range(len(groups)), [f"{t}\n{s}" for t, s in groups])
     axes.set(xlabel="teacher / alpha schedule",
-             ylabel=metric_label(metric, mode=mode, target_fa_per_hour=target_fa_per_hour),
+             ylabel=y_label(metric, mode=mode, target_fa_per_hour=target_fa_per_hour),
              title=f"{metric} of each trial, by teacher and alpha schedule")
     axes.grid(True, axis="y", alpha=0.3)
     return save(figure, path)
@@ -362,7 +369,8 @@ def condition_curves(report: dict, path: Path) -> Path:
     target = f"FRR at {report['target_fa_per_hour']:g} FA/h (lower is better)"
     noise_axes.set(xlabel="SNR (dB, over the 1 s clip)", ylabel=target, ylim=(-0.02, 1.02),
                    title="noise: " + " vs ".join(report["scorers"]))
-    noise_axes.legend(fontsize=7, ncol=2)
+    # below the axes: inside, the legend hid the points under it
+    noise_axes.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     other_axes.set(ylabel=target, ylim=(-0.02, 1.02), title="rooms, levels, microphones")
     other_axes.tick_params(axis="x", labelrotation=70, labelsize=7)
     other_axes.legend(fontsize=7)

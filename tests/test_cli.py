@@ -33,10 +33,10 @@ def test_demo_runs_the_whole_job_and_ends_with_the_results(tmp_path):
     assert not [line for line in console if any(ray in line for ray in RAY_OUTPUT)], console
     assert len(console) < 60 and max(map(len, console)) < 400, console
     stdout = out.stdout.splitlines()
-    assert stdout[-1] == f"  tensorboard --logdir {tmp_path / 'sweep'}"
+    assert stdout[-2] == f"  tensorboard --logdir {tmp_path / 'sweep'}" and "?smoothing=0" in stdout[-1]
     order = [next(i for i, line in enumerate(stdout) if line.startswith(start)) for start in
              ("data:", "teacher cnn:", "sweep: 2/2 done", "trial ", "model.onnx:", "at the model's threshold",
-              "plot:", "Ray's log:", "result: trial ", f"  model: {tmp_path / 'model.onnx'}", "next:")]
+              "plot:", "Ray's log:", "result: trial ", f"  model: {tmp_path / 'model.onnx'}", "  test: ", "next:")]
     assert order == sorted(order), stdout
     # the block fits 120 columns, but for the user's own paths (here pytest's long temporary folder)
     assert max(len(line.replace(str(tmp_path), "OUT")) for line in stdout[order[-3]:]) <= 120, stdout
@@ -101,7 +101,7 @@ def test_results_is_read_only_loads_no_ray_and_ends_with_the_result_block(tmp_pa
     printed = stdout[:-1]
     assert max(map(len, printed)) <= 120 and printed[0].startswith("trial ") and "plot:" not in out.stdout
     assert "result: trial 00ab59af is best by frr_conditions" in out.stdout
-    assert printed[-1] == f"  tensorboard --logdir {path}"
+    assert printed[-2] == f"  tensorboard --logdir {path}" and "?smoothing=0" in printed[-1]
 
 
 def test_results_of_a_copied_experiment_names_the_copy(tmp_path):

@@ -121,7 +121,8 @@ def test_result_block_names_the_winner_its_setting_and_flags_missed_targets(tmp_
     assert "target <= 2" in figures["fa_per_hour"] and figures["fa_per_hour"].endswith("MISSED: above the target")
     assert f"  kd-tune export {path} --out model.onnx" in lines
     assert f"  kd-tune eval model.onnx {tmp_path / 'data'} --conditions default" in lines
-    assert "  kd-tune detect model.onnx FILE.wav" in lines and lines[-1] == f"  tensorboard --logdir {path}"
+    assert "  kd-tune detect model.onnx FILE.wav" in lines and lines[-2] == f"  tensorboard --logdir {path}"
+    assert "http://localhost:6006/?smoothing=0" in lines[-1]
 
 
 def test_result_block_shows_the_test_figures_against_their_targets(tmp_path):
