@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from kd_tune.features import N_SAMPLES, LogMel
 from kd_tune.metrics import sliding_windows
-from kd_tune.scoring import EVAL_BATCH, window_inputs
+from kd_tune.scoring import stream_scores
 
 
 class Miner:
@@ -37,13 +37,10 @@ class Miner:
     @torch.no_grad()
     def mine(self, model: nn.Module, log_mel: LogMel) -> Tensor:
         """Score every window with the model as it is now and keep the hardest; returns their probabilities [M]."""
-        model.eval()
-        device = next(model.parameters()).device
-        scores = torch.cat([model(x).float().softmax(-1)[:, 1].cpu() for x in window_inputs(
-            self.stream, hop_samples=self.hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)])  # [W]
+        scores = stream_scores(model, self.stream, hop_samples=self.hop_samples, log_mel=log_mel)  # [W]
         keep = spaced_top(scores, self.count, spacing=N_SAMPLES // self.hop_samples)  # [M]
         windows = sliding_windows(self.stream, window_samples=N_SAMPLES, hop_samples=self.hop_samples)
-        self.windows = windows[keep].to(device)  # [M, N_SAMPLES]
+        self.windows = windows[keep].to(next(model.parameters()).device)  # [M, N_SAMPLES]
         return scores[keep]
 
     def batch(self, step: int, steps: int) -> Tensor:

@@ -72,10 +72,8 @@ def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Conf
         return clip_metrics(clips, split.labels)
     t = config.training
     hop_samples = samples(t.eval_hop_ms)
-    device = next(model.parameters()).device
-    windows = [model(x).float().softmax(-1)[:, 1].cpu() for x in window_inputs(
-        stream, hop_samples=hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)]  # [B] each
-    metrics = wakeword_metrics(clips, split.labels, torch.cat(windows), hop_seconds=hop_samples / SAMPLE_RATE,
+    windows = stream_scores(model, stream, hop_samples=hop_samples, log_mel=log_mel)  # [W]
+    metrics = wakeword_metrics(clips, split.labels, windows, hop_seconds=hop_samples / SAMPLE_RATE,
                                target_fa_per_hour=t.target_fa_per_hour, refractory_seconds=t.refractory_seconds,
                                hours=audio_hours(len(stream), SAMPLE_RATE))
     if not conditions:
@@ -83,6 +81,15 @@ def evaluate(model: nn.Module, split: Split, stream: Tensor | None, config: Conf
     frr = {name: float((predict(model, audio, log_mel) < metrics["threshold"]).float().mean())
            for name, audio in conditions.items()}
     return metrics | frr | {"frr_conditions": float(np.mean([metrics["frr_at_target_fa"], *frr.values()]))}
+
+
+@torch.no_grad()
+def stream_scores(model: nn.Module, stream: Tensor, *, hop_samples: int, log_mel: LogMel | None) -> Tensor:
+    """Wake-word probability [W] of each of the stream's windows every hop_samples (see window_inputs)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(x).float().softmax(-1)[:, 1].cpu() for x in window_inputs(
+        stream, hop_samples=hop_samples, batch=EVAL_BATCH, log_mel=log_mel, device=device)])
 
 
 def window_inputs(stream: Tensor, *, hop_samples: int, batch: int, log_mel: LogMel | None = None,

@@ -355,8 +355,8 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     stepper = Stepper(model, student.parameters(), lr=t.lr, weight_decay=t.weight_decay, total_steps=total_steps,
                       config=config, device=s.device)
     state = restore(resume, student, stepper.optimizer) if resume else TrainState()
-    miner = Miner(data.train.of_kind(WINDOW_KIND).reshape(-1), count=t.mined_negatives,
-                  hop_samples=samples(t.eval_hop_ms))
+    long_train = data.train.of_kind(WINDOW_KIND) if t.mined_negatives else s.audio[:0]  # a copy: only to mine
+    miner = Miner(long_train.reshape(-1), count=t.mined_negatives, hop_samples=samples(t.eval_hop_ms))
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         alpha, temperature = schedule(d, progress)
