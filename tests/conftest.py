@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from ray_cluster import free_port
+from kd_tune.sweep import free_port
 
 MOTO_START_TIMEOUT_S = 30.0
 MOTO_STOP_TIMEOUT_S = 5.0

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import psutil
 
-from kd_tune.sweep import free_port  # the one free_port; conftest and other tests import it from here
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +26,21 @@ STATE_LIMIT = 10_000  # the State API's largest page
 CLEANUP_TIMEOUT_S = 60.0  # a dead job's actors and placement groups are gone within seconds; a leak stays forever
 # Ray's detached per-cluster singletons, created by the first job that needs them and meant to outlive it.
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "TrainStateActor"}
+NODE_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                   "runtime-env-agent-port", "node-manager-port", "object-manager-port")
+HEAD_PORT_FLAGS = (*NODE_PORT_FLAGS, "ray-client-server-port")
+
+
+def free_ports(count: int, *, avoid: set[int] = frozenset()) -> list[int]:
+    """`count` distinct free local ports, none in `avoid`: all held open at once, so none is handed out twice."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            if (port := sock.getsockname()[1]) not in avoid:
+                ports.append(port)
+    return ports
 
 
 def ray_env(token_file: Path) -> dict[str, str]:
@@ -79,10 +94,13 @@ class RayNode:
 class RayCluster:
     root: Path
     token_file: Path
-    gcs_port: int = field(default_factory=free_port)
-    dashboard_port: int = field(default_factory=free_port)
+    gcs_port: int = field(init=False)
+    dashboard_port: int = field(init=False)
     nodes: list[RayNode] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. S3 credentials: workers inherit the node's env
+
+    def __post_init__(self) -> None:
+        self.gcs_port, self.dashboard_port = free_ports(2)
 
     @property
     def address(self) -> str:
@@ -99,8 +117,8 @@ class RayCluster:
 
     def start_head(self, *, num_cpus: int = 2) -> RayNode:
         node = self._start("head", ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-                                    "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                                    f"--ray-client-server-port={free_port()}"], num_cpus)
+                                    "--dashboard-host=127.0.0.1", "--include-dashboard=true"], num_cpus,
+                           port_flags=HEAD_PORT_FLAGS)
         self._wait(lambda: self._dashboard_up(), node, "dashboard")
         return node
 
@@ -143,15 +161,16 @@ class RayCluster:
             time.sleep(1)
         return left
 
-    def _start(self, name: str, args: list[str], num_cpus: int, wrapper: list[str] = ()) -> RayNode:
+    def _start(self, name: str, args: list[str], num_cpus: int, wrapper: list[str] = (), *,
+               port_flags: tuple[str, ...] = NODE_PORT_FLAGS) -> RayNode:
         temp_dir = self.root / name  # a node needs its own temp dir, or it deletes the job's working dir
         temp_dir.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
+        # Drawn together: ports drawn one by one can repeat, and Ray refuses one port for two components.
+        ports = free_ports(len(port_flags), avoid={self.gcs_port, self.dashboard_port})
         command = [*wrapper, str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
                    f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                   f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                   f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                   f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                   *(f"--{flag}={port}" for flag, port in zip(port_flags, ports, strict=True)),
                    "--disable-usage-stats", *args]
         process = subprocess.Popen(command, env=self.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                    start_new_session=True)

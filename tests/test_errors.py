@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ray_cluster import free_port
+from kd_tune.sweep import free_port
 from test_config import billion_laughs
 from test_data import HUGE_RATE_HZ, clean_folder, complete_folder, speakers_in, wav_claiming_rate
 from test_evaluation import peak_model
