@@ -36,8 +36,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from kd_tune.storage import check_out_path
-    from kd_tune.synth import synthesize
+    from kd_tune.datasets.synth import synthesize
+    from kd_tune.store.storage import check_out_path
 
     check_out_path(args.out, folder=True, files=("dataset.json", "manifest.jsonl"))
     manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size,
@@ -47,14 +47,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_add(args: argparse.Namespace) -> int:
-    from kd_tune.userdata import add_recordings
+    from kd_tune.datasets.userdata import add_recordings
 
     print(add_recordings(args.source, args.to).format())
     return 0
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from kd_tune.data import check
+    from kd_tune.datasets.data import check
 
     report = check(args.dir)
     print(printable(report.format()))  # file names may hold escape sequences
@@ -62,9 +62,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_train(args: argparse.Namespace) -> int:
-    from kd_tune.data import load_data
+    from kd_tune.datasets.data import load_data
     from kd_tune.demo import train_teachers
-    from kd_tune.teachers import check_teacher_store, configured_teachers
+    from kd_tune.training.teachers import check_teacher_store, configured_teachers
 
     config = _config(args)
     configured_teachers(config, args.only)  # a wrong name or store is refused before the data is read
@@ -74,7 +74,7 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kd_tune.record import run_training
+    from kd_tune.training.record import run_training
 
     config = _config(args)
     run = run_training(config, name=args.name, resume=args.resume, overwrite=args.overwrite,
@@ -84,9 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from kd_tune.leaderboard import load_experiment
+    from kd_tune.evaluation.leaderboard import load_experiment
     from kd_tune.space import load_search_space
-    from kd_tune.sweep import sweep
+    from kd_tune.tuning.sweep import sweep
 
     if args.resume:  # the experiment's own config and space, so a resumed sweep cannot drift from the original
         config, space, name = load_experiment(args.resume, _config(args, check_paths=False))
@@ -112,13 +112,13 @@ def with_storage(config, root: str):
 def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tuple[str, ...] = (), plots: bool = True,
              wide: bool = False, model: str | None = None, test: dict | None = None) -> None:
     """The leaderboard, what else was made, the plots and the log; last, the result block."""
-    from kd_tune.leaderboard import LOG_NAME, format_leaderboard, result_block
-    from kd_tune.storage import Storage
+    from kd_tune.evaluation.leaderboard import LOG_NAME, format_leaderboard, result_block
+    from kd_tune.store.storage import Storage
 
     store = Storage.from_config(config.storage)
     written = []
     if plots:  # Optuna and matplotlib cost seconds, and `results` writes into an experiment only when asked
-        from kd_tune.plots import sweep_plots
+        from kd_tune.evaluation.plots import sweep_plots
 
         written = sweep_plots(store, name, rows, space, metric=config.tune.metric, mode=config.tune.mode)
     experiment = store.path(name)
@@ -130,7 +130,7 @@ def _results(config, space, name: str, rows: list[dict], *, log: bool, extra: tu
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from kd_tune.leaderboard import load_experiment, read_leaderboard
+    from kd_tune.evaluation.leaderboard import load_experiment, read_leaderboard
 
     config, space, name = load_experiment(args.experiment, _config(args, check_paths=False))
     _results(config, space, name, read_leaderboard(args.experiment, config), log=False, plots=args.plots,
@@ -139,9 +139,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kd_tune import export
-    from kd_tune.source import locate_source
-    from kd_tune.storage import check_out_path
+    from kd_tune.deploy import export
+    from kd_tune.evaluation.source import locate_source
+    from kd_tune.store.storage import check_out_path
 
     out = Path(args.out)
     check_out_path(out, folder=False)  # found now, not after a minute of work
@@ -154,7 +154,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from kd_tune.detect import Detector
+    from kd_tune.deploy.detect import Detector
 
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         print(f"kd-tune: --threshold: got {args.threshold}; allowed: a probability in [0, 1]", file=sys.stderr)
@@ -178,8 +178,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from kd_tune.evaluation import MAX_LONG_HOURS, OUT_FILES, evaluate_model, summary
-    from kd_tune.storage import check_out_path
+    from kd_tune.evaluation.heldout import MAX_LONG_HOURS, OUT_FILES, evaluate_model, summary
+    from kd_tune.store.storage import check_out_path
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model.with_name(f"{model.stem}.eval")
@@ -190,14 +190,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if grid_only and not args.conditions:
         raise InputError(f"{grid_only[0]}: given without --conditions; allowed: {grid_only[0]} with --conditions GRID")
     if args.conditions:  # refused before the minutes of work below, not after them
-        from kd_tune.conditions import NOISE_TYPES, noise_folder, parse_grid
+        from kd_tune.audio.conditions import NOISE_TYPES, noise_folder, parse_grid
 
         folders = [noise_folder(item)[0] for item in args.noise]
         parse_grid(args.conditions, (*NOISE_TYPES, *folders, "background"))
     report = evaluate_model(model, Path(args.data), out_dir=out, engine=args.engine, max_long_hours=hours)
     print(printable(f"{summary(report)}\nDET curve: {report['det_png']}\nfigures: {out / 'eval.json'}"), flush=True)
     if args.conditions:
-        from kd_tune.robustness import run_grid
+        from kd_tune.evaluation.robustness import run_grid
 
         grid = run_grid(model, Path(args.data), out, grid=args.conditions, baseline=args.baseline,
                         noise=dict(noise_folder(item) for item in args.noise),
@@ -207,17 +207,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from kd_tune.compare import compare, table
     from kd_tune.config import apply_overrides, validate
-    from kd_tune.source import locate_source
-    from kd_tune.storage import check_out_path
+    from kd_tune.evaluation.compare import compare, table
+    from kd_tune.evaluation.source import locate_source
+    from kd_tune.store.storage import check_out_path
 
     if not 1 <= args.seeds <= 100:
         print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
         return EXIT_INVALID
     check_out_path(args.out, folder=True, files=("compare.json", "compare.md"))
     if args.conditions:  # refused now, not after the first arm has trained
-        from kd_tune.conditions import NOISE_TYPES, parse_grid
+        from kd_tune.audio.conditions import NOISE_TYPES, parse_grid
 
         parse_grid(args.conditions, (*NOISE_TYPES, "background"))
     if args.best_of:  # that trial's whole setting (schedules, temperature, student), then --set on top of it;
@@ -239,7 +239,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from kd_tune.bench import format_report, run_bench
+    from kd_tune.tuning.bench import format_report, run_bench
 
     if args.clips < 1:
         print(f"kd-tune: --clips: got {args.clips}; allowed: an integer >= 1", file=sys.stderr)

@@ -27,7 +27,7 @@ from kd_tune.uris import endpoint_problem, root_problem
 from kd_tune.yamlfile import parse_yaml, read_yaml
 
 DEFAULT_CONFIG_NAME = "default.yaml"
-# The names kd_tune.distill and kd_tune.models implement; here so that validating a config needs no torch.
+# The names training.distill and training.models implement; here so that validating a config needs no torch.
 ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 TEACHER_COMBINATIONS = ("mean", "confidence")
@@ -81,7 +81,7 @@ class DataConfig(Section):
     synth_seed: Seed = 0
     synth_new_speakers: bool = True  # pitch, formant and speed changes make new speakers of the training voices
     hard_negative_weight: Positive = 2.0
-    # windows cutting each training positive inside long/train/ audio, labelled by the teacher alone (kd_tune.data)
+    # windows cutting each training positive inside long/train/ audio, labelled by the teacher alone (datasets.data)
     straddles_per_positive: int = Field(2, ge=0, le=8)
     # engines whose clips (manifest voice `<engine>:...`) are left out of every split: leave-one-engine-out runs
     exclude_engines: Annotated[tuple[Literal["piper", "espeak", "user"], ...], Field(strict=False)] = ()
@@ -214,8 +214,8 @@ class TrainingConfig(Section):
     seed: Seed = 0
     target_fa_per_hour: Positive = 2.0
     refractory_seconds: float = Field(1.0, ge=0)
-    eval_hop_ms: float = Field(100.0, ge=10, le=1000)  # an exported card (kd_tune.detect) needs a hop of >= 10 ms
-    mined_negatives: int = Field(0, ge=0, le=100_000)  # per epoch, from long/train/ by the student (kd_tune.mining)
+    eval_hop_ms: float = Field(100.0, ge=10, le=1000)  # an exported card (deploy.detect) needs a hop of >= 10 ms
+    mined_negatives: int = Field(0, ge=0, le=100_000)  # per epoch, from long/train/ by the student (training.mining)
 
     @field_validator("batch_size")
     @classmethod

@@ -11,16 +11,17 @@ import functools
 import time
 from pathlib import Path
 
-from kd_tune import evaluation, export, robustness
 from kd_tune.config import Config, load_config
-from kd_tune.data import STRADDLE_KIND, WINDOW_KIND, WakewordData, load_data
+from kd_tune.datasets.data import STRADDLE_KIND, WINDOW_KIND, WakewordData, load_data
+from kd_tune.datasets.synth import synthesize
+from kd_tune.deploy import export
+from kd_tune.evaluation import heldout, robustness
+from kd_tune.evaluation.source import locate_source
 from kd_tune.metrics import echo_line
-from kd_tune.source import locate_source
 from kd_tune.space import SearchSpace, load_search_space
-from kd_tune.sweep import sweep
-from kd_tune.synth import synthesize
-from kd_tune.teachers import check_teacher_store, configured_teachers, teacher_is_current
-from kd_tune.train import fit_teacher
+from kd_tune.training.teachers import check_teacher_store, configured_teachers, teacher_is_current
+from kd_tune.training.train import fit_teacher
+from kd_tune.tuning.sweep import sweep
 
 DEMO_SIZES = {  # `kd-tune demo --size`: overrides of the embedded default (a --set given too wins)
     "small": ["data.synth_size=small", "training.epochs=3", "tune.num_samples=4"],
@@ -72,10 +73,10 @@ def run_demo(out: Path, *, size: str = "default", search_space: str = "default",
         return config, space, rows, errors, ()
     source = locate_source(str(out / "sweep"), config)
     card = export.export_student(source.load(), out / "model.onnx", streaming=True, source=source.describe())
-    report = evaluation.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
+    report = heldout.evaluate_model(out / "model.onnx", Path(d.root), out_dir=out / "eval")
     grid = robustness.run_grid(out / "model.onnx", Path(d.root), out / "eval", grid="default",
                                stream_minutes=robustness.SHORT_STREAM_MINUTES, progress=None)  # a line per group
     return config, space, rows, errors, (
-        export.summary(card), "on the test split (voices never heard in training):", evaluation.summary(report),
+        export.summary(card), "on the test split (voices never heard in training):", heldout.summary(report),
         f"DET curve: {report['det_png']}", "under the condition grid (noise, rooms, levels, microphones):",
         grid["summary"], f"table: {grid['md']}", f"plot: {grid['png']}")

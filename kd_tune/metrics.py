@@ -37,7 +37,7 @@ METRICS = {
     # the mean of frr_at_target_fa (clean) and the frr_<condition> figures: what a sweep selects on by default
     "frr_conditions": Metric("eval/frr_conditions", "min", column=True, shown=True, echo=True),
     "frr_at_target_fa": Metric("eval/frr_at_target_fa", "min", column=True, shown=True, echo=True),
-    # the validation positives under a fixed, seeded mix of acoustic conditions (kd_tune.scoring.VALIDATION_MIX), at
+    # the validation positives under a fixed, seeded mix of acoustic conditions (training.scoring.VALIDATION_MIX), at
     # the clean stream's threshold for the target FA/h
     "frr_snr10": Metric("eval/frr_snr10", "min", column=True),
     "frr_snr0": Metric("eval/frr_snr0", "min", column=True),

@@ -1,5 +1,5 @@
 """The signing key, HMAC-SHA256 signatures and bounded strict JSON for the documents kd_tune signs: checkpoint
-manifests (kd_tune.checkpoint) and model cards (kd_tune.export, kd_tune.detect). Torch-free and pyarrow-free, so
+manifests (store.checkpoint) and model cards (deploy.export, deploy.detect). Torch-free and pyarrow-free, so
 that a model card verifies where only onnxruntime is installed.
 
 A signature is an HMAC-SHA256 over the canonical JSON of the whole document except its `signature` field.
@@ -37,7 +37,7 @@ MAX_KEY_FILE_BYTES = 64 * 1024  # a key is tens of bytes: this only stops a wron
 MAX_JSON_DEPTH = 64
 _OPEN, _CLOSE, _QUOTE, _BACKSLASH = (ord("["), ord("{")), (ord("]"), ord("}")), ord('"'), ord("\\")
 
-log = logging.getLogger("kd_tune.signing")
+log = logging.getLogger(__name__)
 
 
 class SigningError(InputError):

@@ -10,7 +10,7 @@ ENDPOINTS_ALLOWED = "allowed: http(s)://host[:port] with no user info or path"
 
 
 def root_problem(uri: str) -> str | None:
-    """Why `uri` cannot be a storage root (kd_tune.storage.Storage.from_uri opens the others), or None."""
+    """Why `uri` cannot be a storage root (kd_tune.store.storage.Storage.from_uri opens the others), or None."""
     parts = urlsplit(uri) if "://" in uri else None
     if parts is not None and parts.scheme == "s3":
         problem = None if parts.netloc else "an s3:// URI without a bucket"

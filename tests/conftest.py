@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from kd_tune.sweep import free_port
+from kd_tune.tuning.sweep import free_port
 
 MOTO_START_TIMEOUT_S = 30.0
 MOTO_STOP_TIMEOUT_S = 5.0
@@ -77,7 +77,7 @@ def s3_bucket(moto_s3, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     """Root of the small synthetic data set (seed 0), built once per session."""
-    from kd_tune.synth import synthesize
+    from kd_tune.datasets.synth import synthesize
 
     root = tmp_path_factory.mktemp("small_dataset")
     synthesize(root, size="small", seed=0, progress=False)
@@ -86,9 +86,9 @@ def small_dataset(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def folder(tmp_path) -> Path:
-    """test_evaluation's tiny eval folder, whose figures for its peak_model are worked out by hand (eval, condition
+    """test_heldout's tiny eval folder, whose figures for its peak_model are worked out by hand (eval, condition
     grid and progress tests)."""
-    from test_evaluation import eval_folder
+    from test_heldout import eval_folder
 
     return eval_folder(tmp_path)
 

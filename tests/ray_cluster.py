@@ -258,8 +258,8 @@ def config_with_trained_teachers(raw: dict, directory: Path):
     import yaml
 
     from kd_tune.config import load_config
-    from kd_tune.data import load_dataset
-    from kd_tune.train import fit_teacher
+    from kd_tune.datasets.data import load_dataset
+    from kd_tune.training.train import fit_teacher
 
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(raw))

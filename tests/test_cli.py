@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from kd_tune.features import N_SAMPLES
+from kd_tune.audio.features import N_SAMPLES
 
 
 @pytest.mark.slow
@@ -61,8 +61,8 @@ def test_storage_moves_the_experiment_but_not_the_teachers(tmp_path):
     from kd_tune.cli import with_storage
     from kd_tune.config import load_config
     from kd_tune.space import load_search_space
-    from kd_tune.sweep import check_teachers_ready
-    from kd_tune.teachers import teacher_store
+    from kd_tune.training.teachers import teacher_store
+    from kd_tune.tuning.sweep import check_teachers_ready
 
     config = load_config(None, overrides=[f"storage.root={tmp_path / 'runs'}"], check_paths=False)
     for teacher in config.teachers:

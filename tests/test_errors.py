@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kd_tune.sweep import free_port
+from kd_tune.tuning.sweep import free_port
 from test_config import billion_laughs
 from test_data import HUGE_RATE_HZ, clean_folder, complete_folder, speakers_in, wav_claiming_rate
-from test_evaluation import peak_model
+from test_heldout import peak_model
 from test_leaderboard import experiment as saved_experiment
 
 from kd_tune.cli import main
@@ -60,8 +60,8 @@ def linked_out(root: Path) -> str:
 
 
 def experiment(root: Path, **files: str | int | None) -> str:
-    """root/sweep as a sweep without trials leaves it (tests/test_leaderboard.py), then `files` written over it:
-    name -> text, a size (a sparse file), None (a folder in the file's place) or "<missing>"."""
+    """root/sweep as a sweep without trials leaves it (tests/evaluation/test_leaderboard.py), then `files` written
+    over it: name -> text, a size (a sparse file), None (a folder in the file's place) or "<missing>"."""
     exp, _ = saved_experiment(root, [])
     for name, text in files.items():
         (exp / name).unlink()
@@ -83,7 +83,7 @@ def sparse(path: Path, size: int) -> str:
 
 
 def model_with(root: Path, **card: object) -> str:
-    """The hand-built peak model (tests/test_evaluation.py), its card changed by `card`, unsigned."""
+    """The hand-built peak model (tests/evaluation/test_heldout.py), its card changed by `card`, unsigned."""
     root.mkdir(parents=True, exist_ok=True)
     model = peak_model(root / "model.onnx")
     path = model.with_suffix(".json")
@@ -218,7 +218,7 @@ def test_each_user_mistake_is_one_line_and_exit_2(tmp_path, capsys, name, argv, 
 
 def test_folders_1500_levels_deep_are_one_line_not_a_recursion_error(tmp_path, capsys):
     # Rule: `data check` and `eval` walk folders without recursion and refuse a tree deeper than
-    # kd_tune.audio.MAX_FOLDER_DEPTH in one line, exit 2 (rglob hit Python's recursion limit at 1,500 levels).
+    # kd_tune.audio.io.MAX_FOLDER_DEPTH in one line, exit 2 (rglob hit Python's recursion limit at 1,500 levels).
     data = tmp_path / "set"
     (data / "positive").mkdir(parents=True)
     (data / "negative").mkdir()
@@ -312,8 +312,8 @@ def test_a_run_of_another_config_is_kept_unless_overwritten(tmp_path):
     # Rule: `kd-tune train --name NAME` over a run of another config is refused unless --resume or --overwrite;
     # --overwrite deletes only what `kd-tune train` writes there (checkpoints and TensorBoard events), and only once
     # the run is sure to start.
-    from kd_tune.record import RunExistsError, claim_run
-    from kd_tune.storage import Storage
+    from kd_tune.store.storage import Storage
+    from kd_tune.training.record import RunExistsError, claim_run
 
     config = load_config(None, overrides=[f"data.root={tmp_path}", f"storage.root={tmp_path}"])
     store = Storage.from_config(config.storage)

@@ -14,24 +14,44 @@ from kd_tune.metrics import METRICS
 from kd_tune.space import TARGETS, SearchSpace
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_tune"
-MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem != "__main__"}
-RAY_LAYER = {"ray_compat", "trial", "board", "console", "placement", "sweep", "bench"}
-# Ray's modules without a public API: only kd_tune.ray_compat, which checks the Ray version, may use them
+# Every module by its dotted name under kd_tune ("config", "tuning.sweep"); folders' __init__ files are not modules
+MODULES = {".".join(p.relative_to(PACKAGE).with_suffix("").parts): p for p in sorted(PACKAGE.rglob("*.py"))
+           if p.stem != "__main__" and (p.stem != "__init__" or p.parent == PACKAGE)}
+LAYERS = {p.parent.name: p for p in sorted(PACKAGE.glob("*/__init__.py"))}
+ENTRY_POINTS = {"cli", "demo"}
+FOUNDATION = {name for name in MODULES if "." not in name} - ENTRY_POINTS - {"__init__"}
+RAY_LAYER = "tuning"
+# Ray's modules without a public API: only kd_tune.tuning.ray_compat, which checks the Ray version, may use them
 PRIVATE_RAY = ("ray._private", "ray._raylet", "ray.experimental.internal_kv", "ray.core.generated",
                "ray.train.v2._internal", "ray.tune.execution")
 MAX_LINES = 450
 
 
+def layer(name: str) -> str | None:
+    """The folder a module lives in; None for the package's top (the foundation and the entry points)."""
+    return name.split(".")[0] if "." in name else None
+
+
+def may_import(folder: str) -> set[str]:
+    """The folders a layer's __init__.py allows it to import (its MAY_IMPORT), read without importing it."""
+    for node in ast.parse(LAYERS[folder].read_text()).body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["MAY_IMPORT"]:
+            return set(ast.literal_eval(node.value))
+    pytest.fail(f"kd_tune/{folder}/__init__.py does not state MAY_IMPORT")
+
+
 def kd_tune_imports(path: Path) -> set[str]:
-    """Every kd_tune module `path` imports, at any depth of the file (function-level imports count too)."""
+    """Every kd_tune module `path` imports, by dotted name, at any depth of the file (function-level imports too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kd_tune":
-            parts = node.module.split(".")
-            found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names if a.name in MODULES}
+            base = node.module.removeprefix("kd_tune").lstrip(".")
+            for alias in node.names:  # `from kd_tune.tuning import sweep` names a module; `... import X` a member
+                name = f"{base}.{alias.name}".lstrip(".")
+                found.add(name if name in MODULES else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("kd_tune.")}
-    return found - {path.stem}
+            found |= {a.name.removeprefix("kd_tune.") for a in node.names if a.name.startswith("kd_tune.")}
+    return found - {"", ".".join(path.relative_to(PACKAGE).with_suffix("").parts)}
 
 
 def third_party_roots(path: Path) -> set[str]:
@@ -64,6 +84,40 @@ def test_no_import_cycle_among_modules():
         visit(name)
 
 
+def test_each_layer_imports_only_the_foundation_itself_and_what_its_init_allows():
+    # Rule: a module in a folder imports the foundation, its own folder and its MAY_IMPORT folders; the foundation
+    # imports only the foundation; only the entry points (cli, demo) import anything.
+    for name, path in MODULES.items():
+        if name in ENTRY_POINTS or name == "__init__":
+            continue
+        allowed = FOUNDATION | {m for m in MODULES if layer(m) == layer(name)
+                                or layer(name) and layer(m) in may_import(layer(name))}
+        wrong = kd_tune_imports(path) - allowed - {"__init__"}
+        assert not wrong, f"kd_tune/{path.relative_to(PACKAGE)} imports {sorted(wrong)}, outside its layers"
+
+
+def test_the_layers_form_an_order():
+    # Rule: MAY_IMPORT names only existing folders, and nothing circular: every folder's allowed folders come before
+    # it when the folders are sorted by how many they may import.
+    ordered = sorted(LAYERS, key=lambda folder: len(may_import(folder)))
+    for i, folder in enumerate(ordered):
+        assert may_import(folder) <= set(ordered[:i]), f"{folder} may import {sorted(may_import(folder))}"
+
+
+def test_old_module_names_load_the_moved_modules_and_a_flat_layout_experiment():
+    # Rule: `sweep --resume` of an experiment from the flat layout (kd_tune 0.1.0) unpickles its tuner.pkl (a real
+    # one, from a `make demo` sweep), whose objects name kd_tune.trial, .board, .console and .sweep.
+    import ray.cloudpickle
+
+    import kd_tune.trial
+    from kd_tune.tuning import trial
+
+    assert kd_tune.trial is trial
+    state = ray.cloudpickle.loads((Path(__file__).parent / "fixtures" / "tuner_flat_layout.pkl").read_bytes())
+    modules = {type(c).__module__ for c in state["_run_config"].callbacks}
+    assert {"kd_tune.tuning.board", "kd_tune.tuning.sweep"} <= modules, modules
+
+
 def test_only_the_cli_imports_inside_functions():
     # Rule: kd_tune modules import each other at the top; only the CLI defers (so `detect` and `config` stay light).
     for name, path in MODULES.items():
@@ -79,7 +133,8 @@ def test_only_the_cli_imports_inside_functions():
 def test_ray_is_imported_only_in_the_ray_layer():
     # Rule: `import ray` appears only in the Ray layer; everything below it runs without Ray.
     users = {name for name, path in MODULES.items() if "ray" in third_party_roots(path)}
-    assert users <= RAY_LAYER, f"{sorted(users - RAY_LAYER)} import ray outside {sorted(RAY_LAYER)}"
+    outside = {name for name in users if layer(name) != RAY_LAYER}
+    assert not outside, f"{sorted(outside)} import ray outside kd_tune/{RAY_LAYER}/"
 
 
 def dotted(node: ast.expr) -> str | None:
@@ -117,21 +172,22 @@ def private_ray_uses(path: Path) -> list[str]:
 def test_only_ray_compat_uses_rays_private_modules():
     # Rule: no kd_tune module but ray_compat imports or reaches into Ray's private modules (ray._private, ray._raylet,
     # internal_kv, generated protobufs, Train V2's _internal, Tune's execution): a Ray upgrade is checked in one file.
-    users = {name: uses for name, path in MODULES.items() if name != "ray_compat" and (uses := private_ray_uses(path))}
-    assert not users, f"private Ray used outside kd_tune/ray_compat.py (move it there): {users}"
-    assert private_ray_uses(MODULES["ray_compat"]), "the rule's scan finds nothing even in ray_compat: it is broken"
+    users = {name: uses for name, path in MODULES.items()
+             if name != "tuning.ray_compat" and (uses := private_ray_uses(path))}
+    assert not users, f"private Ray used outside kd_tune/tuning/ray_compat.py (move it there): {users}"
+    assert private_ray_uses(MODULES["tuning.ray_compat"]), "the scan finds nothing even in ray_compat: it is broken"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_module_is_over_the_size_limit(name):
     # Rule: a module holds one stage; none grows past ~450 lines.
     lines = len(MODULES[name].read_text().splitlines())
-    assert lines <= MAX_LINES, f"kd_tune/{name}.py has {lines} lines (limit {MAX_LINES})"
+    assert lines <= MAX_LINES, f"kd_tune/{MODULES[name].relative_to(PACKAGE)} has {lines} lines (limit {MAX_LINES})"
 
 
 @pytest.mark.parametrize("code", [
     "from kd_tune.config import load_config; load_config(None, check_paths=False)",
-    "import kd_tune.detect",
+    "import kd_tune.deploy.detect",
     "from kd_tune import cli; cli.parser()",
 ])
 def test_light_paths_load_no_torch_and_no_ray(code):
@@ -152,7 +208,7 @@ def test_every_search_space_key_maps_to_a_config_field():
 
 def test_config_names_match_the_registries():
     # Rule: the names a config accepts are exactly the registered students and teachers (config stays torch-free).
-    from kd_tune.models import STUDENTS, TEACHERS
+    from kd_tune.training.models import STUDENTS, TEACHERS
 
     assert set(STUDENT_NAMES) == set(STUDENTS) and set(TEACHER_ARCHS) == set(TEACHERS)
 
@@ -167,8 +223,8 @@ def test_metrics_table_is_complete():
 def test_readme_pipeline_table_lists_every_module_in_layer_order():
     # Rule: the README's pipeline table names every module once, each importing only modules above it in the table.
     readme = (PACKAGE.parent / "README.md").read_text()
-    table = re.findall(r"^\| [^|]+ \| `kd_tune/(\w+)\.py` \|", readme, flags=re.M)
-    assert sorted(table) == sorted(set(MODULES) - {"__init__"}), "README pipeline table vs kd_tune/*.py"
+    table = [f.replace("/", ".") for f in re.findall(r"^\| [^|]+ \| `kd_tune/([\w/]+)\.py` \|", readme, flags=re.M)]
+    assert sorted(table) == sorted(set(MODULES) - {"__init__"}), "README pipeline table vs kd_tune/**/*.py"
     for i, name in enumerate(table):
         below = kd_tune_imports(MODULES[name]) - {"__init__"}
         assert below <= set(table[:i]), f"kd_tune/{name}.py imports {sorted(below - set(table[:i]))} from below it"

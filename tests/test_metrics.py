@@ -4,16 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_tune.metrics import (
-    activation_times,
-    count_activations,
-    equal_error_rate,
-    false_accepts_per_hour,
-    roc_auc,
-    sliding_windows,
-    threshold_for_fa_rate,
-    wakeword_metrics,
-)
+from kd_tune.metrics import (activation_times, count_activations, equal_error_rate, false_accepts_per_hour, roc_auc,
+                             sliding_windows, threshold_for_fa_rate, wakeword_metrics)
 
 HOP_SECONDS = 0.1
 

@@ -7,13 +7,17 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from test_evaluation import peak_model  # a model whose every answer can be worked out by hand
+from test_heldout import peak_model  # a model whose every answer can be worked out by hand
 from tqdm import tqdm
 
-from kd_tune import cache, console, evaluation, progress, streams, sweep, synth
+from kd_tune import progress
 from kd_tune.cli import main
+from kd_tune.datasets import streams, synth
+from kd_tune.evaluation import heldout
+from kd_tune.evaluation.robustness import run_grid
 from kd_tune.progress import FIRST_LINE_S, LINE_INTERVAL_S, LineProgress, progress_bar
-from kd_tune.robustness import run_grid
+from kd_tune.training import cache
+from kd_tune.tuning import console, sweep
 from fakes import Clock
 
 LINE = re.compile(r"^synthesizing: (\d+)/1500 clips \((\d+)%\), (\w+) elapsed(, ~(\w+) left)?$")
@@ -188,7 +192,7 @@ def test_eval_and_the_condition_grid_print_progress_in_a_log_and_nothing_when_di
     assert "scoring long recordings: done, 1/1 recording (100%) in " in captured.err
     assert "condition grid: done, 2/2 measurements (100%) in " in captured.err
     assert "conditions: 2/2 level_-3dBFS (model)" in captured.out  # the grid's own line per condition stays
-    evaluation.evaluate_model(model, folder, progress=False)
+    heldout.evaluate_model(model, folder, progress=False)
     run_grid(model, folder, tmp_path / "quiet", grid="clean", progress=None)
     assert capsys.readouterr().err == ""
 
@@ -211,7 +215,7 @@ def test_the_teacher_cache_build_prints_progress_in_a_log_and_nothing_without_sh
 def test_the_sweeps_teacher_cache_prints_progress_on_the_console_without_a_terminal(monkeypatch, capsys,
                                                                                     every_step_prints):
     # Rule: a sweep's teacher cache, built as Ray tasks, prints its progress lines on the console of the sweep
-    # (kd_tune.console.console_stream; stderr goes to sweep.log then), also without a terminal. (Ray is stubbed: a
+    # (tuning.console.console_stream; stderr goes to sweep.log then), also without a terminal. (Ray is stubbed: a
     # task's reference is its shard, done at once.)
     log = Log()
     monkeypatch.setattr(console, "_console", log)

@@ -9,18 +9,8 @@ import pytest
 
 from kd_tune import signing
 from kd_tune.errors import InputError
-from kd_tune.signing import (
-    ENV_REQUIRE_SIGNATURE,
-    ENV_SIGNING_KEY,
-    ENV_SIGNING_KEY_FILE,
-    SigningError,
-    json_depth,
-    parse_json,
-    signature_required,
-    signed,
-    signing_key,
-    verify_signature,
-)
+from kd_tune.signing import (ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE, SigningError, json_depth,
+                             parse_json, signature_required, signed, signing_key, verify_signature)
 
 KEY = "correct horse battery staple"
 
@@ -238,7 +228,7 @@ def test_a_key_twice_in_one_object_is_refused(text):
 def test_a_signed_card_with_a_duplicate_threshold_is_refused(tmp_path, monkeypatch):
     # Rule: a signed model card with a second "threshold" put in front is refused by the reader that detect and
     # eval use, not read with whichever value its parser keeps.
-    from kd_tune.detect import DetectError, read_card
+    from kd_tune.deploy.detect import DetectError, read_card
 
     monkeypatch.setenv(ENV_SIGNING_KEY, KEY)
     card = json.dumps(signed({"threshold": 0.9, "format": "x"}))

@@ -1,0 +1,212 @@
+"""Audio files read within bounds: a clip's checks (`AudioFile`), a long recording decoded block by block
+(`read_recording`), and resampling that stays small for any rate in range.
+
+Every header is checked before decoding, so a tiny file that claims a huge rate, length or channel count costs
+nothing; memory stays proportional to the 16 kHz audio however long or fast a file is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+from kd_tune.audio.features import SAMPLE_RATE
+from kd_tune.errors import DataError
+from kd_tune.signing import SpecialFileError, open_regular
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+# `check` thresholds; files with an UNUSABLE problem are skipped by `load_dataset`, the others only reported
+SILENT_PEAK = 1e-4
+CLIPPED_LEVEL = 0.999
+CLIPPED_FRACTION = 0.01
+MAX_ABS_SAMPLE = 1e3  # full scale is 1: a float file past this holds garbage, not audio
+MIN_SECONDS = 0.3
+MAX_SECONDS = 10.0
+MIN_SAMPLE_RATE_HZ = 8_000
+MAX_SAMPLE_RATE_HZ = 192_000
+MAX_CHANNELS = 8
+MAX_FILE_BYTES = 128 * 2**20  # 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB
+UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "too many channels", "empty",
+                      "non-finite", "out of range", "silent", "too long"})
+# torchaudio's polyphase kernel has (16000 / g) x (rate / g) elements for g = gcd(rate, 16000): small for the usual
+# rates (44.1 kHz: 160 x 441), gigabytes for a rate like 191999 Hz; past this size the FFT resamples instead.
+MAX_RESAMPLE_KERNEL = 2**20
+MAX_STREAM_HOURS = 8  # per split: 8 h at 16 kHz is 1.8 GB of float32
+BLOCK_SECONDS = 10  # decoded and resampled at a time
+RESAMPLE_MARGIN_PERIODS = 64  # rate-ratio periods of context on each side of a block: wider than the sinc kernel
+MAX_FOLDER_DEPTH = 32  # levels of folders under a class or long/ folder; a data set nests two or three
+
+
+def files_under(folder: Path, *, max_depth: int = MAX_FOLDER_DEPTH) -> list[Path]:
+    """Every entry under `folder` that is not a folder, sorted, hidden names left out: FIFOs and devices included, for
+    the caller to count (AudioFile.read refuses them unopened). Links to folders are not followed, as in rglob.
+
+    Walked with a stack, not by recursion: 1,500 nested folders cannot reach Python's recursion limit; past
+    max_depth the folder is refused (DataError), since no data set nests that deep.
+    """
+    found, stack = [], [(Path(folder), 0)]
+    while stack:
+        current, depth = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except PermissionError:  # rglob skips a folder it may not list: so does this walk
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if depth >= max_depth:
+                    raise DataError(f"{folder}: folders nested deeper than {max_depth} levels; allowed: at most "
+                                    f"{max_depth} levels of folders in a data set")
+                stack.append((Path(entry.path), depth + 1))
+            elif not entry.is_dir() and not entry.name.startswith("."):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
+    """(problem, detail) pairs of decoded audio [T, C]; see the thresholds at the top of the module."""
+    if audio.size == 0:
+        return [("empty", "no samples")]
+    if not np.isfinite(audio).all():
+        return [("non-finite", "NaN or infinite samples")]
+    magnitude = np.abs(audio)
+    if magnitude.max() > MAX_ABS_SAMPLE:
+        return [("out of range", f"peak |x| {magnitude.max():.3g} > {MAX_ABS_SAMPLE:g}; full scale is 1")]
+    problems = []
+    if magnitude.max() < SILENT_PEAK:
+        problems.append(("silent", f"peak {magnitude.max():.1e} < {SILENT_PEAK:.0e}"))
+    clipped = float(np.mean(magnitude >= CLIPPED_LEVEL))
+    if clipped >= CLIPPED_FRACTION:
+        problems.append(("clipped", f"{clipped:.1%} of samples at |x| >= {CLIPPED_LEVEL}"))
+    seconds = audio.shape[0] / sample_rate
+    if seconds < MIN_SECONDS:
+        problems.append(("too short", f"{seconds:.2f} s < {MIN_SECONDS} s"))
+    if seconds > MAX_SECONDS:
+        problems.append(("too long", f"{seconds:.1f} s > {MAX_SECONDS} s"))
+    return problems
+
+
+def read_bounded(path: Path) -> bytes | None:
+    """A regular file's bytes, or None past MAX_FILE_BYTES."""
+    with open_regular(path) as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    return None if len(data) > MAX_FILE_BYTES else data
+
+
+def header_problems(sample_rate: int, channels: int, frames: int) -> list[tuple[str, str]]:
+    """What the header alone shows to be unusable: checked before decoding, so nothing huge is allocated."""
+    if not MIN_SAMPLE_RATE_HZ <= sample_rate <= MAX_SAMPLE_RATE_HZ:
+        return [("bad sample rate", f"{sample_rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz")]
+    if channels > MAX_CHANNELS:
+        return [("too many channels", f"{channels}; allowed: up to {MAX_CHANNELS}")]
+    if frames > MAX_SECONDS * sample_rate:
+        return [("too long", f"{frames / sample_rate:.1f} s > {MAX_SECONDS} s")]
+    return []
+
+
+@dataclass(frozen=True)
+class AudioFile:
+    """One decoded audio file: samples [T, C] (None when unreadable), its problems and the sha256 of its bytes."""
+
+    path: Path
+    audio: np.ndarray | None
+    sample_rate: int
+    problems: list[tuple[str, str]]
+    sha256: str
+
+    @staticmethod
+    def read(path: Path) -> AudioFile:
+        """The file read once (the bytes hashed are the bytes decoded); its header checked before decoding."""
+        try:
+            data = read_bounded(path)
+        except SpecialFileError as error:  # a FIFO, device or folder named like a clip: refused unopened
+            return AudioFile(path, None, 0, [("unreadable", f"not a regular file ({error.kind})")], "unreadable")
+        except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+            return AudioFile(path, None, 0, [("unreadable", str(error))], "unreadable")
+        if data is None:
+            return AudioFile(path, None, 0, [("too large", f"over {MAX_FILE_BYTES // 2**20} MiB")], "unread")
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                problems = header_problems(f.samplerate, f.channels, f.frames)
+                if problems:
+                    return AudioFile(path, None, f.samplerate, problems, digest)
+                audio, sample_rate = f.read(dtype="float32", always_2d=True), f.samplerate
+        except sf.SoundFileError as error:  # error_string: libsndfile's own words, without the BytesIO's repr
+            detail = getattr(error, "error_string", "") or str(error).strip() or type(error).__name__
+            return AudioFile(path, None, 0, [("unreadable", detail)], digest)
+        return AudioFile(path, audio, sample_rate, find_problems(audio, sample_rate), digest)
+
+    @property
+    def usable(self) -> bool:
+        return self.audio is not None and not any(problem in UNUSABLE for problem, _ in self.problems)
+
+
+def resample(audio: Tensor, orig_hz: int, new_hz: int) -> Tensor:
+    """Audio [T] from orig_hz to new_hz: torchaudio's sinc resampler, or the FFT where its kernel would be huge."""
+    g = math.gcd(orig_hz, new_hz)
+    if (orig_hz // g) * (new_hz // g) <= MAX_RESAMPLE_KERNEL:
+        return AF.resample(audio, orig_hz, new_hz)
+    n_out = max(1, round(len(audio) * new_hz / orig_hz))  # <= 10 s at 192 kHz: one FFT of at most 1.9M samples
+    spectrum = torch.fft.rfft(audio.double())[:n_out // 2 + 1]  # keeps what lies below both Nyquist frequencies
+    return (torch.fft.irfft(spectrum, n=n_out) * (n_out / len(audio))).float()
+
+
+def read_recording(path: Path, *, max_samples: int) -> Tensor:
+    """Mono float32 [T] at 16 kHz from a long recording, refused (DataError) when bad or over max_samples."""
+    try:  # opened here, not by libsndfile: a FIFO or device is refused before any open that could block
+        with open_regular(path) as raw, sf.SoundFile(raw) as f:
+            check_header(path, f.samplerate, f.channels, round(f.frames * SAMPLE_RATE / f.samplerate), max_samples)
+            return resample_blocks(f, path)
+    except SpecialFileError as error:
+        raise DataError(f"{path}: not a regular file ({error.kind}); allowed: a WAV or FLAC file") from None
+    except (sf.SoundFileError, RuntimeError, OSError) as error:
+        detail = getattr(error, "error_string", "") or getattr(error, "strerror", "") or str(error)
+        raise DataError(f"{path}: cannot read audio ({detail}); allowed: a WAV or FLAC file") from None
+
+
+def check_header(path: Path, rate: int, channels: int, n_samples: int, max_samples: int) -> None:
+    g = math.gcd(rate, SAMPLE_RATE)
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ or (rate // g) * (SAMPLE_RATE // g) > MAX_RESAMPLE_KERNEL:
+        raise DataError(f"{path}: sample rate {rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz with "
+                        "a large common factor with 16 kHz (8, 11.025, 16, 22.05, 32, 44.1, 48, 96 kHz, ...)")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise DataError(f"{path}: {channels} channels; allowed: 1 to {MAX_CHANNELS}")
+    if n_samples > max_samples:
+        raise DataError(f"{path}: the split's long recordings pass {MAX_STREAM_HOURS} h; allowed: at most "
+                        f"{MAX_STREAM_HOURS} h per split")
+
+
+def resample_blocks(f: sf.SoundFile, path: Path) -> Tensor:
+    """The file's mono audio at 16 kHz [T], decoded and resampled BLOCK_SECONDS at a time.
+
+    Blocks start on whole rate-ratio periods and carry a margin of context on both sides, so every output sample is
+    the one resampling the whole file at once gives (up to float rounding).
+    """
+    g = math.gcd(f.samplerate, SAMPLE_RATE)
+    period_in, period_out = f.samplerate // g, SAMPLE_RATE // g
+    periods = max(1, BLOCK_SECONDS * g)  # per block
+    margin = RESAMPLE_MARGIN_PERIODS * period_in
+    out = []
+    for start in range(0, f.frames, periods * period_in):
+        low = max(0, start - margin)
+        f.seek(low)
+        block = f.read(start - low + periods * period_in + margin, dtype="float32", always_2d=True)  # [t, C]
+        if not np.isfinite(block).all() or np.abs(block).max(initial=0) > MAX_ABS_SAMPLE:
+            raise DataError(f"{path}: non-finite or out-of-range samples near {start / f.samplerate:.1f} s; allowed: "
+                            "finite audio within full scale")
+        mono = torch.from_numpy(block.mean(axis=1))
+        resampled = AF.resample(mono, f.samplerate, SAMPLE_RATE) if period_in != period_out else mono
+        skip = (start - low) // period_in * period_out
+        out.append(resampled[skip:skip + periods * period_out])
+    n_out = math.ceil(f.frames * SAMPLE_RATE / f.samplerate)
+    return torch.cat(out)[:n_out] if out else torch.zeros(0)
