@@ -1,14 +1,10 @@
-import os
 import subprocess
 import sys
-import time
-from itertools import pairwise
 
 import pytest
 import yaml
 
 from kd_tune.config import ConfigError, default_raw, dump_config, load_config, validate
-from kd_tune.yamlfile import MAX_YAML_BYTES
 
 
 def write(tmp_path, raw) -> str:
@@ -104,14 +100,6 @@ def test_credentials_in_storage_uri_are_refused():
         validate(raw)
 
 
-def test_yaml_is_loaded_safely(tmp_path):
-    # Rule: yaml.safe_load only: a Python object tag is refused, never constructed.
-    path = tmp_path / "evil.yaml"
-    path.write_text("training: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(path)
-
-
 def test_cli_config_check_exits_2_with_the_problems(tmp_path):
     # Rule: `kd-tune config check` exits 2 and lists every problem; a valid file exits 0.
     raw = default_raw()
@@ -132,65 +120,6 @@ def test_cli_config_show_prints_the_default():
     out = subprocess.run([sys.executable, "-m", "kd_tune", "config", "show"], capture_output=True, text=True,
                          check=True)
     assert validate(yaml.safe_load(out.stdout)) == load_config(None, check_paths=False)
-
-
-# ------------------------------------------------------------------------------------------------ bounded input
-
-def billion_laughs(levels: int = 9) -> str:
-    """The classic alias bomb: 9 aliases per level, 9^levels strings once expanded, ~400 bytes as text."""
-    names = "abcdefghijklmnop"[:levels]
-    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
-    lines += [f"{name}: &{name} [" + ",".join([f"*{previous}"] * 9) + "]" for previous, name in pairwise(names)]
-    return "\n".join(lines) + f"\ntraining:\n  epochs: *{names[-1]}\n"
-
-
-def test_a_billion_laughs_config_is_refused_fast_and_short(tmp_path):
-    # Rule: YAML aliases are counted as expanded before anything is built: a 400-byte alias bomb (10^9 values) is
-    # refused in well under a second with a short message, never echoed (it printed 226 MB before).
-    path = tmp_path / "laughs.yaml"
-    path.write_text(billion_laughs())
-    assert len(path.read_bytes()) < 450
-    start = time.perf_counter()
-    with pytest.raises(ConfigError) as caught:
-        load_config(path, check_paths=False)
-    assert time.perf_counter() - start < 1.0
-    message = str(caught.value)
-    assert message.startswith(f"{path}: line ") and "more than 10000 values" in message and len(message) < 300
-
-
-@pytest.mark.parametrize("text,needle", [
-    ("a: &a [*a]\n", "recursive or undefined alias"),
-    ("x: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than 16 levels"),
-    ("x: " + "[" * 100_000 + "]" * 100_000 + "\n", "not valid YAML"),
-    ("training:\n  epochs: [\n", "line 3, column 1: not valid YAML"),
-    ("training:\n  epochs: " + "9" * 5000 + "\n", "not valid YAML (Exceeds the limit"),
-    ("training: !!python/object/apply:os.system ['echo pwned']\n", "not valid YAML"),
-])
-def test_bad_yaml_is_one_short_line(tmp_path, text, needle):
-    # Rule: recursive aliases, deep nesting, broken syntax, numbers Python cannot convert and object tags are each one
-    # short ConfigError line naming the file (and the line where known).
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(ConfigError) as caught:
-        load_config(path, check_paths=False)
-    message = str(caught.value)
-    assert message.startswith(f"{path}: ") and needle in message and "\n" not in message and len(message) < 400
-
-
-def test_files_that_are_too_big_not_utf8_or_not_regular_are_refused(tmp_path):
-    # Rule: a config is read within MAX_YAML_BYTES, as UTF-8, from a regular file (a FIFO would block forever).
-    big = tmp_path / "big.yaml"
-    big.write_text("# padding\n" * (MAX_YAML_BYTES // 10 + 1))
-    with pytest.raises(ConfigError, match=r"big\.yaml: larger than 256 KiB"):
-        load_config(big, check_paths=False)
-    latin = tmp_path / "latin.yaml"
-    latin.write_bytes(b"data:\n  wakeword: h\xe9 nova\n")
-    with pytest.raises(ConfigError, match=r"latin\.yaml: not UTF-8 text \(byte 0xe9 at offset 19\)"):
-        load_config(latin, check_paths=False)
-    fifo = tmp_path / "fifo.yaml"
-    os.mkfifo(fifo)
-    with pytest.raises(ConfigError, match=r"fifo\.yaml: not a regular file"):
-        load_config(fifo, check_paths=False)
 
 
 @pytest.mark.parametrize("dotted,value", [

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kd_tune.tuning.sweep import free_port
-from test_config import billion_laughs
+from test_yamlfile import billion_laughs
 from test_data import HUGE_RATE_HZ, clean_folder, complete_folder, speakers_in, wav_claiming_rate
 from test_heldout import peak_model
 from test_leaderboard import experiment as saved_experiment
