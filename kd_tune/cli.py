@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from kd_tune.config import dump_config, load_config
 from kd_tune.errors import InputError, KdTuneError, printable, s3_refusal
 from kd_tune.metrics import echo_line
 
-EXIT_INVALID = 2
 MAX_MESSAGE_CHARS = 2000  # a refusal is one line; a longer message is cut rather than flood the terminal
 
 
@@ -76,9 +76,10 @@ def cmd_teacher_train(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from kd_tune.training.record import run_training
 
-    config = _config(args)
-    run = run_training(config, name=args.name, resume=args.resume, overwrite=args.overwrite,
-                       echo=_print_epoch("train"))
+    def echo(metrics: dict, _checkpoint=None) -> None:
+        print(f"train epoch {int(metrics.get('epoch', 0))}: {echo_line(metrics)}", flush=True)
+
+    run = run_training(_config(args), name=args.name, resume=args.resume, overwrite=args.overwrite, echo=echo)
     print(f"run written to {run}\nTensorBoard: tensorboard --logdir {run}")
     return 0
 
@@ -156,12 +157,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from kd_tune.deploy.detect import Detector
 
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        print(f"kd-tune: --threshold: got {args.threshold}; allowed: a probability in [0, 1]", file=sys.stderr)
-        return EXIT_INVALID
     try:
         detector = Detector(args.model, threshold=args.threshold)
-    except ValueError as e:  # a card that does not belong to the model, or not a card at all
+    except ValueError as e:  # a card that does not belong to the model, not a card at all, a threshold not in [0, 1]
         print(f"kd-tune: {one_line(str(e))}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     exit_code = 0
@@ -212,9 +210,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from kd_tune.evaluation.source import locate_source
     from kd_tune.store.storage import check_out_path
 
-    if not 1 <= args.seeds <= 100:
-        print(f"kd-tune: --seeds: got {args.seeds}; allowed: 1 to 100", file=sys.stderr)
-        return EXIT_INVALID
     check_out_path(args.out, folder=True, files=("compare.json", "compare.md"))
     if args.conditions:  # refused now, not after the first arm has trained
         from kd_tune.audio.conditions import NOISE_TYPES, parse_grid
@@ -241,9 +236,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from kd_tune.tuning.bench import format_report, run_bench
 
-    if args.clips < 1:
-        print(f"kd-tune: --clips: got {args.clips}; allowed: an integer >= 1", file=sys.stderr)
-        return EXIT_INVALID
     report = run_bench(_config(args), clips=args.clips, teacher_source=args.teacher_source)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -263,17 +255,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _print_epoch(prefix: str):
-    def echo(metrics: dict, _checkpoint=None) -> None:
-        print(f"{prefix} epoch {int(metrics.get('epoch', 0))}: {echo_line(metrics)}", flush=True)
-    return echo
+def _number(kind: type, *, low: float, high: float = math.inf, allowed: str):
+    """An argparse type: `kind(text)` in [low, high], else argparse's error naming what is allowed."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan  # refused below, with the same message
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"got {text}; allowed: {allowed}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"got {text}; allowed: a number > 0")
-    return value
+POSITIVE = _number(float, low=math.ulp(0.0), high=sys.float_info.max, allowed="a number > 0")  # finite
 
 
 def one_line(message: str) -> str:
@@ -389,9 +384,9 @@ def parser() -> argparse.ArgumentParser:
                    "never trained (needs pip install 'kd-tune[baseline]')")
     q.add_argument("--noise", action="append", default=[], metavar="NAME=FOLDER", help="with --conditions, one more "
                    "noise type from a folder of your recordings (repeatable)")
-    q.add_argument("--stream-minutes", type=_positive_float, metavar="MINUTES", help="with --conditions, score at "
+    q.add_argument("--stream-minutes", type=POSITIVE, metavar="MINUTES", help="with --conditions, score at "
                    "most this much long audio per condition (default: all of it)")
-    q.add_argument("--max-hours", type=_positive_float, metavar="HOURS", help="score at most this much long "
+    q.add_argument("--max-hours", type=POSITIVE, metavar="HOURS", help="score at most this much long "
                    "audio, read a recording at a time, in name order (default: 8)")
     q.set_defaults(func=cmd_eval)
 
@@ -400,7 +395,8 @@ def parser() -> argparse.ArgumentParser:
     with_config(q)
     q.add_argument("--teachers", nargs="+", metavar="NAME", help="teachers or '+'-joined ensembles to distil from "
                    "(default: every configured teacher)")
-    q.add_argument("--seeds", type=int, default=3, help="seeds per arm (default: 3)")
+    q.add_argument("--seeds", type=_number(int, low=1, high=100, allowed="1 to 100"), default=3,
+                   help="seeds per arm (default: 3)")
     q.add_argument("--conditions", metavar="GRID", help="also measure every run under this condition grid (see "
                    "`kd-tune eval --conditions`), 20 minutes of the test stream per condition")
     q.add_argument("--best-of", metavar="EXPERIMENT", help="start from the config of this sweep's best trial")
@@ -413,7 +409,8 @@ def parser() -> argparse.ArgumentParser:
                        "end and the exported student's latency on this machine")
     with_config(q)
     q.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    q.add_argument("--clips", type=int, default=256, help="training clips drawn from data.root (default: 256)")
+    q.add_argument("--clips", type=_number(int, low=1, allowed="an integer >= 1"), default=256,
+                   help="training clips drawn from data.root (default: 256)")
     q.add_argument("--teacher-source", choices=("base", "tiny"), default="base",
                    help="size of the wav2vec2 teacher, random init (default: base, ~95M parameters)")
     q.set_defaults(func=cmd_bench)

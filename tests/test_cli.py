@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from kd_tune.audio.features import N_SAMPLES
+from kd_tune.cli import main
 
 
 @pytest.mark.slow
@@ -126,3 +127,18 @@ def test_results_writes_the_plots_when_asked(tmp_path):
     assert out.returncode == 0, out.stderr
     plots = [line.removeprefix("plot: ") for line in out.stdout.splitlines() if line.startswith("plot: ")]
     assert plots and all(p.startswith(f"{path}/plots/") and os.path.isfile(p) for p in plots), out.stdout
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["compare", "--seeds", "0"], "argument --seeds: got 0; allowed: 1 to 100"),
+    (["compare", "--seeds", "two"], "argument --seeds: got two; allowed: 1 to 100"),
+    (["bench", "--clips", "0"], "argument --clips: got 0; allowed: an integer >= 1"),
+    (["eval", "m.onnx", "d", "--max-hours", "nan"], "argument --max-hours: got nan; allowed: a number > 0"),
+    (["eval", "m.onnx", "d", "--stream-minutes", "inf"], "argument --stream-minutes: got inf; allowed: a number > 0"),
+])
+def test_a_number_flag_out_of_range_is_refused_by_the_parser(capsys, argv, needle):
+    # Rule: a numeric flag is checked where it is parsed (argparse `type=`), before any work, exit 2, naming the flag
+    # and what is allowed.
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2 and needle in capsys.readouterr().err

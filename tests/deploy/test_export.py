@@ -559,4 +559,4 @@ def test_detector_refuses_a_model_changed_after_export(exported, tmp_path):
     with pytest.raises(detect.DetectError, match="threshold: got 1.5; allowed: a probability"):
         detect.Detector(out, threshold=1.5)
     assert main(["detect", str(tmp_path / "model.onnx"), str(out)]) == 2
-    assert main(["detect", str(out), str(out), "--threshold", "1.5"]) == 2
+    assert main(["detect", str(out), str(out), "--threshold", "1.5"]) == 2  # the card's own check, one line
