@@ -3,14 +3,14 @@
 
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
+from s3_server import MOTO_ENV, OUTSIDE_ENV, create_bucket
 from kd_tune.tuning.sweep import free_port
 
 MOTO_START_TIMEOUT_S = 30.0
@@ -61,17 +61,11 @@ def moto_s3(tmp_path_factory):
 @pytest.fixture
 def s3_bucket(moto_s3, monkeypatch) -> str:
     """A fresh, empty bucket on `moto_s3`, with moto's fake credentials set in the environment for the test."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+    for name, value in MOTO_ENV.items():
+        monkeypatch.setenv(name, value)
+    for name in OUTSIDE_ENV:
         monkeypatch.delenv(name, raising=False)
-    bucket = f"kd-tune-{uuid.uuid4().hex[:12]}"
-    host = moto_s3.split("://", 1)[1]
-    pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
-                      allow_bucket_creation=True).create_dir(bucket)
-    return bucket
+    return create_bucket(moto_s3)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +94,14 @@ def no_signing_env(monkeypatch):
 
     for name in (ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE, ENV_REQUIRE_SIGNATURE):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One plain Ray cluster (a head of 2 CPUs on 127.0.0.1) for every test that only needs somewhere to run a
+    sweep; test modules that need another (S3 credentials and a signing key, two nodes) override `cluster`."""
+    from ray_cluster import start_cluster
+
+    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="kdr", dir="/tmp")))  # short root: Ray's socket paths
+    yield cluster
+    cluster.stop()

@@ -253,6 +253,13 @@ def start_cluster(root: Path, *, extra_env: dict[str, str] | None = None, num_cp
     return cluster
 
 
+def small_set_two_teachers(data_root: Path, *, cnn_epochs: int = 1) -> dict:
+    """A raw config's data and teachers: the small synthetic set and two tiny teachers, cnn and wav2vec2."""
+    return {"data": {"root": str(data_root), "synth_size": "small"},
+            "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": cnn_epochs},
+                         {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}]}
+
+
 def config_with_trained_teachers(raw: dict, directory: Path):
     """Write `raw` as directory/config.yaml, fine-tune every teacher it names onto its storage; (path, config)."""
     import yaml

@@ -8,7 +8,6 @@ EventAccumulator; no Ray cluster is needed for that.
 
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from ray.train._internal.storage import StorageContext
 from ray.tune.experiment import Trial
-from ray_cluster import config_with_trained_teachers, kd_tune, start_cluster
+from ray_cluster import config_with_trained_teachers, kd_tune
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 
@@ -240,7 +239,7 @@ def test_chart_groups_open_with_validation_then_loss_then_schedule():
 
 
 @pytest.mark.slow
-def test_a_real_sweep_shows_in_hparams_what_the_leaderboard_shows(small_dataset, tmp_path):
+def test_a_real_sweep_shows_in_hparams_what_the_leaderboard_shows(cluster, small_dataset, tmp_path):
     # Rule: after a real sweep (`kd-tune sweep` on a real Ray cluster, 2 trials of 2 epochs), each trial's folder
     # names its teacher and schedule and gives the leaderboard's trial id back; every trial holds the same HParams
     # experiment and a value for every searched hyperparameter its schedule uses; its trial_best/* scalars equal its
@@ -256,12 +255,8 @@ def test_a_real_sweep_shows_in_hparams_what_the_leaderboard_shows(small_dataset,
                                      "alpha_schedule": {"choices": ["constant", "linear"]},
                                      "alpha_start": {"low": 0.2, "high": 0.8}, "alpha_end": {"low": 0.2, "high": 0.8},
                                      "temperature": {"low": 1.0, "high": 8.0}}))
-    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="kdb", dir="/tmp")))  # short: Ray's socket paths
-    try:
-        out = kd_tune("sweep", str(path), "--search-space", str(space), "--name", "board", "--address",
-                      cluster.address, "--verbose", env=cluster.env)  # --verbose: Ray's output here if it fails
-    finally:
-        cluster.stop()
+    out = kd_tune("sweep", str(path), "--search-space", str(space), "--name", "board", "--address",
+                  cluster.address, "--verbose", env=cluster.env)  # --verbose: Ray's output here if it fails
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     experiment = Path(config.storage.root) / "board"
     rows = json.loads((experiment / "leaderboard.json").read_text())

@@ -10,12 +10,11 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import BIN, REPO, config_with_trained_teachers, kd_tune, start_cluster
+from ray_cluster import BIN, REPO, config_with_trained_teachers, kd_tune, small_set_two_teachers
 
 pytestmark = pytest.mark.slow
 
@@ -25,22 +24,13 @@ START_TIMEOUT_S = 300.0
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="kdf", dir="/tmp")))  # short: unix socket path limit
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def fault_config(small_dataset, tmp_path_factory):
     """Sweeps of one trial at a time, EPOCHS epochs each, that ASHA never stops early."""
     work = tmp_path_factory.mktemp("faults")
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
-           "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1},
-                        {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
-           "training": {"epochs": EPOCHS, "batch_size": 32},
-           "tune": {"num_samples": 2, "max_concurrent_trials": 1, "asha_grace_period": EPOCHS},
-           "storage": {"root": str(work / "runs")}}
+    raw = small_set_two_teachers(small_dataset) | {
+        "training": {"epochs": EPOCHS, "batch_size": 32},
+        "tune": {"num_samples": 2, "max_concurrent_trials": 1, "asha_grace_period": EPOCHS},
+        "storage": {"root": str(work / "runs")}}
     return config_with_trained_teachers(raw, work)
 
 

@@ -6,24 +6,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 import yaml
-from ray_cluster import Jobs, config_with_trained_teachers, kd_tune, start_cluster
+from ray_cluster import Jobs, config_with_trained_teachers, kd_tune, small_set_two_teachers, start_cluster
+from s3_server import MOTO_ENV, create_bucket
 
 from kd_tune.store import storage
 from kd_tune.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
     # One CPU per node: each trial's single Train worker takes one, so concurrent trials land on different nodes.
-    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="kdm", dir="/tmp")), extra_env=AWS_ENV, num_cpus=1)
+    cluster = start_cluster(Path(tempfile.mkdtemp(prefix="kdm", dir="/tmp")), extra_env=MOTO_ENV, num_cpus=1)
     try:
         cluster.add_worker(num_cpus=1)
         yield cluster
@@ -35,17 +33,13 @@ def two_nodes():
 def bucket_config(small_dataset, moto_s3, tmp_path_factory):
     """A sweep config whose storage is a fresh bucket, with both tiny teachers fine-tuned into it."""
     with pytest.MonkeyPatch.context() as env:
-        for key, value in AWS_ENV.items():
+        for key, value in MOTO_ENV.items():
             env.setenv(key, value)
-        bucket = "kd-multinode"
-        pafs.S3FileSystem(endpoint_override=moto_s3.split("://")[1], scheme="http", region="us-east-1",
-                          allow_bucket_creation=True).create_dir(bucket)
-        raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
-               "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 1},
-                            {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
-               "training": {"epochs": 4, "batch_size": 32},
-               "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 4},
-               "storage": {"root": f"s3://{bucket}/runs", "endpoint_override": moto_s3}}
+        bucket = create_bucket(moto_s3)
+        raw = small_set_two_teachers(small_dataset) | {
+            "training": {"epochs": 4, "batch_size": 32},
+            "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 4},
+            "storage": {"root": f"s3://{bucket}/runs", "endpoint_override": moto_s3}}
         return config_with_trained_teachers(raw, tmp_path_factory.mktemp("multinode"))
 
 
@@ -63,7 +57,7 @@ def test_two_node_sweep_spreads_trials_and_survives_a_node_kill(two_nodes, bucke
     # Rule: a smoke sweep submitted with `ray job submit` runs trials on both nodes with every checkpoint in the
     # bucket; killing the second node's raylet mid-sweep retries its trials on the head from their checkpoints and
     # the sweep ends with a complete leaderboard, no errored trial and none of its placement groups or actors left.
-    for key, value in AWS_ENV.items():
+    for key, value in MOTO_ENV.items():
         monkeypatch.setenv(key, value)
     path, config = bucket_config
     store = storage.Storage.from_config(config.storage)

@@ -25,7 +25,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from ray_cluster import BIN, REPO, kd_tune, start_cluster
+from ray_cluster import BIN, REPO, kd_tune, small_set_two_teachers, start_cluster
+from s3_server import MOTO_ENV, OUTSIDE_ENV, create_bucket
 
 from kd_tune.config import load_config
 from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
@@ -37,8 +38,7 @@ from kd_tune.tuning.trial import trial_dirname, verified_resume_point
 # moto takes any credentials: unique secrets, so finding one anywhere means it leaked.
 AWS_SECRET = f"kd-tune-test-secret-{secrets.token_hex(16)}"
 SIGNING_KEY = f"kd-tune-test-key-{secrets.token_hex(16)}"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = MOTO_ENV | {"AWS_SECRET_ACCESS_KEY": AWS_SECRET}
 STATE_APIS = ("/api/jobs/", "/api/v0/actors?detail=1&limit=10000", "/api/v0/tasks?detail=1&limit=10000")
 PREFIX = "experiments"
 SMOKE = "smoke"
@@ -55,7 +55,7 @@ def aws_env():
     with pytest.MonkeyPatch.context() as mp:
         for name, value in AWS_ENV.items():
             mp.setenv(name, value)
-        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", ENV_SIGNING_KEY,
+        for name in (*OUTSIDE_ENV, ENV_SIGNING_KEY,
                      ENV_SIGNING_KEY_FILE, ENV_REQUIRE_SIGNATURE):
             mp.delenv(name, raising=False)
         yield
@@ -63,11 +63,7 @@ def aws_env():
 
 @pytest.fixture(scope="module")
 def bucket(moto_s3, aws_env) -> str:
-    name = f"kd-tune-sweep-{secrets.token_hex(6)}"
-    host = moto_s3.split("://", 1)[1]
-    pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1",
-                      allow_bucket_creation=True).create_dir(name)
-    return name
+    return create_bucket(moto_s3)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +87,10 @@ def sweep_config(small_dataset, bucket, moto_s3, tmp_path_factory):
     from kd_tune.datasets.data import load_dataset
     from kd_tune.training.train import fit_teacher
 
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
-           "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 2},
-                        {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
-           "training": {"epochs": 3, "batch_size": 32},
-           "tune": {"num_samples": 2, "max_concurrent_trials": 2, "asha_grace_period": 1},
-           "storage": {"root": f"s3://{bucket}/{PREFIX}", "endpoint_override": moto_s3, "region": "us-east-1"}}
+    raw = small_set_two_teachers(small_dataset, cnn_epochs=2) | {
+        "training": {"epochs": 3, "batch_size": 32},
+        "tune": {"num_samples": 2, "max_concurrent_trials": 2, "asha_grace_period": 1},
+        "storage": {"root": f"s3://{bucket}/{PREFIX}", "endpoint_override": moto_s3, "region": "us-east-1"}}
     path = tmp_path_factory.mktemp("s3_sweep") / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     config = load_config(path)

@@ -5,14 +5,13 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, start_cluster
+from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, small_set_two_teachers
 
 from kd_tune.config import load_config
 from kd_tune.evaluation.leaderboard import leaderboard
@@ -87,24 +86,13 @@ def test_leaderboard_status_and_epochs_follow_the_reported_epochs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # A short root keeps Ray's unix socket paths under the 107-byte limit.
-    root = Path(tempfile.mkdtemp(prefix="kdr", dir="/tmp"))
-    cluster = start_cluster(root)
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
 def sweep_config(small_dataset, tmp_path_factory):
     """A config for fast sweeps over two tiny, already fine-tuned teachers."""
     work = tmp_path_factory.mktemp("sweep")
-    raw = {"data": {"root": str(small_dataset), "synth_size": "small"},
-           "teachers": [{"name": "cnn", "arch": "cnn", "source": "tiny", "epochs": 2},
-                        {"name": "wav2vec2", "arch": "wav2vec2", "source": "tiny", "epochs": 1}],
-           "training": {"epochs": 3, "batch_size": 32},
-           "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 1},
-           "storage": {"root": str(work / "runs")}}
+    raw = small_set_two_teachers(small_dataset, cnn_epochs=2) | {
+        "training": {"epochs": 3, "batch_size": 32},
+        "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 1},
+        "storage": {"root": str(work / "runs")}}
     return config_with_trained_teachers(raw, work)
 
 
