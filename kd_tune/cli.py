@@ -41,7 +41,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     check_out_path(args.out, folder=True, files=("dataset.json", "manifest.jsonl"))
     manifest = synthesize(args.out, wakeword=args.wakeword, seed=args.seed, size=args.size,
-                          new_speakers=not args.no_new_speakers, voices=args.voice)
+                          new_speakers=not args.no_new_speakers, voices=args.voice, train_hours=args.train_hours)
     print(f"data set ready: {manifest}")
     return 0
 
@@ -303,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--size", choices=("small", "default", "large"), default="default")
+    q.add_argument("--train-hours", type=POSITIVE, metavar="HOURS", help="long/train/'s length (default: the size's, "
+                   "1 h at the default size)")
     q.add_argument("--no-new-speakers", action="store_true", help="keep the voices as the engines speak them (no "
                    "pitch, formant or speed changes)")
     q.add_argument("--voice", action="append", default=[], metavar="PATH", help="a piper voice model (.onnx, its "

@@ -41,6 +41,7 @@ MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 8192  # 1 s clips: 8192 x 16000 float32 is 0.5 GB per batch
 MAX_VIEWS = 64  # each view is one more teacher pass over every training clip in the cache
 MAX_TRIALS = 10_000
+MAX_SYNTH_TRAIN_HOURS = 24.0  # of synthetic long/train/ speech: ~2.5 min of synthesis per hour on 2 cores
 MAX_WORKERS = 1024  # trials at once, Train workers per trial, CPUs per worker: beyond any cluster kd_tune targets
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 CREDENTIAL_ERROR = "credentials"  # a pydantic error type whose bad value is never shown
@@ -80,6 +81,8 @@ class DataConfig(Section):
     synth_size: Literal["small", "default", "large"] = "default"
     synth_seed: Seed = 0
     synth_new_speakers: bool = True  # pitch, formant and speed changes make new speakers of the training voices
+    # long/train/'s length in hours where not the size's (1 h at the default size): more negative speech to learn from
+    synth_train_hours: float | None = Field(None, gt=0, le=MAX_SYNTH_TRAIN_HOURS)
     hard_negative_weight: Positive = 2.0
     # windows cutting each training positive inside long/train/ audio, labelled by the teacher alone (datasets.data)
     straddles_per_positive: int = Field(2, ge=0, le=8)

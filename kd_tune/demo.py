@@ -64,7 +64,7 @@ def run_demo(out: Path, *, size: str = "default", search_space: str = "default",
                          check_paths=False)
     d, space = config.data, load_search_space(search_space)
     synthesize(d.root, wakeword=d.wakeword, seed=d.synth_seed, size=d.synth_size, new_speakers=d.synth_new_speakers,
-               voices=d.voices)
+               voices=d.voices, train_hours=d.synth_train_hours)
     data = load_data(d)
     echo(data_line(data, d.root))
     train_teachers(config, data, echo=echo)

@@ -47,6 +47,8 @@ def test_save_then_load_gives_the_same_config(tmp_path):
     ("training", "lr", "fast", "training.lr"),
     ("training", "batch_size", -4, "training.batch_size"),
     ("augment", "noise_prob", 2.0, "augment.noise_prob"),
+    ("data", "synth_train_hours", 0, "data.synth_train_hours"),
+    ("data", "synth_train_hours", 25.0, "data.synth_train_hours"),
 ])
 def test_each_bad_value_names_its_field_and_value(tmp_path, section, key, value, needle):
     # Rule: an invalid value is reported with its dotted path and the bad value.

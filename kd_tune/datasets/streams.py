@@ -315,15 +315,19 @@ class StreamPlan:
         return f"long/{self.split}/{index:03d}.wav"
 
 
-def plan_streams(wakeword: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = ()) -> list[StreamPlan]:
+def plan_streams(wakeword: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = (),
+                 train_s: float | None = None) -> list[StreamPlan]:
     """The training, validation and test streams of a synthetic set: voices not held out (the user's voice files
-    among them) for the first two, held-out families only for the test stream."""
-    return [plan_stream(wakeword, split, seed=seed, size=size, voices=voices) for split in STREAM_SPLITS]
+    among them) for the first two, held-out families only for the test stream. train_s: the training stream's
+    length, if not the size's."""
+    return [plan_stream(wakeword, split, seed=seed, size=size, voices=voices,
+                        seconds=train_s if split == "train" else None) for split in STREAM_SPLITS]
 
 
-def plan_stream(wakeword: str, split: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = ()) -> StreamPlan:
+def plan_stream(wakeword: str, split: str, *, seed: int, size: str, voices: tuple[VoiceFile, ...] = (),
+                seconds: float | None = None) -> StreamPlan:
     rng = np.random.default_rng([seed, STREAM_SEED_SALT, STREAM_SPLITS.index(split)])
-    total_s = (TRAIN_STREAM_S if split == "train" else STREAM_S)[size]
+    total_s = seconds or (TRAIN_STREAM_S if split == "train" else STREAM_S)[size]
     pool = tuple(draw_utterance(rng, general_text(rng, wakeword), held_out=split == "test", files=voices)
                  for _ in range(math.ceil(total_s / STREAM_S_PER_UTTERANCE)))
     whole_files, rest_s = divmod(total_s, STREAM_FILE_S)

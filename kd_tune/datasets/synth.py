@@ -20,6 +20,7 @@ import numpy as np
 import soundfile as sf
 
 from kd_tune.audio.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.config import MAX_SYNTH_TRAIN_HOURS
 from kd_tune.datasets.data import FORMAT_VERSION, KINDS, LABEL_OF_KIND, SPLITS, DataError, read_text_within, split_for
 from kd_tune.datasets.streams import STREAM_S, TRAIN_STREAM_S, general_text, make_sound, plan_streams, with_level, \
     words_of, \
@@ -246,7 +247,8 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0, size: str = "default",
-               new_speakers: bool = True, voices: Sequence[str | os.PathLike] = (), progress: bool = True) -> Path:
+               new_speakers: bool = True, voices: Sequence[str | os.PathLike] = (), train_hours: float | None = None,
+               progress: bool = True) -> Path:
     """Build a synthetic speech data set under out_dir and return its manifest.jsonl path.
 
     Positives are the wake word, hard negatives its `confusables` and the wake word cut at the window's edge,
@@ -254,14 +256,18 @@ def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0
     robotic voices), as new speakers unless new_speakers is False; background is noise, hum, babble, music,
     transients and near-silence; long/train, long/val and long/test hold the long negative streams (datasets.streams).
     voices: paths of piper voice models (.onnx, each with its .onnx.json beside it) that share piper's part with joe.
+    train_hours: the long/train/ stream's length, if not the size's (1 h at the default size).
     The same arguments always give the same bytes; a complete set with the same arguments is reused.
     """
     out_dir = Path(out_dir)
+    if train_hours is not None and not 0 < train_hours <= MAX_SYNTH_TRAIN_HOURS:
+        raise DataError(f"train hours {shown(train_hours)}; allowed: more than 0, at most {MAX_SYNTH_TRAIN_HOURS:g}")
+    train_s = train_hours * 3600.0 if train_hours else TRAIN_STREAM_S[size]
     files = read_voice_files(voices)
     clips = plan_dataset(wakeword, seed=seed, size=size, voices=files)
     meta = {"format_version": FORMAT_VERSION, "wakeword": wakeword, "seed": seed, "size": size,
             "new_speakers": new_speakers, "clips": len(clips), "long_s": STREAM_S[size],
-            "long_train_s": TRAIN_STREAM_S[size]}
+            "long_train_s": train_s}
     if files:  # only then: a set made without voice files keeps the dataset.json it had, and is reused
         meta["voices"] = [{"path": f.model, "sha256": f.sha256, "speakers": f.speakers, "language": f.language}
                           for f in files]
@@ -281,7 +287,8 @@ def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0
         (out_dir / kind).mkdir(parents=True, exist_ok=True)
     with progress_bar(len(clips), "synthesizing", "clip", enabled=progress) as bar:  # also without a terminal
         render(clips, out_dir, seed=seed, new_speakers=new_speakers, bar=bar)
-    write_streams(out_dir, plan_streams(wakeword, seed=seed, size=size, voices=files), seed=seed, progress=progress)
+    write_streams(out_dir, plan_streams(wakeword, seed=seed, size=size, voices=files, train_s=train_s), seed=seed,
+                  progress=progress)
     lines = [json.dumps({"path": c.path, "label": LABEL_OF_KIND[c.kind], "kind": c.kind, "text": c.text,
                          "voice": c.voice, "split": c.split}) for c in clips]
     lines += kept

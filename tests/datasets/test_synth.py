@@ -228,6 +228,27 @@ def test_streams_avoid_a_wake_word_made_of_common_words():
         assert not any({"red", "apple"} & set(streams.words_of(u.text)) for u in plan.pool)
 
 
+def test_train_hours_lengthen_only_the_training_stream(tmp_path, monkeypatch):
+    # Rule: `train_hours` (`data synth --train-hours`, data.synth_train_hours) plans long/train/ at that length, in
+    # files of at most 600 s, and leaves the validation and test streams as the size makes them; dataset.json
+    # records it, so another length renders the set again, while the same length reuses it; outside (0, 24] h it is
+    # one DataError line.
+    plans = synth.plan_streams(WAKEWORD, seed=0, size="small", train_s=3 * 3600.0)
+    assert [sum(p.file_s) for p in plans] == [3 * 3600.0, 120.0, 120.0] and max(plans[0].file_s) == 600.0
+    assert plans[1:] == synth.plan_streams(WAKEWORD, seed=0, size="small")[1:]
+    planned = []
+    monkeypatch.setattr(synth, "render", lambda clips, out_dir, **kwargs: None)
+    monkeypatch.setattr(synth, "write_streams", lambda out_dir, plans, **kwargs: planned.append(plans))
+    out = tmp_path / "set"
+    for hours in (None, 0.5, 0.5):
+        synth.synthesize(out, size="small", train_hours=hours, progress=False)
+    assert [sum(p[0].file_s) for p in planned] == [10.0, 1800.0]  # the second 0.5 h reused the set
+    assert json.loads((out / "dataset.json").read_text())["long_train_s"] == 1800.0
+    for hours in (0, -1, 25, float("nan")):
+        with pytest.raises(DataError, match=r"train hours .*; allowed: more than 0, at most 24"):
+            synth.synthesize(out, size="small", train_hours=hours, progress=False)
+
+
 def test_stream_files_are_16k_mono_pcm16_and_complete(small_dataset):
     # Rule: long/{train,val,test}/NNN.wav are 16 kHz mono PCM_16 files as long as planned, with speech
     # well above the noise bed, no partial file left, and dataset.json records their length.
