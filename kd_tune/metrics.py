@@ -7,7 +7,9 @@ activation rule without torch.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,6 +64,33 @@ METRICS = {
     "cuda_max_reserved_mib": Metric("system/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak
 }
 RANKABLE = tuple(name for name, m in METRICS.items() if m.goal)
+TIE_BREAKER = "auc"  # between epochs equal on the ranking metric: the better separated, then the earlier
+
+
+def epoch_key(result: Mapping[str, object], metric: str, mode: str) -> tuple[float, float, float]:
+    """The one rule that picks a best epoch, and ranks trials by theirs: sort by this key, best first. `metric` in
+    `mode`'s direction (missing or NaN last), then the higher AUC, then the earlier epoch."""
+    value, auc, epoch = (_number(result.get(key)) for key in (metric, TIE_BREAKER, "epoch"))
+    return (math.inf if math.isnan(value) else value if mode == "min" else -value,
+            math.inf if math.isnan(auc) else -auc, math.inf if math.isnan(epoch) else epoch)
+
+
+def _number(value: object) -> float:
+    # numbers.Real: numpy's int64 and float64 too (a pandas row's), never a bool
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+
+
+class BestEpoch:
+    """The best of the epochs offered so far by epoch_key: its whole result, None before the first."""
+
+    def __init__(self, metric: str, mode: str):
+        self.metric, self.mode, self.result = metric, mode, None
+
+    def offer(self, result: Mapping[str, object], _checkpoint=None) -> None:
+        """Take one epoch's result (also a `fit` report callback, whose second argument it ignores)."""
+        key = epoch_key(result, self.metric, self.mode)
+        if self.result is None or key < epoch_key(self.result, self.metric, self.mode):
+            self.result = dict(result)
 
 
 def echo_line(metrics: dict) -> str:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_tune.metrics import (activation_times, count_activations, equal_error_rate, false_accepts_per_hour, roc_auc,
-                             sliding_windows, threshold_for_fa_rate, wakeword_metrics)
+from kd_tune.metrics import (BestEpoch, activation_times, count_activations, epoch_key, equal_error_rate,
+                             false_accepts_per_hour, roc_auc, sliding_windows, threshold_for_fa_rate, wakeword_metrics)
 
 HOP_SECONDS = 0.1
 
@@ -177,3 +177,21 @@ def test_sliding_windows_rejects_non_1d_audio():
     # rule: audio is one channel [T]; errors name the bad shape
     with pytest.raises(ValueError, match=r"\(2, 100\)"):
         sliding_windows(torch.zeros(2, 100), window_samples=50, hop_samples=10)
+
+
+def test_the_best_epoch_rule_ranks_by_metric_then_auc_then_the_earlier_epoch():
+    # Rule: one rule picks a best epoch everywhere (leaderboard, TensorBoard's trial_best, export, retention,
+    # compare): the metric in its direction with NaN or missing last, then the higher AUC, then the earlier epoch;
+    # numpy numbers (a pandas row's) count as numbers, booleans do not.
+    epochs = [{"epoch": 1, "frr": math.nan, "auc": 0.99}, {"epoch": 2, "frr": 0.3, "auc": 0.8},
+              {"epoch": 3, "frr": 0.3, "auc": 0.9}, {"epoch": 4, "frr": 0.3, "auc": 0.9}, {"epoch": 5, "frr": 0.4},
+              {"epoch": 6, "auc": 1.0}]
+    ranked = [r["epoch"] for r in sorted(epochs, key=lambda r: epoch_key(r, "frr", "min"))]
+    assert ranked == [3, 4, 2, 5, 6, 1]  # the two without a metric: by AUC too
+    assert [r["epoch"] for r in sorted(epochs, key=lambda r: epoch_key(r, "frr", "max"))][:2] == [5, 3]
+    assert epoch_key({"frr": np.float64(0.2), "epoch": np.int64(7)}, "frr", "min") == (0.2, math.inf, 7.0)
+    assert epoch_key({"frr": True}, "frr", "min")[0] == math.inf
+    best = BestEpoch("frr", "min")
+    for result in epochs:
+        best.offer(result)
+    assert best.result["epoch"] == 3

@@ -19,6 +19,7 @@ from kd_tune.deploy.export import export_student
 from kd_tune.evaluation.heldout import evaluate_model
 from kd_tune.evaluation.robustness import SHORT_STREAM_MINUTES, group_means, run_grid
 from kd_tune.evaluation.source import Source
+from kd_tune.metrics import BestEpoch
 from kd_tune.space import ENSEMBLE_JOIN
 from kd_tune.store.storage import Storage, write_text
 from kd_tune.training.record import run_training
@@ -51,19 +52,6 @@ def arms_of(config: Config, teachers: list[str]) -> list[Arm]:
     return [no_kd, *(Arm(f"KD {t}", {"distillation.teachers": t.split(ENSEMBLE_JOIN)}) for t in teachers)]
 
 
-class BestEpoch:
-    """The echo of a run: remembers the epoch with the best tune.metric (ties go to the later epoch, as in the
-    leaderboard)."""
-
-    def __init__(self, metric: str, mode: str):
-        self.metric, self.sign, self.epoch, self.value = metric, 1 if mode == "min" else -1, None, None
-
-    def __call__(self, metrics: dict, _checkpoint=None) -> None:
-        value = self.sign * metrics[self.metric]
-        if self.value is None or value <= self.value:
-            self.epoch, self.value = int(metrics["epoch"]), value
-
-
 def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, conditions: str | None = None) -> dict:
     """Train one arm at one seed as run `name/<arm>_seed<seed>` on the configured storage (its teachers and teacher
     cache are shared), export its best epoch to `out` and evaluate it there; the figures of COLUMNS."""
@@ -71,8 +59,9 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, condit
     cfg = config.replace({**arm.changes, "training.seed": seed, "storage.keep_best": config.training.epochs},
                          source=f"compare arm {arm.name}")
     best = BestEpoch(cfg.tune.metric, cfg.tune.mode)
-    run_training(cfg, name=run, echo=best)
-    source = Source(Storage.from_config(cfg.storage), f"{run}/checkpoints/epoch_{best.epoch:04d}", trial=run)
+    run_training(cfg, name=run, echo=best.offer)
+    epoch = int(best.result["epoch"])
+    source = Source(Storage.from_config(cfg.storage), f"{run}/checkpoints/epoch_{epoch:04d}", trial=run)
     card = export_student(source.load(), local / "model.onnx", source=source.describe())
     report = evaluate_model(local / "model.onnx", Path(cfg.data.root), out_dir=local / "eval")
     grid = {}
@@ -80,7 +69,7 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, condit
         rows = run_grid(local / "model.onnx", Path(cfg.data.root), local / "eval", grid=conditions,
                         stream_minutes=SHORT_STREAM_MINUTES, progress=None)["scorers"]["model"]
         grid = {key: group_means(rows).get(key) for _, key in GRID_COLUMNS}
-    return grid | {"arm": arm.name, "seed": seed, "best_epoch": best.epoch, "val_frr": card["validation"]["frr"],
+    return grid | {"arm": arm.name, "seed": seed, "best_epoch": epoch, "val_frr": card["validation"]["frr"],
             "test_frr": report["frr"], "test_fa_per_hour": report["fa_per_hour"], "test_auc": report["auc"],
             "test_frr_at_1": report["frr_at_fa_per_hour"]["1"], "test_frr_at_2": report["frr_at_fa_per_hour"]["2"],
             "test_hours": report["negative_hours"]}

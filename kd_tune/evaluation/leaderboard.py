@@ -24,7 +24,7 @@ from pyarrow.fs import FileType
 from kd_tune.config import Config, ConfigError, validate
 from kd_tune.deploy.detect import read_card
 from kd_tune.errors import InputError, KdTuneError, shown
-from kd_tune.metrics import METRICS
+from kd_tune.metrics import METRICS, epoch_key
 from kd_tune.space import SearchSpace, space_from
 from kd_tune.store.checkpoint import Identity, verify_checkpoint
 from kd_tune.store.storage import Storage, check_plain_uri, read_json, write_text
@@ -76,8 +76,7 @@ def leaderboard(grid, config: Config) -> list[dict]:
             row["checkpoint"] = best["checkpoint_path"]
         row["epochs"] = last_epoch(df)
         rows.append(row)
-    worst = float("inf") if mode == "min" else float("-inf")
-    return sorted(rows, key=lambda r: r.get(metric, worst) if mode == "min" else -r.get(metric, worst))
+    return sorted(rows, key=lambda row: epoch_key(row, metric, mode))
 
 
 def last_epoch(df) -> int:
@@ -100,12 +99,11 @@ def trial_status(df, *, error: bool, epochs: int) -> str:
     return "OK" if last >= epochs or stopped_by_scheduler else "INCOMPLETE"
 
 
-def best_epoch(df, metric: str, mode: str, filesystem):
-    """The best reported epoch whose checkpoint still exists; ties go to the later epoch."""
+def best_epoch(df, metric: str, mode: str, filesystem) -> dict | None:
+    """The best reported epoch (metrics.epoch_key) whose checkpoint still exists."""
     if df is None or metric not in df or "checkpoint_path" not in df:
         return None
-    ranked = df.sort_values([metric, "epoch"], ascending=[mode == "min", False])
-    for _, row in ranked.iterrows():
+    for row in sorted(df.to_dict("records"), key=lambda r: epoch_key(r, metric, mode)):
         path = row["checkpoint_path"]
         if isinstance(path, str) and filesystem.get_file_info(path).type != FileType.NotFound:
             return row

@@ -14,7 +14,7 @@ from pyarrow.fs import FileType
 from kd_tune.config import Config, validate
 from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.evaluation.leaderboard import LEADERBOARD_NAME, experiment_storage
-from kd_tune.metrics import METRICS
+from kd_tune.metrics import METRICS, epoch_key
 from kd_tune.store.checkpoint import MANIFEST_NAME, Checkpoint, CheckpointError, Identity, load_checkpoint, \
     verify_checkpoint
 from kd_tune.store.storage import PathEscapeError, Storage, read_json
@@ -74,13 +74,14 @@ def best_trial(store: Storage, name: str, *, experiment: str) -> Source:
     if not scored:
         raise KdTuneError(f"{experiment}: no verified checkpoint reports {metric}; allowed: an experiment whose "
                           "trials finished an epoch")
-    sign = 1 if mode == "min" else -1
-    best = min(sign * c[2]["metrics"][metric] for c in scored)
-    tied = [c for c in scored if sign * c[2]["metrics"][metric] == best]
-    # Among equals the leaderboard's order may choose (it cannot promote a worse trial); else the later epoch wins,
-    # as the leaderboard breaks ties within a trial.
-    named = [c for c in tied if leaderboard_paths and store.path(c[0]) == leaderboard_paths[0]]
-    rel, trial, _ = (named or sorted(tied, key=lambda c: (-(c[2].get("epoch") or 0), c[0])))[0]
+    def key(candidate) -> tuple:  # the one rule, on what the signed manifest holds
+        return epoch_key(candidate[2]["metrics"] | {"epoch": candidate[2].get("epoch")}, metric, mode)
+
+    ranked = sorted(scored, key=lambda c: (key(c), c[0]))
+    # Among exact equals the leaderboard's order may choose: it cannot promote a worse trial.
+    named = [c for c in ranked if key(c) == key(ranked[0]) and leaderboard_paths
+             and store.path(c[0]) == leaderboard_paths[0]]
+    rel, trial, _ = (named or ranked)[0]
     if leaderboard_paths and leaderboard_paths[0] != store.path(rel):
         log.warning("%s: %s names %s best, but the verified checkpoints rank %s first by %s; exporting that one",
                     experiment, LEADERBOARD_NAME, leaderboard_paths[0], store.path(rel), metric)

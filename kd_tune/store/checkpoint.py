@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 
 from kd_tune import __version__
 from kd_tune.errors import InputError, shown
+from kd_tune.metrics import epoch_key
 from kd_tune.signing import SpecialFileError, canonical_json, parse_json, signed, verify_signature
 from kd_tune.store.storage import PUBLISHED_DIR_MODE, PathEscapeError, Storage, as_storage, pretty_json, remove_local
 
@@ -361,7 +362,7 @@ class _Entry:
 
 def prune_checkpoints(storage: Storage | str | os.PathLike, rel_parent: str, *, metric: str, mode: str = "min",
                       keep_best: int, keep_latest: bool = True) -> list[str]:
-    """Keep the `keep_best` best checkpoints under `rel_parent` by metrics[metric], plus the latest; delete the rest.
+    """Keep the `keep_best` best checkpoints under `rel_parent` (metrics.epoch_key), plus the latest; delete the rest.
 
     Half-written directories (no manifest) older than the newest complete checkpoint are deleted too; a directory
     whose manifest is unreadable is left alone (with a warning). Returns the deleted names.
@@ -419,7 +420,7 @@ def _newest_mtime_ns(storage: Storage, rel: str) -> int:
 
 def _best(entries: list[_Entry], metric: str, mode: str, k: int) -> set[str]:
     scored = [e for e in entries if _is_number(e.manifest.get("metrics", {}).get(metric))]
-    scored.sort(key=lambda e: e.manifest["metrics"][metric], reverse=mode == "max")
+    scored.sort(key=lambda e: epoch_key(e.manifest["metrics"] | {"epoch": e.manifest.get("epoch")}, metric, mode))
     return {e.name for e in scored[:k]}
 
 
@@ -438,8 +439,7 @@ def _is_number(value: Any) -> bool:
 def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     """module.load_state_dict(strict=True), failing first with every missing key, unexpected key and bad shape."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     shapes = [f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
               for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
     problems = [f"{label}: {', '.join(keys)}" for label, keys in

@@ -8,15 +8,14 @@ no value for one they do not (alpha_end of a constant schedule, alpha_step_point
 temperature_end of a constant temperature): see APPLIES for what that costs in TensorBoard.
 
 HParams shows each trial's BEST epoch by the sweep metric (tune.metric), as the leaderboard does: every epoch also
-logs `trial_best/<metric>` scalars holding the leaderboard's metrics at the best epoch so far (ties go to the later
-epoch, as in kd_tune.evaluation.leaderboard.best_epoch), and HParams reads the last value of those tags.
+logs `trial_best/<metric>` scalars holding the leaderboard's metrics at the best epoch so far (chosen by
+kd_tune.metrics.epoch_key, the one rule), and HParams reads the last value of those tags.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
 
 from kd_tune.config import Config
 from kd_tune.evaluation.plots import metric_label
-from kd_tune.metrics import METRICS
+from kd_tune.metrics import METRICS, BestEpoch
 from kd_tune.space import TARGETS, Choice, SearchSpace, trial_config
 
 log = logging.getLogger(__name__)
@@ -156,27 +155,14 @@ def hparams_summary(tag: str, **content) -> tbx_summary_pb2.Summary:
 # ---------------------------------------------------------------- the best epoch so far
 
 
-class BestEpoch:
-    """The leaderboard's choice among the epochs seen so far: the best by `metric`, nan last, ties to the later."""
+class TrialBest(BestEpoch):
+    """The leaderboard's choice among the epochs seen so far (metrics.epoch_key), as HParams metrics."""
 
-    def __init__(self, metric: str, mode: str):
-        self.metric, self.mode, self.values = metric, mode, {}
-
-    def offer(self, result: dict) -> dict[str, float]:
+    def values(self, result: dict) -> dict[str, float]:
         """Take one epoch's result; returns the leaderboard's metrics at the best epoch so far."""
-        value = result.get(self.metric)
-        if is_number(value) and self._beats(float(value)):
-            self.values = {name: float(result[name]) for name in hparams_metrics(self.metric)
-                           if is_number(result.get(name))}
-        return self.values
-
-    def _beats(self, value: float) -> bool:
-        best = self.values.get(self.metric)
-        if best is None or math.isnan(best):
-            return True
-        if math.isnan(value):
-            return False
-        return value <= best if self.mode == "min" else value >= best
+        self.offer(result)
+        best = self.result or {}
+        return {name: float(best[name]) for name in hparams_metrics(self.metric) if is_number(best.get(name))}
 
 
 def is_number(value) -> bool:
@@ -220,12 +206,12 @@ class TensorBoardCallback(TBXLoggerCallback):
         super().__init__()
         self.config, self.space = config, space
         self.experiment = experiment_summary(space, config)
-        self.best: dict = {}  # Trial -> BestEpoch, kept across a trial's restarts
+        self.best: dict = {}  # Trial -> TrialBest, kept across a trial's restarts
 
     def log_trial_start(self, trial) -> None:
         super().log_trial_start(trial)  # (re)opens the trial's writer
         if trial not in self.best:
-            self.best[trial] = BestEpoch(self.config.tune.metric, self.config.tune.mode)
+            self.best[trial] = TrialBest(self.config.tune.metric, self.config.tune.mode)
             for result in earlier_results(trial):
                 self.best[trial].offer(result)
         writer = self._trial_writer[trial].file_writer
@@ -237,7 +223,7 @@ class TensorBoardCallback(TBXLoggerCallback):
         if trial not in self._trial_writer:
             self.log_trial_start(trial)
         scalars = {METRICS[k].tag: v for k, v in result.items() if k in METRICS and is_number(v)}
-        scalars |= {best_tag(k): v for k, v in self.best[trial].offer(result).items()}
+        scalars |= {best_tag(k): v for k, v in self.best[trial].values(result).items()}
         writer = self._trial_writer[trial]
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=result.get("epoch", iteration))

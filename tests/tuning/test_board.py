@@ -24,7 +24,7 @@ from kd_tune.config import TuneConfig, load_config
 from kd_tune.evaluation.leaderboard import METRIC_COLUMNS, best_epoch
 from kd_tune.metrics import METRICS
 from kd_tune.space import Choice, SearchSpace, load_search_space
-from kd_tune.tuning.board import (APPLIES, BEST_GROUP, CONSTANT_METRICS, BestEpoch, TensorBoardCallback, best_tag,
+from kd_tune.tuning.board import (APPLIES, BEST_GROUP, CONSTANT_METRICS, TensorBoardCallback, TrialBest, best_tag,
                                   hparams_metrics, ticked)
 from kd_tune.tuning.trial import trial_dirname
 
@@ -178,23 +178,25 @@ def test_each_session_holds_only_the_hyperparameters_its_schedules_use(tmp_path,
 
 def test_best_scalars_hold_the_epoch_the_leaderboard_picks(tmp_path, base):
     # Rule: after every epoch, `trial_best/*` hold the leaderboard's metrics at the epoch evaluation.leaderboard's
-    # best_epoch picks among the epochs so far (best by the sweep metric, nan last, ties to the later epoch); the
-    # HParams metrics point at exactly those tags.
+    # best_epoch picks among the epochs so far (the one rule, metrics.epoch_key: best by the sweep metric, nan last,
+    # then the higher AUC, then the earlier epoch); the HParams metrics point at exactly those tags.
     metric, mode = base.tune.metric, base.tune.mode
-    epochs = [epoch_result(1, math.nan, 0.6), epoch_result(2, 0.5, 0.7), epoch_result(3, 0.3, 0.8),
-              epoch_result(4, 0.3, 0.75), epoch_result(5, 0.4, 0.9)]
-    tracker, checkpoints = BestEpoch(metric, mode), tmp_path / "checkpoints"
+    epochs = [epoch_result(1, math.nan, 0.6), epoch_result(2, 0.5, 0.7), epoch_result(3, 0.3, 0.75),
+              epoch_result(4, 0.3, 0.8), epoch_result(5, 0.4, 0.9), epoch_result(6, 0.3, 0.8)]
+    tracker, checkpoints = TrialBest(metric, mode), tmp_path / "checkpoints"
     checkpoints.mkdir()
     for n, result in enumerate(epochs, 1):
         (checkpoints / f"epoch_{n}").touch()
         rows = pd.DataFrame([r | {"checkpoint_path": str(checkpoints / f"epoch_{r['epoch']}")} for r in epochs[:n]])
         picked = best_epoch(rows, metric, mode, pyarrow.fs.LocalFileSystem())
-        assert tracker.offer(result) == pytest.approx({k: picked[k] for k in hparams_metrics(metric)}, nan_ok=True), n
-    assert tracker.values["auc"] == 0.75  # the tie at 0.3 went to epoch 4
+        expected = {k: picked[k] for k in hparams_metrics(metric)}
+        assert tracker.values(result) == pytest.approx(expected, nan_ok=True), n
+    assert tracker.result["epoch"] == 4  # 0.3 three times: the higher AUC (0.8), then the earlier of 4 and 6
+    best = {k: tracker.result[k] for k in hparams_metrics(metric)}
     dirs = run_trials(tmp_path / "run", base, load_search_space("default"), epochs)
     scalars = last_scalars(dirs["linear"])
-    assert {best_tag(k): v for k, v in tracker.values.items()} == pytest.approx(
-        {tag: v for tag, v in scalars.items() if tag in {best_tag(k) for k in tracker.values}})
+    assert {best_tag(k): v for k, v in best.items()} == pytest.approx(
+        {tag: v for tag, v in scalars.items() if tag in {best_tag(k) for k in best}})
     experiment = metadata.parse_experiment_plugin_data(hparams_records(dirs["linear"])[metadata.EXPERIMENT_TAG])
     assert {m.name.tag for m in experiment.metric_infos} == {best_tag(k) for k in hparams_metrics(metric)}
 
