@@ -1,5 +1,5 @@
-"""Audio files read within bounds: a clip's checks (`AudioFile`), a long recording decoded block by block
-(`read_recording`), and resampling that stays small for any rate in range.
+"""Audio files read within bounds: a clip's checks (`AudioFile`), and a long recording decoded and resampled block
+by block (`read_recording`), with detection's resampler (audio.samples).
 
 Every header is checked before decoding, so a tiny file that claims a huge rate, length or channel count costs
 nothing; memory stays proportional to the 16 kHz audio however long or fast a file is.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from torch import Tensor
 
 from kd_tune.audio.features import SAMPLE_RATE
+from kd_tune.audio.samples import MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, \
+    BlockResampler
 from kd_tune.errors import DataError
 from kd_tune.signing import SpecialFileError, open_regular
 
@@ -29,21 +29,13 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 SILENT_PEAK = 1e-4
 CLIPPED_LEVEL = 0.999
 CLIPPED_FRACTION = 0.01
-MAX_ABS_SAMPLE = 1e3  # full scale is 1: a float file past this holds garbage, not audio
 MIN_SECONDS = 0.3
 MAX_SECONDS = 10.0
-MIN_SAMPLE_RATE_HZ = 8_000
-MAX_SAMPLE_RATE_HZ = 192_000
-MAX_CHANNELS = 8
-MAX_FILE_BYTES = 128 * 2**20  # 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB
+MAX_FILE_BYTES = 128 * 2**20  # 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB; more is "too large"
 UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "too many channels", "empty",
                       "non-finite", "out of range", "silent", "too long"})
-# torchaudio's polyphase kernel has (16000 / g) x (rate / g) elements for g = gcd(rate, 16000): small for the usual
-# rates (44.1 kHz: 160 x 441), gigabytes for a rate like 191999 Hz; past this size the FFT resamples instead.
-MAX_RESAMPLE_KERNEL = 2**20
 MAX_STREAM_HOURS = 8  # per split: 8 h at 16 kHz is 1.8 GB of float32
 BLOCK_SECONDS = 10  # decoded and resampled at a time
-RESAMPLE_MARGIN_PERIODS = 64  # rate-ratio periods of context on each side of a block: wider than the sinc kernel
 MAX_FOLDER_DEPTH = 32  # levels of folders under a class or long/ folder; a data set nests two or three
 
 
@@ -151,16 +143,6 @@ class AudioFile:
         return self.audio is not None and not any(problem in UNUSABLE for problem, _ in self.problems)
 
 
-def resample(audio: Tensor, orig_hz: int, new_hz: int) -> Tensor:
-    """Audio [T] from orig_hz to new_hz: torchaudio's sinc resampler, or the FFT where its kernel would be huge."""
-    g = math.gcd(orig_hz, new_hz)
-    if (orig_hz // g) * (new_hz // g) <= MAX_RESAMPLE_KERNEL:
-        return AF.resample(audio, orig_hz, new_hz)
-    n_out = max(1, round(len(audio) * new_hz / orig_hz))  # <= 10 s at 192 kHz: one FFT of at most 1.9M samples
-    spectrum = torch.fft.rfft(audio.double())[:n_out // 2 + 1]  # keeps what lies below both Nyquist frequencies
-    return (torch.fft.irfft(spectrum, n=n_out) * (n_out / len(audio))).float()
-
-
 def read_recording(path: Path, *, max_samples: int) -> Tensor:
     """Mono float32 [T] at 16 kHz from a long recording, refused (DataError) when bad or over max_samples."""
     try:  # opened here, not by libsndfile: a FIFO or device is refused before any open that could block
@@ -175,10 +157,8 @@ def read_recording(path: Path, *, max_samples: int) -> Tensor:
 
 
 def check_header(path: Path, rate: int, channels: int, n_samples: int, max_samples: int) -> None:
-    g = math.gcd(rate, SAMPLE_RATE)
-    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ or (rate // g) * (SAMPLE_RATE // g) > MAX_RESAMPLE_KERNEL:
-        raise DataError(f"{path}: sample rate {rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz with "
-                        "a large common factor with 16 kHz (8, 11.025, 16, 22.05, 32, 44.1, 48, 96 kHz, ...)")
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        raise DataError(f"{path}: sample rate {rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz")
     if not 1 <= channels <= MAX_CHANNELS:
         raise DataError(f"{path}: {channels} channels; allowed: 1 to {MAX_CHANNELS}")
     if n_samples > max_samples:
@@ -187,26 +167,17 @@ def check_header(path: Path, rate: int, channels: int, n_samples: int, max_sampl
 
 
 def resample_blocks(f: sf.SoundFile, path: Path) -> Tensor:
-    """The file's mono audio at 16 kHz [T], decoded and resampled BLOCK_SECONDS at a time.
-
-    Blocks start on whole rate-ratio periods and carry a margin of context on both sides, so every output sample is
-    the one resampling the whole file at once gives (up to float rounding).
-    """
-    g = math.gcd(f.samplerate, SAMPLE_RATE)
-    period_in, period_out = f.samplerate // g, SAMPLE_RATE // g
-    periods = max(1, BLOCK_SECONDS * g)  # per block
-    margin = RESAMPLE_MARGIN_PERIODS * period_in
+    """The file's mono audio at 16 kHz [T], decoded and resampled BLOCK_SECONDS at a time (the samples of one
+    resampling of the whole file: audio.samples.BlockResampler)."""
+    resampler = BlockResampler(f.samplerate, SAMPLE_RATE) if f.samplerate != SAMPLE_RATE else None
     out = []
-    for start in range(0, f.frames, periods * period_in):
-        low = max(0, start - margin)
-        f.seek(low)
-        block = f.read(start - low + periods * period_in + margin, dtype="float32", always_2d=True)  # [t, C]
+    for start in range(0, f.frames, BLOCK_SECONDS * f.samplerate):
+        block = f.read(BLOCK_SECONDS * f.samplerate, dtype="float32", always_2d=True)  # [t, C]
         if not np.isfinite(block).all() or np.abs(block).max(initial=0) > MAX_ABS_SAMPLE:
             raise DataError(f"{path}: non-finite or out-of-range samples near {start / f.samplerate:.1f} s; allowed: "
                             "finite audio within full scale")
-        mono = torch.from_numpy(block.mean(axis=1))
-        resampled = AF.resample(mono, f.samplerate, SAMPLE_RATE) if period_in != period_out else mono
-        skip = (start - low) // period_in * period_out
-        out.append(resampled[skip:skip + periods * period_out])
-    n_out = math.ceil(f.frames * SAMPLE_RATE / f.samplerate)
-    return torch.cat(out)[:n_out] if out else torch.zeros(0)
+        mono = block.mean(axis=1)
+        out.append(resampler.push(mono) if resampler else mono)
+    if resampler:
+        out.append(resampler.finish())
+    return torch.from_numpy(np.concatenate(out)) if out else torch.zeros(0)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_tune.audio.features import N_SAMPLES, SAMPLE_RATE
-from kd_tune.audio.io import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, files_under, read_recording, \
-    resample
+from kd_tune.audio.io import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFile, files_under, read_recording
+from kd_tune.audio.samples import resample
 from kd_tune.config import DataConfig
 from kd_tune.errors import DataError, KdTuneError, shown
 from kd_tune.signing import open_regular
@@ -266,10 +266,8 @@ def fit_length(audio: Tensor, n_samples: int) -> Tensor:
 
 def to_window(file: AudioFile, sample_rate: int, n_samples: int) -> Tensor:
     """Mono [n_samples] at sample_rate from a decoded file."""
-    mono = torch.from_numpy(file.audio.mean(axis=1))  # [T]
-    if file.sample_rate != sample_rate:
-        mono = resample(mono, file.sample_rate, sample_rate)
-    return fit_length(mono, n_samples)
+    mono = resample(file.audio.mean(axis=1), file.sample_rate, sample_rate)  # [T]
+    return fit_length(torch.from_numpy(mono), n_samples)
 
 
 def make_split(clips: list[ClipInfo], windows: list[Tensor], n_samples: int) -> Split:
@@ -438,7 +436,7 @@ def long_windows(root: Path, split: str, *, sample_rate: int, n_samples: int) ->
     window is dropped."""
     audio = long_audio(root, split)
     if sample_rate != SAMPLE_RATE and len(audio):
-        audio = resample(audio, SAMPLE_RATE, sample_rate)
+        audio = torch.from_numpy(resample(audio.numpy(), SAMPLE_RATE, sample_rate))
     return audio[:len(audio) // n_samples * n_samples].reshape(-1, n_samples)
 
 

@@ -262,9 +262,9 @@ def synthesize(out_dir: str | Path, *, wakeword: str = "hey nova", seed: int = 0
     out_dir = Path(out_dir)
     if train_hours is not None and not 0 < train_hours <= MAX_SYNTH_TRAIN_HOURS:
         raise DataError(f"train hours {shown(train_hours)}; allowed: more than 0, at most {MAX_SYNTH_TRAIN_HOURS:g}")
-    train_s = train_hours * 3600.0 if train_hours else TRAIN_STREAM_S[size]
     files = read_voice_files(voices)
-    clips = plan_dataset(wakeword, seed=seed, size=size, voices=files)
+    clips = plan_dataset(wakeword, seed=seed, size=size, voices=files)  # refuses a size it does not know
+    train_s = train_hours * 3600.0 if train_hours else TRAIN_STREAM_S[size]
     meta = {"format_version": FORMAT_VERSION, "wakeword": wakeword, "seed": seed, "size": size,
             "new_speakers": new_speakers, "clips": len(clips), "long_s": STREAM_S[size],
             "long_train_s": train_s}

@@ -1,4 +1,4 @@
-"""Streaming wake-word detection with an exported model: onnxruntime, numpy, soundfile and pydantic only, never torch.
+"""Streaming wake-word detection with an exported model: onnxruntime, numpy, soundfile, soxr and pydantic, never torch.
 
 `kd-tune export` (kd_tune.deploy.export) writes model.onnx, raw 16 kHz audio [B, 16000] -> P(wake word) [B], and
 model.json beside it, the model card: the streaming settings, the calibrated threshold and the ONNX file's SHA-256,
@@ -24,27 +24,21 @@ import soundfile as sf
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kd_tune.audio.samples import MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, \
+    BlockResampler
 from kd_tune.deploy.windows import (INPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, STREAM_INPUT, STREAM_OUTPUT,
                                     detection_times, stream_probabilities, streamed_probabilities, worth_streaming)
 from kd_tune.errors import InputError, shown
 from kd_tune.signing import SpecialFileError, open_regular, parse_json, verify_signature
 
 FORMAT = "kd_tune.onnx/1"
-RESAMPLE_ZERO_CROSSINGS = 16  # of the windowed sinc, on each side
-RESAMPLE_ROLLOFF = 0.99  # low-pass cut-off as a fraction of the lower Nyquist frequency
-RESAMPLE_TAPS_PER_STEP = 2**20  # output samples x kernel taps per vectorised step: ~24 MB of indices and taps
-MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ = 8_000, 192_000  # telephone audio to studio masters
-MAX_CHANNELS = 32
 # Memory of reading a file: its audio at the model's rate, 4 bytes a sample (~230 MB per hour at 16 kHz, whatever
 # the file's own rate: it is decoded READ_BLOCK_FRAMES at a time and resampled as it comes, never held at 192 kHz),
-# plus a fixed working set of ~20 MB for a mono file (a decoded block, 4 bytes per frame and channel, and one step
-# of RESAMPLE_TAPS_PER_STEP taps with their indices). Scoring adds 4 bytes per window and one batch of RUN_BATCH
+# plus a fixed working set of a few MB for a mono file (a decoded block, 4 bytes per frame and channel, and soxr's
+# state). Scoring adds 4 bytes per window and one batch of RUN_BATCH
 # windows (16 MiB for 1 s windows). tests/deploy/test_detect.py measures both. Split recordings past MAX_AUDIO_SECONDS.
 MAX_AUDIO_SECONDS = 3600
 READ_BLOCK_FRAMES = 2**18  # frames decoded at a time: 1 MiB per channel
-# Full scale is +-1 and float files may exceed it a little; beyond 60 dB over full scale a file is broken or
-# mis-scaled (e.g. 16-bit integer values stored as floats), and the front end's power spectrum would overflow.
-MAX_ABS_SAMPLE = 1e3
 MAX_CARD_BYTES = 2**20  # a card is ~2 KB
 # A wake-word model is well under 1 MB: 64 MiB leaves room for a student 50x larger, and a larger file (a 2 GB
 # sparse one) is refused from its size before it is read and hashed whole.
@@ -177,68 +171,6 @@ def open_session(model: bytes, *, threads: int | None = None) -> ort.InferenceSe
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Band-limited resampling of [T] audio: polyphase windowed-sinc interpolation (torchaudio's default method).
-
-    Each output sample sums the input under a Hann-windowed sinc low-pass at RESAMPLE_ROLLOFF times the lower
-    Nyquist frequency, RESAMPLE_ZERO_CROSSINGS zero crossings wide on each side, so downsampling does not alias.
-    """
-    if from_rate <= 0 or to_rate <= 0:
-        raise ValueError(f"sample rates must be > 0 Hz, got {from_rate!r} and {to_rate!r}")
-    audio = np.asarray(audio, np.float32)
-    if from_rate == to_rate:
-        return audio
-    resampler = Resampler(from_rate, to_rate)
-    return np.concatenate([resampler.push(audio), resampler.finish()])
-
-
-class Resampler:
-    """resample() of audio that arrives block by block: push() returns the output its input settles so far,
-    finish() the rest. It holds only the kernel's reach of input, so memory does not grow with the length.
-
-    The rate ratio up/down is exact (integers), so output n sits at input position n * down / up and the kernel
-    takes only `up` distinct phases, computed once. Input outside the audio counts as zeros.
-    """
-
-    def __init__(self, from_rate: int, to_rate: int):
-        common = math.gcd(from_rate, to_rate)
-        self.up, self.down = to_rate // common, from_rate // common
-        scale = RESAMPLE_ROLLOFF * min(self.up, self.down) / self.down  # cut-off in cycles per input sample, x2
-        self.half_width = math.ceil(RESAMPLE_ZERO_CROSSINGS / scale)  # taps on each side, in input samples
-        self.offsets = np.arange(-self.half_width + 1, self.half_width + 1)  # [K] taps relative to floor(position)
-        distance = scale * (np.arange(self.up)[:, None] / self.up - self.offsets[None, :])  # [up, K] zero crossings
-        window = np.cos(np.pi * np.clip(distance, -RESAMPLE_ZERO_CROSSINGS, RESAMPLE_ZERO_CROSSINGS)
-                        / (2 * RESAMPLE_ZERO_CROSSINGS)) ** 2
-        self.kernels = (scale * np.sinc(distance) * window).astype(np.float32)  # [up, K], one row per phase
-        self.held = np.zeros(self.half_width, np.float32)  # input not yet used up; the zeros before the audio
-        self.held_from = -self.half_width  # input index of held[0]
-        self.seen = self.done = 0  # input samples pushed, output samples returned
-
-    def push(self, audio: np.ndarray) -> np.ndarray:
-        self.held = np.concatenate([self.held, np.asarray(audio, np.float32)])
-        self.seen += len(audio)
-        last = self.held_from + len(self.held) - 1 - self.half_width  # the last position whose taps are all here
-        return self._emit(((last + 1) * self.up - 1) // self.down + 1 if last >= 0 else 0)
-
-    def finish(self) -> np.ndarray:
-        self.held = np.concatenate([self.held, np.zeros(self.half_width + 1, np.float32)])  # the zeros after it
-        return self._emit(math.ceil(self.seen * self.up / self.down))
-
-    def _emit(self, end: int) -> np.ndarray:
-        """Output samples done..end-1, then the input no later output needs is dropped."""
-        out = np.empty(max(end - self.done, 0), np.float32)
-        chunk = max(1, RESAMPLE_TAPS_PER_STEP // len(self.offsets))  # memory per step stays fixed, however wide
-        for start in range(self.done, end, chunk):
-            n = np.arange(start, min(start + chunk, end))  # [C] output indices
-            taps = self.held[(n * self.down // self.up - self.held_from)[:, None] + self.offsets[None, :]]  # [C, K]
-            out[start - self.done:start - self.done + len(n)] = np.einsum("ck,ck->c", taps,
-                                                                           self.kernels[n * self.down % self.up])
-        self.done = max(self.done, end)
-        keep = self.done * self.down // self.up + self.offsets[0] - self.held_from
-        self.held, self.held_from = self.held[max(keep, 0):], self.held_from + max(keep, 0)
-        return out
-
-
 def opened(source: Any):
     """A path opened once os.stat shows a regular file (a FIFO would block the open forever, a device never end), or
     a file object as given."""
@@ -265,7 +197,7 @@ def load_audio(source: Any, *, sample_rate: int, max_seconds: float | None = Non
 
 def decoded(f: sf.SoundFile, frames: int, sample_rate: int, *, where: str) -> np.ndarray:
     """The first `frames` frames of open file f, mono at sample_rate, filled into one array sized from the header."""
-    resampler = Resampler(f.samplerate, sample_rate) if f.samplerate != sample_rate else None
+    resampler = BlockResampler(f.samplerate, sample_rate) if f.samplerate != sample_rate else None
     out = np.empty(-(-frames * sample_rate // f.samplerate), np.float32)  # the header's count, bounded above
     done = filled = 0
     while done < frames:

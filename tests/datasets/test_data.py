@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
 import kd_tune.audio.io as audio_module
 import kd_tune.datasets.data as data_module
 import kd_tune.datasets.synth as synth
 from kd_tune.audio.features import N_SAMPLES, SAMPLE_RATE
+from kd_tune.audio.samples import resample
 from kd_tune.datasets.data import KINDS, LABEL_OF_KIND, LONG_FOLDER, SPLITS, DataError, Split, check, \
     STRADDLE_KIND, UNLABELLED, load_dataset, negative_stream, sample_weights, scan, split_for, straddle_windows
 from kd_tune.datasets.synth import confusables, synthesize
@@ -388,10 +388,10 @@ def strange_folder(root: Path) -> dict[str, str]:
     bad = root / "negative"
     wav_claiming_rate(bad / "huge_rate.wav", HUGE_RATE_HZ)
     sf.write(bad / "low_rate.wav", tone(0.8, 4000), 4000)
-    sf.write(bad / "nine_channels.wav", np.tile(tone(0.5, 16000)[:, None], (1, 9)), 16000)
+    sf.write(bad / "many_channels.wav", np.tile(tone(0.5, 16000)[:, None], (1, 33)), 16000)
     sf.write(bad / "huge_values.wav", tone(0.5, 16000) * 1e30, 16000, subtype="FLOAT")
     return {"huge_rate.wav": "bad sample rate", "low_rate.wav": "bad sample rate",
-            "nine_channels.wav": "too many channels", "huge_values.wav": "out of range"}
+            "many_channels.wav": "too many channels", "huge_values.wav": "out of range"}
 
 
 def test_header_checks_name_the_real_reason(tmp_path):
@@ -555,10 +555,10 @@ def test_long_recordings_are_the_stream_in_name_order_at_16_khz(tmp_path):
     sf.write(folder / "b.wav", stereo, 48_000, subtype="FLOAT")
     sf.write(folder / "a.wav", mono, SAMPLE_RATE, subtype="FLOAT")
     stream = negative_stream(tmp_path, one_per_kind(), "val")
-    expected_b = AF.resample(torch.from_numpy(stereo.mean(axis=1)), 48_000, SAMPLE_RATE)
+    expected_b = torch.from_numpy(resample(stereo.mean(axis=1), 48_000, SAMPLE_RATE))  # the one resampler
     assert torch.equal(stream[:len(mono)], torch.from_numpy(mono[:, 0]))
     assert len(stream) == len(mono) + len(expected_b)
-    assert torch.allclose(stream[len(mono):], expected_b, atol=1e-5)
+    assert torch.allclose(stream[len(mono):], expected_b, atol=1e-6)
     assert len(negative_stream(tmp_path, one_per_kind(), "test")) == 2 * N_SAMPLES  # no long/test: the fallback
 
 
@@ -584,8 +584,8 @@ def test_long_train_recordings_are_trained_on_as_negative_windows(tmp_path):
     sf.write(root / LONG_FOLDER / "train" / "000.wav", recording, 22_050, subtype="FLOAT")
     after = load_dataset(root)
     windows = after.train.audio[len(before.train.audio):]
-    expected = AF.resample(torch.from_numpy(recording[:, 0]), 22_050, SAMPLE_RATE)[:3 * N_SAMPLES]
-    assert windows.shape == (3, N_SAMPLES) and torch.allclose(windows.reshape(-1), expected, atol=1e-5)
+    expected = torch.from_numpy(resample(recording[:, 0], 22_050, SAMPLE_RATE))[:3 * N_SAMPLES]
+    assert windows.shape == (3, N_SAMPLES) and torch.allclose(windows.reshape(-1), expected, atol=1e-6)
     assert after.train.labels[len(before.train.audio):].tolist() == [0, 0, 0]
     assert after.train.kinds == before.train.kinds + ["long"] * 3
     assert torch.equal(after.val.audio, before.val.audio) and torch.equal(after.test.audio, before.test.audio)
