@@ -55,6 +55,9 @@ class BestEpoch:
     """The echo of a run: remembers the epoch with the best tune.metric (ties go to the later epoch, as in the
     leaderboard)."""
 
+    epoch: int | None  # None until the first epoch reports
+    value: float | None
+
     def __init__(self, metric: str, mode: str):
         self.metric, self.sign, self.epoch, self.value = metric, 1 if mode == "min" else -1, None, None
 

@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TypeGuard
 
 from google.protobuf import struct_pb2
 from ray.tune.logger import TBXLoggerCallback
@@ -159,6 +160,8 @@ def hparams_summary(tag: str, **content) -> tbx_summary_pb2.Summary:
 class BestEpoch:
     """The leaderboard's choice among the epochs seen so far: the best by `metric`, nan last, ties to the later."""
 
+    values: dict[str, float]  # the leaderboard's metrics at the best epoch so far
+
     def __init__(self, metric: str, mode: str):
         self.metric, self.mode, self.values = metric, mode, {}
 
@@ -179,7 +182,7 @@ class BestEpoch:
         return value <= best if self.mode == "min" else value >= best
 
 
-def is_number(value) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
