@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the whole job on the embedded default) and `make test` (ruff, then the whole suite).
+# Two entry points: `make demo` (the whole job on the embedded default) and `make test` (ruff, mypy, the whole suite).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check kd_tune tests
+	$(BIN)/mypy kd_tune
 	$(BIN)/python -m pytest -q
 
 clean:

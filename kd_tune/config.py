@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, \
     model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from kd_tune.errors import SHOWN_CHARS, ConfigError, shown
 from kd_tune.metrics import METRICS, RANKABLE
@@ -28,9 +29,12 @@ from kd_tune.yamlfile import parse_yaml, read_yaml
 
 DEFAULT_CONFIG_NAME = "default.yaml"
 # The names training.distill and training.models implement; here so that validating a config needs no torch.
-ALPHA_SCHEDULES = ("constant", "linear", "cosine", "step")
-TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
-TEACHER_COMBINATIONS = ("mean", "confidence")
+AlphaSchedule = Literal["constant", "linear", "cosine", "step"]
+TemperatureSchedule = Literal["constant", "linear", "cosine"]
+TeacherCombination = Literal["mean", "confidence"]
+ALPHA_SCHEDULES = get_args(AlphaSchedule)
+TEMPERATURE_SCHEDULES = get_args(TemperatureSchedule)
+TEACHER_COMBINATIONS = get_args(TeacherCombination)
 STUDENT_NAMES = ("bc_resnet", "ds_cnn", "tc_resnet")
 TEACHER_ARCHS = ("cnn", "data2vec_audio", "hubert", "wav2vec2", "wavlm", "whisper")
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
@@ -183,12 +187,12 @@ class TeacherConfig(Section):
 
 class DistillationConfig(Section):
     teachers: list[str] = Field(default_factory=list, description="teacher names; empty = every configured teacher")
-    combine: Literal[TEACHER_COMBINATIONS] = "mean"
-    alpha_schedule: Literal[ALPHA_SCHEDULES] = "constant"
+    combine: TeacherCombination = "mean"
+    alpha_schedule: AlphaSchedule = "constant"
     alpha_start: Fraction = 0.5
     alpha_end: Fraction = 0.5
     alpha_step_points: Annotated[tuple[Annotated[float, Field(gt=0, lt=1)], ...], Field(strict=False)] = (0.5,)
-    temperature_schedule: Literal[TEMPERATURE_SCHEDULES] = "constant"
+    temperature_schedule: TemperatureSchedule = "constant"
     temperature_start: Positive = 4.0
     temperature_end: Positive = 4.0
     teacher_mode: Literal["live", "cache"] = "live"
@@ -230,7 +234,8 @@ class TrainingConfig(Section):
 
 class TuneConfig(Section):
     num_samples: int = Field(6, ge=1, le=MAX_TRIALS)
-    metric: Literal[RANKABLE] = "frr_conditions"
+    # RANKABLE is computed from METRICS: pydantic takes the tuple as the literal's values, mypy only written ones
+    metric: Literal[RANKABLE] = "frr_conditions"  # type: ignore[valid-type]
     max_concurrent_trials: Workers = 2
     workers_per_trial: Workers = 1
     cpus_per_worker: float = Field(1.0, gt=0, le=MAX_WORKERS)
@@ -242,7 +247,9 @@ class TuneConfig(Section):
 
     @property
     def mode(self) -> str:
-        return METRICS[self.metric].goal
+        goal = METRICS[self.metric].goal
+        assert goal is not None  # RANKABLE holds only the metrics with a goal
+        return goal
 
 
 class StorageConfig(Section):
@@ -333,7 +340,7 @@ def _registered(name: str, registry: tuple[str, ...], what: str) -> str:
     return name
 
 
-def format_problem(error: dict) -> str:
+def format_problem(error: ErrorDetails) -> str:
     """One pydantic error as `dotted.path: message (got value)`, the value cut short (or hidden if secret)."""
     path = ".".join(str(p) for p in error["loc"]) or "<root>"
     message = error["msg"].removeprefix("Value error, ")
@@ -404,7 +411,7 @@ def default_raw() -> dict:
     return yaml.safe_load(resources.files("kd_tune").joinpath(DEFAULT_CONFIG_NAME).read_text())
 
 
-def load_config(path: str | Path | None = None, *, overrides: list[str] = (), check_paths: bool = True) -> Config:
+def load_config(path: str | Path | None = None, *, overrides: Sequence[str] = (), check_paths: bool = True) -> Config:
     """Load a YAML file over the embedded default, apply overrides and validate everything at once."""
     source = str(path) if path else f"<embedded {DEFAULT_CONFIG_NAME}>"
     if path is None:

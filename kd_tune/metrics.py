@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,6 +82,8 @@ def _number(value: object) -> float:
 
 class BestEpoch:
     """The best of the epochs offered so far by epoch_key: its whole result, None before the first."""
+
+    result: dict[str, Any] | None
 
     def __init__(self, metric: str, mode: str):
         self.metric, self.mode, self.result = metric, mode, None

@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeAlias
 
 from tqdm import tqdm
 
@@ -75,6 +75,8 @@ def amount(value: float) -> str:
 
 class LineProgress:
     """A progress bar as plain lines on a stream that is not a terminal (see the module's doc)."""
+
+    n: float  # like tqdm's: update() takes fractions
 
     def __init__(self, total: int | None, desc: str, unit: str, *, iterable: Iterable | None = None,
                  stream: TextIO, clock: Callable[[], float] = time.monotonic, poll_s: float | None = POLL_S):
@@ -163,4 +165,4 @@ def heartbeat(bar: weakref.ref, stop: threading.Event, poll_s: float) -> None:
         del live
 
 
-Bar = tqdm | LineProgress  # what progress_bar returns
+Bar: TypeAlias = tqdm | LineProgress  # what progress_bar returns

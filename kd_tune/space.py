@@ -7,6 +7,7 @@ teacher choice may name an ensemble: `cnn+wav2vec2`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,17 @@ class SpaceSampler:
         if schedule != "constant" and s.alpha_end:
             s.alpha_end.suggest(trial, "alpha_end")
         if schedule == "step":
+            assert s.alpha_step_point is not None  # _values_allowed requires it where "step" is a choice
             s.alpha_step_point.suggest(trial, "alpha_step_point")
         s.temperature.suggest(trial, "temperature")
         if s.temperature_schedule and s.temperature_schedule.suggest(trial, "temperature_schedule") != "constant":
+            assert s.temperature_end is not None  # _values_allowed requires it for a non-constant choice
             s.temperature_end.suggest(trial, "temperature_end")
         for name in ("lr", "weight_decay", "student_width"):
             if getattr(s, name):
                 getattr(s, name).suggest(trial, name)
-TARGETS = {  # search-space parameter -> (config section, key, how the value is stored)
+# search-space parameter -> (config section, key, how the value is stored)
+TARGETS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "teacher": ("distillation", "teachers", lambda v: v.split(ENSEMBLE_JOIN)),
     "alpha_schedule": ("distillation", "alpha_schedule", str),
     "alpha_start": ("distillation", "alpha_start", float),

@@ -7,6 +7,7 @@ A config is ~3 KB and 4 levels deep, a search space smaller; the limits leave ro
 from __future__ import annotations
 
 import os
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ MAX_YAML_VALUES = 10_000  # values once every alias is expanded: a 400-byte "bil
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: the same documents, faster
 
 
-def read_yaml(path: Path, *, source: str) -> Any:
+def read_yaml(path: Path | Traversable, *, source: str) -> Any:
     """A YAML file's value, read within MAX_YAML_BYTES; OSError (a missing file) is left to the caller."""
     try:  # a FIFO or device would block or never end: refused before it is opened (a packaged built-in may be
         # no file of its own)

@@ -178,7 +178,8 @@ def crops(clips: Tensor, index: Tensor, start: Tensor, length: int) -> Tensor:
 def wavetables() -> Tensor:
     """[len(TIMBRES), WAVETABLE_SIZE + 1] one period of each timbre, unit RMS; the last sample repeats the first."""
     phase = 2 * math.pi * torch.arange(WAVETABLE_SIZE + 1, dtype=torch.float64) / WAVETABLE_SIZE
-    tables = torch.stack([sum(a * torch.sin(h * phase) for h, a in timbre.items()) for timbre in TIMBRES])
+    tables = torch.stack([sum((a * torch.sin(h * phase) for h, a in timbre.items()), torch.zeros_like(phase))
+                          for timbre in TIMBRES])
     return (tables / tables[:, :-1].square().mean(-1, keepdim=True).sqrt()).float()
 
 

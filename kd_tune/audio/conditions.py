@@ -272,12 +272,14 @@ class Conditioner:
         if condition.group == "noise":
             return self.add_noise(audio, condition, np.random.default_rng([self.seed, key, *condition.name.encode()]))
         if condition.group == "level":
+            assert condition.peak_dbfs is not None  # every level condition has one
             return (audio * 10 ** (condition.peak_dbfs / 20) / max(float(np.abs(audio).max()), TINY)).astype(np.float32)
         return self.channel(audio, condition, key)
 
     def add_noise(self, audio: np.ndarray, condition: Condition, rng: np.random.Generator) -> np.ndarray:
         """audio + an excerpt of the noise at condition.snr_db: the clip's power over the noise's long-term power
         (the buffer's, 1), so a quiet stretch of a knock or a pause in the music stays quiet, as it would be."""
+        assert condition.noise is not None and condition.snr_db is not None  # every noise condition has both
         buffer = self.noise(condition.noise)
         start = int(rng.integers(0, max(len(buffer) - len(audio), 0) + 1))
         noise = np.resize(buffer[start:], len(audio))
@@ -304,6 +306,7 @@ class Conditioner:
         recording's peak; rooms and microphones act on the whole."""
         if condition.group != "noise":
             return self.clip(audio, condition, key)
+        assert condition.noise is not None and condition.snr_db is not None  # every noise condition has both
         rng = np.random.default_rng([self.seed, key, *condition.name.encode()])
         noise = noise_buffer(condition.noise, rng, len(audio), speech=self.speech, recordings=self.recordings)
         return (audio + active_rms(audio) * 10 ** (-condition.snr_db / 20) * noise).astype(np.float32)
@@ -312,7 +315,7 @@ class Conditioner:
 def read_noise_folders(folders: dict[str, Path], read) -> dict[str, list[np.ndarray]]:
     """{name: clips} from the user's noise folders (each a folder of audio files; `read` decodes one to mono), at
     most MAX_NOISE_FOLDER_S of each: longer long audio loops it."""
-    out = {}
+    out: dict[str, list[np.ndarray]] = {}
     for name, folder in folders.items():
         files = sorted(p for p in Path(folder).glob("*") if p.suffix.lower() in (".wav", ".flac", ".ogg"))
         if not files:

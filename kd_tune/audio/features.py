@@ -54,6 +54,12 @@ class LogMel(nn.Module):
     librosa/Whisper filterbank. `frames` is frame-local; `per_window` is the step that needs the whole window.
     """
 
+    # Buffers, declared: through nn.Module.__getattr__ they would read as Tensor | Module
+    dft_basis: Tensor
+    mel_fbank: Tensor
+    pcen_kernel: Tensor
+    clip_smoother: Tensor
+
     def __init__(self, *, n_mels: int = N_MELS, window_ms: float = WINDOW_MS, hop_ms: float = HOP_MS,
                  mel_scale: str = "htk", normalize: str = "none"):
         super().__init__()
@@ -213,6 +219,13 @@ class Augment(nn.Module):
     depth. settings gives each effect's probability and range.
     """
 
+    # Buffers, declared: through nn.Module.__getattr__ they would read as Tensor | Module
+    noise_bank: Tensor
+    rirs: Tensor
+    colours: Tensor
+    wavetables: Tensor
+    response_hz: Tensor
+
     def __init__(self, settings: AugmentConfig | None = None, *, noise_bank: Tensor | None = None,
                  rirs: Tensor | None = None, n_rirs: int = N_ROOMS, seed: int = 0):
         super().__init__()
@@ -277,7 +290,8 @@ class Augment(nn.Module):
                 "gain_db": u(-s.gain_db, s.gain_db),
                 "level": u() < s.level_prob, "peak_dbfs": u(s.level_dbfs_min, s.level_dbfs_max)}
 
-    def apply(self, wave: Tensor, d: dict[str, Tensor]) -> Tensor:
+    # Shadows nn.Module.apply(fn), which nothing calls on an Augment (no model holds one as a submodule)
+    def apply(self, wave: Tensor, d: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
         """wave [B, N] through the shift, room, noise, channel and gain that the draws d [B, ...] name; each effect
         touches only its rows, and a row whose effects are all off comes back unchanged."""
         wave = time_shift(wave, d["shift"])  # a new tensor, so the effects below may write into it

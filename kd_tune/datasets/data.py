@@ -266,6 +266,7 @@ def fit_length(audio: Tensor, n_samples: int) -> Tensor:
 
 def to_window(file: AudioFile, sample_rate: int, n_samples: int) -> Tensor:
     """Mono [n_samples] at sample_rate from a decoded file."""
+    assert file.audio is not None  # load_dataset windows only usable files
     mono = resample(file.audio.mean(axis=1), file.sample_rate, sample_rate)  # [T]
     return fit_length(torch.from_numpy(mono), n_samples)
 
@@ -365,7 +366,7 @@ def load_dataset(root: str | Path, *, sample_rate: int = SAMPLE_RATE, straddles_
 
 def fold_in(digest: str, audio: Tensor) -> str:
     """digest extended by audio's samples, hashed from the tensor's memory rather than a bytes copy of it."""
-    heard = hashlib.sha256(audio.contiguous().numpy()).hexdigest()
+    heard = hashlib.sha256(audio.contiguous().numpy().data).hexdigest()  # .data: numpy types no array as a Buffer
     return hashlib.sha256(f"{digest}\t{heard}".encode()).hexdigest()
 
 
@@ -423,8 +424,7 @@ def negative_stream(root: Path, part: Split, split: str) -> Tensor:
 
 def long_audio(root: Path, split: str) -> Tensor:
     """A split's long recordings end to end [T] at 16 kHz (empty without any), at most MAX_STREAM_HOURS."""
-    budget = MAX_STREAM_HOURS * 3600 * SAMPLE_RATE
-    streams = [torch.zeros(0)]
+    budget, streams = MAX_STREAM_HOURS * 3600 * SAMPLE_RATE, [torch.zeros(0)]
     for path in recording_paths(root, split):
         streams.append(read_recording(path, max_samples=budget))
         budget -= len(streams[-1])

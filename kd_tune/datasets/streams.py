@@ -346,8 +346,9 @@ def plan_parts(rng: np.random.Generator, pool: tuple[Utterance, ...], seconds: f
                               sound_s=round(float(rng.uniform(*SOUND_S)), 3))
             planned_s += gap_s + part.sound_s
         else:
-            part = StreamPart(gap_s, utterance=int(rng.integers(len(pool))))
-            planned_s += gap_s + PLANNED_WORD_S * len(pool[part.utterance].text.split())
+            utterance = int(rng.integers(len(pool)))
+            part = StreamPart(gap_s, utterance=utterance)
+            planned_s += gap_s + PLANNED_WORD_S * len(pool[utterance].text.split())
         parts.append(part)
     return tuple(parts)
 
@@ -367,6 +368,7 @@ def render_stream_file(plan: StreamPlan, index: int, voices: list[np.ndarray], *
         if part.sound is not None:
             audio = make_sound(part.sound, rng, round(part.sound_s * SAMPLE_RATE))
         else:
+            assert part.utterance is not None  # a part is a sound or an utterance
             audio = speech_16k(voices[part.utterance], rng, speakers=plan.split != "test")
         if position + len(audio) > n_samples:
             break

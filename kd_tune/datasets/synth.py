@@ -213,6 +213,7 @@ def finish_speech(raw: np.ndarray, clip: SynthClip, rng: np.random.Generator, *,
 
     Held-out voices stay as they are, so the test split measures voices never heard, whatever training makes.
     """
+    assert clip.utterance is not None  # only speech clips come here
     speakers = new_speakers and not clip.utterance.held_out
     window = with_level(place_speech(raw, rng, placement=clip.placement, speakers=speakers), rng, SPEECH_PEAK_DB)
     floor = 10 ** (rng.uniform(*NOISE_FLOOR_DB) / 20) * rng.standard_normal(N_SAMPLES)
@@ -231,7 +232,7 @@ def render(clips: list[SynthClip], out_dir: Path, *, seed: int, new_speakers: bo
 
     speech = [i for i, clip in enumerate(clips) if clip.utterance is not None]
     with one_torch_thread():
-        speak_all([clips[i].utterance for i in speech], seed=seed, each=lambda j, raw: write(
+        speak_all([u for i in speech if (u := clips[i].utterance) is not None], seed=seed, each=lambda j, raw: write(
             speech[j], finish_speech(raw, clips[speech[j]], clip_rng(seed, speech[j]), new_speakers=new_speakers)))
     # babble mixes negatives of its own split (when there are any), so no rendering crosses splits
     negatives = {split: [windows[i] for i in speech if clips[i].kind == "negative" and clips[i].split == split]
@@ -313,7 +314,8 @@ def read_dataset_json(path: Path) -> object:
 
 def read_voice_files(paths: Sequence[str | os.PathLike]) -> tuple[VoiceFile, ...]:
     """The user's piper voice files, each checked and its model hashed: read once, here, so that plans stay pure."""
-    files, names = [], {}
+    files: list[VoiceFile] = []
+    names: dict[str, str] = {}
     for model in map(os.path.abspath, paths):
         name = Path(model).stem
         if name in names:  # the manifest names a voice by its file name

@@ -369,9 +369,10 @@ class EspeakSynth:
 
     AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8, RATE, PITCH = 2, 1, 1, 1, 3  # speak_lib.h enum values
 
-    def __init__(self):
+    def __init__(self) -> None:
         spec = importlib.util.find_spec("piper")  # only locates the package: importing it would load onnxruntime
-        bridges = sorted(Path(spec.submodule_search_locations[0]).glob("espeakbridge*.so")) if spec else []
+        where = spec.submodule_search_locations if spec else None  # None also for a piper that is no package
+        bridges = sorted(Path(where[0]).glob("espeakbridge*.so")) if where else []
         if not bridges:
             raise MissingExtraError(SYNTH_EXTRA_HINT)
         self.lib = ctypes.CDLL(str(bridges[0]))

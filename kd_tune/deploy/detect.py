@@ -274,7 +274,7 @@ class Detector:
             entry = None
         self.stream_session = None if entry is None else self.load(
             self.model_path.with_name(entry.onnx_file), entry.onnx_sha256, "streaming.onnx_sha256", threads)
-        if self.stream_session is not None:
+        if entry is not None and self.stream_session is not None:
             session = self.stream_session
             names = [[i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]]
             if names != [[STREAM_INPUT, *STATE_INPUTS], [STREAM_OUTPUT, *STATE_OUTPUTS]]:
@@ -311,8 +311,9 @@ class Detector:
             if streaming:
                 return streamed_probabilities(self.stream_session, audio, **windows)
             return stream_probabilities(self.session, audio, **windows)
-        except (ValueError, *ORT_ERRORS) as error:
-            model = self.model_path.with_name(self.card.streaming.onnx_file) if streaming else self.model_path
+        except (ValueError,) + ORT_ERRORS as error:  # not (ValueError, *ORT_ERRORS): mypy rejects that form
+            entry = self.card.streaming if streaming else None
+            model = self.model_path.with_name(entry.onnx_file) if entry else self.model_path
             raise DetectError(f"{model}: {str(error).splitlines()[0][:200]}; allowed: a model written by "
                               "`kd-tune export` for this card") from None
 

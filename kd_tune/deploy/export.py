@@ -96,8 +96,9 @@ def to_onnx(model: nn.Module, *, window_samples: int, compute_constants: bool = 
     # Its deprecation notice and constant-folding notes are expected; the parity check is what vouches for the file.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, window_samples),), buffer, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
+        # torch types f as a path, but the legacy exporter (dynamo=False) writes to a file object as well
+        torch.onnx.export(model, (torch.zeros(2, window_samples),), buffer,  # type: ignore[arg-type]
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=OPSET, dynamo=False,
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     front_end = next((m for m in model.modules() if isinstance(m, LogMel)), None)
     if front_end is None or not compute_constants:

@@ -34,7 +34,8 @@ class Subgraph:
     """Nodes that compute one constant, each output named under `prefix`; `finish` names the last one `target`."""
 
     def __init__(self, prefix: str):
-        self.prefix, self.nodes = prefix, []
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
 
     def op(self, op_type: str, *inputs: str, **attributes) -> str:
         name = f"{self.prefix}/{op_type}_{len(self.nodes)}"
@@ -47,7 +48,7 @@ class Subgraph:
     def ints(self, *values: int) -> str:
         return self.const(values, np.int64)
 
-    def scalar(self, value: float, dtype=np.float64) -> str:
+    def scalar(self, value: float | np.floating, dtype=np.float64) -> str:
         return self.const(value, dtype)
 
     def arange(self, stop: int) -> str:
@@ -131,12 +132,12 @@ def mel_nodes(g: Subgraph, n_freqs: int, points: np.ndarray, *, slaney_norm: boo
     """LogMel.mel_fbank [M, n_freqs]: torchaudio's triangles over the band edges `points`, op for op in float32."""
     f = g.const(points, np.float32)  # [M + 2]
     m = len(points) - 2
-    freqs = torch.linspace(0, SAMPLE_RATE // 2, n_freqs).numpy()  # the FFT bins' frequencies, as torchaudio's
+    hz = torch.linspace(0, SAMPLE_RATE // 2, n_freqs).numpy()  # the FFT bins' frequencies, as torchaudio's
     step = np.float32((SAMPLE_RATE // 2) / (n_freqs - 1))
-    if np.array_equal(np.arange(n_freqs, dtype=np.float32) * step, freqs):  # whole steps (40 Hz at n_fft 400)
+    if np.array_equal(np.arange(n_freqs, dtype=np.float32) * step, hz):  # whole steps (40 Hz at n_fft 400)
         freqs = g.op("Mul", g.op("Cast", g.arange(n_freqs), to=TensorProto.FLOAT), g.scalar(step, np.float32))
     else:
-        freqs = g.const(freqs, np.float32)
+        freqs = g.const(hz, np.float32)
     diff = g.op("Sub", g.slice(f, 1, m + 2), g.slice(f, 0, m + 1))  # [M + 1]
     slopes = g.op("Sub", g.unsqueeze(f, 0), g.unsqueeze(freqs, 1))  # [n_freqs, M + 2]
     down = g.op("Div", g.op("Mul", g.slice(slopes, 0, m, axis=1), g.scalar(-1.0, np.float32)), g.slice(diff, 0, m))
@@ -187,8 +188,8 @@ class FrontEndConstants:
                     value, pcen_smoother(torch.from_numpy(self.kernel), value.shape[0]).numpy()):
                 return "pcen_smoother", lambda g: smoother_nodes(g, self.kernel, value.shape[0]), 0.0
         if value.dtype == np.int64 and value.ndim == 2 and value.shape[1] == self.n_fft:
-            frames = [self.frame_of_row.get(row.tobytes()) for row in value]
-            if None not in frames:
+            frames = [f for row in value if (f := self.frame_of_row.get(row.tobytes())) is not None]
+            if len(frames) == len(value):
                 return "frame_index", lambda g: frame_index_nodes(g, frames, hop=self.hop, n_fft=self.n_fft,
                                                                   n_samples=self.n_samples), 0
         return None

@@ -32,6 +32,8 @@ class StreamingDetector(nn.Module):
     """(hop [B, H], audio_state [B, N], frames_state [B, n_mels, T]) -> (P(wake word) [B], new audio_state,
     new frames_state); N = N_SAMPLES, T the window's frames. Start from zeros: the state of a silent past."""
 
+    index: Tensor  # a buffer, declared: through nn.Module.__getattr__ it would read as Tensor | Module
+
     def __init__(self, student: nn.Module, log_mel: LogMel, *, hop_samples: int):
         super().__init__()
         step = log_mel.hop_length
@@ -69,7 +71,8 @@ def streaming_onnx(detector: StreamingDetector, *, opset: int) -> bytes:
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(detector.eval(), example, buffer, input_names=list(STREAM_INPUTS),
-                          output_names=list(STREAM_OUTPUTS), opset_version=opset, dynamo=False,
-                          dynamic_axes={name: {0: "batch"} for name in STREAM_INPUTS + STREAM_OUTPUTS})
+        # torch types f as a path, but the legacy exporter (dynamo=False) writes to a file object as well
+        torch.onnx.export(detector.eval(), example, buffer,  # type: ignore[arg-type]
+                          input_names=list(STREAM_INPUTS), output_names=list(STREAM_OUTPUTS), opset_version=opset,
+                          dynamo=False, dynamic_axes={name: {0: "batch"} for name in STREAM_INPUTS + STREAM_OUTPUTS})
     return buffer.getvalue()

@@ -60,6 +60,7 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, condit
                          source=f"compare arm {arm.name}")
     best = BestEpoch(cfg.tune.metric, cfg.tune.mode)
     run_training(cfg, name=run, echo=best.offer)
+    assert best.result is not None, "run_training reports every epoch"
     epoch = int(best.result["epoch"])
     source = Source(Storage.from_config(cfg.storage), f"{run}/checkpoints/epoch_{epoch:04d}", trial=run)
     card = export_student(source.load(), local / "model.onnx", source=source.describe())

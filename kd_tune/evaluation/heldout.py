@@ -218,7 +218,7 @@ def evaluate_model(model: Path, data: Path, *, out_dir: Path | None = None, engi
     figures = {"hours": hours, "hop_seconds": hop_seconds, "refractory_seconds": detector.refractory_seconds}
     targets = det_target_thresholds(streams, **figures)  # the threshold search, once: FRR at targets and DET share it
     report = {"model": str(model), "data": str(data), "source": audio.source, "threshold": detector.threshold,
-              "target_fa_per_hour": detector.card.model_extra.get("target_fa_per_hour"),
+              "target_fa_per_hour": (detector.card.model_extra or {}).get("target_fa_per_hour"),
               "positives": len(positives), "negatives": len(negatives),
               "long_recordings": len(streams) if audio.long_paths else 0, "max_long_hours": max_long_hours,
               "long_hours_cap_reached": capped, "skipped_special_files": audio.skipped,

@@ -338,7 +338,7 @@ def model_lines(model: str | None, rows: list[dict]) -> list[str]:
     if model is None:
         return []
     try:
-        source = read_card(Path(model)).model_extra.get("source") or {}
+        source = (read_card(Path(model)).model_extra or {}).get("source") or {}
     except KdTuneError as error:
         return [f"  model: {model}", f"    its card cannot be read: {' '.join(str(error).split())}"[:CONSOLE_COLUMNS]]
     trial, first = source.get("trial"), rows[0].get("trial") if rows else None

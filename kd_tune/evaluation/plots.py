@@ -26,7 +26,8 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt
 import optuna
 import yaml
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from matplotlib.figure import Figure
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from kd_tune.config import validate
 from kd_tune.errors import KdTuneError
@@ -71,7 +72,7 @@ def metric_label(metric: str, *, mode: str | None = None, target_fa_per_hour: fl
     target = "the target" if target_fa_per_hour is None else f"{target_fa_per_hour:g}"
     named = f"{MEANINGS[metric].format(target=target)} ({metric})" if metric in MEANINGS else metric
     goal = mode or (METRICS[metric].goal if metric in METRICS else None)
-    better = {"min": "lower is better", "max": "higher is better"}.get(goal)
+    better = {"min": "lower is better", "max": "higher is better"}.get(goal or "")
     return f"{named}{joiner}{better}" if better else named
 
 
@@ -156,7 +157,7 @@ def start_key(row: dict, records: dict[str, dict]) -> float | None:
     for key in ("start_time", "trial_number"):
         if row.get(key) is not None:
             return float(row[key])
-    return records.get(row.get("trial"), {}).get("start")
+    return records.get(row.get("trial", ""), {}).get("start")
 
 
 def in_start_order(rows: list[dict], records: dict[str, dict]) -> list[dict]:
@@ -194,7 +195,7 @@ def study_from_rows(rows: list[dict], space: SearchSpace, *, metric: str, mode: 
                if r.get(metric) is not None and math.isfinite(r[metric])]
     study.set_user_attr("start_order_known", all(start_key(r, records) is not None for r in ordered))
     for row in ordered:
-        params = trial_params(row, records.get(row.get("trial"), {}), distributions)
+        params = trial_params(row, records.get(row.get("trial", ""), {}), distributions)
         study.add_trial(optuna.trial.create_trial(params=params, value=row[metric],
                                                   distributions={n: distributions[n] for n in params},
                                                   user_attrs={"trial_id": str(row.get("trial"))}))
@@ -204,7 +205,7 @@ def study_from_rows(rows: list[dict], space: SearchSpace, *, metric: str, mode: 
 def distributions_of(space: SearchSpace) -> dict:
     """Every searched parameter's distribution; effective values (alpha_end of a constant schedule = alpha_start)
     may fall outside a conditional range, so ranges are widened to hold both."""
-    out = {}
+    out: dict[str, BaseDistribution] = {}
     for name, spec in space:
         if spec is None:
             continue
@@ -213,10 +214,10 @@ def distributions_of(space: SearchSpace) -> dict:
         else:
             out[name] = FloatDistribution(spec.low, spec.high, log=spec.log)
     for end, start in EFFECTIVE_FROM.items():
-        if end in out and start in out:
-            low = min(out[end].low, out[start].low)
-            high = max(out[end].high, out[start].high)
-            out[end] = FloatDistribution(low, high, log=out[end].log and low > 0)
+        e, s = out.get(end), out.get(start)
+        if isinstance(e, FloatDistribution) and isinstance(s, FloatDistribution):  # always where both are searched
+            low, high = min(e.low, s.low), max(e.high, s.high)
+            out[end] = FloatDistribution(low, high, log=e.log and low > 0)
     return out
 
 
@@ -237,6 +238,7 @@ def optimization_history(study: optuna.Study, path: Path, *, metric: str, mode: 
         axes.set_xlabel("trial id, in the order the trials started" if known
                         else "trial id, in leaderboard order (start times unknown)")
         axes.set_title(f"{metric} of each trial, and the best so far")
+        assert isinstance(axes.figure, Figure)  # Optuna draws on a figure of its own, never a subfigure
         axes.figure.set_size_inches(*FIGURE_SIZE_IN)
         return save(axes.figure, path, description="trials in start order: " + " ".join(ids))
 
@@ -271,8 +273,8 @@ def param_importances(study: optuna.Study, path: Path, *, searched: list[str] | 
         axes.set_title("", loc="left")
         axes.set(title=f"Parameter importances over {len(study.trials)} trials (PED-ANOVA)",
                  xlabel="importance (normalized to sum to 1)")
-        if axes.get_legend():
-            axes.get_legend().remove()  # one series, named "Objective Value"
+        if legend := axes.get_legend():
+            legend.remove()  # one series, named "Objective Value"
         note = importance_note(study, ranked, searched or [])
         if note:
             axes.annotate(note, (0, -0.22), xycoords="axes fraction", fontsize=8)

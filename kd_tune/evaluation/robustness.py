@@ -163,9 +163,9 @@ def run_grid(model: Path, data: Path, out: Path, *, grid: str, baseline: str | N
     if detector.sample_rate != SAMPLE_RATE:
         raise ConditionError(f"{model}: a model of {detector.sample_rate} Hz; allowed: {SAMPLE_RATE} Hz models, "
                              "which the conditions are built for")
-    scorers = {"model": detector}
+    scorers: dict[str, object] = {"model": detector}  # evaluate_grid takes any scorer: a Detector or a baseline
     if baseline:  # built first: a missing extra or a word outside its dictionary is refused before any work
-        wakeword = detector.card.model_extra.get("wakeword")
+        wakeword = (detector.card.model_extra or {}).get("wakeword")
         if not wakeword:
             raise ConditionError(f"{model}: its card names no wake word; allowed: a model written by `kd-tune "
                                  "export`, whose card holds the wake word the baseline listens for")

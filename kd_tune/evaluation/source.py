@@ -134,4 +134,6 @@ def one_experiment(candidates: list[tuple[str, str, dict]], experiment: str) -> 
             raise InputError(f"{experiment}: {rel} was trained with other {differ[0]} settings than {first_rel}; "
                              "allowed: the trials of one sweep (export another experiment's checkpoint by its path)")
     metric = expected["tune"]["metric"]
-    return metric, METRICS[metric].goal
+    goal = METRICS[metric].goal
+    assert goal is not None  # tune.metric is one of RANKABLE, the metrics with a goal
+    return metric, goal

@@ -128,9 +128,9 @@ def _manifest(files: dict[str, bytes], *, kind: str, config: dict, name: str | N
     for field, value in (("epoch", epoch), ("step", step)):
         if value is not None and (type(value) is not int or value < 0):
             raise ValueError(f"{field} must be a non-negative int or None, got {value!r}")
-    for field, value in (("name", name), ("trial_id", trial_id)):
-        if value is not None and not (isinstance(value, str) and value):
-            raise ValueError(f"{field} must be a non-empty str or None, got {shown(value)}")
+    for field, text in (("name", name), ("trial_id", trial_id)):
+        if text is not None and not (isinstance(text, str) and text):
+            raise ValueError(f"{field} must be a non-empty str or None, got {shown(text)}")
     manifest = {"format": FORMAT, "kd_tune_version": __version__, "kind": kind, "name": name, "location": location,
                 "created_unix": time.time(), "config": config, "epoch": epoch, "step": step,
                 "metrics": _json_metrics(metrics), "trial_id": trial_id, "extra": {} if extra is None else extra,
@@ -419,14 +419,14 @@ def _newest_mtime_ns(storage: Storage, rel: str) -> int:
 
 
 def _best(entries: list[_Entry], metric: str, mode: str, k: int) -> set[str]:
-    scored = [e for e in entries if _is_number(e.manifest.get("metrics", {}).get(metric))]
-    scored.sort(key=lambda e: epoch_key(e.manifest["metrics"] | {"epoch": e.manifest.get("epoch")}, metric, mode))
-    return {e.name for e in scored[:k]}
+    scored = [(e.name, m["metrics"] | {"epoch": m.get("epoch")}) for e in entries  # all complete: `or {}` types it
+              if _is_number((m := e.manifest or {}).get("metrics", {}).get(metric))]
+    return {name for name, result in sorted(scored, key=lambda s: epoch_key(s[1], metric, mode))[:k]}
 
 
 def _latest(entries: list[_Entry]) -> _Entry:
     def order(e: _Entry) -> tuple:
-        step, epoch = e.manifest.get("step"), e.manifest.get("epoch")
+        step, epoch = (e.manifest or {}).get("step"), (e.manifest or {}).get("epoch")  # complete: `or {}` only types it
         return (step if _is_number(step) else -1, epoch if _is_number(epoch) else -1, e.mtime_ns, e.name)
 
     return max(entries, key=order)

@@ -102,7 +102,7 @@ class Storage:
         # realpath follows every link that exists, dangling ones included, so a link out of the root shows up here.
         resolved = os.path.realpath(candidate) if self.is_local else candidate
         if not _is_within(resolved, self.root):
-            raise PathEscapeError(f"path {posixpath.join(*map(os.fspath, parts))!r} resolves to {resolved!r}, "
+            raise PathEscapeError(f"path {posixpath.join(*(os.fspath(p) for p in parts))!r} resolves to {resolved!r}, "
                                   f"outside the storage root {self.root!r}")
         return candidate
 
@@ -409,7 +409,7 @@ def check_out_path(path: str | os.PathLike, *, folder: bool, files: tuple[str, .
                          f"without folders named {', '.join(files)}")
 
 
-def upload_tree(local_dir: str | os.PathLike, storage: Storage | str | os.PathLike, rel_dir: str) -> None:
+def upload_tree(local_dir: str | os.PathLike[str], storage: Storage | str | os.PathLike, rel_dir: str) -> None:
     """Copy every regular file under `local_dir` to `rel_dir`, keeping relative paths; symlinks are skipped."""
     storage = as_storage(storage)
     for parent, dirs, names in os.walk(local_dir):

@@ -216,6 +216,8 @@ def build_lock(store: Storage) -> Iterator[None]:
 class CachedTeachers(nn.Module):
     """Cached teacher logits looked up by clip index, behind TeacherEnsemble's call signature."""
 
+    logits: Tensor  # a buffer, declared: through nn.Module.__getattr__ it would read as Tensor | Module
+
     def __init__(self, logits: Tensor, *, combine: str):
         super().__init__()
         if logits.ndim != 4 or logits.shape[-1] != 2 or 0 in logits.shape[:3]:

@@ -5,9 +5,11 @@ either raw audio [B, N_SAMPLES] (input_kind "waveform") or log-mels (input_kind 
 wide CNN that needs no download, or a transformers speech encoder with a pooled classification head.
 """
 
+from collections.abc import Callable
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -15,12 +17,15 @@ from torch import Tensor, nn
 
 from kd_tune.audio.features import N_FRAMES, N_MELS, LogMel
 
+if TYPE_CHECKING:  # for the annotations only: transformers is slow to import, and only teachers need it
+    from transformers import PreTrainedModel, WhisperForAudioClassification
+
 N_CLASSES = 2  # 0 = not the wake word, 1 = the wake word
 INPUT_KINDS = ("waveform", "features")
 RANDOM_INIT_SOURCES = ("tiny", "base")
 
 
-def scaled(channels: int, width: float) -> int:
+def scaled(channels: float, width: float) -> int:
     return max(1, round(channels * width))
 
 
@@ -38,7 +43,7 @@ class ResidualBlock(nn.Module):
             conv(c_in, c_out, kernel, stride, kernel // 2, bias=False), norm(c_out), nn.ReLU(),
             conv(c_out, c_out, kernel, 1, kernel // 2, bias=False), norm(c_out),
         )
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if c_in != c_out or stride != 1:
             self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride, bias=False), norm(c_out))
 
@@ -196,7 +201,7 @@ class HFTeacher(nn.Module):
 
     input_kind = "waveform"
 
-    def __init__(self, arch: str, model: nn.Module):
+    def __init__(self, arch: str, model: "PreTrainedModel"):
         super().__init__()
         self.arch, self.model = arch, model
 
@@ -209,8 +214,8 @@ class HFTeacher(nn.Module):
 
     def freeze_feature_encoder(self) -> None:
         """Freeze the conv feature encoder (the usual fine-tuning setup); Whisper has none, so it is left as is."""
-        if hasattr(self.model, "freeze_feature_encoder"):
-            self.model.freeze_feature_encoder()
+        if (freeze := getattr(self.model, "freeze_feature_encoder", None)) is not None:
+            freeze()
 
 
 WHISPER_N_MELS = 80
@@ -224,7 +229,7 @@ class WhisperTeacher(HFTeacher):
     embeddings are cut to the first 50 rows (the sinusoids/pretrained rows of the first second).
     """
 
-    def __init__(self, arch: str, model: nn.Module):
+    def __init__(self, arch: str, model: "WhisperForAudioClassification"):
         super().__init__(arch, model)
         self.front_end = LogMel(n_mels=WHISPER_N_MELS, mel_scale="slaney")
         truncate_positions(model, WHISPER_POSITIONS)
@@ -237,7 +242,7 @@ class WhisperTeacher(HFTeacher):
         return self.model(input_features=((log_mel + 4.0) / 4.0).to(self.model.dtype)).logits  # [B, 2]
 
 
-def truncate_positions(model: nn.Module, n_positions: int) -> None:
+def truncate_positions(model: "WhisperForAudioClassification", n_positions: int) -> None:
     """Keep the first n_positions rows of a Whisper encoder's position embeddings (no-op when already that short)."""
     encoder = model.encoder
     old = encoder.embed_positions
@@ -258,7 +263,8 @@ WHISPER_SIZES = {
     "tiny": dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, classifier_proj_size=32),
     "base": dict(d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048),
 }
-HF_TEACHERS = {  # arch -> (config class, model class, {size: config overrides}); base = the config defaults
+# arch -> (config class, model class, {size: config overrides}); base = the config defaults
+HF_TEACHERS: dict[str, tuple[str, str, dict[str, dict[str, Any]]]] = {
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", {"tiny": TINY_ENCODER, "base": {}}),
     "hubert": ("HubertConfig", "HubertForSequenceClassification", {"tiny": TINY_ENCODER, "base": {}}),
     "wavlm": ("WavLMConfig", "WavLMForSequenceClassification", {"tiny": TINY_ENCODER, "base": {}}),
@@ -290,7 +296,7 @@ def build_hf_teacher(arch: str, *, source: str, n_mels: int, hf_config: dict | N
     return (WhisperTeacher if arch == "whisper" else HFTeacher)(arch, model)
 
 
-def from_pretrained(model_class, source: str) -> nn.Module:
+def from_pretrained(model_class, source: str) -> "PreTrainedModel":
     """Load weights with a fresh 2-class head (a head trained for other labels is re-initialised)."""
     if source.startswith(("/", ".")) and not Path(source).is_dir():  # else it reads as a malformed hub id
         raise OSError(f"could not load teacher source {source!r}: no such directory (allowed: tiny, base, a Hugging "
@@ -303,7 +309,8 @@ def from_pretrained(model_class, source: str) -> nn.Module:
                       "(offline? point source at a local directory)") from error
 
 
-TEACHERS = {"cnn": build_cnn_teacher, **{arch: partial(build_hf_teacher, arch) for arch in HF_TEACHERS}}
+TEACHERS: dict[str, Callable[..., nn.Module]] = {
+    "cnn": build_cnn_teacher, **{arch: partial(build_hf_teacher, arch) for arch in HF_TEACHERS}}
 
 
 def build_teacher(arch: str, *, source: str = "base", n_mels: int = N_MELS, hf_config: dict | None = None) -> nn.Module:

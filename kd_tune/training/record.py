@@ -74,8 +74,8 @@ def run_training(config: Config, *, name: str, resume: bool = False, overwrite: 
     write_text(store, f"{name}/{CONFIG_NAME}", dump_config(config))
     recorder = RunRecorder(store, name, config, echo=echo)
     try:
-        resume = load_checkpoint(store, latest, expect=Identity(STUDENT_KIND, name)) if latest else None
-        fit(config, recorder, data=data, resume=resume, run_name=name)
+        start = load_checkpoint(store, latest, expect=Identity(STUDENT_KIND, name)) if latest else None
+        fit(config, recorder, data=data, resume=start, run_name=name)
     finally:
         recorder.close()
     return f"{store.uri}/{name}"

@@ -64,7 +64,7 @@ class TeacherEnsemble(nn.Module):
         """Combined logits [B, 2] of the live teachers; view and index serve the cached alternative only."""
         logits = []
         for teacher in self.teachers.values():
-            x = inputs[teacher.input_kind].to(self.device, self.dtype)  # [B, N_SAMPLES] or [B, n_mels, T]
+            x = inputs[teacher_input_kind(teacher)].to(self.device, self.dtype)  # [B, N_SAMPLES] or [B, n_mels, T]
             logits.append(teacher(x).float())  # [B, 2]
         out = logits[0] if len(logits) == 1 else combine_teachers(logits, method=self.combine)
         return out.to(next(iter(inputs.values())).device)

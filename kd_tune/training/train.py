@@ -225,7 +225,8 @@ def probe_step(student: nn.Module, teachers: Teachers, log_mel: LogMel, batch: i
 
 def optimizer_to_safe(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into flat tensors (`state.<param>.<slot>`) and JSON for everything else."""
-    tensors, state = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
     for param, slots in state_dict["state"].items():
         state[str(param)] = {}
         for slot, value in slots.items():
@@ -404,8 +405,8 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
     check_batching(len(labelled.train.labels))
     s = prepare(config, labelled)
     model = initial_teacher(teacher, n_mels=config.features.n_mels).to(s.device)
-    if teacher.freeze_feature_encoder and hasattr(model, "freeze_feature_encoder"):
-        model.freeze_feature_encoder()  # the convolutional encoder of a speech model: fine-tuning it rarely pays
+    if teacher.freeze_feature_encoder and (freeze := getattr(model, "freeze_feature_encoder", None)) is not None:
+        freeze()  # the convolutional encoder of a speech model: fine-tuning it rarely pays
     stepper = Stepper(model, [p for p in model.parameters() if p.requires_grad], lr=teacher.lr,
                       weight_decay=teacher.weight_decay, config=config, device=s.device,
                       total_steps=teacher.epochs * steps_per_epoch(len(s.labels), teacher.batch_size))

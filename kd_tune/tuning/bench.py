@@ -156,7 +156,8 @@ def ray_trial(config: Config, data_ref, *, storage_path: str, poll_s: str) -> di
     started = time.time()
     # fit() reads the variable and hands it to the controller it starts; it raises when the trial fails.
     with mock.patch.dict(os.environ, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}):
-        out = trainer.fit().return_value
+        # Train V2's Result, the one run, has return_value; mypy reads ray.train's first import, Train V1's
+        out = trainer.fit().return_value  # type: ignore[attr-defined]
     reports = out["reports"]
     return {"epochs": reports, "threads": out["threads"], "poll_s": float(poll_s),
             "trial_start_s": out["entered_unix"] - started,
@@ -231,7 +232,7 @@ def onnx_latency(config: Config) -> dict:
     stream_model = streaming_model(StreamingDetector(student, log_mel, hop_samples=hop))
     audio = 0.1 * np.random.default_rng(0).standard_normal(STREAM_BENCH_SECONDS * SAMPLE_RATE).astype(np.float32)
     windowed, streaming = open_session(model, threads=1), open_session(stream_model, threads=1)
-    per_audio_s = {"windowed": [], "streaming": []}
+    per_audio_s: dict[str, list[float]] = {"windowed": [], "streaming": []}
     for _ in range(STREAM_BENCH_ROUNDS):
         for form, score, session in (("windowed", stream_probabilities, windowed),
                                      ("streaming", streamed_probabilities, streaming)):

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TypeGuard
 
 from google.protobuf import struct_pb2
 from ray.tune.logger import TBXLoggerCallback
@@ -161,11 +162,11 @@ class TrialBest(BestEpoch):
     def values(self, result: dict) -> dict[str, float]:
         """Take one epoch's result; returns the leaderboard's metrics at the best epoch so far."""
         self.offer(result)
-        best = self.result or {}
+        best: dict = self.result or {}
         return {name: float(best[name]) for name in hparams_metrics(self.metric) if is_number(best.get(name))}
 
 
-def is_number(value) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

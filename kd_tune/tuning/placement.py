@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -28,7 +28,7 @@ LOST_CHECK_S = 5.0  # how often a sweep looks for a lost controller's groups; a 
 
 
 def orphans(groups: list[dict], *, ended_jobs: set[str], own_job: str | None = None,
-            occupied: set[str] = frozenset()) -> list[dict]:
+            occupied: Collection[str | None] = frozenset()) -> list[dict]:
     """The placement groups nobody will remove: CREATED, not detached, made by a job that has ended, or with
     own_job (a sweep whose trials are all over) by this driver's job and holding no live actor."""
     return [g for g in groups if g["state"] == "CREATED" and not g.get("is_detached") and (

@@ -38,7 +38,10 @@ check_ray_version(ray.__version__)
 # After the version check on purpose (hence noqa: E402): another Ray may lack any of them
 import ray.experimental.internal_kv  # noqa: E402
 from ray._private.state import state as gcs_state  # noqa: E402
-from ray.core.generated.gcs_pb2 import PlacementGroupTableData  # noqa: E402
+# Typed only in part: _raylet.pyi names few of _raylet's members, and protobuf builds gcs_pb2's classes on import
+from ray._raylet import (GCS_AUTOSCALER_STATE_NAMESPACE,  # type: ignore[attr-defined]  # noqa: E402
+                         GCS_AUTOSCALER_V2_ENABLED_KEY, RAY_NODE_ID_KEY)
+from ray.core.generated.gcs_pb2 import PlacementGroupTableData  # type: ignore[attr-defined]  # noqa: E402
 from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,  # noqa: E402
                                               RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
                                               WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, get_env_vars_to_propagate)
@@ -86,8 +89,8 @@ PRIVATE_INSTANCE_ATTRIBUTES = {
 COPIED_METHOD = "ray.train.v2.api.data_parallel_trainer.DataParallelTrainer._initialize_and_run_controller"
 COPIED_METHOD_SHA256 = "ea57ec4498323973ffa0e70ad9c03641465b32b420381e791abd5fa8082d09e8"
 
-AUTOSCALER_V2_KEY = ray._raylet.GCS_AUTOSCALER_V2_ENABLED_KEY  # "1" in the kv store when autoscaler v2 runs
-AUTOSCALER_NAMESPACE = ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE
+AUTOSCALER_V2_KEY = GCS_AUTOSCALER_V2_ENABLED_KEY  # "1" in the kv store when autoscaler v2 runs
+AUTOSCALER_NAMESPACE = GCS_AUTOSCALER_STATE_NAMESPACE
 
 
 def placement_group_rows() -> list[PlacementGroupTableData]:
@@ -122,10 +125,11 @@ def run_train_controller(trainer, hold: Callable[[object], contextlib.AbstractCo
     env_vars = get_env_vars_to_propagate()
     env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     controller = ray.remote(
-        num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+        num_cpus=0, label_selector={RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
         runtime_env={"env_vars": env_vars})(TrainController).remote(**controller_init_kwargs)
     if threading.current_thread() is threading.main_thread():  # e.g. `kd-tune bench`: Ctrl-C aborts the run
         trainer._register_sigint_handler(controller)
+    # Ray types the actor's methods as the class's own functions, without their .remote
     with hold(controller):
-        ray.get(controller.run.remote())
-        return ray.get(controller.get_result.remote())
+        ray.get(controller.run.remote())  # type: ignore[attr-defined]
+        return ray.get(controller.get_result.remote())  # type: ignore[attr-defined]

@@ -125,7 +125,7 @@ class HistoryCSVLogger(KeepHistory, CSVLoggerCallback):
 def node_shapes() -> tuple[list[tuple[dict, float]], bool]:
     """(resources of a node, how many such nodes) for every alive node and every node type an autoscaler may add;
     and whether that list is complete (False: an autoscaler runs whose node types Ray does not publish)."""
-    shapes = [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]]
+    shapes: list[tuple[dict, float]] = [(n["Resources"], 1) for n in ray.nodes() if n["Alive"]]
     config = cluster_config()  # what Train's own check reads (autoscaler v2)
     if config is not None and config.node_group_configs:
         shapes += [(dict(g.resources), math.inf if g.max_count == -1 else g.max_count)
@@ -334,9 +334,9 @@ def run_tuner(config: Config, space: SearchSpace, store: Storage, *, name: str, 
     remove_orphans()
     data_ref = ray.put(data)
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
-        started = time.perf_counter()
-        build_cache(config, list(space.teacher.choices), data=data, run=shards_on_ray(data_ref))
-        (progress.note if progress else log.info)(f"teacher cache: ready for {', '.join(space.teacher.choices)} "
+        started, teachers = time.perf_counter(), [str(t) for t in space.teacher.choices]  # names; Choice allows numbers
+        build_cache(config, teachers, data=data, run=shards_on_ray(data_ref))
+        (progress.note if progress else log.info)(f"teacher cache: ready for {', '.join(teachers)} "
                                                   f"({time.perf_counter() - started:.0f} s)")
     if resume:
         tuner = tune.Tuner.restore(f"{store.root}/{name}", trial_trainable(config, store, name, data_ref),
@@ -402,7 +402,9 @@ def shards_on_ray(data_ref: ray.ObjectRef):
 
     def run(config: Config, jobs: list[Job], data: WakewordData) -> None:
         task = ray.remote(num_cpus=1)(build_shard)
-        pending = {task.remote(config, name, shard, key, data=data_ref): f"{name}/{shard}" for name, shard, key in jobs}
+        # Ray's stubs take .remote's arguments by position only; a keyword reaches build_shard as well
+        pending = {task.remote(config, name, shard, key, data=data_ref): f"{name}/{shard}"  # type: ignore[call-arg]
+                   for name, shard, key in jobs}
         # on the console, not stderr: that goes to sweep.log while the sweep runs (kd_tune.tuning.console.ray_output_to)
         with progress_bar(len(pending), "teacher cache", "shard", enabled=bool(pending),
                           stream=console_stream()) as bar:

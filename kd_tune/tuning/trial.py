@@ -39,7 +39,8 @@ from kd_tune.tuning.ray_compat import (WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, Wor
                                        run_train_controller)
 
 log = logging.getLogger(__name__)
-TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}  # the driver only waits; {"cpu": 0} alone is refused
+# The driver only waits; {"cpu": 0} alone is refused
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {"cpu": 0, "memory": 256 * 2**20}
 # Train retries a worker group that does not start within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default)
 # without end by default. 4 retries: 5 minutes on Ray's default, long enough for an autoscaler to add a node.
 TRAIN_START_RETRIES = 4
@@ -168,7 +169,8 @@ def run_trial(params: dict, *, base: dict, experiment_path: str, shared: dict) -
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.storage.keep_best,
                                                      checkpoint_score_attribute=c.metric,
                                                      checkpoint_score_order=c.mode),
-        failure_config=ray.train.FailureConfig(max_failures=c.max_failures,
+        # mypy reads ray.train's first import, Train V1's FailureConfig; Train V2's, the one run, takes this limit
+        failure_config=ray.train.FailureConfig(max_failures=c.max_failures,  # type: ignore[call-arg]
                                                controller_failure_limit=TRAIN_START_RETRIES),
         callbacks=[TuneReportCallback()])
     try:
@@ -182,7 +184,8 @@ def run_trial(params: dict, *, base: dict, experiment_path: str, shared: dict) -
         raise
 
 
-run_trial.__mixins__ = (AbortTrainOnStop,)  # Tune builds the trial's trainable class with this mixin
+# Tune builds the trial's trainable class with this mixin; mypy knows no attributes set on a function
+run_trial.__mixins__ = (AbortTrainOnStop,)  # type: ignore[attr-defined]
 
 
 def start_failure(config: Config) -> str:
