@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from kd_tune.tuning.sweep import free_port
 from test_yamlfile import billion_laughs
 from test_data import HUGE_RATE_HZ, clean_folder, complete_folder, speakers_in, wav_claiming_rate
@@ -187,6 +188,11 @@ CASES = [
      "sweep/config.yaml: not a regular file (a directory); allowed"),
     ("broken config.yaml", lambda t: ["results", experiment(t, **{"config.yaml": "training: [\n"})],
      "sweep/config.yaml: not valid YAML"),
+    # a teacher whose source loads nothing: a missing directory (a hub id offline says the same, in
+    # tests/training/test_models.py)
+    ("teacher source not a directory", lambda t: ["teacher", "train", *at_root(
+        complete_folder(t), "teachers=[{name: h, arch: hubert, source: /no/such/dir}]", "distillation.teachers=[h]")],
+     "could not load teacher source '/no/such/dir': no such directory; allowed: tiny, base"),
     # minor ones
     ("compare --teachers nosuch", lambda t: ["compare", "--teachers", "cnn", "nosuch", "--out", str(t / "c"),
                                              *at_root(t)],
@@ -405,3 +411,12 @@ def test_huge_files_are_refused_from_their_size_unread(tmp_path, capsys):
             tracemalloc.stop()
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "allowed" in err and peak < 8 * 2**20, (argv, peak, err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without CUDA")
+def test_cuda_without_a_cuda_device_is_one_line(tmp_path, capsys):
+    # Rule: `training.device: cuda` on a machine without CUDA is the config's mistake: one line, exit 2, no traceback.
+    code = main(["teacher", "train", *at_root(complete_folder(tmp_path), "training.device=cuda")])
+    err = capsys.readouterr().err
+    assert code == EXIT_INVALID and err == ("kd-tune: training.device: 'cuda', but no CUDA device is available; "
+                                            "allowed: auto, cpu\n"), err

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_tune.audio.features import N_FRAMES, N_MELS, LogMel
+from kd_tune.errors import InputError
 
 if TYPE_CHECKING:  # for the annotations only: transformers is slow to import, and only teachers need it
     from transformers import PreTrainedModel, WhisperForAudioClassification
@@ -23,6 +24,10 @@ if TYPE_CHECKING:  # for the annotations only: transformers is slow to import, a
 N_CLASSES = 2  # 0 = not the wake word, 1 = the wake word
 INPUT_KINDS = ("waveform", "features")
 RANDOM_INIT_SOURCES = ("tiny", "base")
+
+
+class TeacherSourceError(InputError):
+    """A teacher's `source` that loads nothing: no such directory, no network for a hub id, broken files."""
 
 
 def scaled(channels: float, width: float) -> int:
@@ -299,14 +304,14 @@ def build_hf_teacher(arch: str, *, source: str, n_mels: int, hf_config: dict | N
 def from_pretrained(model_class, source: str) -> "PreTrainedModel":
     """Load weights with a fresh 2-class head (a head trained for other labels is re-initialised)."""
     if source.startswith(("/", ".")) and not Path(source).is_dir():  # else it reads as a malformed hub id
-        raise OSError(f"could not load teacher source {source!r}: no such directory (allowed: tiny, base, a Hugging "
-                      "Face id or a directory written by save_pretrained)")
+        raise TeacherSourceError(f"could not load teacher source {source!r}: no such directory; allowed: tiny, base, "
+                                 "a Hugging Face id or a directory written by save_pretrained")
     try:
         return model_class.from_pretrained(source, num_labels=N_CLASSES, ignore_mismatched_sizes=True,
                                            dtype=torch.float32)
     except (OSError, ValueError) as error:  # missing files, no network, malformed ids (HFValidationError)
-        raise OSError(f"could not load teacher source {source!r}: {error} "
-                      "(offline? point source at a local directory)") from error
+        raise TeacherSourceError(f"could not load teacher source {source!r}: {error}; allowed: a source that loads "
+                                 "(offline? point source at a local directory)") from error
 
 
 TEACHERS: dict[str, Callable[..., nn.Module]] = {

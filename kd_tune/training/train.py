@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from kd_tune.audio.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view, samples
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
 from kd_tune.datasets.data import WINDOW_KIND, WakewordData, load_data, sample_weights
-from kd_tune.errors import InputError, KdTuneError
+from kd_tune.errors import ConfigError, InputError, KdTuneError
 from kd_tune.progress import progress_bar
 from kd_tune.store.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
 from kd_tune.training.cache import cached_teachers
@@ -95,7 +95,7 @@ def prepare(config: Config, data: WakewordData) -> Setup:
 
 def pick_device(setting: str) -> torch.device:
     if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA device is available (allowed: auto, cpu)")
+        raise ConfigError("training.device", ["'cuda', but no CUDA device is available; allowed: auto, cpu"])
     return torch.device("cuda" if setting != "cpu" and torch.cuda.is_available() else "cpu")
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kd_tune.audio.features import N_FRAMES, N_MELS, N_SAMPLES, LogMel
-from kd_tune.training.models import STUDENTS, TEACHERS, build_student, build_teacher, count_parameters, \
-    teacher_input_kind
+from kd_tune.training.models import STUDENTS, TEACHERS, TeacherSourceError, build_student, build_teacher, \
+    count_parameters, teacher_input_kind
 
 STUDENT_BUDGET = 100_000  # parameters at width 1.0
 FEATURE_TEACHERS = {"cnn"}
@@ -139,7 +139,7 @@ def test_whisper_front_end_matches_its_feature_extractor():
 
 def test_missing_local_directory_is_a_clear_error(tmp_path):
     # Rule: a source that is neither a size nor loadable fails with a message naming it.
-    with pytest.raises(OSError, match="could not load teacher source '.*missing': no such directory"):
+    with pytest.raises(TeacherSourceError, match="could not load teacher source '.*missing': no such directory"):
         build_teacher("hubert", source=str(tmp_path / "missing"))
 
 
