@@ -167,3 +167,21 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     if params.get("temperature_schedule", "constant") == "constant" or "temperature_end" not in params:
         changes["distillation.temperature_end"] = changes.get("distillation.temperature_start", d.temperature_start)
     return base.replace(changes, source=f"trial parameters {params}")
+
+
+# ---------------------------------------------------------------- a trial's folder
+
+TRIAL_PREFIX = "trial_"
+DIRNAME_PARAMS = ("teacher", "alpha_schedule")  # what a trial's folder and TensorBoard run show besides its id
+
+
+def trial_dirname(trial_id: str, params: dict) -> str:
+    """trial_<id>_<teacher>_<alpha schedule>: Tune's folder for the trial, so also its TensorBoard run's name. The id
+    comes first and ends at the next "_" (Tune's search-generated ids are 8 hex digits): trial_id_of gives it back."""
+    # an ensemble's "+" becomes "-" (no teacher name has one): some S3 clients read "+" in a key as a space
+    return TRIAL_PREFIX + "_".join([trial_id, *(str(params[name]).replace("+", "-") for name in DIRNAME_PARAMS)])
+
+
+def trial_id_of(dirname: str) -> str:
+    """The trial id in a folder name trial_dirname made (a path's last part)."""
+    return dirname.rsplit("/", 1)[-1].removeprefix(TRIAL_PREFIX).split("_", 1)[0]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from kd_tune.config import ConfigError, load_config
-from kd_tune.space import SpaceSampler, builtin_spaces, load_search_space, trial_config
+from kd_tune.space import SpaceSampler, builtin_spaces, load_search_space, trial_config, trial_dirname, trial_id_of
 
 
 # The embedded default holds the teachers that earned a place (cnn alone); these tests also map a tiny wav2vec2.
@@ -83,8 +83,6 @@ def test_trial_config_maps_parameters_onto_the_config():
 def test_a_teacher_choice_joined_by_plus_is_an_ensemble():
     # Rule: a choice "cnn+wav2vec2" distils from both configured teachers at once; one unknown member refuses it,
     # and its trial folder carries "-" instead of "+" (some S3 clients read "+" in a key as a space).
-    from kd_tune.tuning.trial import trial_dirname
-
     base = load_config(None, overrides=TWO_TEACHERS, check_paths=False)
     config = trial_config(base, {"teacher": "cnn+wav2vec2", "alpha_schedule": "constant", "alpha_start": 0.5,
                                  "temperature": 2.0})
@@ -97,3 +95,11 @@ def test_a_teacher_choice_joined_by_plus_is_an_ensemble():
             .check_teachers(base, source="space")
     assert trial_dirname("1a2b3c4d", {"teacher": "cnn+wav2vec2", "alpha_schedule": "step"}) \
         == "trial_1a2b3c4d_cnn-wav2vec2_step"
+
+
+def test_a_trial_folder_gives_its_id_back():
+    # Rule: one pair names a trial's folder and reads its id back (the leaderboard, plots, export and the sweep's
+    # error lines all use trial_id_of), from the folder's name or a path ending in it.
+    name = trial_dirname("1a2b3c4d", {"teacher": "cnn+wav2vec2", "alpha_schedule": "linear"})
+    assert name == "trial_1a2b3c4d_cnn-wav2vec2_linear"
+    assert trial_id_of(name) == trial_id_of(f"runs/sweep/{name}") == "1a2b3c4d"

@@ -25,7 +25,7 @@ from kd_tune.config import Config, ConfigError, validate
 from kd_tune.deploy.detect import read_card
 from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.metrics import METRICS, epoch_key
-from kd_tune.space import SearchSpace, space_from
+from kd_tune.space import TRIAL_PREFIX, SearchSpace, space_from, trial_id_of
 from kd_tune.store.checkpoint import Identity, verify_checkpoint
 from kd_tune.store.storage import Storage, check_plain_uri, read_json, write_text
 from kd_tune.training.teachers import TEACHER_KIND, teacher_store
@@ -60,7 +60,7 @@ def leaderboard(grid, config: Config) -> list[dict]:
     for result in grid:
         params = result.config or {}
         df = result.metrics_dataframe
-        row = {"trial": Path(result.path).name.removeprefix("trial_").split("_", 1)[0],
+        row = {"trial": trial_id_of(Path(result.path).name),
                "status": trial_status(df, error=result.error is not None, epochs=config.training.epochs),
                "teacher": params.get("teacher"), "alpha_schedule": params.get("alpha_schedule"),
                "alpha_start": params.get("alpha_start"),
@@ -215,7 +215,7 @@ def checkpoint_in(experiment: str, row: dict) -> str | None:
     path, trial = row.get("checkpoint"), row.get("trial")
     parts = str(path or "").split("/")
     for i, part in enumerate(parts):
-        if part == f"trial_{trial}" or part.startswith(f"trial_{trial}_"):  # kd_tune.tuning.trial.trial_dirname
+        if part.startswith(TRIAL_PREFIX) and trial_id_of(part) == trial:
             return "/".join([experiment.rstrip("/"), *parts[i:]])
     return path
 

@@ -32,7 +32,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from kd_tune.config import validate
 from kd_tune.errors import KdTuneError
 from kd_tune.metrics import METRICS
-from kd_tune.space import SearchSpace
+from kd_tune.space import SearchSpace, trial_id_of
 from kd_tune.store.storage import Storage, read_text
 
 PLOTS_DIR = "plots"
@@ -147,7 +147,7 @@ def trial_records(store: Storage, name: str) -> dict[str, dict]:
         except (OSError, KdTuneError, ValueError, KeyError, TypeError):
             continue  # not started, or cut mid-write: the trial goes after those whose start is known
         config = result.get("config")
-        records[folder.removeprefix("trial_").split("_", 1)[0]] = {
+        records[trial_id_of(folder)] = {
             "start": start, "params": config if isinstance(config, dict) else {}}
     return records
 

@@ -15,13 +15,14 @@ from kd_tune.config import Config, validate
 from kd_tune.errors import InputError, KdTuneError, shown
 from kd_tune.evaluation.leaderboard import LEADERBOARD_NAME, experiment_storage
 from kd_tune.metrics import METRICS, epoch_key
+from kd_tune.space import TRIAL_PREFIX, trial_id_of
 from kd_tune.store.checkpoint import MANIFEST_NAME, Checkpoint, CheckpointError, Identity, load_checkpoint, \
     verify_checkpoint
 from kd_tune.store.storage import PathEscapeError, Storage, read_json
 from kd_tune.training.train import STUDENT_KIND
 
 # Where a sweep's trial checkpoints live: <experiment>/trial_<id>_.../train/checkpoint_... (Tune, then Ray Train)
-TRIAL_PREFIX, TRIAL_RUN_DIR, CHECKPOINT_PREFIX = "trial_", "train", "checkpoint_"
+TRIAL_RUN_DIR, CHECKPOINT_PREFIX = "train", "checkpoint_"
 EXPERIMENT_SECTIONS = ("data", "features", "tune")  # what every trial of one sweep shares; the space changes none
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def verified_trials(store: Storage, name: str, experiment: str) -> list[tuple[st
     trial's student; one that does not (half-written, damaged, another trial's) is skipped with a warning."""
     found = []
     for trial_dir in (d for d in store.listdir(name) if d.startswith(TRIAL_PREFIX)):
-        trial = trial_dir.removeprefix(TRIAL_PREFIX).split("_", 1)[0]  # as kd_tune.tuning.trial.trial_dirname names it
+        trial = trial_id_of(trial_dir)
         parent = f"{name}/{trial_dir}/{TRIAL_RUN_DIR}"
         if store.filesystem.get_file_info(store.path(parent)).type != FileType.Directory:
             continue

@@ -38,7 +38,7 @@ from kd_tune.datasets.data import WakewordData, load_data
 from kd_tune.errors import KdTuneError
 from kd_tune.evaluation.leaderboard import LOG_NAME, leaderboard, write_leaderboard
 from kd_tune.progress import progress_bar
-from kd_tune.space import SearchSpace, SpaceSampler
+from kd_tune.space import SearchSpace, SpaceSampler, trial_dirname, trial_id_of
 from kd_tune.store.checkpoint import MANIFEST_NAME
 from kd_tune.store.storage import Storage, check_layout, write_text
 from kd_tune.training.cache import Job, build_cache, build_shard
@@ -49,7 +49,7 @@ from kd_tune.tuning.console import SweepProgress, console_stream, ray_output_to
 from kd_tune.tuning.placement import remove_orphans, removing_lost
 from kd_tune.tuning.ray_compat import (AUTOSCALER_NAMESPACE, AUTOSCALER_V2_KEY, cluster_config, internal_kv_get,
                                        stop_propagating_env_vars)
-from kd_tune.tuning.trial import TRIAL_DRIVER_RESOURCES, run_trial, trial_dirname
+from kd_tune.tuning.trial import TRIAL_DRIVER_RESOURCES, run_trial
 
 # A local Ray's start can miss its own RPC deadlines on a machine loaded to the hilt (measured: "Failed to get node
 # info ... Deadline Exceeded" beside a full test run on 2 cores); a second start then succeeds.
@@ -380,7 +380,7 @@ def trial_error(result, *, max_chars: int = 500) -> str:
     """One line per failed trial: the exception the trial raised (not Ray's wrapper with its traceback)."""
     cause = getattr(result.error, "cause", None) or result.error
     lines = [line for line in str(cause).splitlines() if line.strip()] or [""]
-    trial = Path(result.path).name.removeprefix("trial_").split("_", 1)[0]
+    trial = trial_id_of(Path(result.path).name)
     return f"trial {trial}: {type(cause).__name__}: {lines[-1].strip()[:max_chars]}"
 
 

@@ -32,6 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from kd_tune.config import Config, validate
 from kd_tune.errors import KdTuneError
 from kd_tune.space import trial_config
+from kd_tune.space import trial_dirname  # noqa: F401  # where the Tune state of older sweeps (tuner.pkl) finds it
 from kd_tune.store.checkpoint import Checkpoint, CheckpointError, Identity, load_checkpoint
 from kd_tune.store.storage import Storage
 from kd_tune.training.train import STUDENT_KIND, Report, fit
@@ -197,13 +198,3 @@ def start_failure(config: Config) -> str:
             f"{TRAIN_START_RETRIES + 1} attempts of {WORKER_GROUP_START_TIMEOUT_S_ENV_VAR}={timeout_s} s; allowed: "
             "a trial the cluster's free resources fit (other jobs or leftover placement groups may hold them: "
             "`ray list placement-groups`)")
-
-
-DIRNAME_PARAMS = ("teacher", "alpha_schedule")  # what a trial's folder and TensorBoard run show besides its id
-
-
-def trial_dirname(trial_id: str, params: dict) -> str:
-    """trial_<id>_<teacher>_<alpha schedule>: Tune's folder for the trial, so also its TensorBoard run's name. The id
-    comes first and ends at the next "_" (Tune's search-generated ids are 8 hex digits): the folder gives it back."""
-    # an ensemble's "+" becomes "-" (no teacher name has one): some S3 clients read "+" in a key as a space
-    return "_".join(["trial", trial_id, *(str(params[name]).replace("+", "-") for name in DIRNAME_PARAMS)])

@@ -26,7 +26,7 @@ from kd_tune.metrics import METRICS
 from kd_tune.space import Choice, SearchSpace, load_search_space
 from kd_tune.tuning.board import (APPLIES, BEST_GROUP, CONSTANT_METRICS, TensorBoardCallback, TrialBest, best_tag,
                                   hparams_metrics, ticked)
-from kd_tune.tuning.trial import trial_dirname
+from kd_tune.space import trial_dirname
 
 TICKED_BY_TENSORBOARD = 5  # its HParams tab ticks the first five hyperparameters and the first five metrics
 TRIAL_PARAMS = {  # one trial per alpha schedule of the default space; only `step` samples alpha_step_point

@@ -33,7 +33,8 @@ from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_
 from kd_tune.store import storage
 from kd_tune.store.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
 from kd_tune.store.storage import PathEscapeError, Storage
-from kd_tune.tuning.trial import trial_dirname, verified_resume_point
+from kd_tune.space import trial_dirname
+from kd_tune.tuning.trial import verified_resume_point
 
 # moto takes any credentials: unique secrets, so finding one anywhere means it leaked.
 AWS_SECRET = f"kd-tune-test-secret-{secrets.token_hex(16)}"

@@ -19,7 +19,8 @@ from kd_tune.space import SearchSpace
 from kd_tune.store.checkpoint import load_checkpoint
 from kd_tune.tuning import sweep as sweep_module
 from kd_tune.tuning.sweep import RAY_SETTINGS, apply_ray_settings, coverage_points, trials_that_fit
-from kd_tune.tuning.trial import TRAIN_START_RETRIES, trial_dirname
+from kd_tune.space import trial_dirname
+from kd_tune.tuning.trial import TRAIN_START_RETRIES
 
 TRIAL_TAGS = ("loss/student", "loss/distillation", "loss/total", "schedule/alpha", "schedule/temperature",
               "eval/frr_at_target_fa")
