@@ -10,7 +10,6 @@ and export loads what it wrote through the same checks before it reports success
 from __future__ import annotations
 
 import io
-import json
 import math
 import tempfile
 import time
@@ -37,7 +36,7 @@ from kd_tune.errors import KdTuneError
 from kd_tune.metrics import audio_hours, wakeword_metrics
 from kd_tune.signing import signed
 from kd_tune.store.checkpoint import Checkpoint, CheckpointError, load_state_dict_strict
-from kd_tune.store.storage import Storage, write_json
+from kd_tune.store.storage import Storage, pretty_json, write_json
 from kd_tune.training.models import build_student, count_parameters
 from kd_tune.training.scoring import predict
 from kd_tune.training.train import STUDENT_KIND
@@ -345,8 +344,8 @@ def check_written(model_path: Path) -> None:
 
 
 def manifest_sha256(manifest: dict) -> str:
-    """SHA-256 of manifest.json as kd_tune writes it (sorted keys, indent 2, trailing newline)."""
-    return sha256(json.dumps(manifest, sort_keys=True, indent=2, allow_nan=False).encode() + b"\n")
+    """SHA-256 of manifest.json's bytes as the checkpoint writer wrote them (storage.pretty_json)."""
+    return sha256(pretty_json(manifest))
 
 
 def finite_or_none(value: float) -> float | None:
