@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kd_tune.config import Config
+from kd_tune.config import Config, dump_config
 from kd_tune.datasets.data import WakewordData, load_data
 from kd_tune.errors import KdTuneError
 from kd_tune.evaluation.leaderboard import LOG_NAME, leaderboard, write_leaderboard
@@ -343,7 +343,7 @@ def run_tuner(config: Config, space: SearchSpace, store: Storage, *, name: str, 
                                    resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=store.filesystem)
     else:
-        write_text(store, f"{name}/config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text(store, f"{name}/config.yaml", dump_config(config))
         write_text(store, f"{name}/search_space.yaml", yaml.safe_dump(space.model_dump(), sort_keys=False))
         tuner = build_tuner(config, space, name=name, data_ref=data_ref, concurrency=concurrency, progress=progress)
     try:
