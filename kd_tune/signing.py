@@ -78,6 +78,14 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes | None:
+    """The one bounded read of a local file: a regular file's bytes (open_regular), None past max_bytes. The size on
+    record refuses a 1 GB sparse file before a byte is read; reading one byte past the limit, a file that grew."""
+    with open_regular(path) as f:
+        data = f.read(max_bytes + 1) if os.fstat(f.fileno()).st_size <= max_bytes else None
+    return None if data is None or len(data) > max_bytes else data
+
+
 # ---------------------------------------------------------------- settings
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from kd_tune.errors import SHOWN_CHARS, ConfigError
-from kd_tune.signing import SpecialFileError, open_regular
+from kd_tune.signing import SpecialFileError, read_regular
 
 MAX_YAML_BYTES = 256 * 1024
 MAX_YAML_DEPTH = 16  # nested mappings and lists
@@ -26,16 +26,20 @@ def read_yaml(path: Path | Traversable, *, source: str) -> Any:
     """A YAML file's value, read within MAX_YAML_BYTES; OSError (a missing file) is left to the caller."""
     try:  # a FIFO or device would block or never end: refused before it is opened (a packaged built-in may be
         # no file of its own)
-        with open_regular(path) if isinstance(path, (str, os.PathLike)) else path.open("rb") as f:
-            data = f.read(MAX_YAML_BYTES + 1)
+        if isinstance(path, (str, os.PathLike)):
+            data = read_regular(path, MAX_YAML_BYTES)
+        else:
+            with path.open("rb") as f:
+                data = f.read(MAX_YAML_BYTES + 1)
     except SpecialFileError as error:
         raise ConfigError(source, [f"not a regular file ({error.kind}); allowed: a YAML file"]) from None
     return yaml_from_bytes(data, source=source)
 
 
-def yaml_from_bytes(data: bytes, *, source: str) -> Any:
-    """The value of a YAML file's bytes: refused past MAX_YAML_BYTES, when not UTF-8, or as parse_yaml refuses."""
-    if len(data) > MAX_YAML_BYTES:
+def yaml_from_bytes(data: bytes | None, *, source: str) -> Any:
+    """The value of a YAML file's bytes: refused past MAX_YAML_BYTES (None: read_regular found it larger), when not
+    UTF-8, or as parse_yaml refuses."""
+    if data is None or len(data) > MAX_YAML_BYTES:
         raise ConfigError(source, [f"larger than {MAX_YAML_BYTES // 1024} KiB; allowed: a YAML file up to that size"])
     try:
         text = data.decode("utf-8")

@@ -22,7 +22,7 @@ from kd_tune.audio.features import SAMPLE_RATE
 from kd_tune.audio.samples import MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, \
     BlockResampler
 from kd_tune.errors import DataError
-from kd_tune.signing import SpecialFileError, open_regular
+from kd_tune.signing import SpecialFileError, open_regular, read_regular
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 # `check` thresholds; files with an UNUSABLE problem are skipped by `load_dataset`, the others only reported
@@ -89,9 +89,7 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
 
 def read_bounded(path: Path) -> bytes | None:
     """A regular file's bytes, or None past MAX_FILE_BYTES."""
-    with open_regular(path) as f:
-        data = f.read(MAX_FILE_BYTES + 1)
-    return None if len(data) > MAX_FILE_BYTES else data
+    return read_regular(path, MAX_FILE_BYTES)
 
 
 def header_problems(sample_rate: int, channels: int, frames: int) -> list[tuple[str, str]]:

@@ -34,7 +34,7 @@ from kd_tune.audio.io import AUDIO_SUFFIXES, MAX_STREAM_HOURS, UNUSABLE, AudioFi
 from kd_tune.audio.samples import resample
 from kd_tune.config import DataConfig
 from kd_tune.errors import DataError, KdTuneError, shown
-from kd_tune.signing import open_regular
+from kd_tune.signing import read_regular
 
 FORMAT_VERSION = 5  # of manifest.jsonl + dataset.json; bump when the same parameters would give other audio or splits
 KINDS = ("positive", "hard_negative", "negative", "background")
@@ -115,9 +115,8 @@ def read_manifest(root: Path) -> list[ClipInfo]:
 def read_text_within(path: Path, max_bytes: int) -> str:
     """A UTF-8 file's text, refused (DataError) past max_bytes or when unreadable."""
     try:
-        with open_regular(path) as f:  # the size on record first: a 1 GB sparse file is refused unread
-            data = f.read(max_bytes + 1) if os.fstat(f.fileno()).st_size <= max_bytes else None
-        if data is None or len(data) > max_bytes:
+        data = read_regular(path, max_bytes)
+        if data is None:
             raise DataError(f"{path}: larger than {max_bytes} bytes; allowed: up to that size")
         return data.decode("utf-8")
     except OSError as error:

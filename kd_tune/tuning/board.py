@@ -29,6 +29,7 @@ from tensorboardX.proto import summary_pb2 as tbx_summary_pb2
 from kd_tune.config import Config
 from kd_tune.evaluation.plots import metric_label
 from kd_tune.metrics import METRICS, BestEpoch
+from kd_tune.signing import SpecialFileError, read_regular
 from kd_tune.space import TARGETS, Choice, SearchSpace, trial_config
 
 log = logging.getLogger(__name__)
@@ -176,15 +177,14 @@ def earlier_results(trial) -> list[dict]:
     local = Path(trial.local_path, "result.json")
     try:
         if local.exists():
-            with open(local, "rb") as f:
-                raw = f.read(MAX_HISTORY_BYTES)
+            raw = read_regular(local, MAX_HISTORY_BYTES) or b""  # past its cap: as if none
         else:
             with trial.storage.storage_filesystem.open_input_stream(
                     f"{trial.storage.trial_fs_path}/result.json") as f:
                 raw = f.read(MAX_HISTORY_BYTES)
     except FileNotFoundError:
         return []
-    except OSError as e:  # the best epoch then restarts from here; TensorBoard only, the leaderboard is unaffected
+    except (OSError, SpecialFileError) as e:  # the best epoch restarts here; TensorBoard only, not the leaderboard
         log.warning("could not read the earlier results of trial %s: %s", trial.trial_id, e)
         return []
     results = []
