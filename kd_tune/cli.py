@@ -205,9 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from kd_tune.config import apply_overrides, validate
-    from kd_tune.evaluation.compare import compare, table
-    from kd_tune.evaluation.source import locate_source
+    from kd_tune.evaluation.compare import best_of_config, compare, table
     from kd_tune.store.storage import check_out_path
 
     check_out_path(args.out, folder=True, files=("compare.json", "compare.md"))
@@ -215,18 +213,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from kd_tune.audio.conditions import NOISE_TYPES, parse_grid
 
         parse_grid(args.conditions, (*NOISE_TYPES, "background"))
-    if args.best_of:  # that trial's whole setting (schedules, temperature, student), then --set on top of it;
-        # the config only locates the trial, so a bad --set is named as the trial's, not the config's
+    if args.best_of:  # the config (its storage settings) only locates the trial
         storage = [item for item in args.set if item.startswith("storage.")]
-        trial = locate_source(args.best_of, load_config(args.config, overrides=storage, check_paths=False))
-        config = validate(apply_overrides(trial.load().manifest["config"], args.set),
-                          source=f"{args.best_of}'s best trial")
+        config = best_of_config(args.best_of, load_config(args.config, overrides=storage, check_paths=False), args.set)
     else:
         config = _config(args)
     teachers = args.teachers or [t.name for t in config.teachers]
     out = Path(args.out)
     rows = compare(config, teachers, seeds=args.seeds, name=args.name, out=out, conditions=args.conditions)
-    (out / "compare.md").write_text(table(rows) + "\n")
     print(f"{table(rows)}\nfigures: {out / 'compare.json'}, table: {out / 'compare.md'}")
     return 0
 

@@ -14,11 +14,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from kd_tune.config import Config
+from kd_tune.config import Config, apply_overrides, validate
 from kd_tune.deploy.export import export_student
 from kd_tune.evaluation.heldout import evaluate_model
 from kd_tune.evaluation.robustness import SHORT_STREAM_MINUTES, group_means, run_grid
-from kd_tune.evaluation.source import Source
+from kd_tune.evaluation.source import Source, locate_source
 from kd_tune.metrics import BestEpoch
 from kd_tune.space import ENSEMBLE_JOIN
 from kd_tune.store.storage import Storage, write_text
@@ -79,7 +79,7 @@ def run_arm(config: Config, arm: Arm, seed: int, *, name: str, out: Path, condit
 def compare(config: Config, teachers: list[str], *, seeds: int, name: str, out: Path, echo=print,
             conditions: str | None = None) -> list[dict]:
     """Every arm at seeds 0..seeds-1 (seed-major, so a stopped comparison has whole seeds); rows written to
-    out/compare.json as they come."""
+    out/compare.json, and their table to out/compare.md, as they come."""
     arms = arms_of(config, teachers)
     for arm in arms:  # each arm's config checked now: a teacher that is not configured costs no training first
         config.replace(arm.changes, source=f"--teachers ({arm.name})")
@@ -90,7 +90,15 @@ def compare(config: Config, teachers: list[str], *, seeds: int, name: str, out: 
             rows.append(run_arm(config, arm, seed, name=name, out=out, conditions=conditions))
             echo(f"{arm.name} seed {seed}: " + ", ".join(f"{c} {cell(rows[-1][k])}" for c, k in COLUMNS))
             write_text(out, "compare.json", json.dumps(rows, indent=2) + "\n")
+            write_text(out, "compare.md", table(rows) + "\n")
     return rows
+
+
+def best_of_config(experiment: str, config: Config, overrides: list[str]) -> Config:
+    """The whole setting of an experiment's best trial (schedules, temperature, student), `overrides` on top of it.
+    `config` only locates the trial (its storage settings), so a bad override is named as the trial's."""
+    trial = locate_source(experiment, config)
+    return validate(apply_overrides(trial.load().manifest["config"], overrides), source=f"{experiment}'s best trial")
 
 
 def cell(value) -> str:
