@@ -298,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--size", choices=("small", "default", "large"), default="default")
     q.add_argument("--train-hours", type=POSITIVE, metavar="HOURS", help="long/train/'s length (default: the size's, "
-                   "1 h at the default size)")
+                   "1 h at the default size; 3 h trains a better model, measured)")
     q.add_argument("--no-new-speakers", action="store_true", help="keep the voices as the engines speak them (no "
                    "pitch, formant or speed changes)")
     q.add_argument("--voice", action="append", default=[], metavar="PATH", help="a piper voice model (.onnx, its "
