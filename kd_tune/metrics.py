@@ -64,15 +64,13 @@ METRICS = {
     "cuda_max_reserved_mib": Metric("system/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak
 }
 RANKABLE = tuple(name for name, m in METRICS.items() if m.goal)
-TIE_BREAKER = "auc"  # between epochs equal on the ranking metric: the better separated, then the earlier
-
-
-def epoch_key(result: Mapping[str, object], metric: str, mode: str) -> tuple[float, float, float]:
+def epoch_key(result: Mapping[str, object], metric: str, mode: str) -> tuple[float, float]:
     """The one rule that picks a best epoch, and ranks trials by theirs: sort by this key, best first. `metric` in
-    `mode`'s direction (missing or NaN last), then the higher AUC, then the earlier epoch."""
-    value, auc, epoch = (_number(result.get(key)) for key in (metric, TIE_BREAKER, "epoch"))
+    `mode`'s direction (missing or NaN last), then the later epoch: Ray's checkpoint retention in a sweep keeps the
+    later of tied checkpoints, so any other tie-breaker (AUC, the earlier epoch) could pick one it deleted."""
+    value, epoch = _number(result.get(metric)), _number(result.get("epoch"))
     return (math.inf if math.isnan(value) else value if mode == "min" else -value,
-            math.inf if math.isnan(auc) else -auc, math.inf if math.isnan(epoch) else epoch)
+            math.inf if math.isnan(epoch) else -epoch)
 
 
 def _number(value: object) -> float:

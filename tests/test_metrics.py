@@ -179,17 +179,16 @@ def test_sliding_windows_rejects_non_1d_audio():
         sliding_windows(torch.zeros(2, 100), window_samples=50, hop_samples=10)
 
 
-def test_the_best_epoch_rule_ranks_by_metric_then_auc_then_the_earlier_epoch():
+def test_the_best_epoch_rule_ranks_by_metric_then_the_later_epoch():
     # Rule: one rule picks a best epoch everywhere (leaderboard, TensorBoard's trial_best, export, retention,
-    # compare): the metric in its direction with NaN or missing last, then the higher AUC, then the earlier epoch;
-    # numpy numbers (a pandas row's) count as numbers, booleans do not.
-    epochs = [{"epoch": 1, "frr": math.nan, "auc": 0.99}, {"epoch": 2, "frr": 0.3, "auc": 0.8},
-              {"epoch": 3, "frr": 0.3, "auc": 0.9}, {"epoch": 4, "frr": 0.3, "auc": 0.9}, {"epoch": 5, "frr": 0.4},
-              {"epoch": 6, "auc": 1.0}]
+    # compare): the metric in its direction with NaN or missing last, then the later epoch (what Ray's checkpoint
+    # retention keeps of a tie); numpy numbers (a pandas row's) count as numbers, booleans do not.
+    epochs = [{"epoch": 1, "frr": math.nan}, {"epoch": 2, "frr": 0.3}, {"epoch": 3, "frr": 0.3, "auc": 0.5},
+              {"epoch": 4, "frr": 0.4}, {"epoch": 5}]
     ranked = [r["epoch"] for r in sorted(epochs, key=lambda r: epoch_key(r, "frr", "min"))]
-    assert ranked == [3, 4, 2, 5, 6, 1]  # the two without a metric: by AUC too
-    assert [r["epoch"] for r in sorted(epochs, key=lambda r: epoch_key(r, "frr", "max"))][:2] == [5, 3]
-    assert epoch_key({"frr": np.float64(0.2), "epoch": np.int64(7)}, "frr", "min") == (0.2, math.inf, 7.0)
+    assert ranked == [3, 2, 4, 5, 1]
+    assert [r["epoch"] for r in sorted(epochs, key=lambda r: epoch_key(r, "frr", "max"))][:3] == [4, 3, 2]
+    assert epoch_key({"frr": np.float64(0.2), "epoch": np.int64(7)}, "frr", "min") == (0.2, -7.0)
     assert epoch_key({"frr": True}, "frr", "min")[0] == math.inf
     best = BestEpoch("frr", "min")
     for result in epochs:

@@ -31,11 +31,11 @@ CLIPPED_LEVEL = 0.999
 CLIPPED_FRACTION = 0.01
 MIN_SECONDS = 0.3
 MAX_SECONDS = 10.0
-MAX_FILE_BYTES = 128 * 2**20  # 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB; more is "too large"
+MAX_FILE_BYTES = 128 * 2**20  # a clip of 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB; more: "too large"
 UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "too many channels", "empty",
                       "non-finite", "out of range", "silent", "too long"})
 MAX_STREAM_HOURS = 8  # per split: 8 h at 16 kHz is 1.8 GB of float32
-BLOCK_SECONDS = 10  # decoded and resampled at a time
+BLOCK_FRAMES = 2**18  # decoded and resampled at a time: 1 MiB per channel, 32 MiB at most (MAX_CHANNELS)
 MAX_FOLDER_DEPTH = 32  # levels of folders under a class or long/ folder; a data set nests two or three
 
 
@@ -165,12 +165,12 @@ def check_header(path: Path, rate: int, channels: int, n_samples: int, max_sampl
 
 
 def resample_blocks(f: sf.SoundFile, path: Path) -> Tensor:
-    """The file's mono audio at 16 kHz [T], decoded and resampled BLOCK_SECONDS at a time (the samples of one
+    """The file's mono audio at 16 kHz [T], decoded and resampled BLOCK_FRAMES at a time (the samples of one
     resampling of the whole file: audio.samples.BlockResampler)."""
     resampler = BlockResampler(f.samplerate, SAMPLE_RATE) if f.samplerate != SAMPLE_RATE else None
     out = []
-    for start in range(0, f.frames, BLOCK_SECONDS * f.samplerate):
-        block = f.read(BLOCK_SECONDS * f.samplerate, dtype="float32", always_2d=True)  # [t, C]
+    for start in range(0, f.frames, BLOCK_FRAMES):
+        block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)  # [t, C]
         if not np.isfinite(block).all() or np.abs(block).max(initial=0) > MAX_ABS_SAMPLE:
             raise DataError(f"{path}: non-finite or out-of-range samples near {start / f.samplerate:.1f} s; allowed: "
                             "finite audio within full scale")

@@ -2,7 +2,7 @@
 
 Two layouts are read (see `scan`): a folder with manifest.jsonl (what kd_tune.datasets.synth writes), or a folder with
 positive/ and negative/ (optionally hard_negative/ and background/) holding WAV or FLAC files at 8-192 kHz and up to
-8 channels. Each file's header is checked before it is decoded, so a tiny file that claims a huge rate or length
+32 channels. Each file's header is checked before it is decoded, so a tiny file that claims a huge rate or length
 costs nothing; an unusable file is skipped and counted, never the end of a run.
 
 Long negative recordings, `<root>/long/<split>/*.wav`, are hours of audio without the wake word, read in name order

@@ -75,8 +75,9 @@ def leaderboard(grid, config: Config) -> list[dict]:
             row |= {k: _plain(best[k]) for k in LEADERBOARD_COLUMNS if k in best and k not in row}
             row["checkpoint"] = best["checkpoint_path"]
         row["epochs"] = last_epoch(df)
-        rows.append(row)
-    return sorted(rows, key=lambda row: epoch_key(row, metric, mode))
+        # ranked by the rule on its best epoch, as `export` ranks the verified checkpoints (the row keeps `epochs`)
+        rows.append((epoch_key({**row, "epoch": best and best["epoch"]}, metric, mode), row))
+    return [row for _, row in sorted(rows, key=lambda ranked: ranked[0])]
 
 
 def last_epoch(df) -> int:

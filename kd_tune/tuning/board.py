@@ -181,7 +181,8 @@ def earlier_results(trial) -> list[dict]:
         else:
             with trial.storage.storage_filesystem.open_input_stream(
                     f"{trial.storage.trial_fs_path}/result.json") as f:
-                raw = f.read(MAX_HISTORY_BYTES)
+                raw = f.read(MAX_HISTORY_BYTES + 1)
+            raw = raw if len(raw) <= MAX_HISTORY_BYTES else b""  # as the local read: past its cap, as if none
     except FileNotFoundError:
         return []
     except (OSError, SpecialFileError) as e:  # the best epoch restarts here; TensorBoard only, not the leaderboard

@@ -46,7 +46,7 @@ def test_blocks_give_the_samples_of_one_call(rate):
 def test_training_and_detection_read_a_recording_as_the_same_samples(tmp_path, monkeypatch, rate):
     # Rule: train/serve parity: a stereo recording at another rate becomes the same 16 kHz samples when a data set
     # loads it (audio.io, in blocks) as when `kd-tune detect` reads it (deploy.detect, in its own blocks).
-    monkeypatch.setattr(audio_module, "BLOCK_SECONDS", 1)
+    monkeypatch.setattr(audio_module, "BLOCK_FRAMES", 10_000)
     path = tmp_path / "x.wav"
     sf.write(path, noise(4.3, rate, seed=rate, channels=2), rate, subtype="FLOAT")
     training = read_recording(path, max_samples=10**9)

@@ -179,10 +179,10 @@ def test_each_session_holds_only_the_hyperparameters_its_schedules_use(tmp_path,
 def test_best_scalars_hold_the_epoch_the_leaderboard_picks(tmp_path, base):
     # Rule: after every epoch, `trial_best/*` hold the leaderboard's metrics at the epoch evaluation.leaderboard's
     # best_epoch picks among the epochs so far (the one rule, metrics.epoch_key: best by the sweep metric, nan last,
-    # then the higher AUC, then the earlier epoch); the HParams metrics point at exactly those tags.
+    # then the later epoch); the HParams metrics point at exactly those tags.
     metric, mode = base.tune.metric, base.tune.mode
     epochs = [epoch_result(1, math.nan, 0.6), epoch_result(2, 0.5, 0.7), epoch_result(3, 0.3, 0.75),
-              epoch_result(4, 0.3, 0.8), epoch_result(5, 0.4, 0.9), epoch_result(6, 0.3, 0.8)]
+              epoch_result(4, 0.3, 0.8), epoch_result(5, 0.4, 0.9), epoch_result(6, 0.3, 0.7)]
     tracker, checkpoints = TrialBest(metric, mode), tmp_path / "checkpoints"
     checkpoints.mkdir()
     for n, result in enumerate(epochs, 1):
@@ -191,7 +191,7 @@ def test_best_scalars_hold_the_epoch_the_leaderboard_picks(tmp_path, base):
         picked = best_epoch(rows, metric, mode, pyarrow.fs.LocalFileSystem())
         expected = {k: picked[k] for k in hparams_metrics(metric)}
         assert tracker.values(result) == pytest.approx(expected, nan_ok=True), n
-    assert tracker.result["epoch"] == 4  # 0.3 three times: the higher AUC (0.8), then the earlier of 4 and 6
+    assert tracker.result["epoch"] == 6  # 0.3 three times: the latest
     best = {k: tracker.result[k] for k in hparams_metrics(metric)}
     dirs = run_trials(tmp_path / "run", base, load_search_space("default"), epochs)
     scalars = last_scalars(dirs["linear"])
