@@ -87,11 +87,6 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
     return problems
 
 
-def read_bounded(path: Path) -> bytes | None:
-    """A regular file's bytes, or None past MAX_FILE_BYTES."""
-    return read_regular(path, MAX_FILE_BYTES)
-
-
 def header_problems(sample_rate: int, channels: int, frames: int) -> list[tuple[str, str]]:
     """What the header alone shows to be unusable: checked before decoding, so nothing huge is allocated."""
     if not MIN_SAMPLE_RATE_HZ <= sample_rate <= MAX_SAMPLE_RATE_HZ:
@@ -117,7 +112,7 @@ class AudioFile:
     def read(path: Path) -> AudioFile:
         """The file read once (the bytes hashed are the bytes decoded); its header checked before decoding."""
         try:
-            data = read_bounded(path)
+            data = read_regular(path, MAX_FILE_BYTES)  # None past it
         except SpecialFileError as error:  # a FIFO, device or folder named like a clip: refused unopened
             return AudioFile(path, None, 0, [("unreadable", f"not a regular file ({error.kind})")], "unreadable")
         except (OSError, ValueError) as error:  # ValueError: a NUL in the path
