@@ -223,6 +223,8 @@ class TrainingConfig(Section):
     refractory_seconds: float = Field(1.0, ge=0)
     eval_hop_ms: float = Field(100.0, ge=10, le=1000)  # an exported card (deploy.detect) needs a hop of >= 10 ms
     mined_negatives: int = Field(0, ge=0, le=100_000)  # per epoch, from long/train/ by the student (training.mining)
+    # each student epoch reads a fresh share of long/train/'s windows, this many hours of them; None: all of them
+    long_hours_per_epoch: float | None = Field(1.0, gt=0, le=MAX_SYNTH_TRAIN_HOURS)
 
     @field_validator("batch_size")
     @classmethod

@@ -49,6 +49,8 @@ def test_save_then_load_gives_the_same_config(tmp_path):
     ("augment", "noise_prob", 2.0, "augment.noise_prob"),
     ("data", "synth_train_hours", 0, "data.synth_train_hours"),
     ("data", "synth_train_hours", 25.0, "data.synth_train_hours"),
+    ("training", "long_hours_per_epoch", 0, "training.long_hours_per_epoch"),
+    ("training", "long_hours_per_epoch", 25.0, "training.long_hours_per_epoch"),
 ])
 def test_each_bad_value_names_its_field_and_value(tmp_path, section, key, value, needle):
     # Rule: an invalid value is reported with its dotted path and the bad value.

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kd_tune.audio.features import N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view, samples
+from kd_tune.audio.features import (CLIP_SECONDS, N_SAMPLES, Augment, LogMel, SpecAugment, front_end, render_view,
+                                   samples)
 from kd_tune.config import Config, DistillationConfig, TeacherConfig
 from kd_tune.datasets.data import WINDOW_KIND, WakewordData, load_data, sample_weights
 from kd_tune.errors import ConfigError, InputError, KdTuneError
@@ -128,6 +129,17 @@ def batches(n: int, batch_size: int, *, seed: int, epoch: int) -> Iterator[Tenso
         return  # check_batching refuses this before training starts
     for start in range(0, per_rank - batch_size + 1 if per_rank >= batch_size else 1, batch_size):
         yield order[start:start + batch_size]
+
+
+def epoch_pool(is_window: Tensor, per_epoch: int | None, *, seed: int, epoch: int) -> Tensor:
+    """The clip indices [M] an epoch trains on: every clip that is not a long window [N], and a fresh share of
+    per_epoch long windows, taken in turn from one seeded order so that W / per_epoch epochs read them all."""
+    windows = is_window.nonzero().squeeze(1)  # [W]
+    if per_epoch is None or per_epoch >= len(windows):
+        return torch.arange(len(is_window))
+    windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))]
+    share = windows.roll(-(epoch * per_epoch % len(windows)))[:per_epoch]  # [per_epoch]
+    return torch.cat([(~is_window).nonzero().squeeze(1), share]).sort().values
 
 
 def lr_at(step: int, *, total_steps: int, base_lr: float, warmup_fraction: float) -> float:
@@ -316,16 +328,17 @@ class Stepper:
 
 
 def train_epoch(s: Setup, stepper: Stepper, state: TrainState, batch_loss: BatchLoss, *, batch_size: int,
-                seed: int, views: int, desc: str) -> list[float]:
-    """One pass over the training clips in this epoch's augmentation view; returns each loss part's mean over the
-    steps that counted."""
+                seed: int, views: int, desc: str, pool: Tensor | None = None) -> list[float]:
+    """One pass over the training clips in this epoch's augmentation view (or over the indices `pool` [M] of them);
+    returns each loss part's mean over the steps that counted."""
     view = state.epoch % views
+    pool = torch.arange(len(s.labels)) if pool is None else pool  # [M]
     wave = render_view(s.audio, s.augment, view=view, seed=seed)  # [N, N_SAMPLES]
     stepper.model.train()
     sums, counted = None, 0
-    bar = progress_bar(steps_per_epoch(len(s.labels), batch_size), desc, "step", enabled=rank_and_world()[0] == 0,
-                       iterable=batches(len(s.labels), batch_size, seed=seed, epoch=state.epoch), leave=False)
-    for idx in bar:
+    bar = progress_bar(steps_per_epoch(len(pool), batch_size), desc, "step", enabled=rank_and_world()[0] == 0,
+                       iterable=batches(len(pool), batch_size, seed=seed, epoch=state.epoch), leave=False)
+    for idx in map(pool.__getitem__, bar):
         generator = torch.Generator(device=s.device).manual_seed(seed * 7919 + state.step)
         parts = batch_loss(wave[idx], idx, view, generator, state.step / stepper.total_steps)
         if stepper(parts[0], state):
@@ -352,7 +365,9 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     teachers.check_inputs({"waveform": s.audio[:1], "features": s.log_mel(s.audio[:1])})
     batch_size = t.batch_size if t.batch_size != "auto" else probe_batch_size(
         lambda b: probe_step(student, teachers, s.log_mel, b, s.device), s.device)
-    total_steps = t.epochs * steps_per_epoch(len(s.labels), batch_size)
+    is_window = torch.tensor([k == WINDOW_KIND for k in data.train.kinds])  # [N]
+    per_epoch = None if t.long_hours_per_epoch is None else round(t.long_hours_per_epoch * 3600 / CLIP_SECONDS)
+    total_steps = t.epochs * steps_per_epoch(len(epoch_pool(is_window, per_epoch, seed=t.seed, epoch=0)), batch_size)
     stepper = Stepper(model, student.parameters(), lr=t.lr, weight_decay=t.weight_decay, total_steps=total_steps,
                       config=config, device=s.device)
     state = restore(resume, student, stepper.optimizer) if resume else TrainState()
@@ -377,9 +392,10 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
         reset_memory_peaks(s.device)
         if miner.enabled:  # the windows the student now gets most wrong
             miner.mine(student, s.log_mel)
-        total, student_loss, kd_loss = train_epoch(s, stepper, state, batch_loss, batch_size=batch_size,
-                                                   seed=t.seed, views=config.augment.views,
-                                                   desc=f"epoch {state.epoch + 1}/{t.epochs}")
+        total, student_loss, kd_loss = train_epoch(
+            s, stepper, state, batch_loss, batch_size=batch_size, seed=t.seed, views=config.augment.views,
+            desc=f"epoch {state.epoch + 1}/{t.epochs}",
+            pool=epoch_pool(is_window, per_epoch, seed=t.seed, epoch=state.epoch))
         state.epoch += 1
         alpha, temperature = schedule(d, (state.step - 1) / total_steps)  # as the epoch's last step used them
         metrics = {"total_loss": total, "student_loss": student_loss, "distillation_loss": kd_loss, "alpha": alpha,

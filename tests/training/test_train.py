@@ -15,14 +15,14 @@ from torch import nn
 
 from kd_tune.audio.features import N_SAMPLES, LogMel, front_end, render_view
 from kd_tune.config import Config, ConfigError, load_config
-from kd_tune.datasets.data import STRADDLE_KIND, Split, load_data, load_dataset
+from kd_tune.datasets.data import STRADDLE_KIND, WINDOW_KIND, Split, load_data, load_dataset
 from kd_tune.metrics import METRICS
 from kd_tune.store.checkpoint import copy_checkpoint, latest_checkpoint, load_checkpoint, verify_checkpoint
 from kd_tune.training.distill import combine_teachers
 from kd_tune.training.models import build_teacher
 from kd_tune.training.teachers import TeacherEnsemble, load_teacher, teacher_store
-from kd_tune.training.train import (NonFiniteLossError, TooFewClipsError, TrainState, batches, fit, fit_teacher, guard,
-                                    lr_at, optimizer_step, probe_batch_size, steps_per_epoch)
+from kd_tune.training.train import (NonFiniteLossError, TooFewClipsError, TrainState, batches, epoch_pool, fit,
+                                    fit_teacher, guard, lr_at, optimizer_step, probe_batch_size, steps_per_epoch)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -109,6 +109,21 @@ def test_batches_are_a_seeded_permutation_of_whole_batches():
     assert [len(b) for b in order] == [16] * (103 // 16)
     flat = [i for b in order for i in b]
     assert len(flat) == 103 // 16 * 16 and len(set(flat)) == len(flat) and set(flat) <= set(range(103))
+
+
+def test_each_epoch_reads_every_clip_and_a_fresh_share_of_the_long_windows():
+    # rule: an epoch trains on every clip that is not a long window and on per_epoch of the W windows, taken in turn
+    # from one seeded order, so that W / per_epoch epochs read each window once; the pool depends on (seed, epoch)
+    is_window = torch.tensor([False] * 7 + [True] * 12 + [False] * 3)  # 10 clips, 12 windows
+    clips = set(range(7)) | {19, 20, 21}
+    pools = [epoch_pool(is_window, 4, seed=5, epoch=e).tolist() for e in range(3)]
+    assert all(set(p) >= clips and len(p) == len(set(p)) == 10 + 4 for p in pools)
+    shares = [set(p) - clips for p in pools]
+    assert set.union(*shares) == set(range(7, 19)) and sum(map(len, shares)) == 12  # each window once in 3 epochs
+    assert epoch_pool(is_window, 4, seed=5, epoch=3).tolist() == pools[0]  # then the same order again
+    assert epoch_pool(is_window, 4, seed=6, epoch=0).tolist() != pools[0]
+    for everything in (None, 12, 100):
+        assert epoch_pool(is_window, everything, seed=5, epoch=1).tolist() == list(range(22))
 
 
 @pytest.mark.parametrize("n", range(6))
@@ -379,6 +394,18 @@ def test_straddle_windows_train_the_student_and_never_the_teacher(config, tmp_pa
     report = KeepCheckpoints(tmp_path / "student")
     fit(straddling, report, data=data)
     assert report.metrics[-1]["step"] == steps_per_epoch(len(data.train.labels), 32)
+
+
+def test_a_student_epoch_takes_the_steps_of_its_share_of_the_long_windows(config, data, tmp_path):
+    # rule: training.long_hours_per_epoch caps the long windows a student epoch reads (1 s each): 0.001 h is 4 of the
+    # small set's 10, so each epoch takes the steps of the other clips and those 4
+    shared = tiny_config(Path(config.data.root), Path(config.storage.root), "training.long_hours_per_epoch=0.001",
+                         "training.epochs=2")
+    windows = data.train.kinds.count(WINDOW_KIND)
+    assert windows > 4
+    report = KeepCheckpoints(tmp_path / "student")
+    fit(shared, report, data=data)
+    assert report.metrics[-1]["step"] == 2 * steps_per_epoch(len(data.train.labels) - windows + 4, 32)
 
 
 def test_nan_audio_stops_fit_after_max_nonfinite_steps(config, data, tmp_path):
