@@ -275,7 +275,7 @@ def test_data_check_names_a_file_with_an_absurd_header(tmp_path, capsys):
     (root / "negative" / "junk.wav").write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     assert main(["data", "check", str(root)]) == 1
     out = capsys.readouterr().out
-    assert f"{root / 'negative' / 'huge.wav'}: bad sample rate ({HUGE_RATE_HZ} Hz; allowed: 8000-192000 Hz), " \
+    assert f"{root / 'negative' / 'huge.wav'}: bad sample rate ({HUGE_RATE_HZ} Hz; allowed: 8000 to 192000 Hz), " \
         "skipped when loading" in out
     assert f"{root / 'negative' / 'junk.wav'}: unreadable (" in out and "BytesIO" not in out
 

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from kd_tune.audio.features import SAMPLE_RATE
-from kd_tune.audio.samples import MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, \
-    BlockResampler
+from kd_tune.audio.samples import BlockResampler, header_problem, sample_problem
 from kd_tune.errors import DataError
 from kd_tune.signing import SpecialFileError, open_regular, read_regular
 
@@ -32,7 +31,7 @@ CLIPPED_FRACTION = 0.01
 MIN_SECONDS = 0.3
 MAX_SECONDS = 10.0
 MAX_FILE_BYTES = 128 * 2**20  # a clip of 10 s at 192 kHz in 8 channels of 64-bit float is 123 MB; more: "too large"
-UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "too many channels", "empty",
+UNUSABLE = frozenset({"unreadable", "not audio", "too large", "bad sample rate", "bad channel count", "empty",
                       "non-finite", "out of range", "silent", "too long"})
 MAX_STREAM_HOURS = 8  # per split: 8 h at 16 kHz is 1.8 GB of float32
 BLOCK_FRAMES = 2**18  # decoded and resampled at a time: 1 MiB per channel, 32 MiB at most (MAX_CHANNELS)
@@ -68,11 +67,9 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
     """(problem, detail) pairs of decoded audio [T, C]; see the thresholds at the top of the module."""
     if audio.size == 0:
         return [("empty", "no samples")]
-    if not np.isfinite(audio).all():
-        return [("non-finite", "NaN or infinite samples")]
+    if refused := sample_problem(audio):
+        return [refused]
     magnitude = np.abs(audio)
-    if magnitude.max() > MAX_ABS_SAMPLE:
-        return [("out of range", f"peak |x| {magnitude.max():.3g} > {MAX_ABS_SAMPLE:g}; full scale is 1")]
     problems = []
     if magnitude.max() < SILENT_PEAK:
         problems.append(("silent", f"peak {magnitude.max():.1e} < {SILENT_PEAK:.0e}"))
@@ -89,10 +86,8 @@ def find_problems(audio: np.ndarray, sample_rate: int) -> list[tuple[str, str]]:
 
 def header_problems(sample_rate: int, channels: int, frames: int) -> list[tuple[str, str]]:
     """What the header alone shows to be unusable: checked before decoding, so nothing huge is allocated."""
-    if not MIN_SAMPLE_RATE_HZ <= sample_rate <= MAX_SAMPLE_RATE_HZ:
-        return [("bad sample rate", f"{sample_rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz")]
-    if channels > MAX_CHANNELS:
-        return [("too many channels", f"{channels}; allowed: up to {MAX_CHANNELS}")]
+    if refused := header_problem(sample_rate, channels):
+        return [refused]
     if frames > MAX_SECONDS * sample_rate:
         return [("too long", f"{frames / sample_rate:.1f} s > {MAX_SECONDS} s")]
     return []
@@ -150,10 +145,8 @@ def read_recording(path: Path, *, max_samples: int) -> Tensor:
 
 
 def check_header(path: Path, rate: int, channels: int, n_samples: int, max_samples: int) -> None:
-    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
-        raise DataError(f"{path}: sample rate {rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ}-{MAX_SAMPLE_RATE_HZ} Hz")
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise DataError(f"{path}: {channels} channels; allowed: 1 to {MAX_CHANNELS}")
+    if refused := header_problem(rate, channels):
+        raise DataError(f"{path}: {refused}")
     if n_samples > max_samples:
         raise DataError(f"{path}: the split's long recordings pass {MAX_STREAM_HOURS} h; allowed: at most "
                         f"{MAX_STREAM_HOURS} h per split")
@@ -166,9 +159,8 @@ def resample_blocks(f: sf.SoundFile, path: Path) -> Tensor:
     out = []
     for start in range(0, f.frames, BLOCK_FRAMES):
         block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)  # [t, C]
-        if not np.isfinite(block).all() or np.abs(block).max(initial=0) > MAX_ABS_SAMPLE:
-            raise DataError(f"{path}: non-finite or out-of-range samples near {start / f.samplerate:.1f} s; allowed: "
-                            "finite audio within full scale")
+        if refused := sample_problem(block):
+            raise DataError(f"{path}: {refused} near {start / f.samplerate:.1f} s")
         mono = block.mean(axis=1)
         out.append(resampler.push(mono) if resampler else mono)
     if resampler:

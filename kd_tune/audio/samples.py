@@ -7,6 +7,9 @@ stream gives, block by block, exactly the samples of one call on the whole recor
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import numpy as np
 import soxr
 
@@ -16,6 +19,35 @@ MAX_CHANNELS = 32  # a microphone array; channels are averaged to mono
 # mis-scaled (e.g. 16-bit integer values stored as floats), and the front end's power spectrum would overflow.
 MAX_ABS_SAMPLE = 1e3
 QUALITY = "HQ"  # soxr's default: 20-bit precision, a pass band to 91% of the lower Nyquist frequency
+
+
+class AudioFault(NamedTuple):
+    """Why audio is refused: a short kind that reports count by, and what was found against what is allowed."""
+
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.detail})"
+
+
+def header_problem(rate: int, channels: int) -> AudioFault | None:
+    """What a recording's header alone shows to be outside the rates and channels kd_tune takes; None if nothing."""
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        return AudioFault("bad sample rate", f"{rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ} Hz")
+    if not 1 <= channels <= MAX_CHANNELS:
+        return AudioFault("bad channel count", f"{channels}; allowed: 1 to {MAX_CHANNELS}")
+    return None
+
+
+def sample_problem(samples: np.ndarray) -> AudioFault | None:
+    """NaN, infinite or absurdly large samples [any shape]: no answer at all rather than a wrong one; None if fine."""
+    peak = float(np.max(np.abs(samples), initial=0.0))
+    if not math.isfinite(peak):
+        return AudioFault("non-finite", "NaN or infinite samples; allowed: finite samples")
+    if peak > MAX_ABS_SAMPLE:
+        return AudioFault("out of range", f"peak |x| {peak:.3g}; allowed: at most {MAX_ABS_SAMPLE:g}, full scale is 1")
+    return None
 
 
 def resample(audio: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:

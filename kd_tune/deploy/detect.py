@@ -24,8 +24,7 @@ import soundfile as sf
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kd_tune.audio.samples import MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, \
-    BlockResampler
+from kd_tune.audio.samples import BlockResampler, header_problem, sample_problem
 from kd_tune.deploy.windows import (INPUT_NAME, STATE_INPUTS, STATE_OUTPUTS, STREAM_INPUT, STREAM_OUTPUT,
                                     detection_times, stream_probabilities, streamed_probabilities, worth_streaming)
 from kd_tune.errors import InputError, shown
@@ -223,10 +222,8 @@ def fill(out: np.ndarray, filled: int, piece: np.ndarray) -> int:
 
 def check_header(rate: int, channels: int, frames: int, *, where: str) -> None:
     """Refuse, before decoding, audio whose header promises what detection will not take."""
-    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
-        raise DetectError(f"{where}: sample rate {rate} Hz; allowed: {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ} Hz")
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise DetectError(f"{where}: {channels} channels; allowed: 1 to {MAX_CHANNELS}")
+    if refused := header_problem(rate, channels):
+        raise DetectError(f"{where}: {refused}")
     if frames > MAX_AUDIO_SECONDS * rate:
         raise DetectError(f"{where}: {frames / rate:.0f} s long; allowed: at most {MAX_AUDIO_SECONDS} s per file "
                           "(split longer recordings)")
@@ -234,12 +231,8 @@ def check_header(rate: int, channels: int, frames: int, *, where: str) -> None:
 
 def check_samples(samples: np.ndarray, *, where: str) -> None:
     """Refuse NaN, infinite or absurdly large samples: they would not give a wrong answer, but no answer at all."""
-    peak = float(np.max(np.abs(samples))) if samples.size else 0.0
-    if not math.isfinite(peak):
-        raise DetectError(f"{where}: holds NaN or infinite samples; allowed: finite samples")
-    if peak > MAX_ABS_SAMPLE:
-        raise DetectError(f"{where}: holds samples of magnitude {peak:.3g}; allowed: at most {MAX_ABS_SAMPLE:g} "
-                          "(full scale is 1)")
+    if refused := sample_problem(samples):
+        raise DetectError(f"{where}: {refused}")
 
 
 class Detector:

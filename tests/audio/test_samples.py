@@ -9,7 +9,7 @@ from test_data import noise
 import kd_tune.audio.io as audio_module
 from kd_tune.audio.features import SAMPLE_RATE
 from kd_tune.audio.io import read_recording
-from kd_tune.audio.samples import BlockResampler, resample
+from kd_tune.audio.samples import BlockResampler, header_problem, resample, sample_problem
 from kd_tune.deploy.detect import load_audio
 
 
@@ -53,3 +53,27 @@ def test_training_and_detection_read_a_recording_as_the_same_samples(tmp_path, m
     detection = load_audio(path, sample_rate=SAMPLE_RATE)
     assert training.dtype == torch.float32 and len(training) == round(4.3 * SAMPLE_RATE)
     np.testing.assert_array_equal(training.numpy(), detection)
+
+
+@pytest.mark.parametrize(("rate", "channels", "fault"), [
+    (7_999, 1, "bad sample rate (7999 Hz; allowed: 8000 to 192000 Hz)"),
+    (192_001, 2, "bad sample rate (192001 Hz; allowed: 8000 to 192000 Hz)"),
+    (16_000, 0, "bad channel count (0; allowed: 1 to 32)"),
+    (16_000, 33, "bad channel count (33; allowed: 1 to 32)"),
+    (8_000, 1, None), (192_000, 32, None),
+])
+def test_one_header_rule_for_training_and_detection(rate, channels, fault):
+    # rule: the rates and channel counts kd_tune takes are one set, refused in one wording (io, data and detect all
+    # raise str(header_problem(...))), naming what was found and what is allowed; the bounds themselves are allowed
+    assert (str(found) if (found := header_problem(rate, channels)) else None) == fault
+
+
+@pytest.mark.parametrize(("value", "kind"), [(np.nan, "non-finite"), (-np.inf, "non-finite"), (1e3 + 1, "out of range"),
+                                             (-1e3, None), (0.0, None)])
+def test_one_sample_rule_for_training_and_detection(value, kind):
+    # rule: NaN, inf and samples beyond +-1e3 are refused by kind; full-scale excursions up to 1e3 and silence pass
+    samples = np.zeros((100, 2), np.float32)
+    samples[50, 1] = value
+    found = sample_problem(samples)
+    assert (found.kind if found else None) == kind
+    assert sample_problem(np.zeros(0, np.float32)) is None  # an empty block has nothing wrong in it

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import struct
@@ -264,7 +265,7 @@ def test_a_tiny_wav_claiming_10_mhz_is_refused_from_its_header(exports, tmp_path
     assert wav.stat().st_size == 444
     result = limited_detect(exports["unsigned"], wav, env=without_signing_env())
     line = refusal(result.returncode, result.stderr, names=wav)
-    assert "sample rate 10000019 Hz; allowed: 8000 to 192000 Hz" in line and "torch" not in result.stderr
+    assert "bad sample rate (10000019 Hz; allowed: 8000 to 192000 Hz)" in line and "torch" not in result.stderr
 
 
 @pytest.mark.parametrize("case", ["channels", "duration", "empty"])
@@ -284,15 +285,15 @@ def test_audio_outside_the_limits_is_refused_before_decoding(exports, tmp_path, 
         bad.write_bytes(wav_header(SAMPLE_RATE, 1, b""))
     code = main(["detect", str(exports["unsigned"]), str(bad), str(good)])
     out, err = capsys.readouterr()
-    needle = {"channels": "33 channels; allowed: 1 to 32", "duration": "3601 s long; allowed: at most 3600 s",
-              "empty": "holds no samples"}[case]
+    needle = {"channels": "bad channel count (33; allowed: 1 to 32)", "empty": "holds no samples",
+              "duration": "3601 s long; allowed: at most 3600 s"}[case]
     assert needle in refusal(code, err, names=bad) and out.startswith(f"{good}: ")
 
 
 @pytest.mark.parametrize("value, needle", [
-    (float("nan"), "holds NaN or infinite samples"),
-    (float("inf"), "holds NaN or infinite samples"),
-    (1e30, "holds samples of magnitude 1e+30; allowed: at most 1000"),
+    (float("nan"), "non-finite (NaN or infinite samples; allowed: finite samples)"),
+    (float("inf"), "non-finite (NaN or infinite samples; allowed: finite samples)"),
+    (1e30, "out of range (peak |x| 1e+30; allowed: at most 1000, full scale is 1)"),
 ])
 def test_non_finite_or_absurd_samples_are_an_error_not_silence(exports, tmp_path, env, capsys, value, needle):
     # Rule: NaN, inf or 1e30 samples (in one channel of a float WAV) are an error naming the file, exit 2, not
@@ -302,7 +303,7 @@ def test_non_finite_or_absurd_samples_are_an_error_not_silence(exports, tmp_path
     wav = tmp_path / "bad.wav"
     sf.write(wav, audio, SAMPLE_RATE, subtype="FLOAT")
     assert needle in refusal(*detect_cli(capsys, exports["unsigned"], wav)[::2], names=wav)
-    with pytest.raises(detect.DetectError, match="audio: holds"):
+    with pytest.raises(detect.DetectError, match=f"^audio: {re.escape(needle)}$"):
         detect.Detector(exports["unsigned"]).probabilities(np.full(100, value, np.float32))
 
 
