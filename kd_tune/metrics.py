@@ -58,7 +58,8 @@ METRICS = {
     "temperature": Metric("schedule/temperature"),
     "lr": Metric("schedule/lr"),
     "skipped_steps": Metric("system/skipped_steps"),
-    "epoch_seconds": Metric("system/epoch_seconds"),
+    "epoch_seconds": Metric("system/epoch_seconds"),  # training: augmentation, mining and steps
+    "validation_seconds": Metric("system/validation_seconds"),  # the epoch's validation pass, streams included
     "peak_rss_mib": Metric("system/peak_rss_mib"),  # the worker process's peak resident memory so far
     "cuda_max_allocated_mib": Metric("system/cuda_max_allocated_mib"),  # CUDA only: the epoch's peak
     "cuda_max_reserved_mib": Metric("system/cuda_max_reserved_mib"),  # CUDA only: the epoch's peak

@@ -402,9 +402,10 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
                    "temperature": temperature, "lr": stepper.optimizer.param_groups[0]["lr"],
                    "skipped_steps": state.skipped_steps, "epoch_seconds": time.perf_counter() - started,
                    "epoch": state.epoch, "step": state.step}
-        metrics = all_reduce_mean({**metrics, **evaluate(student, data.val, s.stream, config, s.log_mel,
-                                                         s.conditions)})
-        metrics |= all_reduce_mean(memory_metrics(s.device), peak=True)
+        validated = time.perf_counter()
+        scores = evaluate(student, data.val, s.stream, config, s.log_mel, s.conditions)
+        scores["validation_seconds"] = time.perf_counter() - validated
+        metrics = all_reduce_mean({**metrics, **scores}) | all_reduce_mean(memory_metrics(s.device), peak=True)
         with tempfile.TemporaryDirectory(prefix="kd_tune_ckpt_") as tmp:  # report() copies it before returning
             report(metrics, save_training_checkpoint(Path(tmp), student, stepper.optimizer, state, config, metrics,
                                                      name=run_name)

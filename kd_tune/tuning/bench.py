@@ -108,9 +108,10 @@ def epoch_wall_s(*runs: list[dict]) -> float:
     return statistics.median(b["reported_unix"] - a["reported_unix"] for run in runs for a, b in pairwise(run))
 
 
-def epoch_steps_s(*runs: list[dict]) -> float:
-    """Median time of an epoch's training steps alone, over the runs' epochs from the second on."""
-    return statistics.median(r["epoch_seconds"] for run in runs for r in run[1:])
+def epoch_steps_s(*runs: list[dict], part: str = "epoch_seconds") -> float:
+    """Median time of an epoch's training steps alone (or of its validation, part="validation_seconds"), over the
+    runs' epochs from the second on."""
+    return statistics.median(r[part] for run in runs for r in run[1:])
 
 
 # ---------------------------------------------------------------- (a) cache vs live teacher
@@ -128,6 +129,7 @@ def cache_vs_live(config: Config, data: WakewordData) -> dict:
     return {"clips": len(data.train.labels), "views": config.augment.views, "live_epoch_s": live_s,
             "cache_epoch_s": cache_s, "speedup": live_s / cache_s, "live_steps_s": live_steps_s,
             "cache_steps_s": cache_steps_s, "steps_speedup": live_steps_s / cache_steps_s, "cache_build_s": build_s,
+            "cache_validation_share": epoch_steps_s(cached, part="validation_seconds") / cache_s,
             "cache_shards": len(shard_names(config)), "break_even_epochs": build_s / max(live_s - cache_s, 1e-9),
             **{f"live_{k}": live[-1][k] for k in LOSSES}, **{f"cache_{k}": cached[-1][k] for k in LOSSES},
             "max_loss_difference": max(abs(a[k] - b[k]) for a, b in zip(live, cached, strict=True) for k in LOSSES)}

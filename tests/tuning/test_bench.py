@@ -14,7 +14,8 @@ from kd_tune.tuning.bench import format_report, run_bench
 FIELDS = {
     "machine": ("cpus", "torch_threads", "device", "python", "torch", "load_average_1m", "load_average_1m_after"),
     "cache_vs_live": ("teacher", "teacher_parameters", "clips", "views", "live_epoch_s", "cache_epoch_s", "speedup",
-                      "live_steps_s", "cache_steps_s", "steps_speedup", "cache_build_s", "cache_shards",
+                      "live_steps_s", "cache_steps_s", "steps_speedup", "cache_build_s",
+                      "cache_validation_share", "cache_shards",
                       "break_even_epochs", "live_student_loss",
                       "live_distillation_loss", "live_total_loss", "cache_student_loss", "cache_distillation_loss",
                       "cache_total_loss", "max_loss_difference"),
@@ -37,6 +38,7 @@ def check_figures(report: dict, parts: dict) -> None:
             if isinstance(value, (int, float)):
                 assert math.isfinite(value) and (value >= 0 if field in MAY_BE_ZERO else value > 0), (part, field)
     assert report["cache_vs_live"]["max_loss_difference"] < 1e-5
+    assert report["cache_vs_live"]["cache_validation_share"] < 1  # validation is one part of an epoch
 
 
 def test_bench_reports_every_figure(small_dataset, tmp_path):
