@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -519,18 +520,19 @@ def test_test_split_holds_out_whole_voice_families(size):
     assert {c.kind for c in test} == {"positive", "hard_negative", "negative"}
 
 
-def test_a_set_made_by_an_older_format_is_rendered_again(tmp_path):
+def test_a_set_made_by_an_older_format_is_rendered_again(small_dataset, tmp_path):
     # Rule: a synthetic set whose dataset.json differs only in format_version (made by an older kd_tune, other audio
     # or splits) is rendered again in place; a set made with other arguments is refused, naming the folder.
-    synth.synthesize(tmp_path, size="small", seed=3, progress=False)
-    meta = json.loads((tmp_path / "dataset.json").read_text())
-    (tmp_path / "dataset.json").write_text(json.dumps({**meta, "format_version": meta["format_version"] - 1}))
-    (tmp_path / "manifest.jsonl").write_text("")
-    synth.synthesize(tmp_path, size="small", seed=3, progress=False)
-    assert json.loads((tmp_path / "dataset.json").read_text()) == meta
-    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == meta["clips"]
-    with pytest.raises(DataError, match=str(tmp_path)):
-        synth.synthesize(tmp_path, size="small", seed=4, progress=False)
+    # (A copy of the session's set, seed 0, stands for the older one: one synthesis instead of two.)
+    older = shutil.copytree(small_dataset, tmp_path / "older")
+    meta = json.loads((older / "dataset.json").read_text())
+    (older / "dataset.json").write_text(json.dumps({**meta, "format_version": meta["format_version"] - 1}))
+    (older / "manifest.jsonl").write_text("")
+    synth.synthesize(older, size="small", seed=0, progress=False)
+    assert json.loads((older / "dataset.json").read_text()) == meta
+    assert (older / "manifest.jsonl").read_bytes() == (small_dataset / "manifest.jsonl").read_bytes()
+    with pytest.raises(DataError, match=str(older)):
+        synth.synthesize(older, size="small", seed=4, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ long recordings
