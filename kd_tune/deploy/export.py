@@ -39,7 +39,7 @@ from kd_tune.store.checkpoint import Checkpoint, CheckpointError, load_state_dic
 from kd_tune.store.storage import Storage, pretty_json, write_json
 from kd_tune.training.models import build_student, count_parameters
 from kd_tune.training.scoring import predict
-from kd_tune.training.train import STUDENT_KIND
+from kd_tune.training.resume import STUDENT_KIND
 
 OPSET = 17
 NEGATIVE_LABEL = "not_wakeword"

@@ -19,7 +19,7 @@ from kd_tune.space import TRIAL_PREFIX, trial_id_of
 from kd_tune.store.checkpoint import MANIFEST_NAME, Checkpoint, CheckpointError, Identity, load_checkpoint, \
     verify_checkpoint
 from kd_tune.store.storage import PathEscapeError, Storage, read_json
-from kd_tune.training.train import STUDENT_KIND
+from kd_tune.training.resume import STUDENT_KIND
 
 # Where a sweep's trial checkpoints live: <experiment>/trial_<id>_.../train/checkpoint_... (Tune, then Ray Train)
 TRIAL_RUN_DIR, CHECKPOINT_PREFIX = "train", "checkpoint_"

@@ -16,7 +16,8 @@ from kd_tune.metrics import METRICS
 from kd_tune.store.checkpoint import Identity, copy_checkpoint, latest_checkpoint, load_checkpoint, prune_checkpoints
 from kd_tune.store.storage import Storage, check_layout, read_text, upload_tree, write_text
 from kd_tune.training.teachers import require_current_teachers, teacher_store
-from kd_tune.training.train import STUDENT_KIND, Report, fit
+from kd_tune.training.resume import STUDENT_KIND
+from kd_tune.training.train import Report, fit
 
 CONFIG_NAME = "config.yaml"
 RUN_ENTRIES = {CONFIG_NAME, "checkpoints", "tensorboard"}  # all that run_training writes in its folder

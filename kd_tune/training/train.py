@@ -15,10 +15,9 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,19 +30,19 @@ from kd_tune.config import Config, DistillationConfig, TeacherConfig
 from kd_tune.datasets.data import WINDOW_KIND, WakewordData, load_data, sample_weights
 from kd_tune.errors import ConfigError, InputError, KdTuneError
 from kd_tune.progress import progress_bar
-from kd_tune.store.checkpoint import Checkpoint, load_state_dict_strict, save_checkpoint
+from kd_tune.store.checkpoint import Checkpoint
 from kd_tune.training.cache import cached_teachers
 from kd_tune.training.distill import alpha_at, distillation_loss, temperature_at, weighted_cross_entropy
 from kd_tune.training.mining import Miner
 from kd_tune.training.models import build_student
-from kd_tune.training.scoring import evaluate, validation_conditions
+from kd_tune.training.resume import TrainState, restore, save_training_checkpoint
+from kd_tune.training.scoring import Validation, evaluate, validation_conditions
 from kd_tune.training.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 # The loss of one batch: (waveforms [B, N_SAMPLES], clip indices [B], view, SpecAugment generator, progress in
 # [0, 1]) -> the loss to minimise first, then any parts to average over the epoch.
 BatchLoss = Callable[[Tensor, Tensor, int, torch.Generator, float], tuple[Tensor, ...]]
-STUDENT_KIND = "student"  # the kind of every checkpoint `fit` saves
 # BatchNorm in train mode needs more than one value per channel: no batch of one clip ever reaches a model.
 MIN_TRAIN_BATCH = 2
 MIB = 2**20
@@ -56,14 +55,6 @@ class NonFiniteLossError(KdTuneError, RuntimeError):
 
 class TooFewClipsError(InputError):
     """A training split or batch too small for a training step: refused before training starts."""
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    skipped_steps: int = 0  # non-finite steps skipped so far
-    consecutive_skips: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,56 +223,6 @@ def probe_step(student: nn.Module, teachers: Teachers, log_mel: LogMel, batch: i
     student.zero_grad(set_to_none=True)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def optimizer_to_safe(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (`state.<param>.<slot>`) and JSON for everything else."""
-    tensors: dict[str, torch.Tensor] = {}
-    state: dict[str, dict[str, Any]] = {}
-    for param, slots in state_dict["state"].items():
-        state[str(param)] = {}
-        for slot, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{param}.{slot}"] = value
-            else:
-                state[str(param)][slot] = value
-    return tensors, {"state": state, "param_groups": state_dict["param_groups"]}
-
-
-def optimizer_from_safe(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
-    """The inverse of optimizer_to_safe, ready for optimizer.load_state_dict."""
-    state = {int(param): dict(slots) for param, slots in meta["state"].items()}
-    for key, value in tensors.items():
-        _, param, slot = key.split(".", 2)
-        state.setdefault(int(param), {})[slot] = value
-    return {"state": state, "param_groups": [dict(group) for group in meta["param_groups"]]}
-
-
-def save_training_checkpoint(parent: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
-                             state: TrainState, config: Config, metrics: dict, *, name: str | None = None) -> Path:
-    """Student, optimizer tensors and RNG state as safetensors; everything else as JSON. No pickle.
-
-    name: the run (or sweep trial) the checkpoint belongs to, bound by its signature."""
-    opt_tensors, opt_json = optimizer_to_safe(optimizer.state_dict())
-    save_checkpoint(parent, "checkpoint", {"model": student.state_dict(), "optimizer": opt_tensors,
-                                           "rng": {"torch": torch.get_rng_state()}},
-                    kind=STUDENT_KIND, name=name, config=config.to_dict(), epoch=state.epoch, step=state.step,
-                    metrics=metrics,
-                    extra={"optimizer": opt_json, "skipped_steps": state.skipped_steps,
-                           "student": config.student.model_dump()})
-    return parent / "checkpoint"
-
-
-def restore(checkpoint: Checkpoint, student: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    load_state_dict_strict(student, checkpoint.tensors["model"])
-    optimizer.load_state_dict(optimizer_from_safe(checkpoint.tensors["optimizer"],
-                                                  checkpoint.manifest["extra"]["optimizer"]))
-    torch.set_rng_state(checkpoint.tensors["rng"]["torch"])
-    m = checkpoint.manifest
-    return TrainState(step=m["step"], epoch=m["epoch"], skipped_steps=m["extra"]["skipped_steps"])
-
-
 # ---------------------------------------------------------------- the loops
 
 
@@ -373,6 +314,8 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     state = restore(resume, student, stepper.optimizer) if resume else TrainState()
     long_train = data.train.of_kind(WINDOW_KIND) if t.mined_negatives else s.audio[:0]  # a copy: only to mine
     miner = Miner(long_train.reshape(-1), count=t.mined_negatives, hop_samples=samples(t.eval_hop_ms))
+    validation = Validation.of(data.val, s.stream, s.conditions, s.log_mel, hop_samples=miner.hop_samples,
+                               device=s.device)
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         alpha, temperature = schedule(d, progress)
@@ -403,7 +346,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
                    "skipped_steps": state.skipped_steps, "epoch_seconds": time.perf_counter() - started,
                    "epoch": state.epoch, "step": state.step}
         validated = time.perf_counter()
-        scores = evaluate(student, data.val, s.stream, config, s.log_mel, s.conditions)
+        scores = evaluate(student, validation, config)
         scores["validation_seconds"] = time.perf_counter() - validated
         metrics = all_reduce_mean({**metrics, **scores}) | all_reduce_mean(memory_metrics(s.device), peak=True)
         with tempfile.TemporaryDirectory(prefix="kd_tune_ckpt_") as tmp:  # report() copies it before returning
@@ -428,6 +371,8 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
                       weight_decay=teacher.weight_decay, config=config, device=s.device,
                       total_steps=teacher.epochs * steps_per_epoch(len(s.labels), teacher.batch_size))
     takes_features = model.input_kind == "features"
+    validation = Validation.of(data.val, s.stream, s.conditions, s.log_mel if takes_features else None,
+                               hop_samples=samples(t.eval_hop_ms), device=s.device)
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         x = s.spec_augment(s.log_mel(wave), generator=generator) if takes_features else wave
@@ -442,8 +387,7 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
                     views=config.augment.views, desc=f"teacher {teacher.name} epoch {state.epoch + 1}/{teacher.epochs}")
         state.epoch += 1
         # the hour-long stream only for the teacher saved (the last epoch): an epoch's report needs no more
-        stream = s.stream if state.epoch == teacher.epochs else None
-        metrics = evaluate(model, data.val, stream, config, s.log_mel if takes_features else None, s.conditions)
+        metrics = evaluate(model, validation, config, with_stream=state.epoch == teacher.epochs)
         if report:
             report({**metrics, **memory_metrics(s.device), "epoch": state.epoch}, None)
     save_teacher(config, teacher, model, data, epoch=teacher.epochs, step=state.step, metrics=metrics)

@@ -35,7 +35,8 @@ from kd_tune.space import trial_config
 from kd_tune.space import trial_dirname  # noqa: F401  # where the Tune state of older sweeps (tuner.pkl) finds it
 from kd_tune.store.checkpoint import Checkpoint, CheckpointError, Identity, load_checkpoint
 from kd_tune.store.storage import Storage
-from kd_tune.training.train import STUDENT_KIND, Report, fit
+from kd_tune.training.resume import STUDENT_KIND
+from kd_tune.training.train import Report, fit
 from kd_tune.tuning.ray_compat import (WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, WorkerGroupStartupTimeoutError,
                                        run_train_controller)
 

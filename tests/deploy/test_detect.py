@@ -29,7 +29,7 @@ from kd_tune.metrics import activation_indices, activation_times, sliding_window
 from kd_tune.signing import ENV_REQUIRE_SIGNATURE, ENV_SIGNING_KEY, ENV_SIGNING_KEY_FILE
 from kd_tune.store.checkpoint import load_checkpoint
 from kd_tune.training.models import build_student
-from kd_tune.training.train import TrainState, save_training_checkpoint
+from kd_tune.training.resume import TrainState, save_training_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "correct horse battery staple"

@@ -33,7 +33,8 @@ from kd_tune.store import storage
 from kd_tune.store.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint
 from kd_tune.training.models import STUDENTS, build_student, build_teacher
 from kd_tune.training.teachers import TeacherEnsemble
-from kd_tune.training.train import TrainState, fit, save_training_checkpoint
+from kd_tune.training.resume import TrainState, save_training_checkpoint
+from kd_tune.training.train import fit
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "correct horse battery staple"

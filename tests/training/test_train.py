@@ -21,8 +21,9 @@ from kd_tune.store.checkpoint import copy_checkpoint, latest_checkpoint, load_ch
 from kd_tune.training.distill import combine_teachers
 from kd_tune.training.models import build_teacher
 from kd_tune.training.teachers import TeacherEnsemble, load_teacher, teacher_store
-from kd_tune.training.train import (NonFiniteLossError, TooFewClipsError, TrainState, batches, epoch_pool, fit,
-                                    fit_teacher, guard, lr_at, optimizer_step, probe_batch_size, steps_per_epoch)
+from kd_tune.training.resume import TrainState
+from kd_tune.training.train import (NonFiniteLossError, TooFewClipsError, batches, epoch_pool, fit, fit_teacher, guard,
+                                    lr_at, optimizer_step, probe_batch_size, steps_per_epoch)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
