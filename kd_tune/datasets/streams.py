@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,7 @@ TRAIN_STREAM_S = {"small": 10.0, "default": 3600.0, "large": 3 * 3600.0}
 # repeated one that fires would count as several false activations.
 STREAM_S_PER_UTTERANCE = 4.0
 STREAM_FILE_S = 600.0  # the most one file holds
+RENDER_THREADS = 2  # files render independently, mostly in numpy FFTs, which release the GIL
 GAP_S = (0.2, 3.0)
 SOUND_PROBABILITY = 0.1  # of the parts of a stream; the rest is speech
 SOUND_S = (1.0, 6.0)
@@ -414,14 +416,20 @@ def write_streams(out_dir: Path, plans: list[StreamPlan], *, seed: int, progress
             bar.update()
 
         speak_all(utterances, seed=seed, each=keep)
+        jobs: list[tuple[StreamPlan, int, list[np.ndarray]]] = []  # (plan, file index, the plan's voices)
         first = 0
         for plan in plans:
             remove_unplanned(out_dir, plan)
-            for index in range(len(plan.files)):
-                audio = render_stream_file(plan, index, voices[first:first + len(plan.pool)], seed=seed)
+            jobs += [(plan, index, voices[first:first + len(plan.pool)]) for index in range(len(plan.files))]
+            first += len(plan.pool)
+        pool = ThreadPoolExecutor(max_workers=RENDER_THREADS)
+        try:  # each file from its own seed, written in order
+            for (plan, index, _), audio in zip(jobs, pool.map(lambda job: render_stream_file(*job, seed=seed), jobs),
+                                               strict=True):
                 write_wav_atomically(out_dir / plan.path(index), audio)
                 bar.update()
-            first += len(plan.pool)
+        finally:  # after an error or Ctrl-C, the files not started are not rendered
+            pool.shutdown(cancel_futures=True)
 
 
 def remove_unplanned(out_dir: Path, plan: StreamPlan) -> None:

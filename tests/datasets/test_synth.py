@@ -283,6 +283,20 @@ def test_streams_are_the_same_bytes_for_the_same_seed(small_dataset, tmp_path):
     assert (tmp_path / "other/long/val/000.wav").read_bytes() != (small_dataset / "long/val/000.wav").read_bytes()
 
 
+
+def test_stream_files_rendered_on_threads_are_the_bytes_of_one_at_a_time(tmp_path, monkeypatch):
+    # Rule: the long streams' files render on several threads, each from its own seed, and are written in order: the
+    # bytes are those of rendering them one after the other.
+    monkeypatch.setattr(streams, "STREAM_FILE_S", 10.0)  # four files in a 40 s stream
+    plans = [streams.plan_stream(WAKEWORD, "val", seed=0, size="small", seconds=40.0)]
+    assert len(plans[0].files) == 4 and streams.RENDER_THREADS > 1
+    for threads in (1, 2):
+        monkeypatch.setattr(streams, "RENDER_THREADS", threads)
+        streams.write_streams(tmp_path / str(threads), plans, seed=0, progress=False)
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*.wav"))
+    assert len(files) == 4
+    assert all((tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes() for f in files)
+
 # ---------------------------------------------------------------------------------------------- the user's voices
 
 
