@@ -1,11 +1,12 @@
 import torch
 
+from kd_tune.store.checkpoint import load_checkpoint, save_checkpoint
 from kd_tune.training.resume import optimizer_from_safe, optimizer_to_safe
 
 
-def test_an_optimizer_state_survives_the_split_into_tensors_and_json():
+def test_an_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
     # Rule: a checkpoint holds the optimizer as flat tensors plus JSON (no pickle), and loading them back gives the
-    # state it was saved from, every slot and every hyper-parameter.
+    # state it was saved from, every slot of every parameter and every hyper-parameter.
     import json
 
     torch.manual_seed(0)
@@ -17,10 +18,11 @@ def test_an_optimizer_state_survives_the_split_into_tensors_and_json():
         optimizer.step()
     saved = optimizer.state_dict()
     tensors, meta = optimizer_to_safe(saved)
-    assert all(isinstance(v, torch.Tensor) for v in tensors.values()) and len(tensors) == 3 * 4  # step, exp_avg(_sq)
-    restored = optimizer_from_safe(tensors, json.loads(json.dumps(meta)))
+    assert len(tensors) == 4 * 3  # step, exp_avg and exp_avg_sq of four parameters
+    save_checkpoint(tmp_path, "c", {"optimizer": tensors}, kind="trial", config={}, extra={"optimizer": meta})
+    loaded = load_checkpoint(tmp_path, "c")
     fresh = torch.optim.AdamW(model.parameters(), lr=0.5)
-    fresh.load_state_dict(restored)
+    fresh.load_state_dict(optimizer_from_safe(loaded.tensors["optimizer"], loaded.manifest["extra"]["optimizer"]))
     again = fresh.state_dict()
     assert again["param_groups"] == json.loads(json.dumps(saved["param_groups"]))  # betas: a list, as JSON has it
     for param, slots in saved["state"].items():
