@@ -314,7 +314,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     state = restore(resume, student, stepper.optimizer) if resume else TrainState()
     long_train = data.train.of_kind(WINDOW_KIND) if t.mined_negatives else s.audio[:0]  # a copy: only to mine
     miner = Miner(long_train.reshape(-1), count=t.mined_negatives, hop_samples=samples(t.eval_hop_ms))
-    validation = Validation.of(data.val, s.stream, s.conditions, s.log_mel, hop_samples=miner.hop_samples,
+    validation = Validation.of(data.val, s.stream, s.conditions, s.log_mel, hop_samples=samples(t.eval_hop_ms),
                                device=s.device)
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
