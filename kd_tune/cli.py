@@ -8,6 +8,7 @@ refusal derives from kd_tune.errors.KdTuneError and is printed as one line, with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -157,11 +158,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from kd_tune.deploy.detect import Detector
 
-    try:
-        detector = Detector(args.model, threshold=args.threshold)
-    except ValueError as e:  # a card that does not belong to the model, not a card at all, a threshold not in [0, 1]
-        print(f"kd-tune: {one_line(str(e))}", file=sys.stderr)
-        return getattr(e, "exit_code", 1)
+    if bool(args.files) == args.mic or (not args.mic and (args.seconds or args.backend != "default")):
+        raise InputError(f"detect: got {'FILE and --mic' if args.files else 'FILE' if args.mic else '--mic options'}"
+                         "; allowed: audio files, or --mic (with --backend and --seconds)")
+    detector = Detector(args.model, threshold=args.threshold)  # a card that is not this model's: main's one line
+    if args.mic:
+        from kd_tune.deploy.listen import listen_to_microphone
+
+        listen_to_microphone(detector, backend=args.backend, seconds=args.seconds,
+                             echo=functools.partial(print, flush=True))  # each detection as it happens, also in a pipe
+        return 0
     exit_code = 0
     for file in args.files:
         try:
@@ -226,8 +232,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from kd_tune.tuning.bench import format_report, run_bench
 
     report = run_bench(_config(args), clips=args.clips, teacher_source=args.teacher_source)
@@ -359,9 +363,13 @@ def parser() -> argparse.ArgumentParser:
                    "data.root)")
     q.set_defaults(func=cmd_export, set=[])
 
-    q = sub.add_parser("detect", help="find the wake word in audio files with an exported model")
+    q = sub.add_parser("detect", help="find the wake word in audio files, or live, with an exported model")
     q.add_argument("model", help="a .onnx file written by `kd-tune export` (its .json beside it)")
-    q.add_argument("files", nargs="+", metavar="FILE", help="audio files (any rate and channel count)")
+    q.add_argument("files", nargs="*", metavar="FILE", help="audio files (any rate and channel count)")
+    q.add_argument("--mic", action="store_true", help="listen to the microphone instead (needs kd-tune[mic])")
+    q.add_argument("--backend", default="default", help="with --mic, miniaudio's audio backend: default, alsa, "
+                   "pulseaudio, jack, coreaudio, wasapi, or null (silence: a dry run)")
+    q.add_argument("--seconds", type=POSITIVE, help="with --mic, stop after this much audio (default: at Ctrl-C)")
     q.add_argument("--threshold", type=float, help="override the calibrated threshold from the model's .json")
     q.set_defaults(func=cmd_detect)
 
@@ -397,8 +405,7 @@ def parser() -> argparse.ArgumentParser:
                    "`kd-tune eval --conditions`), 20 minutes of the test stream per condition")
     q.add_argument("--best-of", metavar="EXPERIMENT", help="start from the config of this sweep's best trial")
     q.add_argument("--name", default="compare", help="runs go to <storage.root>/NAME (default: compare)")
-    q.add_argument("--out", default="runs/compare", help="exported models, figures and the table (default: "
-                   "runs/compare)")
+    q.add_argument("--out", default="runs/compare", help="exported models, figures and table (default: runs/compare)")
     q.set_defaults(func=cmd_compare)
 
     q = sub.add_parser("bench", help="measure the teacher cache vs a live teacher, Ray Train's overhead, the front "

@@ -37,15 +37,16 @@ LIMITED_AS_BYTES = 3 * 2**30  # address space of a limited `kd-tune detect` run:
 CLI_TIMEOUT_S = 120
 
 
-def export_random_student(root: Path, name: str, data_root: Path) -> Path:
-    """An untrained student at width 0.25, exported as training and `kd-tune export` would; returns model.onnx."""
+def export_random_student(root: Path, name: str, data_root: Path, *, streaming: bool = False) -> Path:
+    """An untrained student at width 0.25, exported as training and `kd-tune export` would (with its streaming form
+    if asked); returns model.onnx."""
     torch.manual_seed(0)
     student = build_student(name, width=0.25)
     config = load_config(None, overrides=[f"data.root={data_root}", f"storage.root={root}", f"student.name={name}",
                                           "student.width=0.25"], check_paths=False)
     ckpt = save_training_checkpoint(root, student, torch.optim.AdamW(student.parameters()), TrainState(), config, {})
     out = root / "export" / "model.onnx"
-    export.export_student(load_checkpoint(ckpt.parent, ckpt.name), out, data=data_root)
+    export.export_student(load_checkpoint(ckpt.parent, ckpt.name), out, data=data_root, streaming=streaming)
     return out
 
 
