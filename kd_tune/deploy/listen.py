@@ -24,6 +24,7 @@ from kd_tune.metrics import refractory_window_count
 MIC_RATE_HZ = 48_000  # asked of the device (miniaudio converts from its own); soxr takes it to the model's rate
 MIC_BLOCK_MS = 100
 SILENT_DEVICE_S = 5.0  # no block for this long: the device has stopped delivering audio
+MAX_QUEUED_BLOCKS = 50  # 5 s of audio waiting: detection has fallen behind the microphone, refused, not hoarded
 BACKENDS = ("default", "alsa", "pulseaudio", "jack", "coreaudio", "wasapi", "null")  # null: silence, a dry run
 
 
@@ -96,7 +97,8 @@ class Microphone:
             import miniaudio
         except ImportError:
             raise DetectError("--mic: miniaudio is not installed; allowed: pip install 'kd_tune[mic]'") from None
-        self.blocks: queue.Queue[np.ndarray] = queue.Queue()
+        self.blocks: queue.Queue[np.ndarray] = queue.Queue(maxsize=MAX_QUEUED_BLOCKS)
+        self.overflowed = False
         try:
             backends = [] if backend == "default" else [miniaudio.Backend[backend.upper()]]
             with c_stderr_silenced():  # libasound prints its probing of every absent card; the refusal says it all
@@ -111,7 +113,11 @@ class Microphone:
 
     def capture(self) -> Any:  # miniaudio's callback generator, run on its own thread
         while True:
-            self.blocks.put(np.frombuffer((yield), np.float32).copy())
+            block = np.frombuffer((yield), np.float32).copy()
+            try:
+                self.blocks.put_nowait(block)
+            except queue.Full:  # never block miniaudio's thread; the reader says so
+                self.overflowed = True
 
     def __enter__(self) -> Microphone:
         generator = self.capture()
@@ -125,10 +131,15 @@ class Microphone:
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
             try:
-                yield self.blocks.get(timeout=SILENT_DEVICE_S)
+                block = self.blocks.get(timeout=SILENT_DEVICE_S)
             except queue.Empty:
                 raise DetectError(f"--mic: the {self.backend} device delivered no audio for {SILENT_DEVICE_S:g} s; "
                                   "allowed: a capture device that is not in use or muted") from None
+            if self.overflowed:
+                raise DetectError(f"--mic: detection fell {MAX_QUEUED_BLOCKS * MIC_BLOCK_MS / 1000:g} s behind the "
+                                  "microphone; allowed: a machine that runs the model in real time (see `kd-tune "
+                                  "bench`), or a smaller model")
+            yield block
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """Live detection (`kd-tune detect --mic`): fed block by block, the detections of the whole recording."""
 
+import time
+
 import numpy as np
 import pytest
 from test_detect import detect_cli, export_random_student, refusal
@@ -69,8 +71,6 @@ def test_live_streaming_detection_finds_the_times_of_the_whole_recording(small_d
 def test_mic_on_the_null_device_listens_for_the_given_seconds(tmp_path, capsys):
     # Rule: `kd-tune detect MODEL --mic` opens a real capture device (miniaudio's null backend: silence, at its own
     # pace), says which, listens for --seconds and ends with the count; silence holds no wake word.
-    import time
-
     model = peak_model(tmp_path / "peak.onnx")
     started = time.monotonic()
     code, out, err = detect_cli(capsys, model, "--mic", "--backend", "null", "--seconds", "1.5")
@@ -96,3 +96,16 @@ def test_mic_mistakes_are_one_line_refusals(args, names, tmp_path, capsys):
     line = refusal(*detect_cli(capsys, model, *[str(audio) if a == "FILE" else a for a in args])[::2], names=names)
     assert "allowed:" in line and ("null" in line) == (names == "--backend")
     assert set(BACKENDS) <= set(line.replace(",", " ").split()) or names != "--backend"
+
+
+def test_a_reader_that_falls_behind_the_device_is_refused_not_hoarded(monkeypatch):
+    # Rule: the blocks waiting for detection are bounded; once the reader falls that far behind the (real, null)
+    # device, reading refuses with one message instead of queueing audio without end.
+    from kd_tune.deploy import listen as live
+    from kd_tune.deploy.detect import DetectError
+
+    monkeypatch.setattr(live, "MAX_QUEUED_BLOCKS", 5)  # 0.5 s of the null device's 100 ms blocks
+    with live.Microphone("null") as mic:
+        time.sleep(1.5)
+        with pytest.raises(DetectError, match=r"--mic: detection fell 0.5 s behind the microphone; allowed: "):
+            next(iter(mic))
