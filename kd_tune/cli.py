@@ -421,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("demo", help="the whole job on the embedded default")
     q.add_argument("--size", choices=("small", "default", "large"), default="default",
                    help="small: a smoke run (a few minutes, figures meaningless); default: the README's figures "
-                        "(~25-30 min on 2 cores, measured); large: a real run (hours)")
+                        "(~23-29 min on 2 cores, measured); large: a real run (hours)")
     q.add_argument("--out", help="default: runs/demo, or runs/demo_<size> for another size")
     q.add_argument("--search-space", default="default", help="a YAML search space, or a built-in one by name")
     q.add_argument("--verbose", action="store_true", help="show Ray's own tables and actor logs on the console "
