@@ -52,37 +52,36 @@ class LiveDetector:
 
     def __init__(self, detector: Detector):
         self.detector, self.hop = detector, detector.hop_samples
-        self.lead = detector.window_samples // self.hop - 1  # hops before the first whole window
-        self.pending = np.zeros(0, np.float32)  # [< hop] samples not yet a whole hop
-        self.hops = 0
+        self.pending = np.zeros(0, np.float32)  # streaming: [< hop] samples; windowed: from the next window's start
+        self.windows = 0  # windows scored so far, those before the first sample counted (streaming)
         session = detector.stream_session
+        # the streaming form starts from a silent past, so its first outputs are windows that reach before it
+        self.lead = 0 if session is None else detector.window_samples // self.hop - 1
         self.state = [] if session is None else [np.zeros([1, *i.shape[1:]], np.float32)
                                                  for i in session.get_inputs()[1:]]
-        self.window = np.zeros(detector.window_samples, np.float32)  # the last window, without a streaming form
         self.trigger = Trigger(threshold=detector.threshold, refractory_windows=refractory_window_count(
             detector.refractory_seconds, self.hop / detector.sample_rate))
 
     def feed(self, audio: np.ndarray) -> list[float]:
         """audio [T] mono float32 at the model's rate -> detection times."""
         self.pending = np.concatenate([self.pending, np.asarray(audio, np.float32)])
+        need = self.hop if self.detector.stream_session is not None else self.detector.window_samples
         times = []
-        while len(self.pending) >= self.hop:
-            probability = self.step(self.pending[:self.hop])
-            self.pending, self.hops = self.pending[self.hop:], self.hops + 1
-            index = self.hops - self.lead - 1  # the window that ends with this hop
+        while len(self.pending) >= need:
+            probability = self.score(self.pending[:need])
+            self.pending, self.windows = self.pending[self.hop:], self.windows + 1
+            index = self.windows - self.lead - 1  # the window just scored, counted from the first sample
             if index >= 0 and self.trigger(probability):
                 times.append((index * self.hop + self.detector.window_samples / 2) / self.detector.sample_rate)
         return times
 
-    def step(self, hop: np.ndarray) -> float:
-        """P(wake word) of the window that ends with this hop [H]."""
+    def score(self, audio: np.ndarray) -> float:
+        """P(wake word) of the window that ends with audio: a hop [H] for the streaming form, else the window [W]."""
         d = self.detector
-        if d.stream_session is not None:
-            probability, *self.state = d.stream_session.run(None, {STREAM_INPUT: hop[None], **dict(zip(
-                STATE_INPUTS, self.state, strict=True))})
-        else:
-            self.window = np.concatenate([self.window[self.hop:], hop])
-            probability = d.session.run(None, {INPUT_NAME: self.window[None]})[0]
+        if d.stream_session is None:
+            return float(d.session.run(None, {INPUT_NAME: audio[None]})[0].reshape(-1)[0])
+        probability, *self.state = d.stream_session.run(None, {STREAM_INPUT: audio[None], **dict(zip(
+            STATE_INPUTS, self.state, strict=True))})
         return float(np.asarray(probability).reshape(-1)[0])
 
 

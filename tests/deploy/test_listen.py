@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 import pytest
-from test_detect import detect_cli, export_random_student, refusal
+from test_detect import detect_cli, edit_card, export_random_student, refusal
 from test_heldout import HOP, RATE, WINDOW, peak_model
 
 from kd_tune.deploy.detect import Detector
@@ -34,14 +34,18 @@ def test_the_trigger_fires_where_activation_indices_does(refractory):
     assert len(fired) > 10
 
 
-def test_live_windowed_detection_finds_the_times_of_the_whole_recording(tmp_path):
-    # Rule: without a streaming form, a live detector runs the windowed model over the last window every hop: fed in
-    # blocks of any size, it fires at the times detect() finds in the whole recording (peaks 1.3 s and more apart,
-    # some inside the refractory second, one in the first window).
-    detector = Detector(peak_model(tmp_path / "peak.onnx"))
-    assert detector.stream_session is None and (detector.window_samples, detector.hop_samples) == (WINDOW, HOP)
-    audio = np.full(WINDOW + 300 * HOP, 0.01, np.float32)  # 31 s: whole windows only, as a live stream has
-    for second in (0.2, 3.05, 3.6, 7.0, 8.3, 20.0, 30.9):
+@pytest.mark.parametrize("hop", [HOP, 1300])
+def test_live_windowed_detection_finds_the_times_of_the_whole_recording(hop, tmp_path):
+    # Rule: without a streaming form, a live detector runs the windowed model on each window as its last sample
+    # arrives: fed in blocks of any size, it fires at the times detect() finds in the whole recording (peaks 1.3 s
+    # and more apart, some inside the refractory second, one in the first window), also with a hop that does not
+    # divide the window.
+    model = peak_model(tmp_path / "peak.onnx")
+    edit_card(model, lambda card: card.update(hop_samples=hop))
+    detector = Detector(model)
+    assert detector.stream_session is None and (detector.window_samples, detector.hop_samples) == (WINDOW, hop)
+    audio = np.full(WINDOW + 300 * hop, 0.01, np.float32)  # whole windows only, as a live stream has
+    for second in (0.2, 3.05, 3.6, 7.0, 8.3, 20.0, 24.9):
         audio[int(second * RATE)] = 0.9
     expected = detector.detect(audio)
     assert len(expected) >= 5
