@@ -420,7 +420,8 @@ def write_streams(out_dir: Path, plans: list[StreamPlan], *, seed: int, progress
         first = 0
         for plan in plans:
             remove_unplanned(out_dir, plan)
-            jobs += [(plan, index, voices[first:first + len(plan.pool)]) for index in range(len(plan.files))]
+            plan_voices = voices[first:first + len(plan.pool)]
+            jobs += [(plan, index, plan_voices) for index in range(len(plan.files))]
             first += len(plan.pool)
         pool = ThreadPoolExecutor(max_workers=RENDER_THREADS)
         try:  # each file from its own seed, written in order

@@ -68,8 +68,6 @@ class Setup:
     audio: Tensor  # [N, N_SAMPLES] training clips, on the device
     labels: Tensor  # [N]
     weights: Tensor  # [N] loss weight per clip: hard negatives count more
-    stream: Tensor  # [S] the validation negative stream, for false accepts per hour
-    conditions: dict[str, Tensor]  # the validation positives under acoustic conditions (kd_tune.training.scoring)
 
 
 # ---------------------------------------------------------------- set-up
@@ -81,8 +79,7 @@ def prepare(config: Config, data: WakewordData) -> Setup:
     log_mel, augment, spec_augment = front_end(config, data.train.of_kind("background"), device)
     weights = sample_weights(data.train.kinds, hard_negative_weight=config.data.hard_negative_weight)
     return Setup(device, log_mel, augment, spec_augment, audio=data.train.audio.to(device),
-                 labels=data.train.labels.to(device), weights=weights.to(device), stream=data.val_stream,
-                 conditions=validation_conditions(data.val))
+                 labels=data.train.labels.to(device), weights=weights.to(device))
 
 
 def pick_device(setting: str) -> torch.device:
@@ -314,8 +311,9 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     state = restore(resume, student, stepper.optimizer) if resume else TrainState()
     long_train = data.train.of_kind(WINDOW_KIND) if t.mined_negatives else s.audio[:0]  # a copy: only to mine
     miner = Miner(long_train.reshape(-1), count=t.mined_negatives, hop_samples=samples(t.eval_hop_ms))
-    validation = Validation.of(data.val, s.stream, s.conditions, s.log_mel, hop_samples=samples(t.eval_hop_ms),
-                               device=s.device)
+    # the conditions' audio only lives until it is featurized
+    validation = Validation.of(data.val, data.val_stream, validation_conditions(data.val), s.log_mel,
+                               hop_samples=samples(t.eval_hop_ms), device=s.device)
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         alpha, temperature = schedule(d, progress)
@@ -371,8 +369,9 @@ def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | 
                       weight_decay=teacher.weight_decay, config=config, device=s.device,
                       total_steps=teacher.epochs * steps_per_epoch(len(s.labels), teacher.batch_size))
     takes_features = model.input_kind == "features"
-    validation = Validation.of(data.val, s.stream, s.conditions, s.log_mel if takes_features else None,
-                               hop_samples=samples(t.eval_hop_ms), device=s.device)
+    validation = Validation.of(data.val, data.val_stream, validation_conditions(data.val),
+                               s.log_mel if takes_features else None, hop_samples=samples(t.eval_hop_ms),
+                               device=s.device)
 
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         x = s.spec_augment(s.log_mel(wave), generator=generator) if takes_features else wave
