@@ -5,7 +5,8 @@
                     the losses of both runs, which must agree.
 (b) ray_vs_plain    the same training loop (cached teacher, so the loop dominates) in Ray Train trials and in this
                     process with as many threads, alternating; a trial's start-up and whole run with the sweep's
-                    worker poll (sweep.RAY_SETTINGS) and with Ray Train's default (2 s).
+                    worker poll (sweep.RAY_SETTINGS) and with Ray Train's default (2 s); and the start-up of a
+                    trial whose loop returns at once, which is Ray's own cost.
 (c) pipeline        samples per second of render_view + LogMel + SpecAugment on the CPU.
 (d) onnx            the exported default student, front end inside, on one thread: latency per 1 s window, and of
                     its streaming form per hop; CPU time per second of a recording, windowed against streaming.
@@ -18,6 +19,7 @@ Everything runs on `--clips` training clips drawn from the configured data set, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -27,7 +29,6 @@ import tempfile
 import time
 from itertools import pairwise
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import ray
@@ -47,7 +48,7 @@ from kd_tune.training.models import build_student, count_parameters
 from kd_tune.training.teachers import initial_teacher, save_teacher
 from kd_tune.training.train import fit, pick_device
 from kd_tune.tuning.sweep import RAY_SETTINGS, connect_ray
-from kd_tune.tuning.trial import ray_report, torch_trainer
+from kd_tune.tuning.trial import empty_worker, ray_report, torch_trainer
 
 BENCH_CLIPS = 256  # a few minutes on 2 cores with a base-size teacher
 TEACHER_NAME, TEACHER_ARCH = "bench", "wav2vec2"
@@ -157,13 +158,34 @@ def ray_trial(config: Config, data_ref, *, storage_path: str, poll_s: str) -> di
                             name="bench")
     started = time.time()
     # fit() reads the variable and hands it to the controller it starts; it raises when the trial fails.
-    with mock.patch.dict(os.environ, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll_s}):
+    with environment("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", poll_s):
         # Train V2's Result, the one run, has return_value; mypy reads ray.train's first import, Train V1's
         out = trainer.fit().return_value  # type: ignore[attr-defined]
     reports = out["reports"]
     return {"epochs": reports, "threads": out["threads"], "poll_s": float(poll_s),
             "trial_start_s": out["entered_unix"] - started,
             "first_report_s": reports[0]["reported_unix"] - started, "trial_total_s": time.time() - started}
+
+
+def ray_empty_trial_start_s(config: Config, *, storage_path: str) -> float:
+    """Seconds from fit() to the loop of a trial that does nothing: Ray's own start-up, kd_tune's training aside."""
+    trainer = torch_trainer(empty_worker, {}, config, storage_path=storage_path, name="empty")
+    started = time.time()
+    return trainer.fit().return_value - started  # type: ignore[attr-defined]  # Train V2's Result, as above
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """os.environ[name] = value within the block, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def plain_fit(config: Config, data: WakewordData) -> dict:
@@ -188,6 +210,7 @@ def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
         for name, poll in polls.items():
             plain.append(plain_fit(config, data))
             trials[name] = ray_trial(config, data_ref, storage_path=f"{root}/ray_{name}", poll_s=poll)
+        empty_start_s = ray_empty_trial_start_s(config, storage_path=f"{root}/ray_empty")
     finally:
         if started_here:
             ray.shutdown()
@@ -196,7 +219,8 @@ def ray_vs_plain(config: Config, data: WakewordData, *, root: str) -> dict:
     figures = {"threads": trials["kd_tune"]["threads"], "ray_init_s": ray_init_s, "plain_epoch_s": plain_epoch_s,
                "ray_epoch_s": ray_epoch_s, "epoch_ratio": ray_epoch_s / plain_epoch_s,
                "plain_steps_s": epoch_steps_s(*plain_runs), "ray_steps_s": epoch_steps_s(*ray_runs),
-               "plain_first_report_s": statistics.median(run["first_report_s"] for run in plain)}
+               "plain_first_report_s": statistics.median(run["first_report_s"] for run in plain),
+               "empty_trial_start_s": empty_start_s}
     for name, trial in trials.items():
         figures |= {f"{name}_{key}": trial[key] for key in ("poll_s", "trial_start_s", "first_report_s",
                                                             "trial_total_s")}

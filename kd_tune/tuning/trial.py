@@ -17,9 +17,10 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import ray
@@ -36,9 +37,11 @@ from kd_tune.space import trial_dirname  # noqa: F401  # where the Tune state of
 from kd_tune.store.checkpoint import Checkpoint, CheckpointError, Identity, load_checkpoint
 from kd_tune.store.storage import Storage
 from kd_tune.training.resume import STUDENT_KIND
-from kd_tune.training.train import Report, fit
 from kd_tune.tuning.ray_compat import (WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, WorkerGroupStartupTimeoutError,
                                        run_train_controller)
+
+if TYPE_CHECKING:
+    from kd_tune.training.train import Report
 
 log = logging.getLogger(__name__)
 # The driver only waits; {"cpu": 0} alone is refused
@@ -99,15 +102,21 @@ RUNNING = RunningController()
 
 
 class AbortTrainOnStop:
-    """Tune trainable mixin: when Tune stops the trial, abort its Train run before the trial's actor goes.
+    """Tune trainable mixin: when Tune stops the trial, abort its Train run before the trial's actor goes, or
+    before the actor is reused for the next trial (the sweep's reuse_actors).
 
     Without it Tune kills the trial actor mid-fit; the dying controller sees its worker die, retries, and creates a
-    placement group after the cluster has already cleaned up after it: nothing ever removes that group.
+    placement group after the cluster has already cleaned up after it: nothing ever removes that group. A reused
+    actor's stopped trial would train on until Tune gave up waiting for it.
     """
 
     def cleanup(self):
         RUNNING.abort()
         super().cleanup()
+
+    def reset_config(self, new_config: dict) -> bool:
+        RUNNING.abort()
+        return super().reset_config(new_config)  # type: ignore[misc]  # Tune's FunctionTrainable, after us in the MRO
 
 
 def ray_report(**extra: Any) -> Report:
@@ -135,12 +144,20 @@ def torch_trainer(worker: Callable[[dict], Any], loop_config: dict, config: Conf
 
 def train_worker(loop_config: dict) -> None:
     """One Ray Train worker: resume from the newest checkpoint that verifies, run `fit`, report every epoch."""
+    # Imported here: the trial's Tune actor and its Train controller import this module too, and never train
+    from kd_tune.training.train import fit
+
     config = validate(loop_config["config"])
     node = socket.gethostname() + ":" + ray.get_runtime_context().get_node_id()[:8]
     # The data set the sweep loaded once, from the object store: no clip is read or decoded again per trial.
     trial_id = loop_config["trial_id"]
     fit(config, ray_report(node=node), data=ray.get(loop_config["data"]), run_name=trial_id,
         resume=verified_resume_point(ray.train.get_checkpoint(), trial_id))
+
+
+def empty_worker(_loop_config: dict) -> float:
+    """A Train loop that returns when it starts: `kd-tune bench` times Ray's own trial start-up with it."""
+    return time.time()
 
 
 def verified_resume_point(ray_checkpoint, trial_id: str) -> Checkpoint | None:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from ray_cluster import BIN, REPO, Jobs, config_with_trained_teachers, kd_tune, small_set_two_teachers
+from ray_cluster import BIN, REPO, Jobs, kd_tune
 
 from kd_tune.config import load_config
 from kd_tune.evaluation.leaderboard import leaderboard
@@ -86,17 +86,6 @@ def test_leaderboard_status_and_epochs_follow_the_reported_epochs(tmp_path):
 # ---------------------------------------------------------------- real sweeps on a real cluster (slow)
 
 
-@pytest.fixture(scope="module")
-def sweep_config(small_dataset, tmp_path_factory):
-    """A config for fast sweeps over two tiny, already fine-tuned teachers."""
-    work = tmp_path_factory.mktemp("sweep")
-    raw = small_set_two_teachers(small_dataset, cnn_epochs=2) | {
-        "training": {"epochs": 3, "batch_size": 32},
-        "tune": {"num_samples": 4, "max_concurrent_trials": 2, "asha_grace_period": 1},
-        "storage": {"root": str(work / "runs")}}
-    return config_with_trained_teachers(raw, work)
-
-
 def events(directory: Path) -> tuple[set[str], bool]:
     """Scalar tags and whether an HParams summary is present, read back from a trial's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -116,18 +105,15 @@ def result_lines(trial_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, sweep_config):
+def test_smoke_sweep_submitted_as_a_ray_job_end_to_end(cluster, smoke_job):
     # Rule: `ray job submit --working-dir . -- kd-tune sweep ...` against a token-auth cluster runs the smoke sweep
     # (>= 4 trials of its one teacher, >= 2 alpha schedules); every trial leaves TensorBoard scalars (student and
     # distillation loss apart, plus HParams), a verified checkpoint on storage and a row in leaderboard.csv/json;
     # `kd-tune results` prints the same leaderboard. ASHA stops every trial (at max_t, or earlier), and once the job
     # is over the State API shows none of its placement groups or actors left on the cluster.
-    path, config = sweep_config
-    jobs = Jobs(cluster)
-    job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "smoke")
-    assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.run("logs", job).stdout[-5000:]
-    assert cluster.wait_until_clean(jobs.job_id(job)) == []
-    experiment = Path(config.storage.root) / "smoke"
+    job, config, experiment = smoke_job, smoke_job.config, smoke_job.experiment
+    assert job.state == "SUCCEEDED", job.jobs.run("logs", job.submission_id).stdout[-5000:]
+    assert cluster.wait_until_clean(job.jobs.job_id(job.submission_id)) == []
     rows = json.loads((experiment / "leaderboard.json").read_text())
     assert len(rows) == 4 and (experiment / "leaderboard.csv").read_text().count("\n") == 5
     assert all(r["status"] == "OK" for r in rows)
@@ -225,7 +211,8 @@ def test_a_worker_group_that_cannot_start_fails_its_trial_with_the_reason(cluste
         holder.wait()
 
 
-# The sweep driver of the test below: kd-tune itself, with a loader that moves the data folder away once read.
+# The sweep driver of the test below: kd-tune itself, as installed, with a loader that moves the data folder away
+# once read.
 HIDING_DRIVER = """
 import shutil, sys
 from kd_tune import cli
@@ -239,30 +226,17 @@ def load_then_hide(data_config):
     return data
 
 sweep.load_data = load_then_hide
+print(cli.__file__, flush=True)
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
 @pytest.mark.slow
-def test_trials_train_on_the_data_the_sweep_loaded(cluster, sweep_config, tmp_path):
-    # Rule: the sweep reads the data set once and trials get it from Ray's object store: no trial reads data.root
-    # (here the folder is moved away as soon as the sweep driver has loaded it).
-    path, config = sweep_config
-    data_root = shutil.copytree(config.data.root, tmp_path / "data")
-    out = subprocess.run([str(BIN / "python"), "-c", HIDING_DRIVER, "sweep", str(path), "--search-space", "smoke",
-                          "--name", "hidden_data", "--address", cluster.address, "--set", f"data.root={data_root}",
-                          "--set", "tune.num_samples=2"], env=cluster.env, cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert not data_root.exists() and (tmp_path / "data.hidden").is_dir()
-    rows = json.loads((Path(config.storage.root) / "hidden_data" / "leaderboard.json").read_text())
-    assert len(rows) == 2 and all(r["status"] == "OK" and r["epochs"] >= 1 for r in rows)
-
-
-@pytest.mark.slow
-def test_a_wheel_install_finds_the_builtin_search_spaces_by_name(cluster, sweep_config, tmp_path):
-    # Rule: the wheel carries the built-in search spaces: after a non-editable install, `kd-tune sweep
-    # --search-space smoke` resolves the name and runs (the installed copy, not this checkout, is imported).
+def test_an_installed_wheel_sweeps_a_builtin_space_on_the_data_it_loaded_once(cluster, sweep_config, tmp_path):
+    # Rules (one sweep: a trial costs ~10 s of Ray's own start-up): the wheel carries the built-in search spaces,
+    # so after a non-editable install `kd-tune sweep --search-space smoke` resolves the name and runs (the installed
+    # copy, not this checkout, is imported); and the sweep reads the data set once and its trials get it from Ray's
+    # object store, so no trial reads data.root (the folder is moved away as soon as the driver has loaded it).
     path, config = sweep_config
     wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -270,15 +244,16 @@ def test_a_wheel_install_finds_the_builtin_search_spaces_by_name(cluster, sweep_
     subprocess.run([*pip, "wheel", str(REPO), "--no-deps", "-w", str(wheels)], check=True, timeout=600)
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *map(str, wheels.glob("kd_tune-*.whl"))],
                    check=True, timeout=300)
-    env = {**cluster.env, "PYTHONPATH": str(site)}
-    where = subprocess.run([str(BIN / "python"), "-c", "import kd_tune; print(kd_tune.__file__)"], env=env,
-                           cwd=elsewhere, capture_output=True, text=True, check=True)
-    assert Path(where.stdout.strip()).is_relative_to(site)
-    out = kd_tune("sweep", str(path), "--search-space", "smoke", "--name", "from_wheel", "--address", cluster.address,
-                  "--set", "tune.num_samples=1", "--set", "training.epochs=1", env=env, cwd=elsewhere)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    data_root = shutil.copytree(config.data.root, tmp_path / "data")
+    out = subprocess.run([str(BIN / "python"), "-c", HIDING_DRIVER, "sweep", str(path), "--search-space", "smoke",
+                          "--name", "from_wheel", "--address", cluster.address, "--set", f"data.root={data_root}",
+                          "--set", "tune.num_samples=2"], env={**cluster.env, "PYTHONPATH": str(site)},
+                         cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert Path(out.stdout.splitlines()[0]).is_relative_to(site), out.stdout[:500]
+    assert not data_root.exists() and (tmp_path / "data.hidden").is_dir()
     rows = json.loads((Path(config.storage.root) / "from_wheel" / "leaderboard.json").read_text())
-    assert len(rows) == 1 and rows[0]["status"] == "OK"
+    assert len(rows) == 2 and all(r["status"] == "OK" and r["epochs"] >= 1 for r in rows)
 
 
 def test_a_local_ray_that_fails_to_start_is_started_once_more(monkeypatch):
