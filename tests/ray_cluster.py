@@ -23,7 +23,7 @@ import psutil
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 STATE_LIMIT = 10_000  # the State API's largest page
-NODE_STOP_TIMEOUT_S = 15.0  # a quiet node stops in ~3 s
+NODE_STOP_GRACE_S = 3.0  # a raylet exits within a second of its SIGTERM
 CLEANUP_TIMEOUT_S = 60.0  # a dead job's actors and placement groups are gone within seconds; a leak stays forever
 # Ray's detached per-cluster singletons, created by the first job that needs them and meant to outlive it.
 RAY_SINGLETONS = {"_AutoscalingCoordinatorActor", "TrainStateActor"}
@@ -52,6 +52,14 @@ def ray_env(token_file: Path) -> dict[str, str]:
                   "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
 
 
+def _name(pid: int) -> str:
+    """A process's name; "" once it is gone."""
+    try:
+        return psutil.Process(pid).name()
+    except psutil.NoSuchProcess:
+        return ""
+
+
 @dataclass
 class RayNode:
     """One `ray start --block` process and what it spawned."""
@@ -68,22 +76,23 @@ class RayNode:
 
     def raylet_pid(self) -> int:
         for pid in self.pids():
-            try:
-                if psutil.Process(pid).name().startswith("raylet"):
-                    return pid
-            except psutil.NoSuchProcess:
-                continue
+            if _name(pid).startswith("raylet"):
+                return pid
         raise RuntimeError(f"no raylet among {self.pids()}; see {self.log}")
 
     def stop(self) -> None:
-        """SIGTERM to `ray start --block`, which stops its node's processes as `ray stop` would, then SIGKILL what
-        is left (a SIGTERM to all of them at once left the raylet running for 14 s)."""
+        """SIGTERM to the raylet, then to the rest; SIGKILL what is left after NODE_STOP_GRACE_S. Once a cluster has
+        run a Train job, its GCS and Ray's own Python processes outlive a SIGTERM by 15 s or more, whichever order
+        (`ray start --block` too): a test cluster has nothing to save, so they are not waited for."""
         processes = []
         for pid in self.pids():
             with contextlib.suppress(psutil.NoSuchProcess):
                 processes.append(psutil.Process(pid))
-        self.process.terminate()
-        _, alive = psutil.wait_procs(processes, timeout=NODE_STOP_TIMEOUT_S)
+        for group in ([p for p in processes if _name(p.pid).startswith("raylet")], processes):
+            for process in group:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.terminate()
+            _, alive = psutil.wait_procs(group, timeout=NODE_STOP_GRACE_S)
         for process in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
