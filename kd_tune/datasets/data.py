@@ -5,13 +5,10 @@ positive/ and negative/ (optionally hard_negative/ and background/) holding WAV 
 32 channels. Each file's header is checked before it is decoded, so a tiny file that claims a huge rate or length
 costs nothing; an unusable file is skipped and counted, never the end of a run.
 
-Long negative recordings, `<root>/long/<split>/*.wav`, are hours of audio without the wake word, read in name order
-(kd_tune.audio.io). Those of val and test are the audio false activations per hour are counted on: a detector that must
-fire at most once an hour is only measured on hours. Those of train are cut into consecutive windows and trained on as
-negatives: the clips hold minutes of negatives, and a detector learns what it must not fire on from hours. They also
-make the straddle windows: training positives heard inside that audio and cut at the window's edge, labelled
-UNLABELLED, for the teacher to label (`straddle_windows`). A split without recordings falls back to its negative and
-background clips joined end to end, never its hard negatives: "hey" then "nova" would join into the wake word.
+Long negative recordings, `<root>/long/<split>/*.wav` (README, "Data"): val's and test's count false activations
+per hour; train's become negative windows and the straddle windows the teacher labels (`straddle_windows`). A split
+without them falls back to its negative and background clips joined end to end, never its hard negatives: "hey"
+then "nova" would join into the wake word.
 """
 
 from __future__ import annotations

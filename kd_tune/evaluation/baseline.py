@@ -5,22 +5,8 @@ threshold, sample_rate, hop_samples, window_samples, refractory_seconds, detect)
 distilled student and this peer on the same audio. It needs the optional `baseline` extra (pocketsphinx, BSD, with
 its bundled en-us acoustic model and CMUdict), imported only when a spotter is built.
 
-How a PocketSphinx detection becomes a score. Keyphrase search (kws) compares, every 10 ms frame, the best path
-through the keyphrase's HMMs with the best path through a loop of all phones; a candidate ends where the keyphrase's
-last HMM exits, and pocketsphinx reports it when that margin, in its score units (log base 1.0001 shifted right by
-10 bits), reaches `logmath_log(kws_threshold) >> 10`. Overlapping candidates are merged into the best of them. The
-spotter runs with a threshold that lets every candidate through and maps each reported margin m to
-
-    score(m) = 1 / (1 + exp(-(log10_threshold(m) - SCORE_CENTRE_LOG10) / SCORE_SPREAD_DECADES))
-
-where log10_threshold(m) = m * 1024 * log10(1.0001) is the log10 of the kws_threshold at which the candidate is
-just reported. The map is fixed and strictly increasing, so the windows scoring >= score(m) are those of the
-detections pocketsphinx reports at `kws_threshold_for(score(m))`, with the same scores: checked on a stream and clips
-in tests/evaluation/test_baseline.py. (Merging could in principle differ: a weak candidate let through can absorb a
-stronger one that would otherwise have merged into an earlier detection; it was not seen, and the 1 s refractory
-period would hide it.) pocketsphinx's default kws_threshold, 1e-30, lands at 0.5.
-A detection's score goes to the first window that holds its end (the window a trained detector would see the
-whole phrase in); every other window scores 0, below any detection.
+Each reported keyphrase margin maps to a score in [0, 1] by a fixed, strictly increasing map (`score_of_margin`),
+0.5 at pocketsphinx's default kws_threshold; README, "Quality outside the studio", says how and why.
 """
 
 from __future__ import annotations

@@ -11,10 +11,7 @@ Every file is read, downmixed and resampled like `kd-tune detect` does, and scor
 - FRR at FA_TARGETS_PER_HOUR: the best a threshold chosen on this very audio could do, for comparison with targets;
 - the DET curve is FRR against FA/h over thresholds; it is written as JSON and as a PNG.
 
-Long recordings are read one at a time and scored, then dropped: memory holds one recording (at most an hour, ~230
-MB at 16 kHz) and 4 bytes per window of what was scored, and at most max_long_hours (--max-hours) of them are read
-in name order, the last one cut. Clips are held whole. A FIFO, device or socket in the folders is skipped, never
-opened, and counted in the report.
+Memory holds one long recording at a time (README, "Export and detection"); special files are skipped and counted.
 """
 
 from __future__ import annotations

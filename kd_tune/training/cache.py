@@ -1,18 +1,7 @@
 """The teacher-output cache: every teacher pass of a sweep happens once, before the trials, which only read logits.
 
-For each teacher the cache holds its logits for the clean training clips and for each of `augment.views` seeded
-augmentation views, exactly the audio `features.render_view` gives a training epoch. The straddle windows
-(kd_tune.datasets.data) are among the clips: these logits are their only label. Temperature is applied at loss
-time, so one cache serves every temperature and schedule. Layout on the configured storage, every shard a
-checkpoint written and verified by kd_tune.store.checkpoint (SHA-256, HMAC when a key is set):
-
-    cache/<teacher>-<key[:16]>/clean/       logits [N, 2] of the clean clips
-    cache/<teacher>-<key[:16]>/view_000/    logits [N, 2] of view 0, and so on for every view
-    cache/<teacher>-<key[:16]>/index/       written last: without it the cache is incomplete
-
-The key covers the teacher checkpoint, the data, the features and augment sections, the seed and the cache format;
-it is in the directory name and checked in every shard's manifest, so a stale shard is never used. With
-augmentation off every view is the clean audio, and only the clean shard is built.
+A teacher's logits of the clean training clips and of each seeded augmentation view, in verified checkpoint shards
+under a key that covers everything they depend on; README, "Sweeps", shows the layout.
 """
 
 from __future__ import annotations
