@@ -72,16 +72,20 @@ class RunningController:
 
     def __init__(self):
         self.lock, self.controller, self.aborted = threading.Lock(), None, False
+        self.released = threading.Event()  # set while no Train run holds this process
+        self.released.set()
 
     @contextlib.contextmanager
     def hold(self, controller):
         with self.lock:
             self.controller, self.aborted = controller, False
+            self.released.clear()
         try:
             yield
         finally:
             with self.lock:
                 self.controller = None
+                self.released.set()
 
     def abort(self) -> None:
         """Let Train stop its workers and remove its placement group, then exit its controller."""
@@ -116,6 +120,9 @@ class AbortTrainOnStop:
 
     def reset_config(self, new_config: dict) -> bool:
         RUNNING.abort()
+        # Tune gives the trial's thread 2 s to end before it gives up on reusing the actor; on a loaded machine the
+        # aborted Train run may take longer to let go of it
+        RUNNING.released.wait(ABORT_TIMEOUT_S)
         return super().reset_config(new_config)  # type: ignore[misc]  # Tune's FunctionTrainable, after us in the MRO
 
 
