@@ -283,8 +283,6 @@ def build_tuner(config: Config, space: SearchSpace, *, name: str, data_ref, conc
         trial_trainable(config, store, name, data_ref),
         tune_config=tune.TuneConfig(metric=c.metric, mode=c.mode, search_alg=search, scheduler=asha,
                                     num_samples=c.num_samples, max_concurrent_trials=concurrency,
-                                    # a trial's actor runs the next trial: no process start and imports (~5 s)
-                                    reuse_actors=True,
                                     trial_dirname_creator=lambda trial: trial_dirname(trial.trial_id, trial.config),
                                     trial_name_creator=lambda trial: trial_dirname(trial.trial_id, trial.config)),
         run_config=tune.RunConfig(name=name, storage_path=store.root, storage_filesystem=store.filesystem,

@@ -72,20 +72,16 @@ class RunningController:
 
     def __init__(self):
         self.lock, self.controller, self.aborted = threading.Lock(), None, False
-        self.released = threading.Event()  # set while no Train run holds this process
-        self.released.set()
 
     @contextlib.contextmanager
     def hold(self, controller):
         with self.lock:
             self.controller, self.aborted = controller, False
-            self.released.clear()
         try:
             yield
         finally:
             with self.lock:
                 self.controller = None
-                self.released.set()
 
     def abort(self) -> None:
         """Let Train stop its workers and remove its placement group, then exit its controller."""
@@ -106,24 +102,15 @@ RUNNING = RunningController()
 
 
 class AbortTrainOnStop:
-    """Tune trainable mixin: when Tune stops the trial, abort its Train run before the trial's actor goes, or
-    before the actor is reused for the next trial (the sweep's reuse_actors).
+    """Tune trainable mixin: when Tune stops the trial, abort its Train run before the trial's actor goes.
 
     Without it Tune kills the trial actor mid-fit; the dying controller sees its worker die, retries, and creates a
-    placement group after the cluster has already cleaned up after it: nothing ever removes that group. A reused
-    actor's stopped trial would train on until Tune gave up waiting for it.
+    placement group after the cluster has already cleaned up after it: nothing ever removes that group.
     """
 
     def cleanup(self):
         RUNNING.abort()
         super().cleanup()
-
-    def reset_config(self, new_config: dict) -> bool:
-        RUNNING.abort()
-        # Tune gives the trial's thread 2 s to end before it gives up on reusing the actor; on a loaded machine the
-        # aborted Train run may take longer to let go of it
-        RUNNING.released.wait(ABORT_TIMEOUT_S)
-        return super().reset_config(new_config)  # type: ignore[misc]  # Tune's FunctionTrainable, after us in the MRO
 
 
 def ray_report(**extra: Any) -> Report:
