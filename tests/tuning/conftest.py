@@ -11,6 +11,7 @@ from ray_cluster import Jobs, config_with_trained_teachers, small_set_two_teache
 from kd_tune.config import Config
 
 SMOKE_JOB_TIMEOUT_S = 600
+SMOKE_NAME = "smoke"  # the experiment's name, and the search space's
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +28,13 @@ def sweep_config(small_dataset, tmp_path_factory) -> tuple[Path, Config]:
 @dataclass
 class SmokeJob:
     config: Config
-    experiment: Path
     jobs: Jobs
     submission_id: str
     state: str
+
+    @property
+    def experiment(self) -> Path:
+        return Path(self.config.storage.root) / SMOKE_NAME
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +42,6 @@ def smoke_job(cluster, sweep_config) -> SmokeJob:
     """`ray job submit ... kd-tune sweep CONFIG --search-space smoke --name smoke` on the session cluster, ended."""
     path, config = sweep_config
     jobs = Jobs(cluster)
-    job = jobs.submit("sweep", str(path), "--search-space", "smoke", "--name", "smoke")
+    job = jobs.submit("sweep", str(path), "--search-space", SMOKE_NAME, "--name", SMOKE_NAME)
     state = jobs.wait(job, timeout=SMOKE_JOB_TIMEOUT_S)
-    return SmokeJob(config, Path(config.storage.root) / "smoke", jobs, job, state)
+    return SmokeJob(config, jobs, job, state)
