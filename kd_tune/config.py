@@ -178,6 +178,7 @@ class TeacherConfig(Section):
     lr: Positive = 1e-3
     weight_decay: float = Field(1e-2, ge=0)
     freeze_feature_encoder: bool = True
+    augment: bool = True  # fine-tune with the augment section's effects; off, it is the students' alone
 
     @field_validator("arch")
     @classmethod
@@ -196,6 +197,8 @@ class DistillationConfig(Section):
     temperature_start: Positive = 4.0
     temperature_end: Positive = 4.0
     teacher_mode: Literal["live", "cache"] = "live"
+    # clean: the teacher labels each clip from its clean audio, the student learns to hear that through the effects
+    teacher_hears: Literal["augmented", "clean"] = "augmented"
     teacher_device: Literal["auto", "cpu"] = "auto"
     teacher_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_nonfinite_steps: int = Field(10, ge=1, le=1_000_000)

@@ -41,6 +41,7 @@ def test_save_then_load_gives_the_same_config(tmp_path):
     ("distillation", "temperature_start", 0.0, "distillation.temperature_start"),
     ("distillation", "temperature_end", -2.0, "distillation.temperature_end"),
     ("distillation", "alpha_schedule", "exponential", "distillation.alpha_schedule"),
+    ("distillation", "teacher_hears", "noisy", "distillation.teacher_hears"),
     ("student", "name", "resnet152", "student.name"),
     ("training", "epochs", 0, "training.epochs"),
     ("training", "epochs", "ten", "training.epochs"),

@@ -46,9 +46,11 @@ def cache_key(config: Config, teacher: TeacherConfig, data: WakewordData) -> str
         raise CheckpointError(f"teacher {teacher.name!r} has no checkpoint under {store.uri}/{teacher.name}: run "
                               "`kd-tune teacher train CONFIG` first")
     # Bounded like every manifest read: loading the teacher later verifies it in full.
-    parts = {"teacher_manifest_sha256": hashlib.sha256(store.read_head(manifest, MAX_MANIFEST_BYTES + 1)).hexdigest(),
-             "data_sha256": data.manifest_sha256, "features": config.features.model_dump(mode="json"),
-             "augment": config.augment.model_dump(mode="json"), "seed": config.training.seed, "format": CACHE_FORMAT}
+    teacher_sha256 = hashlib.sha256(store.read_head(manifest, MAX_MANIFEST_BYTES + 1)).hexdigest()
+    parts: dict[str, object] = {"teacher_manifest_sha256": teacher_sha256, "data_sha256": data.manifest_sha256,
+                                "features": config.features.model_dump(mode="json"), "format": CACHE_FORMAT}
+    if cached_views(config):  # without views, the logits of the clean clips: the same whatever the augmentation
+        parts |= {"augment": config.augment.model_dump(mode="json"), "seed": config.training.seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -57,9 +59,14 @@ def cache_dir(teacher_name: str, key: str) -> str:
 
 
 def shard_names(config: Config) -> list[str]:
-    """clean first, then one shard per view; none when augmentation is off (every view is then the clean audio)."""
-    views = config.augment.views if config.augment.enabled else 0
-    return [CLEAN] + [f"view_{v:03d}" for v in range(views)]
+    """clean first, then one shard per view; none when the teacher hears only clean audio (augmentation off, or
+    distillation.teacher_hears clean)."""
+    return [CLEAN] + [f"view_{v:03d}" for v in range(cached_views(config))]
+
+
+def cached_views(config: Config) -> int:
+    hears_views = config.augment.enabled and config.distillation.teacher_hears == "augmented"
+    return config.augment.views if hears_views else 0
 
 
 def view_of(shard: str) -> int | None:

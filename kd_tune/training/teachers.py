@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from kd_tune.config import Config, TeacherConfig
+from kd_tune.config import AugmentConfig, Config, TeacherConfig
 from kd_tune.datasets.data import WakewordData
 from kd_tune.errors import InputError, shown
 from kd_tune.store.checkpoint import (CheckpointError, Identity, load_checkpoint, load_state_dict_strict,
@@ -107,6 +107,11 @@ def check_teacher_store(config: Config) -> None:
     check_layout(Storage.from_config(config.storage), teacher_store(config))
 
 
+def teacher_recipe(config: Config, teacher: TeacherConfig) -> Config:
+    """The config a teacher is fine-tuned with: the augment section is the students' alone unless it augments."""
+    return config if teacher.augment else config.model_copy(update={"augment": AugmentConfig(enabled=False)})
+
+
 def teacher_identity(teacher: TeacherConfig) -> Identity:
     """What a stored teacher must be: a teacher checkpoint saved under this teacher's name."""
     return Identity(TEACHER_KIND, teacher.name)
@@ -135,7 +140,7 @@ def save_teacher(config: Config, teacher: TeacherConfig, model: nn.Module, data:
     check_teacher_store(config)
     save_checkpoint(teacher_store(config), teacher.name,
                     {"model": model.state_dict()}, kind=TEACHER_KIND, name=teacher.name, pinned=True,
-                    config=config.to_dict(), epoch=epoch, step=step, metrics=metrics or {},
+                    config=teacher_recipe(config, teacher).to_dict(), epoch=epoch, step=step, metrics=metrics or {},
                     extra={"teacher": teacher.model_dump(), "hf_config": hf_config(model),
                            "parameters": count_parameters(model), "data_sha256": data.labelled_sha256})
 
@@ -193,7 +198,7 @@ def stale_reason(manifest: dict, config: Config, teacher: TeacherConfig, data: W
     if data is not None and extra.get("data_sha256") != data.labelled_sha256:
         return f"trained on other data than {data.root}"
     # The same teacher settings with another front end or augmentation are another recipe, so another teacher.
-    trained_with, now = manifest.get("config") or {}, config.to_dict()
+    trained_with, now = manifest.get("config") or {}, teacher_recipe(config, teacher).to_dict()
     changed = [section for section in TEACHER_RECIPE if trained_with.get(section) != now[section]]
     if changed:
         return f"trained with other {changed[0]} settings"

@@ -37,7 +37,7 @@ from kd_tune.training.mining import Miner
 from kd_tune.training.models import build_student
 from kd_tune.training.resume import TrainState, restore, save_training_checkpoint
 from kd_tune.training.scoring import Validation, evaluate, validation_conditions
-from kd_tune.training.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble
+from kd_tune.training.teachers import Teachers, initial_teacher, save_teacher, teacher_ensemble, teacher_recipe
 
 Report = Callable[[dict[str, float], "Path | None"], None]
 # The loss of one batch: (waveforms [B, N_SAMPLES], clip indices [B], view, SpecAugment generator, progress in
@@ -233,6 +233,15 @@ def distillation_teachers(config: Config, data: WakewordData, device: torch.devi
         return teacher_ensemble(config, device, data)
 
 
+def teacher_batch(s: Setup, wave: Tensor, feats: Tensor, idx: Tensor, view: int, *,
+                  hears: str) -> tuple[dict[str, Tensor], int | None]:
+    """The teachers' inputs for a batch and the view they are of: what the student hears, or the clean clips."""
+    if hears == "augmented" or s.augment is None:
+        return {"waveform": wave, "features": feats}, view
+    clean = s.audio[idx]  # [B, N_SAMPLES]
+    return {"waveform": clean, "features": s.log_mel(clean)}, None
+
+
 def schedule(d: DistillationConfig, progress: float) -> tuple[float, float]:
     """(alpha, temperature) at a fraction of training."""
     alpha = alpha_at(d.alpha_schedule, progress, alpha_start=d.alpha_start, alpha_end=d.alpha_end,
@@ -318,7 +327,8 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         alpha, temperature = schedule(d, progress)
         feats = s.log_mel(wave)  # [B, n_mels, T]
-        teacher_logits = teachers({"waveform": wave, "features": feats}, view=view, index=idx)  # [B, 2]
+        heard, heard_view = teacher_batch(s, wave, feats, idx, view, hears=d.teacher_hears)
+        teacher_logits = teachers(heard, view=heard_view, index=idx)  # [B, 2]
         mined = miner.batch(state.step, total_steps // t.epochs)  # [M, N_SAMPLES], M = 0 without mining
         feats = torch.cat([feats, s.log_mel(mined)]) if len(mined) else feats  # [B + M, n_mels, T]
         with torch.autocast(s.device.type, enabled=stepper.use_amp):
@@ -357,6 +367,7 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
 def fit_teacher(config: Config, teacher: TeacherConfig, *, data: WakewordData | None = None,
                 report: Report | None = None) -> dict[str, float]:
     """Fine-tune one teacher on the labels and save it to <storage>/teachers/<name>; returns its last metrics."""
+    config = teacher_recipe(config, teacher)
     t = config.training
     data = data or load_data(config.data)
     labelled = dataclasses.replace(data, train=data.train.labelled())  # a teacher learns from hard labels alone

@@ -93,6 +93,27 @@ def test_cache_and_live_teachers_give_the_same_losses(config, data):
             assert cached_epoch[name] == pytest.approx(live_epoch[name], abs=1e-6), name
 
 
+def test_a_teacher_that_hears_clean_clips_is_cached_once_and_distils_as_live(config, data, count_builds):
+    # Rule: with distillation.teacher_hears clean, the live teacher labels each clip from its clean audio while the
+    # student hears the augmented view; the cache then holds the clean shard alone, under a key that does not
+    # change with the augmentation or seed it does not depend on, and gives the live teacher's losses.
+    clean = {"distillation": {"teacher_hears": "clean"}, "training": {"epochs": 2}}
+    live = fit_losses(make_config(data.root, config.storage.root, **clean), data)
+    heard = fit_losses(make_config(data.root, config.storage.root, training={"epochs": 2}), data)
+    assert all(h["distillation_loss"] != c["distillation_loss"] for h, c in zip(heard, live, strict=True))
+    clean["distillation"]["teacher_mode"] = "cache"
+    cached = fit_losses(make_config(data.root, config.storage.root, **clean), data)
+    assert count_builds == [("cnn", cache.CLEAN)]
+    for live_epoch, cached_epoch in zip(live, cached, strict=True):
+        for name in LOSSES:
+            assert cached_epoch[name] == pytest.approx(live_epoch[name], abs=1e-6), name
+    teacher = config.teacher("cnn")
+    keyed = make_config(data.root, config.storage.root, **clean)
+    other = make_config(data.root, config.storage.root, **clean | {"augment": {"gain_db": 3.0},
+                                                                   "training": {"epochs": 2, "seed": 1}})
+    assert cache.cache_key(other, teacher, data) == cache.cache_key(keyed, teacher, data)
+
+
 def test_cached_logits_are_the_teacher_on_the_rendered_view(config, data):
     # Rule: shard view_v holds the teacher's logits for exactly render_view(train audio, view=v, seed) and the clean
     # shard those of the clean clips; looking them up by index gives the same rows.

@@ -56,6 +56,25 @@ def test_a_saved_teacher_loads_back_and_is_current(small_dataset, tmp_path):
     assert teacher_is_current(config.replace({"student.width": 0.5, "training.epochs": 1}), teacher, data)
 
 
+def test_a_teacher_that_does_not_augment_is_stored_without_the_students_augmentation(small_dataset, tmp_path):
+    # Rule: with `augment: false` a teacher is fine-tuned on the clean clips, exactly as with augmentation off, and
+    # stays current whatever the augment section (then the students' alone) says.
+    from kd_tune.datasets.data import load_dataset
+    from kd_tune.training.train import fit_teacher
+
+    data = load_dataset(small_dataset)
+    teacher = "teachers=[{name: cnn, arch: cnn, source: tiny, epochs: 1, augment: false}]"
+    weights = []
+    for enabled in (True, False):
+        config = load_config(None, overrides=[f"data.root={small_dataset}", f"storage.root={tmp_path / str(enabled)}",
+                                              teacher, f"augment.enabled={enabled}", "training.device=cpu"])
+        fit_teacher(config, config.teacher("cnn"), data=data)
+        weights.append(load_teacher(config, config.teacher("cnn")).state_dict())
+        changed = config.replace({"augment.enabled": not enabled, "augment.noise_prob": 0.9, "augment.views": 2})
+        assert teacher_is_current(changed, changed.teacher("cnn"), data)
+    assert all(torch.equal(weights[0][k], v) for k, v in weights[1].items())
+
+
 @pytest.fixture
 def stored_teacher(small_dataset, tmp_path):
     """(config, teacher, data): a tiny cnn teacher saved for the small set."""
