@@ -142,7 +142,7 @@ class AugmentConfig(Section):
     level_dbfs_max: float = Field(-1.0, ge=-90, le=0)
     freq_mask_bins: int = Field(5, ge=0, le=128)  # at most every mel band (n_mels <= 128)
     time_mask_frames: int = Field(10, ge=0, le=1000)  # at most the frames of a 1 s clip at a 1 ms hop
-    views: int = Field(4, ge=1, le=MAX_VIEWS)  # seeded augmentation views per clip served from the teacher-output cache
+    views: int = Field(4, ge=1, le=MAX_VIEWS)  # seeded views per clip, epoch e hears view e % views
 
     @model_validator(mode="after")
     def _ranges(self) -> AugmentConfig:
@@ -178,7 +178,7 @@ class TeacherConfig(Section):
     lr: Positive = 1e-3
     weight_decay: float = Field(1e-2, ge=0)
     freeze_feature_encoder: bool = True
-    augment: bool = True  # fine-tune with the augment section's effects; off, it is the students' alone
+    augment: bool = False  # fine-tune with the augment section's effects too; off, they are the students' alone
 
     @field_validator("arch")
     @classmethod
@@ -198,7 +198,7 @@ class DistillationConfig(Section):
     temperature_end: Positive = 4.0
     teacher_mode: Literal["live", "cache"] = "live"
     # clean: the teacher labels each clip from its clean audio, the student learns to hear that through the effects
-    teacher_hears: Literal["augmented", "clean"] = "augmented"
+    teacher_hears: Literal["augmented", "clean"] = "clean"
     teacher_device: Literal["auto", "cpu"] = "auto"
     teacher_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     max_nonfinite_steps: int = Field(10, ge=1, le=1_000_000)

@@ -26,7 +26,7 @@ from kd_tune.store.checkpoint import (MANIFEST_NAME, MAX_MANIFEST_BYTES, Checkpo
 from kd_tune.store.storage import Storage
 from kd_tune.training.distill import combine_teachers
 from kd_tune.training.models import teacher_input_kind
-from kd_tune.training.teachers import load_teacher, teacher_store
+from kd_tune.training.teachers import load_teacher, require_current_teachers, teacher_store
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "kd_tune.teacher_cache/1"
@@ -174,6 +174,7 @@ def build_cache(config: Config, teacher_names: list[str], *, data: WakewordData 
     shards: here by default; the sweep passes one that makes each shard a Ray task (kd_tune.tuning.sweep.shards_on_ray).
     """
     data = data or load_data(config.data)
+    require_current_teachers(config, data, teacher_names)  # a shard that verifies may be a stale teacher's
     store = Storage.from_config(config.storage)
     keys = {name: cache_key(config, config.teacher(name), data) for name in teacher_names}
     jobs = [(name, shard, key) for name, key in keys.items() for shard in shard_names(config)
@@ -213,6 +214,7 @@ class CachedTeachers(nn.Module):
     """Cached teacher logits looked up by clip index, behind TeacherEnsemble's call signature."""
 
     logits: Tensor  # a buffer, declared: through nn.Module.__getattr__ it would read as Tensor | Module
+    input_kinds: frozenset[str] = frozenset()  # looked up by index: no input is read
 
     def __init__(self, logits: Tensor, *, combine: str):
         super().__init__()

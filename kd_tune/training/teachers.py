@@ -28,7 +28,7 @@ from kd_tune.training.models import build_teacher, count_parameters, hf_config, 
 
 LEGACY_SUFFIXES = (".pt", ".pth")
 TEACHER_KIND = "teacher"
-TEACHER_RECIPE = ("features", "augment")  # config sections a teacher's fine-tuning reads besides its own
+TEACHER_RECIPE = ("features", "augment")  # config sections a teacher's fine-tuning reads (augment: if it augments)
 WEIGHTS_ONLY = "allowed: safetensors weights, or a plain state dict that torch's weights-only loader reads"
 
 
@@ -38,6 +38,8 @@ class StaleTeacherError(CheckpointError):
 
 class Teachers(Protocol):
     """What the training loop asks of its teachers, live or cached."""
+
+    input_kinds: frozenset[str]  # the inputs __call__ reads ("waveform", "features"); none when cached
 
     def __call__(self, inputs: dict[str, Tensor], *, view: int | None, index: Tensor) -> Tensor:
         """Combined logits [B, 2] for a batch: inputs {"waveform": [B, N_SAMPLES], "features": [B, n_mels, T]},
@@ -54,6 +56,7 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         self.teachers = nn.ModuleDict(teachers).eval().requires_grad_(False)
         self.combine, self.device, self.dtype = combine, device, dtype
+        self.input_kinds = frozenset(teacher_input_kind(t) for t in teachers.values())
         self.to(device=device, dtype=dtype)
 
     def train(self, mode: bool = True) -> TeacherEnsemble:
@@ -161,9 +164,9 @@ def load_teacher(config: Config, teacher: TeacherConfig, data: WakewordData | No
     return model
 
 
-def require_current_teachers(config: Config, data: WakewordData) -> None:
-    """Refuse, before a run starts, any teacher it distils from that is missing or stale (see load_teacher)."""
-    for teacher in config.distill_teachers:
+def require_current_teachers(config: Config, data: WakewordData, names: list[str] | None = None) -> None:
+    """Refuse, before a run starts, any teacher it distils from (or named) that is missing or stale (load_teacher)."""
+    for teacher in config.distill_teachers if names is None else [config.teacher(n) for n in names]:
         load_teacher(config, teacher, data)
 
 
@@ -176,8 +179,8 @@ def teacher_ensemble(config: Config, device: torch.device, data: WakewordData | 
 
 
 def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordData) -> bool:
-    """True when the stored teacher was fine-tuned with these settings (its own, the front end's and the
-    augmentation's) on this exact data, and verifies."""
+    """True when the stored teacher was fine-tuned with these settings (its own, the front end's and, if it augments,
+    the augmentation's) on this exact data, and verifies."""
     try:
         manifest = verify_checkpoint(teacher_store(config), teacher.name, expect=teacher_identity(teacher))
     except (CheckpointError, FileNotFoundError):
@@ -191,21 +194,30 @@ def teacher_is_current(config: Config, teacher: TeacherConfig, data: WakewordDat
 def stale_reason(manifest: dict, config: Config, teacher: TeacherConfig, data: WakewordData | None,
                  built: nn.Module) -> str | None:
     """Why a verified teacher checkpoint is not this config's teacher (None: it is); data None: not compared."""
-    extra = manifest.get("extra")
-    if not isinstance(extra, dict) or extra.get("teacher") != teacher.model_dump():
+    extra, trained_with = manifest.get("extra"), manifest.get("config") or {}
+    if not isinstance(extra, dict) or stored_settings(extra.get("teacher"), trained_with) != teacher.model_dump():
         return "trained with other teacher settings"
     # straddle windows carry no label: a teacher never sees them, so the labelled hash is the one to compare
     if data is not None and extra.get("data_sha256") != data.labelled_sha256:
         return f"trained on other data than {data.root}"
-    # The same teacher settings with another front end or augmentation are another recipe, so another teacher.
-    trained_with, now = manifest.get("config") or {}, teacher_recipe(config, teacher).to_dict()
-    changed = [section for section in TEACHER_RECIPE if trained_with.get(section) != now[section]]
+    # The same teacher settings with another front end (or augmentation, if it augments) are another teacher.
+    now = config.to_dict()
+    recipe = [section for section in TEACHER_RECIPE if teacher.augment or section != "augment"]
+    changed = [section for section in recipe if trained_with.get(section) != now[section]]
     if changed:
         return f"trained with other {changed[0]} settings"
     # The same settings can still mean another architecture after an upgrade: compare the parameter counts.
     if extra.get("parameters") != count_parameters(built):
         return f"holds {extra.get('parameters')} parameters, this version builds {count_parameters(built)}"
     return None
+
+
+def stored_settings(settings: object, trained_with: dict) -> object:
+    """A stored teacher's settings; one stored before `teachers[].augment` augmented as its config's section said."""
+    if not isinstance(settings, dict) or "augment" in settings:
+        return settings
+    augment = trained_with.get("augment")
+    return {**settings, "augment": isinstance(augment, dict) and augment.get("enabled") is True}
 
 
 def load_legacy_pt(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -233,13 +233,14 @@ def distillation_teachers(config: Config, data: WakewordData, device: torch.devi
         return teacher_ensemble(config, device, data)
 
 
-def teacher_batch(s: Setup, wave: Tensor, feats: Tensor, idx: Tensor, view: int, *,
-                  hears: str) -> tuple[dict[str, Tensor], int | None]:
-    """The teachers' inputs for a batch and the view they are of: what the student hears, or the clean clips."""
+def teacher_batch(s: Setup, wave: Tensor, feats: Tensor, idx: Tensor, view: int, *, hears: str,
+                  kinds: frozenset[str]) -> tuple[dict[str, Tensor], int | None]:
+    """The teachers' inputs for a batch and the view they are of: what the student hears, or the clean clips (their
+    log-mels only for teachers that read them)."""
     if hears == "augmented" or s.augment is None:
         return {"waveform": wave, "features": feats}, view
     clean = s.audio[idx]  # [B, N_SAMPLES]
-    return {"waveform": clean, "features": s.log_mel(clean)}, None
+    return {"waveform": clean} | ({"features": s.log_mel(clean)} if "features" in kinds else {}), None
 
 
 def schedule(d: DistillationConfig, progress: float) -> tuple[float, float]:
@@ -327,7 +328,8 @@ def fit(config: Config, report: Report, *, data: WakewordData | None = None, res
     def batch_loss(wave: Tensor, idx: Tensor, view: int, generator: torch.Generator, progress: float):
         alpha, temperature = schedule(d, progress)
         feats = s.log_mel(wave)  # [B, n_mels, T]
-        heard, heard_view = teacher_batch(s, wave, feats, idx, view, hears=d.teacher_hears)
+        heard, heard_view = teacher_batch(s, wave, feats, idx, view, hears=d.teacher_hears,
+                                          kinds=teachers.input_kinds)
         teacher_logits = teachers(heard, view=heard_view, index=idx)  # [B, 2]
         mined = miner.batch(state.step, total_steps // t.epochs)  # [M, N_SAMPLES], M = 0 without mining
         feats = torch.cat([feats, s.log_mel(mined)]) if len(mined) else feats  # [B + M, n_mels, T]

@@ -12,7 +12,8 @@ from kd_tune.errors import InputError
 from kd_tune.store.checkpoint import CheckpointError
 from kd_tune.training.models import build_teacher
 from kd_tune.training.teachers import (StaleTeacherError, configured_teachers, initial_teacher, load_teacher,
-                                       require_current_teachers, save_teacher, teacher_is_current)
+                                       require_current_teachers, save_teacher, stored_settings,
+                                       teacher_is_current)
 
 
 def test_a_pt_source_starts_fine_tuning_from_its_weights(tmp_path):
@@ -36,12 +37,12 @@ def test_a_pt_source_with_a_pickle_payload_is_refused(tmp_path):
 
 def test_a_saved_teacher_loads_back_and_is_current(small_dataset, tmp_path):
     # Rule: save_teacher stores what load_teacher reads back and what teacher_is_current compares; another data
-    # set, other teacher settings or another augmentation make it stale, the straddle windows and the student's
-    # settings do not (a teacher never trains on them).
+    # set, other teacher settings or (for a teacher that augments) another augmentation make it stale; the straddle
+    # windows and the student's settings do not (a teacher never trains on them).
     from kd_tune.datasets.data import load_dataset
 
     config = load_config(None, overrides=[f"data.root={small_dataset}", f"storage.root={tmp_path}",
-                                          "teachers=[{name: cnn, arch: cnn, source: tiny}]"])
+                                          "teachers=[{name: cnn, arch: cnn, source: tiny, augment: true}]"])
     teacher, data = config.teacher("cnn"), load_dataset(small_dataset)
     model = initial_teacher(teacher, n_mels=40)
     save_teacher(config, teacher, model, data)
@@ -75,6 +76,16 @@ def test_a_teacher_that_does_not_augment_is_stored_without_the_students_augmenta
     assert all(torch.equal(weights[0][k], v) for k, v in weights[1].items())
 
 
+def test_settings_stored_before_the_augment_setting_read_as_what_the_stored_config_did():
+    # Rule: a teacher stored before `teachers[].augment` existed augmented exactly when its config's augmentation was
+    # on, so an upgrade retrains no teacher that was fine-tuned on clean clips.
+    old = {"name": "cnn", "arch": "cnn"}
+    assert stored_settings(old, {"augment": {"enabled": False}}) == old | {"augment": False}
+    assert stored_settings(old, {"augment": {"enabled": True}}) == old | {"augment": True}
+    assert stored_settings(old | {"augment": True}, {"augment": {"enabled": False}}) == old | {"augment": True}
+    assert stored_settings(old, {}) == old | {"augment": False}
+
+
 @pytest.fixture
 def stored_teacher(small_dataset, tmp_path):
     """(config, teacher, data): a tiny cnn teacher saved for the small set."""
@@ -88,8 +99,9 @@ def stored_teacher(small_dataset, tmp_path):
 
 
 def test_a_stale_teacher_is_refused_with_the_command_that_retrains_it(stored_teacher, tmp_path):
-    # Rule: loading a teacher fine-tuned on other data (given the data) or with another recipe (always) is refused
-    # in one line that names the teacher and the command that retrains it; a current one loads.
+    # Rule: loading a teacher fine-tuned on other data (given the data) or with another recipe (always; for a teacher
+    # that augments, another augmentation too) is refused in one line that names the teacher and the command that
+    # retrains it; a current one loads.
     config, teacher, data = stored_teacher
     other = dataclasses.replace(data, labelled_sha256="0" * 64, root=Path("/data/B"))
     retrain = ("; allowed: a teacher fine-tuned with this config: retrain it with "
@@ -100,9 +112,12 @@ def test_a_stale_teacher_is_refused_with_the_command_that_retrains_it(stored_tea
     assert error.value.exit_code == 2
     with pytest.raises(StaleTeacherError, match="trained on other data"):
         require_current_teachers(config, other)
-    augmented = config.replace({"augment.enabled": not config.augment.enabled})
+    augmenting = config.replace({"teachers": [{**teacher.model_dump(), "augment": True}]})
+    save_teacher(augmenting, augmenting.teacher("cnn"), initial_teacher(teacher, n_mels=40), data)
+    augmented = augmenting.replace({"augment.enabled": not config.augment.enabled})
     with pytest.raises(StaleTeacherError, match="trained with other augment settings"):
-        load_teacher(augmented, teacher)
+        load_teacher(augmented, augmented.teacher("cnn"))
+    save_teacher(config, teacher, initial_teacher(teacher, n_mels=40), data)
     longer = config.replace({"teachers": [{**teacher.model_dump(), "epochs": teacher.epochs + 1}]})
     with pytest.raises(StaleTeacherError, match="trained with other teacher settings"):
         load_teacher(longer, longer.teacher("cnn"))
