@@ -1,20 +1,7 @@
-"""`kd-tune bench`: what a sweep pays for on this machine, measured in one run. It reports figures, asserts none.
+"""`kd-tune bench`: what a sweep pays for on this machine, measured side by side in one run; it asserts nothing.
 
-(a) cache_vs_live   epoch time of a trial distilling from a base-size teacher (wav2vec2, random init: the weights do
-                    not change the cost) live vs from the teacher-output cache, the cost of building the cache, and
-                    the losses of both runs, which must agree.
-(b) ray_vs_plain    the same training loop (cached teacher, so the loop dominates) in Ray Train trials and in this
-                    process with as many threads, alternating; a trial's start-up and whole run with the sweep's
-                    worker poll (sweep.RAY_SETTINGS) and with Ray Train's default (2 s); and the start-up of a
-                    trial whose loop returns at once, which is Ray's own cost.
-(c) pipeline        samples per second of render_view + LogMel + SpecAugment on the CPU.
-(d) onnx            the exported default student, front end inside, on one thread: latency per 1 s window, and of
-                    its streaming form per hop; CPU time per second of a recording, windowed against streaming.
-
-An epoch's time is wall-clock from one report to the next: augmentation, training steps, validation, checkpoint and
-report, all that a trial pays; `*_steps_s` is the training steps alone.
-
-Everything runs on `--clips` training clips drawn from the configured data set, in a temporary storage root.
+Four parts: (a) `cache_vs_live`, (b) `ray_vs_plain`, (c) `pipeline`, (d) `onnx`; README, "Benchmarks", says what
+each measures. Everything runs on `--clips` training clips of the configured data set, in a temporary storage root.
 """
 
 from __future__ import annotations
