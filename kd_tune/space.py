@@ -78,6 +78,11 @@ class SearchSpace(Section):
             raise ValueError("temperature_end: required when temperature_schedule may be other than 'constant'")
         return self
 
+    @property
+    def teacher_names(self) -> list[str]:
+        """Every teacher some trial may distil from: the members of ensembles too, each once."""
+        return list(dict.fromkeys(n for choice in self.teacher.choices for n in str(choice).split(ENSEMBLE_JOIN)))
+
     def check_teachers(self, config: Config, *, source: str) -> None:
         known = [t.name for t in config.teachers]
         unknown = [c for c in self.teacher.choices if not set(str(c).split(ENSEMBLE_JOIN)) <= set(known)]

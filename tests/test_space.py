@@ -95,6 +95,9 @@ def test_a_teacher_choice_joined_by_plus_is_an_ensemble():
             .check_teachers(base, source="space")
     assert trial_dirname("1a2b3c4d", {"teacher": "cnn+wav2vec2", "alpha_schedule": "step"}) \
         == "trial_1a2b3c4d_cnn-wav2vec2_step"
+    # the teachers a sweep must find fine-tuned and cache: each member of an ensemble, once
+    both = space.model_copy(update={"teacher": space.teacher.model_copy(update={"choices": ["cnn", "cnn+wav2vec2"]})})
+    assert both.teacher_names == ["cnn", "wav2vec2"]
 
 
 def test_a_trial_folder_gives_its_id_back():

@@ -249,7 +249,7 @@ def check_storage_shared(store: Storage) -> None:
 def check_teachers_ready(config: Config, space: SearchSpace) -> None:
     """Every teacher the space may pick must be fine-tuned already: fail now, not in the first trial."""
     store = teacher_store(config)
-    missing = [t for t in space.teacher.choices if not store.exists(f"{t}/{MANIFEST_NAME}")]
+    missing = [t for t in space.teacher_names if not store.exists(f"{t}/{MANIFEST_NAME}")]
     if missing:
         raise SweepError(f"teachers {missing} have no checkpoint under {store.uri}: run `kd-tune teacher train "
                          "CONFIG` first (or point storage.teachers at where they are)")
@@ -338,7 +338,7 @@ def run_tuner(config: Config, space: SearchSpace, store: Storage, *, name: str, 
     remove_orphans()
     data_ref = ray.put(data)
     if config.distillation.teacher_mode == "cache":  # every teacher pass of the sweep happens here, once
-        started, teachers = time.perf_counter(), [str(t) for t in space.teacher.choices]  # names; Choice allows numbers
+        started, teachers = time.perf_counter(), space.teacher_names
         build_cache(config, teachers, data=data, run=shards_on_ray(data_ref))
         (progress.note if progress else log.info)(f"teacher cache: ready for {', '.join(teachers)} "
                                                   f"({time.perf_counter() - started:.0f} s)")
